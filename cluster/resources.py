@@ -1,0 +1,96 @@
+"""Per-trial resource arithmetic, checked before any trial starts.
+
+A trial reserves a small CPU share for its driver (the Tune function that only
+forwards results) plus ``num_workers`` bundles for its Ray Train workers. Tune
+must never run more trials at once than the cluster can hold, or the surplus
+trials' drivers sit on CPUs while their workers wait forever.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class ResourceError(ValueError):
+    """A resource request that can never be satisfied; names the spec key."""
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial reserves."""
+
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float = 0.0
+    driver_cpus: float = 0.01
+
+    @property
+    def cpus(self) -> float:
+        """CPUs one trial holds: driver + workers."""
+        return self.driver_cpus + self.num_workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        """GPUs one trial holds."""
+        return self.num_workers * self.gpus_per_worker
+
+    @property
+    def worker_threads(self) -> int:
+        """Torch intra-op threads per worker: its CPU share, at least one."""
+        return max(1, round(self.cpus_per_worker))
+
+    def worker_bundle(self) -> dict[str, float]:
+        """Ray resources of one worker."""
+        bundle = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            bundle["GPU"] = self.gpus_per_worker
+        return bundle
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """Totals and the largest single node of a cluster."""
+
+    cpus: float
+    gpus: float
+    max_node_cpus: float
+    max_node_gpus: float
+
+
+def max_concurrent_trials(trial: TrialResources, cluster: ClusterCapacity, requested: int | None = None) -> int:
+    """How many trials can run at once; ``ResourceError`` if not even one fits."""
+    eps = 1e-9  # fractional resources: 2 x 0.99 + 2 x 0.01 must fit into 2.0
+    if trial.cpus_per_worker > cluster.max_node_cpus + eps:
+        raise ResourceError(
+            f"resources.cpus_per_worker: {trial.cpus_per_worker:g} CPUs per worker, but the largest "
+            f"node has {cluster.max_node_cpus:g}; use at most {cluster.max_node_cpus:g}"
+        )
+    if trial.gpus_per_worker > cluster.max_node_gpus + eps:
+        raise ResourceError(
+            f"resources.gpus_per_worker: {trial.gpus_per_worker:g} GPUs per worker, but the largest "
+            f"node has {cluster.max_node_gpus:g}; use at most {cluster.max_node_gpus:g}"
+        )
+    fits = math.floor(cluster.cpus / trial.cpus + eps)
+    if trial.gpus:
+        fits = min(fits, math.floor(cluster.gpus / trial.gpus + eps))
+    if fits < 1:
+        need_cpu = f"{trial.cpus:g} CPUs" + (f" and {trial.gpus:g} GPUs" if trial.gpus else "")
+        workers_fit = max(1, math.floor((cluster.cpus - trial.driver_cpus) / trial.cpus_per_worker + eps))
+        raise ResourceError(
+            f"resources.num_workers: one trial needs {need_cpu} ({trial.num_workers} workers x "
+            f"{trial.cpus_per_worker:g} CPUs + {trial.driver_cpus:g} for its driver) but the cluster "
+            f"has {cluster.cpus:g} CPUs" + (f" and {cluster.gpus:g} GPUs" if trial.gpus else "")
+            + f"; e.g. num_workers={workers_fit} or a smaller cpus_per_worker"
+        )
+    return min(fits, requested) if requested else fits
+
+
+def capacity_of_running_cluster() -> ClusterCapacity:
+    """Capacity of the cluster this process is connected to (alive nodes only)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = [n["Resources"].get("CPU", 0.0) for n in nodes]
+    gpus = [n["Resources"].get("GPU", 0.0) for n in nodes]
+    return ClusterCapacity(sum(cpus), sum(gpus), max(cpus, default=0.0), max(gpus, default=0.0))

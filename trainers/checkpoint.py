@@ -1,0 +1,78 @@
+"""What a checkpoint holds and how it is written and read.
+
+Layout of one checkpoint folder::
+
+    model/                      save_pretrained model + tokenizer (loadable as is)
+    trainer_state.pt            optimizer, LR schedule, RNG state
+    tunefleet_checkpoint.json   step, epoch, hyperparameters, metrics (human-readable)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+MODEL_DIR = "model"
+STATE_FILE = "trainer_state.pt"
+MANIFEST = "tunefleet_checkpoint.json"
+
+
+def save_checkpoint(
+    path: str,
+    *,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    epoch: float,
+    hparams: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+) -> None:
+    """Write everything needed to continue training, and a loadable model folder."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(os.path.join(path, MODEL_DIR))
+    tokenizer.save_pretrained(os.path.join(path, MODEL_DIR))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        os.path.join(path, STATE_FILE),
+    )
+    with open(os.path.join(path, MANIFEST), "w") as fh:
+        json.dump(
+            {"step": step, "epoch": epoch, "hparams": dict(hparams), "metrics": dict(metrics)},
+            fh,
+            indent=2,
+            default=str,
+        )
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The manifest of a checkpoint folder."""
+    with open(os.path.join(path, MANIFEST)) as fh:
+        return json.load(fh)
+
+
+def load_checkpoint(path: str, *, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimizer and schedule in place; return the manifest."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, MODEL_DIR, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model: missing={missing[:5]} "
+            f"unexpected={unexpected[:5]}"
+        )
+    state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return read_manifest(path)

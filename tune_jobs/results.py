@@ -1,0 +1,179 @@
+"""After the sweep: per-trial summaries, the best checkpoint, the exported model, summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cluster import storage
+from trainers import metrics as M
+from trainers.checkpoint import MODEL_DIR
+from trainers.data import Split, Splits
+from tune_jobs.spec import JobSpec
+from tune_jobs.trial import read_pointer
+
+SUMMARY_FILE = "summary.json"
+EXPORT_DIR = "best_model"
+EXPORT_SPEC = "job_spec.yaml"
+EXPORT_METRICS = "metrics.json"
+
+
+@dataclass
+class TrialSummary:
+    """One trial, as the leaderboard and summary.json show it."""
+
+    trial: str
+    status: str  # TERMINATED, ERROR
+    config: dict[str, Any]  # the searched hyperparameters
+    best: dict[str, Any]  # metrics of the report with the best value of the searched metric
+    last: dict[str, Any]  # metrics of the last report
+    reports: int
+    stopped_early: bool  # stopped (by the scheduler) before its training budget was spent
+    error: str | None = None
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = M.REPORTED | {"train_run", "training_iteration", "time_total_s"}
+    return {k: v for k, v in metrics.items() if k in keep}
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    if b is None or (isinstance(b, float) and math.isnan(b)):
+        return True
+    return a > b if mode == "max" else a < b
+
+
+def summarize_trial(result: Any, metric: str, mode: str) -> TrialSummary:
+    """Summarise one ``ray.tune.Result``."""
+    frame = result.metrics_dataframe
+    rows = [] if frame is None or metric not in getattr(frame, "columns", []) else frame.to_dict("records")
+    best: dict[str, Any] = {}
+    for row in rows:
+        if row.get(metric) is not None and _better(row[metric], best.get(metric), mode):
+            best = row
+    last = rows[-1] if rows else {}
+    step, total = last.get(M.STEP), last.get(M.TOTAL_STEPS)
+    name = os.path.basename(result.path.rstrip("/"))
+    return TrialSummary(
+        trial=name,
+        status="ERROR" if result.error else "TERMINATED",
+        config=dict(result.config or {}),
+        best=_clean(best),
+        last=_clean(last),
+        reports=len(rows),
+        stopped_early=bool(result.error is None and step is not None and total and step < total),
+        error=None if result.error is None else str(result.error).splitlines()[0][:300],
+    )
+
+
+def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[str, Any]]:
+    """The Train checkpoint of the trial's best report whose files still exist."""
+    candidates = []
+    for checkpoint, metrics in result.best_checkpoints or []:
+        with checkpoint.as_directory() as folder:
+            pointer = read_pointer(folder)
+        candidates.append((metrics.get(metric), metrics.get(M.STEP, 0), pointer["uri"], metrics))
+    reverse = mode == "max"
+    candidates.sort(key=lambda c: (c[0] if c[0] is not None else -math.inf * (1 if reverse else -1), -c[1]), reverse=reverse)
+    for _, _, uri, metrics in candidates:
+        if storage.exists(storage.join(uri, MODEL_DIR)):
+            return uri, metrics
+    raise RuntimeError(f"trial {result.path}: no checkpoint with files left to export")
+
+
+def score_model(model_dir: str, split: Split, label_names: list[str], max_length: int, batch_size: int = 64) -> dict[str, float]:
+    """Reload an exported folder with ``from_pretrained`` and score it on ``split``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trainers.data import tokenize
+    from trainers.loop import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    ids = tokenize(tokenizer, split.texts, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return evaluate(model, ids, split.labels, len(label_names), batch_size, pad)
+
+
+def export_best(uri: str, dest: str, spec: JobSpec, metrics: dict[str, Any], splits: Splits) -> dict[str, Any]:
+    """Copy the best checkpoint's model folder to ``dest`` with the spec and metrics, and verify it.
+
+    The export is re-scored after a fresh ``from_pretrained``: on the validation
+    split (must reproduce the reported accuracy) and, once, on the test split.
+    """
+    work = tempfile.mkdtemp(prefix="tunefleet-export-")
+    try:
+        local = os.path.join(work, EXPORT_DIR)
+        storage.download_dir(storage.join(uri, MODEL_DIR), local)
+        with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
+            fh.write(spec.to_yaml())
+        validation = score_model(local, splits.validation, splits.label_names, spec.model.max_length)
+        test = score_model(local, splits.test, splits.label_names, spec.model.max_length) if len(splits.test) else {}
+        record = {
+            "checkpoint": uri,
+            "reported": _clean(metrics),
+            "reloaded_validation": validation,
+            "test": test,
+            "label_names": splits.label_names,
+        }
+        with open(os.path.join(local, EXPORT_METRICS), "w") as fh:
+            json.dump(record, fh, indent=2)
+        storage.delete_dir(dest)
+        storage.upload_dir(local, dest)
+        return record
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_summary(
+    spec: JobSpec,
+    run_name: str,
+    run_dir: str,
+    trials: list[TrialSummary],
+    best: TrialSummary | None,
+    export: dict[str, Any] | None,
+    splits: Splits,
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """The content of summary.json."""
+    metric, mode = spec.search.metric, spec.search.resolved_mode
+    return {
+        "run": run_name,
+        "run_dir": run_dir,
+        "metric": metric,
+        "mode": mode,
+        "data": {
+            "rows": splits.source_rows,
+            "train": len(splits.train),
+            "validation": len(splits.validation),
+            "test": len(splits.test),
+            "label_names": splits.label_names,
+        },
+        "majority_baseline": {
+            "validation_accuracy": splits.majority_baseline("validation"),
+            "test_accuracy": splits.majority_baseline("test") if len(splits.test) else None,
+        },
+        "best": None if best is None else {
+            "trial": best.trial,
+            "config": best.config,
+            "metrics": best.best,
+            "export_dir": storage.join(run_dir, EXPORT_DIR) if export else None,
+            "checkpoint": export["checkpoint"] if export else None,
+            "reloaded_validation": export["reloaded_validation"] if export else None,
+            "test": export["test"] if export else None,
+        },
+        "trials": [asdict(t) for t in trials],
+        "wall_time_s": round(wall_time_s, 1),
+    }
+
+
+def write_summary(run_dir: str, summary: dict[str, Any]) -> str:
+    """Write summary.json into the run folder; returns its path."""
+    path = storage.join(run_dir, SUMMARY_FILE)
+    storage.write_text(path, json.dumps(summary, indent=2, default=str))
+    return path

