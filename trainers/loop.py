@@ -26,7 +26,7 @@ import torch
 
 from trainers import metrics as M
 from trainers.checkpoint import load_checkpoint, save_checkpoint
-from trainers.data import Split, Splits, batches, shard, tokenize
+from trainers.data import Split, Splits, batches, length_grouped_order, shard, tokenize
 from trainers.model import build_model, build_tokenizer, resolve_model_path, unwrap
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.report import LocalContext, RayTrainContext, WorkerContext
@@ -93,13 +93,17 @@ def evaluate(
     return M.classification_metrics(confusion.tolist(), float(loss_sum), float(confusion.sum()))
 
 
-def is_eval_step(step: int, steps_in_epoch: int, last_step: int, eval_cfg: Mapping[str, Any]) -> bool:
-    """Evaluate every ``eval.steps`` steps (or at each epoch end), and always at the end."""
-    if step == last_step:
-        return True
+def eval_interval(steps_in_epoch: int, last_step: int, eval_cfg: Mapping[str, Any]) -> int:
+    """Optimizer steps between evaluations: an epoch, ``eval.steps``, or that share of the budget."""
     if eval_cfg["strategy"] == "epoch":
-        return step % steps_in_epoch == 0
-    return step % eval_cfg["steps"] == 0
+        return steps_in_epoch
+    every = eval_cfg["steps"]
+    return max(1, math.ceil(every * last_step)) if every < 1 else int(every)
+
+
+def is_eval_step(step: int, interval: int, last_step: int) -> bool:
+    """Evaluate every ``interval`` steps, and always at the end."""
+    return step == last_step or step % interval == 0
 
 
 def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
@@ -124,6 +128,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     spe = steps_per_epoch(len(data.train), hp, ctx.world_size)
     last_step = total_steps(len(data.train), hp, ctx.world_size)
     scheduler = build_scheduler(optimizer, hp, last_step)
+    interval = eval_interval(spe, last_step, eval_cfg)
     step = 0
     with ctx.restore_dir() as restore:
         if restore:
@@ -139,7 +144,11 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     while step < last_step:
         epoch_index = step // spe
         # Same permutation on every rank (seed + epoch), so the shards stay disjoint.
-        order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config["seed"] + epoch_index)).tolist()
+        generator = torch.Generator().manual_seed(config["seed"] + epoch_index)
+        if hp["group_by_length"]:
+            order = length_grouped_order([len(x) for x in train_ids], micro, generator)
+        else:
+            order = torch.randperm(len(train_ids), generator=generator).tolist()
         micro_batches = list(batches(train_ids, train.labels, order, micro, pad_id))
         start = (step % spe) * accum  # resume mid-epoch where the checkpoint left off
         for k in range(start, len(micro_batches), accum):
@@ -158,7 +167,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if not is_eval_step(step, spe, last_step, eval_cfg):
+            if not is_eval_step(step, interval, last_step):
                 if step >= last_step:
                     break
                 continue
@@ -173,6 +182,14 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
                 M.EFFECTIVE_BATCH_SIZE: effective_batch,
             }
+            if ctx.rank == 0:  # one human-readable line per evaluation
+                print(
+                    f"[{config.get('name', 'trial')}] step {step}/{last_step} epoch {report[M.EPOCH]:.2f} "
+                    f"train_loss {report[M.TRAIN_LOSS]:.4f} eval_loss {report[M.EVAL_LOSS]:.4f} "
+                    f"eval_accuracy {report[M.EVAL_ACCURACY]:.4f} lr {report[M.LR]:.3g} "
+                    f"{report[M.SAMPLES_PER_SECOND]:.1f} samples/s",
+                    flush=True,
+                )
             _report_with_checkpoint(ctx, config, report, model, tokenizer, optimizer, scheduler, step)
             loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
             if step >= last_step:

@@ -77,7 +77,8 @@ def build_tuner(spec: JobSpec, splits_ref: Any, storage_root: str, run_name: str
             metric=metric,
             mode=mode,
             scheduler=build_scheduler(spec),
-            search_alg=BasicVariantGenerator(random_state=spec.run.seed),
+            # The limit must sit on the generator: TuneConfig's alone let every trial start at once.
+            search_alg=BasicVariantGenerator(random_state=spec.run.seed, max_concurrent=max_concurrent),
             num_samples=spec.search.num_samples,
             max_concurrent_trials=max_concurrent,
             trial_name_creator=_trial_name,

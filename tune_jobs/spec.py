@@ -110,8 +110,22 @@ class TrainingSpec(_Section):
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, lt=1, description="AdamW epsilon.")
     eval_strategy: Literal["steps", "epoch"] = Field("steps", description="Evaluate every eval_steps or each epoch.")
-    eval_steps: int = Field(50, ge=1, description="Optimizer steps between evaluations (eval_strategy=steps).")
+    eval_steps: float = Field(
+        50,
+        gt=0,
+        description="Optimizer steps between evaluations (eval_strategy=steps); a value below 1 is a "
+        "share of the trial's total steps (as in transformers), e.g. 0.25 = four evaluations.",
+    )
     save_checkpoints: bool = Field(True, description="Checkpoint at every evaluation (needed to export the best model).")
+    group_by_length: bool = Field(
+        True, description="Batch texts of similar length together (less padding; about 1.7x faster on short texts)."
+    )
+
+    @model_validator(mode="after")
+    def _whole_eval_steps(self) -> TrainingSpec:
+        if self.eval_steps >= 1 and not float(self.eval_steps).is_integer():
+            raise _FieldProblems([("eval_steps", self.eval_steps, "must be a whole number of steps, or a share of total steps below 1")])
+        return self
 
 
 #: Training keys a search space may vary (the rest are run-wide settings).

@@ -24,6 +24,7 @@ from typing import Any
 from ray import train, tune
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
+from ray.train.v2.api.config import LoggingConfig
 from ray.util.queue import Empty, Queue
 
 from cluster import storage
@@ -82,9 +83,10 @@ def _pointer_checkpoint(train_storage: str, run_name: str, train_path: str, metr
     return tune.Checkpoint.from_directory(folder)
 
 
-def loop_config(spec: JobSpec, hp: dict[str, Any], data_ref: Any, resources: TrialResources) -> dict[str, Any]:
+def loop_config(spec: JobSpec, hp: dict[str, Any], data_ref: Any, resources: TrialResources, name: str = "trial") -> dict[str, Any]:
     """The config dict handed to every worker (see ``trainers.loop``)."""
     return {
+        "name": name,
         "model": spec.model.model_dump(),
         "data": data_ref,
         "hp": hp,
@@ -111,7 +113,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(spec, hp, plan.data_ref, res),
+        train_loop_config=loop_config(spec, hp, plan.data_ref, res, trial_name),
         scaling_config=train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -129,6 +131,8 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
                 checkpoint_score_order=spec.search.resolved_mode,
             ),
             failure_config=train.FailureConfig(max_failures=0),
+            # Train's per-report INFO lines repeat every metric; the worker prints its own line.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         resume_from_checkpoint=resume,
     )

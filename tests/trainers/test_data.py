@@ -1,0 +1,138 @@
+"""Data: the shipped corpus, local files with column mapping, seeded splits, caps, errors."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from tests.conftest import data_cfg
+from trainers.data import DataError, batches, load_splits, shard, split_indices
+
+
+def _rows(n=60):
+    return pd.DataFrame({
+        "review": [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(n)],
+        "sentiment": ["pos" if i % 3 else "neg" for i in range(n)],
+        "other": range(n),
+    })
+
+
+def test_rotten_tomatoes_corpus():
+    s = load_splits(data_cfg(), seed=0)
+    assert 12_600 <= s.source_rows <= 12_900  # fresh/rotten only, duplicate texts dropped
+    assert s.label_names == ["rotten", "fresh"]
+    all_texts = s.train.texts + s.validation.texts + s.test.texts
+    assert len(all_texts) == s.source_rows == len(set(all_texts))
+    assert len(s.validation) == round(0.1 * s.source_rows)
+    # fresh is the majority class (about 58%)
+    assert 0.55 < s.majority_baseline() < 0.62
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_local_files_with_column_mapping(tmp_path, fmt):
+    frame = _rows()
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    s = load_splits(data_cfg(source=fmt, path=str(path), text_column="review", label_column="sentiment"), seed=1)
+    assert s.label_names == ["neg", "pos"]
+    assert len(s.train) + len(s.validation) + len(s.test) == 60
+    for text, label in zip(s.train.texts, s.train.labels, strict=True):
+        assert ("great" in text) == (label == 1)
+
+
+def test_label_names_fix_the_order(tmp_path):
+    path = tmp_path / "d.csv"
+    _rows().to_csv(path, index=False)
+    s = load_splits(data_cfg(source="csv", path=str(path), text_column="review", label_column="sentiment", label_names=["pos", "neg"]), seed=0)
+    assert s.label_names == ["pos", "neg"]
+    assert all((lab == 0) == ("great" in t) for t, lab in zip(s.train.texts, s.train.labels, strict=True))
+
+
+def test_split_is_deterministic_by_seed():
+    a = load_splits(data_cfg(max_train_samples=50), seed=3)
+    b = load_splits(data_cfg(max_train_samples=50), seed=3)
+    c = load_splits(data_cfg(max_train_samples=50), seed=4)
+    assert a.train.texts == b.train.texts and a.validation.texts == b.validation.texts
+    assert a.validation.texts != c.validation.texts
+    train, val, test = split_indices(100, 0, 0.2, 0.1)
+    assert len(train) == 70 and len(val) == 20 and len(test) == 10
+    assert set(train) | set(val) | set(test) == set(range(100))
+
+
+def test_caps_do_not_move_rows_between_splits():
+    full = load_splits(data_cfg(), seed=0)
+    capped = load_splits(data_cfg(max_train_samples=100, max_eval_samples=30, max_test_samples=20), seed=0)
+    assert (len(capped.train), len(capped.validation), len(capped.test)) == (100, 30, 20)
+    assert capped.train.texts == full.train.texts[:100]
+    assert capped.validation.texts == full.validation.texts[:30]
+    assert not set(capped.train.texts) & set(full.validation.texts)
+
+
+def test_missing_column_names_the_key(tmp_path):
+    path = tmp_path / "d.csv"
+    _rows().to_csv(path, index=False)
+    with pytest.raises(DataError) as info:
+        load_splits(data_cfg(source="csv", path=str(path), text_column="text", label_column="sentiment"), seed=0)
+    assert info.value.key == "data.text_column"
+    assert "review" in str(info.value)  # lists the columns that exist
+    with pytest.raises(DataError) as info:
+        load_splits(data_cfg(source="csv", path=str(path), text_column="review", label_column="stars"), seed=0)
+    assert info.value.key == "data.label_column"
+
+
+@pytest.mark.parametrize("content", ["", "review,sentiment\n"])
+def test_empty_file_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as info:
+        load_splits(data_cfg(source="csv", path=str(path), text_column="review", label_column="sentiment"), seed=0)
+    assert info.value.key == "data.path"
+    assert "empty" in str(info.value) or "no rows" in str(info.value)
+
+
+def test_single_label_is_an_error(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [1, 1, 1]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match="at least 2 distinct labels"):
+        load_splits(data_cfg(source="csv", path=str(path)), seed=0)
+
+
+def test_shards_are_disjoint_and_equal():
+    parts = [shard(range(10), r, 3, equal=True) for r in range(3)]
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert not set(parts[0]) & set(parts[1])
+    assert sum(len(shard(range(10), r, 3, equal=False)) for r in range(3)) == 10
+
+
+def test_batches_pad_to_the_longest_row():
+    ids = [[1, 2, 3], [4], [5, 6]]
+    (batch,) = list(batches(ids, [0, 1, 0], [0, 1, 2], 8, pad_id=0))
+    assert batch["input_ids"].shape == (3, 3)
+    assert batch["attention_mask"].sum().item() == 6
+    assert batch["input_ids"][1].tolist() == [4, 0, 0]
+
+
+def test_length_grouped_order_is_a_permutation_with_less_padding():
+    import random
+
+    import torch
+
+    from trainers.data import length_grouped_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 60) for _ in range(640)]
+    order = length_grouped_order(lengths, 16, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(640))
+    again = length_grouped_order(lengths, 16, torch.Generator().manual_seed(0))
+    assert order == again  # same seed, same order on every rank
+
+    def padded(o):
+        return sum(16 * max(lengths[i] for i in o[k : k + 16]) for k in range(0, len(o), 16))
+
+    shuffled = torch.randperm(640, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padded(order) < 0.8 * padded(shuffled)

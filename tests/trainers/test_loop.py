@@ -1,0 +1,85 @@
+"""The worker loop in a plain process: real MiniLM, real data, a few steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import MODEL
+from trainers import metrics as M
+from trainers.checkpoint import read_manifest
+from trainers.loop import run_local, total_steps
+from trainers.model import build_model, resolve_model_path
+from trainers.optim import decay_groups
+from tune_jobs.spec import TrainingSpec
+
+
+def _config(splits, **hp):
+    return {
+        "name": "test",
+        "model": {"name_or_path": MODEL, "max_length": 48},
+        "data": splits,
+        "hp": {**TrainingSpec().model_dump(), **hp},
+        "eval": {"strategy": "steps", "steps": 5},
+        "seed": 0,
+        "threads": 2,
+        "save_checkpoints": True,
+    }
+
+
+def test_reports_every_metric_and_follows_the_schedule(rt_small, tmp_path):
+    cfg = _config(rt_small, learning_rate=1e-4, per_device_train_batch_size=16, num_train_epochs=1, warmup_ratio=0.2)
+    ctx = run_local(cfg, checkpoint_root=str(tmp_path))
+    assert [r[M.STEP] for r in ctx.reports] == [5, 10]
+    for report in ctx.reports:
+        assert M.REPORTED <= set(report)
+        assert 0.0 <= report[M.EVAL_ACCURACY] <= 1.0
+        assert math.isfinite(report[M.EVAL_LOSS])
+    # linear schedule, 10 steps, 2 warmup: lr after step 5 = 1e-4 * (10-5)/(10-2)
+    assert ctx.reports[0][M.LR] == pytest.approx(1e-4 * 5 / 8)
+    assert ctx.reports[-1][M.LR] == pytest.approx(0.0)
+    assert ctx.reports[-1][M.EPOCH] == pytest.approx(1.0)
+    assert ctx.reports[-1][M.EFFECTIVE_BATCH_SIZE] == 16
+    assert len(ctx.checkpoints) == 2
+    assert read_manifest(ctx.checkpoints[-1])["step"] == 10
+
+
+def test_resume_continues_at_the_checkpointed_step(rt_small, tmp_path):
+    cfg = _config(rt_small, per_device_train_batch_size=16, max_steps=10)
+    first = run_local(cfg, checkpoint_root=str(tmp_path / "a"))
+    resumed = run_local(cfg, checkpoint_root=str(tmp_path / "b"), resume_from=first.checkpoints[0])
+    assert [r[M.STEP] for r in resumed.reports] == [10]
+    # same data order and state: the resumed run ends where the uninterrupted one did
+    assert resumed.reports[-1][M.EVAL_LOSS] == pytest.approx(first.reports[-1][M.EVAL_LOSS], rel=1e-4)
+
+
+def test_total_steps_after_sharding():
+    hp = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2, "num_train_epochs": 3, "max_steps": None}
+    # 1000 rows / 2 workers = 500 per rank -> 32 micro-batches -> 16 steps per epoch
+    assert total_steps(1000, hp, world_size=2) == 48
+    assert total_steps(1000, {**hp, "max_steps": 7}, world_size=2) == 7
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = build_model(resolve_model_path(MODEL), ["a", "b"])
+    decay, no_decay = decay_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert all(n.endswith("weight") and "LayerNorm" not in n for n in decayed)
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in skipped)
+    assert len(decayed) + len(skipped) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+
+
+def test_classification_metrics_from_confusion():
+    # rows = truth: 8 of class 0 (6 right), 2 of class 1 (1 right)
+    m = M.classification_metrics([[6, 2], [1, 1]], loss_sum=5.0, count=10)
+    assert m[M.EVAL_ACCURACY] == pytest.approx(0.7)
+    f1_0 = 2 * 6 / (2 * 6 + 1 + 2)
+    f1_1 = 2 * 1 / (2 * 1 + 2 + 1)
+    assert m[M.EVAL_F1] == pytest.approx((f1_0 + f1_1) / 2)
+    assert m[M.EVAL_LOSS] == pytest.approx(0.5)
+    torch.manual_seed(0)

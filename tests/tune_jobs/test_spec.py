@@ -1,0 +1,119 @@
+"""The job spec: shipped YAMLs validate; each broken spec fails naming its key."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tune_jobs.cli import main, shipped_configs
+from tune_jobs.spec import SpecError, apply_overrides, load_spec, parse_spec
+
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "tune_jobs", "configs", "*.yaml")))
+
+
+def test_configs_are_shipped():
+    assert "debug-local" in shipped_configs()
+    assert SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_every_shipped_yaml_validates(path):
+    spec = load_spec(path)
+    assert spec.run.name
+    # The resolved spec round-trips through YAML unchanged.
+    assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_every_field_has_a_description():
+    from tune_jobs.spec import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{section}.{name} has no description"
+
+
+BROKEN = [
+    ({"training": {"learning_rate": -1}}, "training.learning_rate", "greater than 0"),
+    ({"training": {"lr_scheduler_type": "cosine_decay"}}, "training.lr_scheduler_type", "'cosine'"),
+    ({"training": {"learnig_rate": 1e-4}}, "training.learnig_rate", "valid keys in 'training': learning_rate"),
+    ({"trainig": {}}, "trainig", "valid sections"),
+    ({"data": {"source": "csv"}}, "data.path", "needs a file path"),
+    ({"data": {"source": "csv", "path": "/no/such/file.csv"}}, "data.path", "file not found"),
+    ({"data": {"source": "imagenet"}}, "data.source", "'rotten_tomatoes'"),
+    ({"data": {"validation_fraction": 0.6, "test_fraction": 0.5}}, "data.test_fraction", "< 1"),
+    ({"search": {"metric": "accuracy"}}, "search.metric", "eval_accuracy"),
+    ({"search": {"space": {"learning_rate": {"loguniform": [0, 1e-3]}}}}, "search.space.learning_rate.loguniform", "low > 0"),
+    ({"search": {"space": {"learning_rate": {"normal": [0, 1]}}}}, "search.space.learning_rate", "loguniform"),
+    ({"search": {"space": {"per_device_train_batch_size": {"choice": [16, "big"]}}}}, "search.space.per_device_train_batch_size", "integer"),
+    ({"search": {"space": {"eval_steps": {"choice": [1, 2]}}}}, "search.space.eval_steps", "searchable"),
+    ({"scheduler": {"grace_period": 3}}, "scheduler.grace_period", "< max_t"),
+    ({"scheduler": {"max_t": 10}}, "scheduler.max_t", "training budget"),
+    ({"scheduler": {"time_attr": "step"}}, "scheduler.max_t", "needed"),
+    ({"resources": {"num_workers": 0}}, "resources.num_workers", "greater than or equal to 1"),
+    ({"run": {"name": "bad name/with slash"}}, "run.name", "pattern"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key", "hint"), BROKEN, ids=[b[1] for b in BROKEN])
+def test_broken_spec_names_the_key(raw, key, hint):
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    keys = [p.key for p in info.value.problems]
+    assert key in keys, info.value.render()
+    assert hint in str(info.value)
+
+
+def test_all_problems_are_listed_at_once():
+    raw = {"training": {"learning_rate": 0, "weight_decay": 2}, "run": {"seed": -1}, "extra": 1}
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    keys = {p.key for p in info.value.problems}
+    assert {"training.learning_rate", "training.weight_decay", "run.seed", "extra"} <= keys
+
+
+def test_overrides_fill_nested_keys_and_parse_yaml_values():
+    raw = apply_overrides({"training": {"learning_rate": 1e-5}}, ["training.learning_rate=3e-4", "search.space.weight_decay={choice: [0.0, 0.1]}", "run.name=x"])
+    spec = parse_spec(raw)
+    assert spec.training.learning_rate == pytest.approx(3e-4)
+    assert spec.search.space["weight_decay"] == {"choice": [0.0, 0.1]}
+    assert spec.run.name == "x"
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(SpecError, match="run.name: is a value"):
+        apply_overrides({"run": {"name": "x"}}, ["run.name.deeper=1"])
+
+
+def test_cli_bad_spec_exits_2_with_one_screen(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rate: -1\n  foo: 1\n")
+    assert main(["validate", str(bad), "--no-data"]) == 2
+    err = capsys.readouterr().err
+    assert "training.learning_rate" in err and "training.foo" in err
+    assert len(err.splitlines()) < 25
+    assert not (tmp_path / "tunefleet-results").exists()  # nothing was started or written
+
+
+def test_cli_run_bad_override_exits_2_before_ray(capsys):
+    import ray
+
+    assert main(["run", "debug-local", "search.num_samples=0"]) == 2
+    assert "search.num_samples" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_cli_validate_shipped_config(capsys):
+    assert main(["validate", "debug-local"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_cli_missing_data_column_exits_2(tmp_path, capsys):
+    csv = tmp_path / "d.csv"
+    csv.write_text("sentence,label\na,0\nb,1\n")
+    assert main(["validate", "debug-local", "data.source=csv", f"data.path={csv}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.text_column" in err and "sentence" in err
