@@ -22,7 +22,11 @@ class Connection:
     local: bool
 
 
-def connect(address: str | None = None, local_num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> Connection:
+def connect(
+    address: str | None = None,
+    local_num_cpus: int | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> Connection:
     """Connect to ``address`` (or ``RAY_ADDRESS``); with neither, start a local cluster.
 
     A local cluster gets ``local_num_cpus`` CPUs (default: this machine's) and no GPUs.

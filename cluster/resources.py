@@ -58,7 +58,9 @@ class ClusterCapacity:
     max_node_gpus: float
 
 
-def max_concurrent_trials(trial: TrialResources, cluster: ClusterCapacity, requested: int | None = None) -> int:
+def max_concurrent_trials(
+    trial: TrialResources, cluster: ClusterCapacity, requested: int | None = None
+) -> int:
     """How many trials can run at once; ``ResourceError`` if not even one fits."""
     eps = 1e-9  # fractional resources: 2 x 0.99 + 2 x 0.01 must fit into 2.0
     if trial.cpus_per_worker > cluster.max_node_cpus + eps:
@@ -76,11 +78,14 @@ def max_concurrent_trials(trial: TrialResources, cluster: ClusterCapacity, reque
         fits = min(fits, math.floor(cluster.gpus / trial.gpus + eps))
     if fits < 1:
         need_cpu = f"{trial.cpus:g} CPUs" + (f" and {trial.gpus:g} GPUs" if trial.gpus else "")
-        workers_fit = max(1, math.floor((cluster.cpus - trial.driver_cpus) / trial.cpus_per_worker + eps))
+        workers_fit = max(
+            1, math.floor((cluster.cpus - trial.driver_cpus) / trial.cpus_per_worker + eps)
+        )
         raise ResourceError(
             f"resources.num_workers: one trial needs {need_cpu} ({trial.num_workers} workers x "
             f"{trial.cpus_per_worker:g} CPUs + {trial.driver_cpus:g} for its driver) but the cluster "
-            f"has {cluster.cpus:g} CPUs" + (f" and {cluster.gpus:g} GPUs" if trial.gpus else "")
+            f"has {cluster.cpus:g} CPUs"
+            + (f" and {cluster.gpus:g} GPUs" if trial.gpus else "")
             + f"; e.g. num_workers={workers_fit} or a smaller cpus_per_worker"
         )
     return min(fits, requested) if requested else fits

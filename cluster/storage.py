@@ -15,7 +15,9 @@ def is_uri(path: str) -> bool:
 
 def normalize(storage_path: str) -> str:
     """An absolute local path (Tune needs one) or the URI unchanged."""
-    return storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
+    return (
+        storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
+    )
 
 
 def join(base: str, *parts: str) -> str:
@@ -54,14 +56,18 @@ def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a local folder to ``dest`` (local path or URI)."""
     fs, p = _fs(dest)
     fs.create_dir(p, recursive=True)
-    pafs.copy_files(local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(
+        local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def download_dir(src: str, local_dir: str) -> None:
     """Copy folder ``src`` (local path or URI) to a local folder."""
     fs, p = _fs(src)
     os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
 
 
 def write_text(dest: str, text: str) -> None:

@@ -25,4 +25,6 @@ def rt_small():
     """Rotten Tomatoes, seed 0: 160 train / 80 validation / 80 test rows."""
     from trainers.data import load_splits
 
-    return load_splits(data_cfg(max_train_samples=160, max_eval_samples=80, max_test_samples=80), seed=0)
+    return load_splits(
+        data_cfg(max_train_samples=160, max_eval_samples=80, max_test_samples=80), seed=0
+    )

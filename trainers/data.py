@@ -162,7 +162,9 @@ def load_frame(cfg: Mapping[str, Any]) -> tuple[Any, list[str] | None]:
     return out.reset_index(drop=True), label_names
 
 
-def encode_labels(values: Sequence[Any], label_names: list[str] | None) -> tuple[list[int], list[str]]:
+def encode_labels(
+    values: Sequence[Any], label_names: list[str] | None
+) -> tuple[list[int], list[str]]:
     """Map raw label values to ``0..K-1``; the order comes from ``label_names`` if given."""
     raw = [str(v) for v in values]
     if label_names is None:
@@ -176,11 +178,15 @@ def encode_labels(values: Sequence[Any], label_names: list[str] | None) -> tuple
             f"labels {unknown[:5]} are not in label_names {label_names}",
         )
     if len(label_names) < 2:
-        raise DataError("data.label_column", f"needs at least 2 distinct labels, found {label_names}")
+        raise DataError(
+            "data.label_column", f"needs at least 2 distinct labels, found {label_names}"
+        )
     return [index[v] for v in raw], list(label_names)
 
 
-def split_indices(n: int, seed: int, validation_fraction: float, test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(
+    n: int, seed: int, validation_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded permutation of ``range(n)`` cut into train / validation / test.
 
     Caps are applied after the cut, so a smaller ``max_train_samples`` never

@@ -117,10 +117,14 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
 
     # Tokenize once per trial: this rank's training shard and validation shard.
     train_rows = shard(range(len(data.train)), ctx.rank, ctx.world_size, equal=True)
-    train: Split = Split([data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows])
+    train: Split = Split(
+        [data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows]
+    )
     val_rows = shard(range(len(data.validation)), ctx.rank, ctx.world_size, equal=False)
     train_ids = tokenize(tokenizer, train.texts, config["model"]["max_length"])
-    val_ids = tokenize(tokenizer, [data.validation.texts[i] for i in val_rows], config["model"]["max_length"])
+    val_ids = tokenize(
+        tokenizer, [data.validation.texts[i] for i in val_rows], config["model"]["max_length"]
+    )
     val_labels = [data.validation.labels[i] for i in val_rows]
 
     model = build_model(model_path, data.label_names)
@@ -132,7 +136,11 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     step = 0
     with ctx.restore_dir() as restore:
         if restore:
-            step = int(load_checkpoint(restore, model=model, optimizer=optimizer, scheduler=scheduler)["step"])
+            step = int(
+                load_checkpoint(restore, model=model, optimizer=optimizer, scheduler=scheduler)[
+                    "step"
+                ]
+            )
     model = ctx.prepare_model(model)
     model.train()
 
@@ -155,7 +163,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             group = micro_batches[k : k + accum]
             for i, batch in enumerate(group):
                 sync = i == len(group) - 1 or not hasattr(model, "no_sync")
-                with torch.enable_grad(), (contextlib.nullcontext() if sync else model.no_sync()):
+                with torch.enable_grad(), contextlib.nullcontext() if sync else model.no_sync():
                     loss = model(**batch).loss / len(group)
                     loss.backward()
                 loss_total += float(loss.detach()) * len(group)
@@ -174,7 +182,9 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             elapsed = time.perf_counter() - t0
             report = {
                 M.TRAIN_LOSS: loss_total / max(loss_count, 1),
-                **evaluate(model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id),
+                **evaluate(
+                    model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id
+                ),
                 M.EPOCH: step / spe,
                 M.STEP: step,
                 M.LR: scheduler.get_last_lr()[-1],
@@ -190,7 +200,9 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                     f"{report[M.SAMPLES_PER_SECOND]:.1f} samples/s",
                     flush=True,
                 )
-            _report_with_checkpoint(ctx, config, report, model, tokenizer, optimizer, scheduler, step)
+            _report_with_checkpoint(
+                ctx, config, report, model, tokenizer, optimizer, scheduler, step
+            )
             loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
             if step >= last_step:
                 break
@@ -228,9 +240,10 @@ def _report_with_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_local(config: Mapping[str, Any], checkpoint_root: str | None = None, resume_from: str | None = None) -> LocalContext:
+def run_local(
+    config: Mapping[str, Any], checkpoint_root: str | None = None, resume_from: str | None = None
+) -> LocalContext:
     """Run the loop in this process (no Ray) and return the context holding its reports."""
     ctx = LocalContext(checkpoint_root=checkpoint_root, resume_from=resume_from)
     train_loop(config, ctx)
     return ctx
-

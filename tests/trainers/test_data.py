@@ -10,11 +10,13 @@ from trainers.data import DataError, batches, load_splits, shard, split_indices
 
 
 def _rows(n=60):
-    return pd.DataFrame({
-        "review": [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(n)],
-        "sentiment": ["pos" if i % 3 else "neg" for i in range(n)],
-        "other": range(n),
-    })
+    return pd.DataFrame(
+        {
+            "review": [f"review number {i} {'great' if i % 3 else 'awful'}" for i in range(n)],
+            "sentiment": ["pos" if i % 3 else "neg" for i in range(n)],
+            "other": range(n),
+        }
+    )
 
 
 def test_rotten_tomatoes_corpus():
@@ -38,7 +40,9 @@ def test_local_files_with_column_mapping(tmp_path, fmt):
         frame.to_json(path, orient="records", lines=True)
     else:
         frame.to_parquet(path)
-    s = load_splits(data_cfg(source=fmt, path=str(path), text_column="review", label_column="sentiment"), seed=1)
+    s = load_splits(
+        data_cfg(source=fmt, path=str(path), text_column="review", label_column="sentiment"), seed=1
+    )
     assert s.label_names == ["neg", "pos"]
     assert len(s.train) + len(s.validation) + len(s.test) == 60
     for text, label in zip(s.train.texts, s.train.labels, strict=True):
@@ -48,9 +52,20 @@ def test_local_files_with_column_mapping(tmp_path, fmt):
 def test_label_names_fix_the_order(tmp_path):
     path = tmp_path / "d.csv"
     _rows().to_csv(path, index=False)
-    s = load_splits(data_cfg(source="csv", path=str(path), text_column="review", label_column="sentiment", label_names=["pos", "neg"]), seed=0)
+    s = load_splits(
+        data_cfg(
+            source="csv",
+            path=str(path),
+            text_column="review",
+            label_column="sentiment",
+            label_names=["pos", "neg"],
+        ),
+        seed=0,
+    )
     assert s.label_names == ["pos", "neg"]
-    assert all((lab == 0) == ("great" in t) for t, lab in zip(s.train.texts, s.train.labels, strict=True))
+    assert all(
+        (lab == 0) == ("great" in t) for t, lab in zip(s.train.texts, s.train.labels, strict=True)
+    )
 
 
 def test_split_is_deterministic_by_seed():
@@ -66,7 +81,9 @@ def test_split_is_deterministic_by_seed():
 
 def test_caps_do_not_move_rows_between_splits():
     full = load_splits(data_cfg(), seed=0)
-    capped = load_splits(data_cfg(max_train_samples=100, max_eval_samples=30, max_test_samples=20), seed=0)
+    capped = load_splits(
+        data_cfg(max_train_samples=100, max_eval_samples=30, max_test_samples=20), seed=0
+    )
     assert (len(capped.train), len(capped.validation), len(capped.test)) == (100, 30, 20)
     assert capped.train.texts == full.train.texts[:100]
     assert capped.validation.texts == full.validation.texts[:30]
@@ -77,11 +94,17 @@ def test_missing_column_names_the_key(tmp_path):
     path = tmp_path / "d.csv"
     _rows().to_csv(path, index=False)
     with pytest.raises(DataError) as info:
-        load_splits(data_cfg(source="csv", path=str(path), text_column="text", label_column="sentiment"), seed=0)
+        load_splits(
+            data_cfg(source="csv", path=str(path), text_column="text", label_column="sentiment"),
+            seed=0,
+        )
     assert info.value.key == "data.text_column"
     assert "review" in str(info.value)  # lists the columns that exist
     with pytest.raises(DataError) as info:
-        load_splits(data_cfg(source="csv", path=str(path), text_column="review", label_column="stars"), seed=0)
+        load_splits(
+            data_cfg(source="csv", path=str(path), text_column="review", label_column="stars"),
+            seed=0,
+        )
     assert info.value.key == "data.label_column"
 
 
@@ -90,7 +113,10 @@ def test_empty_file_is_a_clear_error(tmp_path, content):
     path = tmp_path / "d.csv"
     path.write_text(content)
     with pytest.raises(DataError) as info:
-        load_splits(data_cfg(source="csv", path=str(path), text_column="review", label_column="sentiment"), seed=0)
+        load_splits(
+            data_cfg(source="csv", path=str(path), text_column="review", label_column="sentiment"),
+            seed=0,
+        )
     assert info.value.key == "data.path"
     assert "empty" in str(info.value) or "no rows" in str(info.value)
 

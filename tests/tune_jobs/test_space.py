@@ -9,14 +9,20 @@ from tune_jobs.spec import parse_spec
 
 
 def test_space_forms_map_to_tune_domains():
-    spec = parse_spec({"search": {"space": {
-        "learning_rate": {"loguniform": [1e-5, 1e-3]},
-        "weight_decay": {"uniform": [0.0, 0.1]},
-        "per_device_train_batch_size": {"choice": [8, 16]},
-        "gradient_accumulation_steps": {"randint": [1, 4]},
-        "lr_scheduler_type": {"grid": ["linear", "cosine"]},
-        "warmup_ratio": 0.06,
-    }}})
+    spec = parse_spec(
+        {
+            "search": {
+                "space": {
+                    "learning_rate": {"loguniform": [1e-5, 1e-3]},
+                    "weight_decay": {"uniform": [0.0, 0.1]},
+                    "per_device_train_batch_size": {"choice": [8, 16]},
+                    "gradient_accumulation_steps": {"randint": [1, 4]},
+                    "lr_scheduler_type": {"grid": ["linear", "cosine"]},
+                    "warmup_ratio": 0.06,
+                }
+            }
+        }
+    )
     space = param_space(spec)
     assert isinstance(space["learning_rate"], tune.search.sample.Float)
     assert space["learning_rate"].lower == 1e-5 and space["learning_rate"].upper == 1e-3

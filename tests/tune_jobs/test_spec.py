@@ -39,17 +39,37 @@ def test_every_field_has_a_description():
 BROKEN = [
     ({"training": {"learning_rate": -1}}, "training.learning_rate", "greater than 0"),
     ({"training": {"lr_scheduler_type": "cosine_decay"}}, "training.lr_scheduler_type", "'cosine'"),
-    ({"training": {"learnig_rate": 1e-4}}, "training.learnig_rate", "valid keys in 'training': learning_rate"),
+    (
+        {"training": {"learnig_rate": 1e-4}},
+        "training.learnig_rate",
+        "valid keys in 'training': learning_rate",
+    ),
     ({"trainig": {}}, "trainig", "valid sections"),
     ({"data": {"source": "csv"}}, "data.path", "needs a file path"),
     ({"data": {"source": "csv", "path": "/no/such/file.csv"}}, "data.path", "file not found"),
     ({"data": {"source": "imagenet"}}, "data.source", "'rotten_tomatoes'"),
     ({"data": {"validation_fraction": 0.6, "test_fraction": 0.5}}, "data.test_fraction", "< 1"),
     ({"search": {"metric": "accuracy"}}, "search.metric", "eval_accuracy"),
-    ({"search": {"space": {"learning_rate": {"loguniform": [0, 1e-3]}}}}, "search.space.learning_rate.loguniform", "low > 0"),
-    ({"search": {"space": {"learning_rate": {"normal": [0, 1]}}}}, "search.space.learning_rate", "loguniform"),
-    ({"search": {"space": {"per_device_train_batch_size": {"choice": [16, "big"]}}}}, "search.space.per_device_train_batch_size", "integer"),
-    ({"search": {"space": {"eval_steps": {"choice": [1, 2]}}}}, "search.space.eval_steps", "searchable"),
+    (
+        {"search": {"space": {"learning_rate": {"loguniform": [0, 1e-3]}}}},
+        "search.space.learning_rate.loguniform",
+        "low > 0",
+    ),
+    (
+        {"search": {"space": {"learning_rate": {"normal": [0, 1]}}}},
+        "search.space.learning_rate",
+        "loguniform",
+    ),
+    (
+        {"search": {"space": {"per_device_train_batch_size": {"choice": [16, "big"]}}}},
+        "search.space.per_device_train_batch_size",
+        "integer",
+    ),
+    (
+        {"search": {"space": {"eval_steps": {"choice": [1, 2]}}}},
+        "search.space.eval_steps",
+        "searchable",
+    ),
     ({"scheduler": {"grace_period": 3}}, "scheduler.grace_period", "< max_t"),
     ({"scheduler": {"max_t": 10}}, "scheduler.max_t", "training budget"),
     ({"scheduler": {"time_attr": "step"}}, "scheduler.max_t", "needed"),
@@ -76,7 +96,14 @@ def test_all_problems_are_listed_at_once():
 
 
 def test_overrides_fill_nested_keys_and_parse_yaml_values():
-    raw = apply_overrides({"training": {"learning_rate": 1e-5}}, ["training.learning_rate=3e-4", "search.space.weight_decay={choice: [0.0, 0.1]}", "run.name=x"])
+    raw = apply_overrides(
+        {"training": {"learning_rate": 1e-5}},
+        [
+            "training.learning_rate=3e-4",
+            "search.space.weight_decay={choice: [0.0, 0.1]}",
+            "run.name=x",
+        ],
+    )
     spec = parse_spec(raw)
     assert spec.training.learning_rate == pytest.approx(3e-4)
     assert spec.search.space["weight_decay"] == {"choice": [0.0, 0.1]}
