@@ -60,8 +60,8 @@ def read_manifest(path: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def load_checkpoint(path: str, *, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer and schedule in place; return the manifest."""
+def load_weights(path: str, model: Any) -> None:
+    """Load the checkpoint's model weights in place (strict, but for buffers)."""
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(path, MODEL_DIR, "model.safetensors"))
@@ -71,8 +71,15 @@ def load_checkpoint(path: str, *, model: Any, optimizer: Any, scheduler: Any) ->
             f"checkpoint {path} does not match the model: missing={missing[:5]} "
             f"unexpected={unexpected[:5]}"
         )
+
+
+def load_trainer_state(path: str, optimizer: Any, scheduler: Any) -> bool:
+    """Restore optimizer, schedule and RNG; ``False`` if the optimizer's groups do not match."""
     state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError:
+        return False
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    return read_manifest(path)
+    return True

@@ -25,10 +25,18 @@ from typing import Any
 import torch
 
 from trainers import metrics as M
-from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.checkpoint import load_trainer_state, load_weights, read_manifest, save_checkpoint
 from trainers.data import Split, Splits, batches, length_grouped_order, shard, tokenize
-from trainers.model import build_model, build_tokenizer, resolve_model_path, unwrap
-from trainers.optim import build_optimizer, build_scheduler
+from trainers.model import (
+    LayerMap,
+    apply_freezing,
+    build_model,
+    build_tokenizer,
+    layer_map,
+    resolve_model_path,
+    unwrap,
+)
+from trainers.optim import build_optimizer, build_scheduler, lr_scale_by_name, rebuild_optimizer
 from trainers.report import LocalContext, RayTrainContext, WorkerContext
 
 
@@ -106,41 +114,90 @@ def is_eval_step(step: int, interval: int, last_step: int) -> bool:
     return step == last_step or step % interval == 0
 
 
+def uses_layers(hp: Mapping[str, Any]) -> bool:
+    """Does this trial freeze blocks or scale LRs per block (so the blocks must be found)?"""
+    return (
+        hp.get("unfreeze_depth") is not None
+        or bool(hp.get("gradual_unfreeze_every"))
+        or hp.get("layerwise_lr_decay", 1.0) != 1.0
+        or hp.get("train_embeddings") is not None
+    )
+
+
+def depth_at(step: int, hp: Mapping[str, Any], steps_in_epoch: int, n_blocks: int) -> int | None:
+    """Unfrozen top blocks at ``step``: ``unfreeze_depth``, plus one per gradual interval.
+
+    A pure function of the step, so a restored or exploited trial lands on the
+    same depth. ``None`` means every block trains.
+    """
+    depth = hp.get("unfreeze_depth")
+    every = hp.get("gradual_unfreeze_every")
+    if not every:
+        return depth
+    every_steps = every * steps_in_epoch if hp.get("gradual_unfreeze_unit", "epoch") == "epoch" else every
+    return min(n_blocks, (depth or 0) + int(step // max(1.0, every_steps)))
+
+
+def build_trainable(model: Any, lmap: LayerMap | None, hp: Mapping[str, Any], depth: int | None) -> tuple[dict[str, float] | None, int]:
+    """Freeze to ``depth``; return the per-parameter LR scale (layer-wise decay) and trainable count."""
+    if lmap is None:
+        return None, sum(p.numel() for p in model.parameters())
+    count = apply_freezing(model, lmap, depth, hp.get("train_embeddings"))
+    decay = hp.get("layerwise_lr_decay", 1.0)
+    if decay == 1.0:
+        return None, count
+    names = [n for n, _ in model.named_parameters()]
+    return lr_scale_by_name(names, lmap.blocks, lmap.embeddings, decay), count
+
+
+def loss_gap_trend(history: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (eval_loss - train_loss) per epoch over the last 3 evaluations."""
+    pts = history[-3:]
+    if len(pts) < 2:
+        return 0.0
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / var if var else 0.0
+
+
 def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     """Fine-tune, evaluate and checkpoint; every evaluation is reported through ``ctx``."""
     build_runtime(config)
     hp, eval_cfg = config["hp"], config["eval"]
+    metric, mode = config.get("objective", {}).get("metric", M.EVAL_ACCURACY), config.get("objective", {}).get("mode", "max")
     data = resolve_data(config["data"])
     model_path = resolve_model_path(config["model"]["name_or_path"])
     tokenizer = build_tokenizer(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    max_len = config["model"]["max_length"]
 
     # Tokenize once per trial: this rank's training shard and validation shard.
     train_rows = shard(range(len(data.train)), ctx.rank, ctx.world_size, equal=True)
-    train: Split = Split(
-        [data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows]
-    )
+    train = Split([data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows])
     val_rows = shard(range(len(data.validation)), ctx.rank, ctx.world_size, equal=False)
-    train_ids = tokenize(tokenizer, train.texts, config["model"]["max_length"])
-    val_ids = tokenize(
-        tokenizer, [data.validation.texts[i] for i in val_rows], config["model"]["max_length"]
-    )
+    train_ids = tokenize(tokenizer, train.texts, max_len)
+    val_ids = tokenize(tokenizer, [data.validation.texts[i] for i in val_rows], max_len)
     val_labels = [data.validation.labels[i] for i in val_rows]
 
-    model = build_model(model_path, data.label_names)
-    optimizer = build_optimizer(model, hp)
+    model = build_model(model_path, data.label_names, hp)
+    lmap = layer_map(model) if uses_layers(hp) else None
+    n_blocks = lmap.num_blocks if lmap else 0
     spe = steps_per_epoch(len(data.train), hp, ctx.world_size)
     last_step = total_steps(len(data.train), hp, ctx.world_size)
-    scheduler = build_scheduler(optimizer, hp, last_step)
     interval = eval_interval(spe, last_step, eval_cfg)
-    step = 0
     with ctx.restore_dir() as restore:
+        step = int(read_manifest(restore)["step"]) if restore else 0
+        depth = depth_at(step, hp, spe, n_blocks)
+        lr_scale, n_trainable = build_trainable(model, lmap, hp, depth)
+        optimizer = build_optimizer(model, hp, lr_scale)
+        scheduler = build_scheduler(optimizer, hp, last_step)
         if restore:
-            step = int(
-                load_checkpoint(restore, model=model, optimizer=optimizer, scheduler=scheduler)[
-                    "step"
-                ]
-            )
+            load_weights(restore, model)
+            if not load_trainer_state(restore, optimizer, scheduler):
+                # The trainable set changed (e.g. another unfreeze depth): fresh optimizer, same schedule position.
+                scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
+                _log(ctx, config, f"optimizer state did not match the trainable set at depth {depth}; reset")
     model = ctx.prepare_model(model)
     model.train()
 
@@ -148,6 +205,8 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     micro = hp["per_device_train_batch_size"]
     effective_batch = micro * accum * ctx.world_size
     n_labels = len(data.label_names)
+    best, evals_without_gain, gap_history = None, 0, []
+    patience, min_delta = hp.get("early_stopping_patience"), hp.get("early_stopping_min_delta", 0.0)
     loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
     while step < last_step:
         epoch_index = step // spe
@@ -159,6 +218,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             order = torch.randperm(len(train_ids), generator=generator).tolist()
         micro_batches = list(batches(train_ids, train.labels, order, micro, pad_id))
         start = (step % spe) * accum  # resume mid-epoch where the checkpoint left off
+        stop = False
         for k in range(start, len(micro_batches), accum):
             group = micro_batches[k : k + accum]
             for i, batch in enumerate(group):
@@ -170,42 +230,68 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 loss_count += 1
                 samples += len(batch["labels"]) * ctx.world_size
             if hp["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), hp["max_grad_norm"])
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], hp["max_grad_norm"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+
+            new_depth = depth_at(step, hp, spe, n_blocks)
+            if new_depth != depth:  # gradual unfreezing: one more block trains from here on
+                depth = new_depth
+                bare = unwrap(model)
+                lr_scale, n_trainable = build_trainable(bare, lmap, hp, depth)
+                optimizer, kept, fresh = rebuild_optimizer(optimizer, bare, hp, lr_scale)
+                scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
+                model = ctx.prepare_model(bare)  # DDP must learn the new trainable set
+                model.train()
+                _log(ctx, config, f"step {step}: unfreeze depth {depth}/{n_blocks}; optimizer state kept for {kept} tensors, {fresh} new")
+
             if not is_eval_step(step, interval, last_step):
-                if step >= last_step:
-                    break
                 continue
             elapsed = time.perf_counter() - t0
             report = {
                 M.TRAIN_LOSS: loss_total / max(loss_count, 1),
-                **evaluate(
-                    model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id
-                ),
+                **evaluate(model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id),
                 M.EPOCH: step / spe,
                 M.STEP: step,
                 M.LR: scheduler.get_last_lr()[-1],
                 M.TOTAL_STEPS: last_step,
                 M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
                 M.EFFECTIVE_BATCH_SIZE: effective_batch,
+                M.TRAINABLE_PARAMS: n_trainable,
+                M.UNFREEZE_DEPTH: n_blocks if depth is None or lmap is None else depth,
             }
-            if ctx.rank == 0:  # one human-readable line per evaluation
-                print(
-                    f"[{config.get('name', 'trial')}] step {step}/{last_step} epoch {report[M.EPOCH]:.2f} "
-                    f"train_loss {report[M.TRAIN_LOSS]:.4f} eval_loss {report[M.EVAL_LOSS]:.4f} "
-                    f"eval_accuracy {report[M.EVAL_ACCURACY]:.4f} lr {report[M.LR]:.3g} "
-                    f"{report[M.SAMPLES_PER_SECOND]:.1f} samples/s",
-                    flush=True,
-                )
-            _report_with_checkpoint(
-                ctx, config, report, model, tokenizer, optimizer, scheduler, step
+            gap_history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
+            report[M.LOSS_GAP] = gap_history[-1][1]
+            report[M.LOSS_GAP_TREND] = loss_gap_trend(gap_history)
+            value = report[metric]
+            if best is None or (value - best if mode == "max" else best - value) > min_delta:
+                best, evals_without_gain = value, 0
+            else:
+                evals_without_gain += 1
+            stop = bool(patience) and evals_without_gain >= patience and step < last_step
+            report[M.EARLY_STOPPED] = int(stop)
+            _log(
+                ctx,
+                config,
+                f"step {step}/{last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
+                f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
+                f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
+                + (f" | early stop: no {metric} gain > {min_delta:g} in {patience} evaluations" if stop else ""),
             )
+            _report_with_checkpoint(ctx, config, report, model, tokenizer, optimizer, scheduler, step)
             loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
-            if step >= last_step:
+            if stop or step >= last_step:
                 break
+        if stop:
+            break
+
+
+def _log(ctx: WorkerContext, config: Mapping[str, Any], message: str) -> None:
+    """Rank 0 writes the human-readable log."""
+    if ctx.rank == 0:
+        print(f"[{config.get('name', 'trial')}] {message}", flush=True)
 
 
 def _report_with_checkpoint(

@@ -19,6 +19,11 @@ LR = "lr"  # learning rate of the top parameter group at the last step
 TOTAL_STEPS = "total_steps"  # the trial's planned optimizer steps
 SAMPLES_PER_SECOND = "train_samples_per_second"  # across all workers, since last report
 EFFECTIVE_BATCH_SIZE = "effective_batch_size"  # per device x accumulation x workers
+TRAINABLE_PARAMS = "trainable_params"  # parameter elements that train at this point
+UNFREEZE_DEPTH = "unfreeze_depth"  # top transformer blocks training at this point
+LOSS_GAP = "loss_gap"  # eval_loss - train_loss: grows as a model overfits
+LOSS_GAP_TREND = "loss_gap_trend"  # slope of loss_gap per epoch over the last 3 evaluations
+EARLY_STOPPED = "early_stopped"  # 1 on the report after which patience stopped the trial
 
 #: Metrics a scheduler or search may watch, with the direction that is better.
 OBJECTIVES: dict[str, str] = {
@@ -41,6 +46,11 @@ REPORTED: frozenset[str] = frozenset(
         TOTAL_STEPS,
         SAMPLES_PER_SECOND,
         EFFECTIVE_BATCH_SIZE,
+        TRAINABLE_PARAMS,
+        UNFREEZE_DEPTH,
+        LOSS_GAP,
+        LOSS_GAP_TREND,
+        EARLY_STOPPED,
     }
 )
 

@@ -32,6 +32,7 @@ LrSchedulerType = Literal[
     "constant",
     "constant_with_warmup",
     "inverse_sqrt",
+    "slanted_triangular",
 ]
 
 
@@ -144,6 +145,26 @@ class TrainingSpec(_Section):
         description="Optimizer steps between evaluations (eval_strategy=steps); a value below 1 is a "
         "share of the trial's total steps (as in transformers), e.g. 0.25 = four evaluations.",
     )
+    hidden_dropout: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states/residuals (mapped per architecture); null = the model's own.")
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description="Dropout on attention probabilities; null = the model's own.")
+    classifier_dropout: float | None = Field(None, ge=0, lt=1, description="Dropout before the classification head; null = the model's own.")
+    unfreeze_depth: int | None = Field(
+        None, ge=0, description="Top transformer blocks that train (0 = head only); null = every parameter trains."
+    )
+    train_embeddings: bool | None = Field(
+        None, description="Train the embeddings; null = only when every block is unfrozen."
+    )
+    gradual_unfreeze_every: float | None = Field(
+        None, gt=0, description="Gradual unfreezing: one more block trains every this many epochs/steps, from unfreeze_depth (or 0)."
+    )
+    gradual_unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="Unit of gradual_unfreeze_every.")
+    layerwise_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="Each block down gets the LR of the one above x this factor (embeddings last); 1 = off."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop a trial after this many evaluations without a gain in search.metric; null = off."
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest change of search.metric that counts as a gain.")
     save_checkpoints: bool = Field(
         True, description="Checkpoint at every evaluation (needed to export the best model)."
     )
@@ -183,6 +204,13 @@ SEARCHABLE: frozenset[str] = frozenset(
         "adam_beta1",
         "adam_beta2",
         "adam_epsilon",
+        "hidden_dropout",
+        "attention_dropout",
+        "classifier_dropout",
+        "unfreeze_depth",
+        "train_embeddings",
+        "gradual_unfreeze_every",
+        "layerwise_lr_decay",
     }
 )
 

@@ -97,6 +97,7 @@ def loop_config(
         "data": data_ref,
         "hp": hp,
         "eval": {"strategy": hp["eval_strategy"], "steps": hp["eval_steps"]},
+        "objective": {"metric": spec.search.metric, "mode": spec.search.resolved_mode},
         "seed": spec.run.seed,
         "threads": resources.worker_threads,
         "save_checkpoints": hp["save_checkpoints"],
