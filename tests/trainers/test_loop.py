@@ -96,3 +96,86 @@ def test_classification_metrics_from_confusion():
     assert m[M.EVAL_F1] == pytest.approx((f1_0 + f1_1) / 2)
     assert m[M.EVAL_LOSS] == pytest.approx(0.5)
     torch.manual_seed(0)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_frozen_weights_stay_bit_identical(rt_small, tmp_path):
+    import os
+
+    from trainers.model import layer_map
+
+    cfg = _config(rt_small, learning_rate=5e-4, max_steps=4, unfreeze_depth=2)
+    cfg["eval"] = {"strategy": "steps", "steps": 4}
+    ctx = run_local(cfg, checkpoint_root=str(tmp_path))
+    before = _weights(os.path.join(resolve_model_path(MODEL), "model.safetensors"))
+    after = _weights(os.path.join(ctx.checkpoints[-1], "model", "model.safetensors"))
+    model = build_model(resolve_model_path(MODEL), ["a", "b"])
+    lmap = layer_map(model)
+    assert lmap.num_blocks == 6
+    before = {n.removeprefix("bert."): t for n, t in before.items()}  # the package has no "bert." prefix
+    after = {n.removeprefix("bert."): t for n, t in after.items()}
+    changed = {n for n in after if n in before and not torch.equal(before[n], after[n])}
+    same = {n for n in after if n in before and torch.equal(before[n], after[n])}
+    frozen = {n.removeprefix("bert.") for n in [*(n for b in lmap.blocks[:4] for n in b), *lmap.embeddings]}
+    trained = {n.removeprefix("bert.") for b in lmap.blocks[4:] for n in b}
+    assert frozen <= same  # bit-identical
+    assert trained <= changed
+    # 2 of 6 blocks + pooler + head train: a fraction of the model
+    assert ctx.reports[-1][M.TRAINABLE_PARAMS] < 0.25 * sum(p.numel() for p in model.parameters())
+    assert ctx.reports[-1][M.UNFREEZE_DEPTH] == 2
+
+
+def test_frozen_parameters_never_reach_the_optimizer():
+    from trainers.model import apply_freezing, layer_map
+    from trainers.optim import build_optimizer
+
+    model = build_model(resolve_model_path(MODEL), ["a", "b"])
+    apply_freezing(model, layer_map(model), depth=1, train_embeddings=None)
+    opt = build_optimizer(model, TrainingSpec().model_dump())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(in_opt) < len(list(model.parameters()))
+
+
+def test_gradual_unfreezing_adds_a_block_per_interval(rt_small, tmp_path):
+    cfg = _config(rt_small, learning_rate=5e-4, max_steps=6, unfreeze_depth=0, gradual_unfreeze_every=2, gradual_unfreeze_unit="step")
+    cfg["eval"] = {"strategy": "steps", "steps": 1}
+    ctx = run_local(cfg, checkpoint_root=str(tmp_path))
+    depths = [r[M.UNFREEZE_DEPTH] for r in ctx.reports]
+    assert depths == [0, 1, 1, 2, 2, 3]  # reported after each step: +1 block every 2 steps
+    counts = [r[M.TRAINABLE_PARAMS] for r in ctx.reports]
+    assert counts[0] < counts[1] < counts[3] < counts[5]
+
+
+def test_dropout_reaches_minilm(rt_small):
+    from trainers.model import build_model as build
+
+    model = build(resolve_model_path(MODEL), ["a", "b"], {"hidden_dropout": 0.27, "attention_dropout": 0.13, "classifier_dropout": 0.4})
+    probs = [round(m.p, 2) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert probs.count(0.27) == 1 + 2 * 6  # embeddings + 2 per block
+    assert probs.count(0.13) == 6
+    assert probs.count(0.4) == 1
+
+
+def test_early_stopping_with_patience(rt_small, tmp_path):
+    cfg = _config(rt_small, learning_rate=1e-4, max_steps=8, early_stopping_patience=2, early_stopping_min_delta=0.5)
+    cfg["eval"] = {"strategy": "steps", "steps": 1}
+    ctx = run_local(cfg, checkpoint_root=str(tmp_path))
+    # no accuracy gain of 0.5 is possible: the first evaluation sets the best, two more without gain stop it
+    assert [r[M.STEP] for r in ctx.reports] == [1, 2, 3]
+    assert [r[M.EARLY_STOPPED] for r in ctx.reports] == [0, 0, 1]
+    for r in ctx.reports:
+        assert r[M.LOSS_GAP] == pytest.approx(r[M.EVAL_LOSS] - r[M.TRAIN_LOSS])
+
+
+def test_effective_batch_size_with_accumulation(rt_small, tmp_path):
+    cfg = _config(rt_small, per_device_train_batch_size=8, gradient_accumulation_steps=3, max_steps=2)
+    cfg["eval"] = {"strategy": "steps", "steps": 2}
+    ctx = run_local(cfg, checkpoint_root=str(tmp_path))
+    assert ctx.reports[-1][M.EFFECTIVE_BATCH_SIZE] == 24
+    assert ctx.reports[-1][M.STEP] == 2
