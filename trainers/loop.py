@@ -134,11 +134,15 @@ def depth_at(step: int, hp: Mapping[str, Any], steps_in_epoch: int, n_blocks: in
     every = hp.get("gradual_unfreeze_every")
     if not every:
         return depth
-    every_steps = every * steps_in_epoch if hp.get("gradual_unfreeze_unit", "epoch") == "epoch" else every
+    every_steps = (
+        every * steps_in_epoch if hp.get("gradual_unfreeze_unit", "epoch") == "epoch" else every
+    )
     return min(n_blocks, (depth or 0) + int(step // max(1.0, every_steps)))
 
 
-def build_trainable(model: Any, lmap: LayerMap | None, hp: Mapping[str, Any], depth: int | None) -> tuple[dict[str, float] | None, int]:
+def build_trainable(
+    model: Any, lmap: LayerMap | None, hp: Mapping[str, Any], depth: int | None
+) -> tuple[dict[str, float] | None, int]:
     """Freeze to ``depth``; return the per-parameter LR scale (layer-wise decay) and trainable count."""
     if lmap is None:
         return None, sum(p.numel() for p in model.parameters())
@@ -165,7 +169,10 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     """Fine-tune, evaluate and checkpoint; every evaluation is reported through ``ctx``."""
     build_runtime(config)
     hp, eval_cfg = config["hp"], config["eval"]
-    metric, mode = config.get("objective", {}).get("metric", M.EVAL_ACCURACY), config.get("objective", {}).get("mode", "max")
+    metric, mode = (
+        config.get("objective", {}).get("metric", M.EVAL_ACCURACY),
+        config.get("objective", {}).get("mode", "max"),
+    )
     data = resolve_data(config["data"])
     model_path = resolve_model_path(config["model"]["name_or_path"])
     tokenizer = build_tokenizer(model_path)
@@ -174,7 +181,9 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
 
     # Tokenize once per trial: this rank's training shard and validation shard.
     train_rows = shard(range(len(data.train)), ctx.rank, ctx.world_size, equal=True)
-    train = Split([data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows])
+    train = Split(
+        [data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows]
+    )
     val_rows = shard(range(len(data.validation)), ctx.rank, ctx.world_size, equal=False)
     train_ids = tokenize(tokenizer, train.texts, max_len)
     val_ids = tokenize(tokenizer, [data.validation.texts[i] for i in val_rows], max_len)
@@ -197,7 +206,11 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             if not load_trainer_state(restore, optimizer, scheduler):
                 # The trainable set changed (e.g. another unfreeze depth): fresh optimizer, same schedule position.
                 scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
-                _log(ctx, config, f"optimizer state did not match the trainable set at depth {depth}; reset")
+                _log(
+                    ctx,
+                    config,
+                    f"optimizer state did not match the trainable set at depth {depth}; reset",
+                )
     model = ctx.prepare_model(model)
     model.train()
 
@@ -230,7 +243,9 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 loss_count += 1
                 samples += len(batch["labels"]) * ctx.world_size
             if hp["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], hp["max_grad_norm"])
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], hp["max_grad_norm"]
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -245,14 +260,20 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
                 model = ctx.prepare_model(bare)  # DDP must learn the new trainable set
                 model.train()
-                _log(ctx, config, f"step {step}: unfreeze depth {depth}/{n_blocks}; optimizer state kept for {kept} tensors, {fresh} new")
+                _log(
+                    ctx,
+                    config,
+                    f"step {step}: unfreeze depth {depth}/{n_blocks}; optimizer state kept for {kept} tensors, {fresh} new",
+                )
 
             if not is_eval_step(step, interval, last_step):
                 continue
             elapsed = time.perf_counter() - t0
             report = {
                 M.TRAIN_LOSS: loss_total / max(loss_count, 1),
-                **evaluate(model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id),
+                **evaluate(
+                    model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id
+                ),
                 M.EPOCH: step / spe,
                 M.STEP: step,
                 M.LR: scheduler.get_last_lr()[-1],
@@ -278,9 +299,15 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 f"step {step}/{last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
                 f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
                 f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
-                + (f" | early stop: no {metric} gain > {min_delta:g} in {patience} evaluations" if stop else ""),
+                + (
+                    f" | early stop: no {metric} gain > {min_delta:g} in {patience} evaluations"
+                    if stop
+                    else ""
+                ),
             )
-            _report_with_checkpoint(ctx, config, report, model, tokenizer, optimizer, scheduler, step)
+            _report_with_checkpoint(
+                ctx, config, report, model, tokenizer, optimizer, scheduler, step
+            )
             loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
             if stop or step >= last_step:
                 break

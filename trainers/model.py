@@ -66,13 +66,41 @@ def unwrap(model: Any) -> Any:
 #: Config attributes per dropout knob, per ``config.model_type``. A knob a family
 #: lacks is absent, and asking for it is an error (never silently ignored).
 DROPOUT_ATTRS: dict[str, dict[str, tuple[str, ...]]] = {
-    "bert": {"hidden": ("hidden_dropout_prob",), "attention": ("attention_probs_dropout_prob",), "classifier": ("classifier_dropout",)},
-    "roberta": {"hidden": ("hidden_dropout_prob",), "attention": ("attention_probs_dropout_prob",), "classifier": ("classifier_dropout",)},
-    "xlm-roberta": {"hidden": ("hidden_dropout_prob",), "attention": ("attention_probs_dropout_prob",), "classifier": ("classifier_dropout",)},
-    "electra": {"hidden": ("hidden_dropout_prob",), "attention": ("attention_probs_dropout_prob",), "classifier": ("classifier_dropout",)},
-    "albert": {"hidden": ("hidden_dropout_prob",), "attention": ("attention_probs_dropout_prob",), "classifier": ("classifier_dropout_prob",)},
-    "deberta-v2": {"hidden": ("hidden_dropout_prob",), "attention": ("attention_probs_dropout_prob",), "classifier": ("pooler_dropout",)},
-    "distilbert": {"hidden": ("dropout",), "attention": ("attention_dropout",), "classifier": ("seq_classif_dropout",)},
+    "bert": {
+        "hidden": ("hidden_dropout_prob",),
+        "attention": ("attention_probs_dropout_prob",),
+        "classifier": ("classifier_dropout",),
+    },
+    "roberta": {
+        "hidden": ("hidden_dropout_prob",),
+        "attention": ("attention_probs_dropout_prob",),
+        "classifier": ("classifier_dropout",),
+    },
+    "xlm-roberta": {
+        "hidden": ("hidden_dropout_prob",),
+        "attention": ("attention_probs_dropout_prob",),
+        "classifier": ("classifier_dropout",),
+    },
+    "electra": {
+        "hidden": ("hidden_dropout_prob",),
+        "attention": ("attention_probs_dropout_prob",),
+        "classifier": ("classifier_dropout",),
+    },
+    "albert": {
+        "hidden": ("hidden_dropout_prob",),
+        "attention": ("attention_probs_dropout_prob",),
+        "classifier": ("classifier_dropout_prob",),
+    },
+    "deberta-v2": {
+        "hidden": ("hidden_dropout_prob",),
+        "attention": ("attention_probs_dropout_prob",),
+        "classifier": ("pooler_dropout",),
+    },
+    "distilbert": {
+        "hidden": ("dropout",),
+        "attention": ("attention_dropout",),
+        "classifier": ("seq_classif_dropout",),
+    },
     # GPT2ForSequenceClassification has no dropout before its score head.
     "gpt2": {"hidden": ("resid_pdrop", "embd_pdrop"), "attention": ("attn_pdrop",)},
     "opt": {"hidden": ("dropout",), "attention": ("attention_dropout",)},
@@ -85,7 +113,11 @@ DROPOUT_ATTRS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 #: Training keys that set dropout, and the knob each one sets.
-DROPOUT_KEYS = {"hidden_dropout": "hidden", "attention_dropout": "attention", "classifier_dropout": "classifier"}
+DROPOUT_KEYS = {
+    "hidden_dropout": "hidden",
+    "attention_dropout": "attention",
+    "classifier_dropout": "classifier",
+}
 
 
 def dropout_overrides(model_type: str, model_class: str, hp: dict[str, Any]) -> dict[str, float]:
@@ -125,7 +157,10 @@ def build_config(path: str, label_names: list[str], hp: dict[str, Any] | None = 
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     for attr, value in dropout_overrides(config.model_type, arch, hp or {}).items():
         setattr(config, attr, value)
-    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+    if (
+        getattr(config, "pad_token_id", None) is None
+        and getattr(config, "eos_token_id", None) is not None
+    ):
         config.pad_token_id = config.eos_token_id  # decoder-only classifiers need a pad id
     return config
 
@@ -188,7 +223,10 @@ def layer_map(model: torch.nn.Module) -> LayerMap:
             per_block[block_of[name]].append(name)
         elif base is not model and not name.startswith(base_prefix + "."):
             head.append(name)
-        elif any(part in name.rsplit(".", 1)[0].split(".")[-1].lower() or part in name.lower() for part in EMBEDDING_NAME_PARTS):
+        elif any(
+            part in name.rsplit(".", 1)[0].split(".")[-1].lower() or part in name.lower()
+            for part in EMBEDDING_NAME_PARTS
+        ):
             embeddings.append(name)
         else:
             top.append(name)
@@ -215,7 +253,9 @@ def trainable_names(lmap: LayerMap, depth: int | None, train_embeddings: bool | 
     return names
 
 
-def apply_freezing(model: torch.nn.Module, lmap: LayerMap, depth: int | None, train_embeddings: bool | None) -> int:
+def apply_freezing(
+    model: torch.nn.Module, lmap: LayerMap, depth: int | None, train_embeddings: bool | None
+) -> int:
     """Set ``requires_grad`` from the depth; return how many parameters (elements) train."""
     names = trainable_names(lmap, depth, train_embeddings)
     count = 0

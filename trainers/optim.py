@@ -136,10 +136,7 @@ def lr_multiplier(schedule: str, step: int, total: int, warmup: int) -> float:
     """
     if schedule == SLANTED_TRIANGULAR:
         cut = max(1, warmup)
-        if step < cut:
-            p = step / cut
-        else:
-            p = max(0.0, 1 - (step - cut) / max(1, total - cut))
+        p = step / cut if step < cut else max(0.0, 1 - (step - cut) / max(1, total - cut))
         return (1 + p * (STLR_RATIO - 1)) / STLR_RATIO
     if schedule == "constant":
         return 1.0
@@ -158,7 +155,9 @@ def lr_multiplier(schedule: str, step: int, total: int, warmup: int) -> float:
     if schedule == "cosine_with_restarts":
         if progress >= 1.0:
             return 0.0
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((COSINE_RESTARTS_CYCLES * progress) % 1.0))))
+        return max(
+            0.0, 0.5 * (1.0 + math.cos(math.pi * ((COSINE_RESTARTS_CYCLES * progress) % 1.0)))
+        )
     if schedule == "polynomial":
         if step > total:
             return POLYNOMIAL_LR_END  # as a fraction of a peak LR of 1
@@ -191,7 +190,9 @@ def build_scheduler(
             scheduler_specific_kwargs=kwargs or None,
         )
     if start_step:
-        with warnings.catch_warnings():  # stepping the schedule without optimizer steps is the point
+        with (
+            warnings.catch_warnings()
+        ):  # stepping the schedule without optimizer steps is the point
             warnings.simplefilter("ignore")
             for _ in range(start_step):
                 scheduler.step()

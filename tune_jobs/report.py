@@ -42,9 +42,10 @@ def leaderboard(summary: dict[str, Any]) -> str:
     for t in sorted(trials, key=rank_key):
         best, last = t["best"], t["last"]
         steps = f"{last.get(M.STEP, '-')}/{last.get(M.TOTAL_STEPS, '-')}"
+        is_defaults = (summary.get("defaults_trial") or {}).get("trial") == t["trial"]
         rows.append(
             [
-                t["trial"],
+                t["trial"] + (" (defaults)" if is_defaults else ""),
                 *(_fmt(t["config"].get(k, "")) for k in keys),
                 _fmt(best.get(metric, "-")),
                 _fmt(best.get(M.EVAL_F1, "-")),
@@ -60,6 +61,13 @@ def leaderboard(summary: dict[str, Any]) -> str:
     base = summary["majority_baseline"]["validation_accuracy"]
     out.append("")
     out.append(f"majority-class baseline (validation accuracy): {base:.4f}")
+    versus = summary.get("best_vs_defaults")
+    if versus:
+        note = " (the defaults trial was stopped early)" if versus["defaults_stopped_early"] else ""
+        out.append(
+            f"best vs the family defaults: {metric} {_fmt(versus['best'])} vs {_fmt(versus['defaults'])} "
+            f"({versus['improvement']:+.4f}){note}"
+        )
     best = summary.get("best")
     if best:
         out.append(f"best trial: {best['trial']}  {metric}={_fmt(best['metrics'].get(metric))}")

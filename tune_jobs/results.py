@@ -147,6 +147,25 @@ def export_best(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def find_defaults_trial(
+    trials: list[TrialSummary], points: list[dict[str, Any]]
+) -> TrialSummary | None:
+    """The trial that ran the family defaults (the first whose config matches the point)."""
+    if not points:
+        return None
+    point = points[0]
+    for trial in trials:
+        if all(_same(trial.config.get(k), v) for k, v in point.items()):
+            return trial
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
 def build_summary(
     spec: JobSpec,
     run_name: str,
@@ -156,9 +175,20 @@ def build_summary(
     export: dict[str, Any] | None,
     splits: Splits,
     wall_time_s: float,
+    defaults: TrialSummary | None = None,
 ) -> dict[str, Any]:
     """The content of summary.json."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
+    versus = None
+    if defaults is not None and best is not None and defaults.best.get(metric) is not None:
+        delta = best.best[metric] - defaults.best[metric]
+        versus = {
+            "metric": metric,
+            "best": best.best[metric],
+            "defaults": defaults.best[metric],
+            "improvement": delta if mode == "max" else -delta,
+            "defaults_stopped_early": defaults.stopped_early,
+        }
     return {
         "run": run_name,
         "run_dir": run_dir,
@@ -186,6 +216,10 @@ def build_summary(
             "reloaded_validation": export["reloaded_validation"] if export else None,
             "test": export["test"] if export else None,
         },
+        "defaults_trial": None
+        if defaults is None
+        else {"trial": defaults.trial, "config": defaults.config},
+        "best_vs_defaults": versus,
         "trials": [asdict(t) for t in trials],
         "wall_time_s": round(wall_time_s, 1),
     }

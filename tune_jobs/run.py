@@ -20,6 +20,7 @@ from cluster.resources import (
 from trainers import metrics as M
 from trainers.data import Splits, load_splits
 from tune_jobs import results
+from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.report import leaderboard
 from tune_jobs.spec import JobSpec
 
@@ -54,6 +55,18 @@ def resolve_run_name(spec: JobSpec, storage_root: str) -> str:
     return spec.run.name
 
 
+def defaults_points(spec: JobSpec) -> list[dict[str, Any]]:
+    """The defaults trial (as Tune's points_to_evaluate), or none."""
+    if not spec.search.start_with_defaults or not spec.search.space:
+        return []
+    point = defaults_point(
+        spec.search.space,
+        model_type_of(spec.model.name_or_path),
+        in_domain=spec.search.algorithm != "random",
+    )
+    return [point] if point else []
+
+
 def _trial_name(trial: Any) -> str:
     # Deterministic: Tune's per-run counter, not its random experiment id.
     return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
@@ -66,12 +79,12 @@ def build_tuner(
     run_name: str,
     max_concurrent: int,
     restore: bool,
+    points: list[dict[str, Any]] | None = None,
 ) -> Any:
-    """The ``ray.tune.Tuner`` for this run (new or restored)."""
+    """The ``ray.tune.Tuner`` for this run (new or restored); ``points`` are tried first."""
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from tune_jobs.schedulers import build_scheduler
+    from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
 
@@ -96,12 +109,8 @@ def build_tuner(
             metric=metric,
             mode=mode,
             scheduler=build_scheduler(spec),
-            # The limit must sit on the generator: TuneConfig's alone let every trial start at once.
-            search_alg=BasicVariantGenerator(
-                random_state=spec.run.seed, max_concurrent=max_concurrent
-            ),
+            search_alg=build_search_alg(spec, points or [], max_concurrent),
             num_samples=spec.search.num_samples,
-            max_concurrent_trials=max_concurrent,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
@@ -156,7 +165,14 @@ def run_job(
             f"{res.num_workers} worker(s) x {res.worker_bundle()} + {res.driver_cpus:g} CPU driver; "
             f"{concurrent} trial(s) at once; run folder {run_dir}"
         )
-        tuner = build_tuner(spec, ray.put(splits), storage_root, run_name, concurrent, restore)
+        points = defaults_points(spec)
+        if points:
+            echo(
+                f"defaults trial first ({family_of(model_type_of(spec.model.name_or_path))} family): {points[0]}"
+            )
+        tuner = build_tuner(
+            spec, ray.put(splits), storage_root, run_name, concurrent, restore, points
+        )
         grid = tuner.fit()
         metric, mode = spec.search.metric, spec.search.resolved_mode
         trials = [results.summarize_trial(r, metric, mode) for r in grid]
@@ -173,8 +189,17 @@ def run_job(
                 export = results.export_best(
                     uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
                 )
+        defaults = results.find_defaults_trial(trials, points)
         summary = results.build_summary(
-            spec, run_name, run_dir, trials, best, export, splits, time.monotonic() - started
+            spec,
+            run_name,
+            run_dir,
+            trials,
+            best,
+            export,
+            splits,
+            time.monotonic() - started,
+            defaults,
         )
         path = results.write_summary(run_dir, summary)
     finally:

@@ -1,23 +1,50 @@
-"""Job spec -> Tune trial scheduler."""
+"""Job spec -> Tune trial scheduler and search algorithm."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tune_jobs.spec import JobSpec, budget_in
 
 
-def build_scheduler(spec: JobSpec, budget: float | None = None) -> Any:
-    """ASHA on the spec's metric (or FIFO). ``budget``: the training budget in time_attr units."""
+def build_scheduler(spec: JobSpec) -> Any:
+    """ASHA or HyperBand on the spec's metric, or FIFO (metric and mode come from TuneConfig)."""
     sched = spec.scheduler
     if sched.type == "fifo":
         return FIFOScheduler()
-    max_t = sched.max_t or budget or budget_in(sched.time_attr, spec.training)
+    max_t = sched.max_t or budget_in(sched.time_attr, spec.training, spec.search.space)
+    if sched.type == "hyperband":
+        return HyperBandScheduler(
+            time_attr=sched.time_attr, max_t=max_t, reduction_factor=sched.reduction_factor
+        )
     return ASHAScheduler(
         time_attr=sched.time_attr,
         max_t=max_t,
         grace_period=sched.grace_period,
         reduction_factor=sched.reduction_factor,
+    )
+
+
+def build_search_alg(spec: JobSpec, points: list[dict[str, Any]], max_concurrent: int) -> Any:
+    """The search algorithm, seeded by ``run.seed``, trying ``points`` first.
+
+    The concurrency limit sits on the algorithm: Tune ignores
+    ``TuneConfig.max_concurrent_trials`` when a search-generator instance is
+    given (measured: every trial started at once).
+    """
+    if spec.search.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(
+            points_to_evaluate=points or None,
+            sampler=optuna.samplers.TPESampler(seed=spec.run.seed),
+        )
+        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    return BasicVariantGenerator(
+        points_to_evaluate=points or None, random_state=spec.run.seed, max_concurrent=max_concurrent
     )

@@ -145,26 +145,51 @@ class TrainingSpec(_Section):
         description="Optimizer steps between evaluations (eval_strategy=steps); a value below 1 is a "
         "share of the trial's total steps (as in transformers), e.g. 0.25 = four evaluations.",
     )
-    hidden_dropout: float | None = Field(None, ge=0, lt=1, description="Dropout on hidden states/residuals (mapped per architecture); null = the model's own.")
-    attention_dropout: float | None = Field(None, ge=0, lt=1, description="Dropout on attention probabilities; null = the model's own.")
-    classifier_dropout: float | None = Field(None, ge=0, lt=1, description="Dropout before the classification head; null = the model's own.")
+    hidden_dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Dropout on hidden states/residuals (mapped per architecture); null = the model's own.",
+    )
+    attention_dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on attention probabilities; null = the model's own."
+    )
+    classifier_dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Dropout before the classification head; null = the model's own.",
+    )
     unfreeze_depth: int | None = Field(
-        None, ge=0, description="Top transformer blocks that train (0 = head only); null = every parameter trains."
+        None,
+        ge=0,
+        description="Top transformer blocks that train (0 = head only); null = every parameter trains.",
     )
     train_embeddings: bool | None = Field(
         None, description="Train the embeddings; null = only when every block is unfrozen."
     )
     gradual_unfreeze_every: float | None = Field(
-        None, gt=0, description="Gradual unfreezing: one more block trains every this many epochs/steps, from unfreeze_depth (or 0)."
+        None,
+        gt=0,
+        description="Gradual unfreezing: one more block trains every this many epochs/steps, from unfreeze_depth (or 0).",
     )
-    gradual_unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="Unit of gradual_unfreeze_every.")
+    gradual_unfreeze_unit: Literal["epoch", "step"] = Field(
+        "epoch", description="Unit of gradual_unfreeze_every."
+    )
     layerwise_lr_decay: float = Field(
-        1.0, gt=0, le=1, description="Each block down gets the LR of the one above x this factor (embeddings last); 1 = off."
+        1.0,
+        gt=0,
+        le=1,
+        description="Each block down gets the LR of the one above x this factor (embeddings last); 1 = off.",
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop a trial after this many evaluations without a gain in search.metric; null = off."
+        None,
+        ge=1,
+        description="Stop a trial after this many evaluations without a gain in search.metric; null = off.",
     )
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest change of search.metric that counts as a gain.")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Smallest change of search.metric that counts as a gain."
+    )
     save_checkpoints: bool = Field(
         True, description="Checkpoint at every evaluation (needed to export the best model)."
     )
@@ -227,6 +252,14 @@ DISTRIBUTIONS: dict[str, str] = {
 class SearchSpec(_Section):
     """What is searched, for which metric, how many trials."""
 
+    algorithm: Literal["random", "optuna"] = Field(
+        "random",
+        description="random (plus any grid entries) or optuna (TPE, seeded by run.seed; no grid entries).",
+    )
+    start_with_defaults: bool = Field(
+        True,
+        description="Run the model family's recommended settings first (for the searched keys).",
+    )
     metric: str = Field(
         M.EVAL_ACCURACY, description=f"Metric to optimise, one of {sorted(M.OBJECTIVES)}."
     )
@@ -251,8 +284,9 @@ class SearchSpec(_Section):
 class SchedulerSpec(_Section):
     """The Tune trial scheduler."""
 
-    type: Literal["asha", "fifo"] = Field(
-        "asha", description="asha (early stopping) or fifo (none)."
+    type: Literal["asha", "hyperband", "fifo"] = Field(
+        "asha",
+        description="asha (asynchronous successive halving), hyperband, or fifo (no early stopping).",
     )
     time_attr: Literal["epoch", "step", "training_iteration"] = Field(
         "epoch",
@@ -459,12 +493,25 @@ def _check_space(search: SearchSpec) -> list[Problem]:
     return problems
 
 
-def budget_in(time_attr: str, training: TrainingSpec) -> float | None:
-    """The training budget in the scheduler's units, when it is known before the data is."""
-    if time_attr == M.EPOCH and not training.max_steps:
-        return training.num_train_epochs
-    if time_attr == M.STEP and training.max_steps:
-        return float(training.max_steps)
+def _largest(key: str, fixed: Any, space: Mapping[str, Any]) -> Any:
+    """The largest value ``key`` can take: its searched values, else the fixed one."""
+    entry = space.get(key, fixed)
+    if not isinstance(entry, Mapping):
+        return entry
+    ((_, values),) = entry.items()
+    return max(values)
+
+
+def budget_in(
+    time_attr: str, training: TrainingSpec, space: Mapping[str, Any] | None = None
+) -> float | None:
+    """The longest training budget in the scheduler's units, when it is known before the data is."""
+    space = space or {}
+    max_steps = _largest("max_steps", training.max_steps, space)
+    if time_attr == M.EPOCH and not max_steps:
+        return float(_largest("num_train_epochs", training.num_train_epochs, space))
+    if time_attr == M.STEP and max_steps:
+        return float(max_steps)
     return None
 
 
@@ -481,12 +528,23 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
                 )
             )
         problems += _check_space(search)
+    if isinstance(search, SearchSpec) and search.algorithm == "optuna":
+        for key, entry in search.space.items():
+            if isinstance(entry, Mapping) and "grid" in entry:
+                problems.append(
+                    Problem(
+                        f"search.space.{key}",
+                        dict(entry),
+                        "optuna cannot search a grid; use {choice: [...]} or search.algorithm: random",
+                    )
+                )
     if (
         isinstance(sched, SchedulerSpec)
         and isinstance(training, TrainingSpec)
-        and sched.type == "asha"
+        and sched.type != "fifo"
     ):
-        budget = budget_in(sched.time_attr, training)
+        space = search.space if isinstance(search, SearchSpec) and not _check_space(search) else {}
+        budget = budget_in(sched.time_attr, training, space)
         max_t = sched.max_t or budget
         if sched.max_t and budget and sched.max_t > budget:
             problems.append(

@@ -117,11 +117,16 @@ def test_frozen_weights_stay_bit_identical(rt_small, tmp_path):
     model = build_model(resolve_model_path(MODEL), ["a", "b"])
     lmap = layer_map(model)
     assert lmap.num_blocks == 6
-    before = {n.removeprefix("bert."): t for n, t in before.items()}  # the package has no "bert." prefix
+    before = {
+        n.removeprefix("bert."): t for n, t in before.items()
+    }  # the package has no "bert." prefix
     after = {n.removeprefix("bert."): t for n, t in after.items()}
     changed = {n for n in after if n in before and not torch.equal(before[n], after[n])}
     same = {n for n in after if n in before and torch.equal(before[n], after[n])}
-    frozen = {n.removeprefix("bert.") for n in [*(n for b in lmap.blocks[:4] for n in b), *lmap.embeddings]}
+    frozen = {
+        n.removeprefix("bert.")
+        for n in [*(n for b in lmap.blocks[:4] for n in b), *lmap.embeddings]
+    }
     trained = {n.removeprefix("bert.") for b in lmap.blocks[4:] for n in b}
     assert frozen <= same  # bit-identical
     assert trained <= changed
@@ -143,7 +148,14 @@ def test_frozen_parameters_never_reach_the_optimizer():
 
 
 def test_gradual_unfreezing_adds_a_block_per_interval(rt_small, tmp_path):
-    cfg = _config(rt_small, learning_rate=5e-4, max_steps=6, unfreeze_depth=0, gradual_unfreeze_every=2, gradual_unfreeze_unit="step")
+    cfg = _config(
+        rt_small,
+        learning_rate=5e-4,
+        max_steps=6,
+        unfreeze_depth=0,
+        gradual_unfreeze_every=2,
+        gradual_unfreeze_unit="step",
+    )
     cfg["eval"] = {"strategy": "steps", "steps": 1}
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     depths = [r[M.UNFREEZE_DEPTH] for r in ctx.reports]
@@ -155,7 +167,11 @@ def test_gradual_unfreezing_adds_a_block_per_interval(rt_small, tmp_path):
 def test_dropout_reaches_minilm(rt_small):
     from trainers.model import build_model as build
 
-    model = build(resolve_model_path(MODEL), ["a", "b"], {"hidden_dropout": 0.27, "attention_dropout": 0.13, "classifier_dropout": 0.4})
+    model = build(
+        resolve_model_path(MODEL),
+        ["a", "b"],
+        {"hidden_dropout": 0.27, "attention_dropout": 0.13, "classifier_dropout": 0.4},
+    )
     probs = [round(m.p, 2) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert probs.count(0.27) == 1 + 2 * 6  # embeddings + 2 per block
     assert probs.count(0.13) == 6
@@ -163,7 +179,13 @@ def test_dropout_reaches_minilm(rt_small):
 
 
 def test_early_stopping_with_patience(rt_small, tmp_path):
-    cfg = _config(rt_small, learning_rate=1e-4, max_steps=8, early_stopping_patience=2, early_stopping_min_delta=0.5)
+    cfg = _config(
+        rt_small,
+        learning_rate=1e-4,
+        max_steps=8,
+        early_stopping_patience=2,
+        early_stopping_min_delta=0.5,
+    )
     cfg["eval"] = {"strategy": "steps", "steps": 1}
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     # no accuracy gain of 0.5 is possible: the first evaluation sets the best, two more without gain stop it
@@ -174,7 +196,9 @@ def test_early_stopping_with_patience(rt_small, tmp_path):
 
 
 def test_effective_batch_size_with_accumulation(rt_small, tmp_path):
-    cfg = _config(rt_small, per_device_train_batch_size=8, gradient_accumulation_steps=3, max_steps=2)
+    cfg = _config(
+        rt_small, per_device_train_batch_size=8, gradient_accumulation_steps=3, max_steps=2
+    )
     cfg["eval"] = {"strategy": "steps", "steps": 2}
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     assert ctx.reports[-1][M.EFFECTIVE_BATCH_SIZE] == 24

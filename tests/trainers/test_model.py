@@ -16,22 +16,56 @@ from trainers.model import (
 )
 
 N_LAYERS = 3
-SMALL = dict(vocab_size=99, hidden_size=32, num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=37,
+    max_position_embeddings=64,
+)
 
 TINY = {
     "bert": lambda: tf.BertConfig(num_hidden_layers=N_LAYERS, **SMALL),
     "roberta": lambda: tf.RobertaConfig(num_hidden_layers=N_LAYERS, **SMALL),
-    "distilbert": lambda: tf.DistilBertConfig(n_layers=N_LAYERS, dim=32, n_heads=2, hidden_dim=37, vocab_size=99, max_position_embeddings=64),
-    "albert": lambda: tf.AlbertConfig(num_hidden_layers=N_LAYERS, num_hidden_groups=N_LAYERS, embedding_size=16, **SMALL),
+    "distilbert": lambda: tf.DistilBertConfig(
+        n_layers=N_LAYERS,
+        dim=32,
+        n_heads=2,
+        hidden_dim=37,
+        vocab_size=99,
+        max_position_embeddings=64,
+    ),
+    "albert": lambda: tf.AlbertConfig(
+        num_hidden_layers=N_LAYERS, num_hidden_groups=N_LAYERS, embedding_size=16, **SMALL
+    ),
     "electra": lambda: tf.ElectraConfig(num_hidden_layers=N_LAYERS, embedding_size=16, **SMALL),
     "deberta-v2": lambda: tf.DebertaV2Config(num_hidden_layers=N_LAYERS, **SMALL),
-    "gpt2": lambda: tf.GPT2Config(n_layer=N_LAYERS, n_embd=32, n_head=2, vocab_size=99, n_positions=64, pad_token_id=0),
-    "llama": lambda: tf.LlamaConfig(num_hidden_layers=N_LAYERS, num_key_value_heads=1, pad_token_id=0, **SMALL),
-    "mistral": lambda: tf.MistralConfig(num_hidden_layers=N_LAYERS, num_key_value_heads=1, pad_token_id=0, **SMALL),
-    "qwen2": lambda: tf.Qwen2Config(num_hidden_layers=N_LAYERS, num_key_value_heads=1, pad_token_id=0, **SMALL),
-    "gemma": lambda: tf.GemmaConfig(num_hidden_layers=N_LAYERS, num_key_value_heads=1, head_dim=16, pad_token_id=0, **SMALL),
+    "gpt2": lambda: tf.GPT2Config(
+        n_layer=N_LAYERS, n_embd=32, n_head=2, vocab_size=99, n_positions=64, pad_token_id=0
+    ),
+    "llama": lambda: tf.LlamaConfig(
+        num_hidden_layers=N_LAYERS, num_key_value_heads=1, pad_token_id=0, **SMALL
+    ),
+    "mistral": lambda: tf.MistralConfig(
+        num_hidden_layers=N_LAYERS, num_key_value_heads=1, pad_token_id=0, **SMALL
+    ),
+    "qwen2": lambda: tf.Qwen2Config(
+        num_hidden_layers=N_LAYERS, num_key_value_heads=1, pad_token_id=0, **SMALL
+    ),
+    "gemma": lambda: tf.GemmaConfig(
+        num_hidden_layers=N_LAYERS, num_key_value_heads=1, head_dim=16, pad_token_id=0, **SMALL
+    ),
     "phi": lambda: tf.PhiConfig(num_hidden_layers=N_LAYERS, pad_token_id=0, **SMALL),
-    "opt": lambda: tf.OPTConfig(num_hidden_layers=N_LAYERS, hidden_size=32, num_attention_heads=2, ffn_dim=37, vocab_size=99, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1),
+    "opt": lambda: tf.OPTConfig(
+        num_hidden_layers=N_LAYERS,
+        hidden_size=32,
+        num_attention_heads=2,
+        ffn_dim=37,
+        vocab_size=99,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        pad_token_id=1,
+    ),
 }
 
 
@@ -95,7 +129,12 @@ def test_dropout_reaches_the_built_modules(arch):
     model = _model(arch, **overrides)
     probs = {round(m.p, 4) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
     # attention dropout as a module (BERT family) or a float on the attention layers (decoders)
-    probs |= {round(float(getattr(m, a)), 4) for m in model.modules() for a in ("attention_dropout", "dropout") if isinstance(getattr(m, a, None), float)}
+    probs |= {
+        round(float(getattr(m, a)), 4)
+        for m in model.modules()
+        for a in ("attention_dropout", "dropout")
+        if isinstance(getattr(m, a, None), float)
+    }
     for value in hp.values():
         assert value in probs, (arch, value, probs)
 

@@ -23,7 +23,12 @@ TOTAL, PEAK = 100, 3e-4
 
 
 def _lrs(schedule: str, warmup_ratio: float) -> tuple[list[float], int]:
-    hp = {**TrainingSpec().model_dump(), "learning_rate": PEAK, "lr_scheduler_type": schedule, "warmup_ratio": warmup_ratio}
+    hp = {
+        **TrainingSpec().model_dump(),
+        "learning_rate": PEAK,
+        "lr_scheduler_type": schedule,
+        "warmup_ratio": warmup_ratio,
+    }
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer(model, hp)
     sched = build_scheduler(opt, hp, TOTAL)
@@ -39,7 +44,9 @@ def _lrs(schedule: str, warmup_ratio: float) -> tuple[list[float], int]:
 def test_scheduler_follows_the_pure_formula(schedule):
     lrs, warmup = _lrs(schedule, 0.1)
     for step in (0, 1, 5, 10, 11, 37, 50, 99):
-        assert lrs[step] == pytest.approx(PEAK * lr_multiplier(schedule, step, TOTAL, warmup), rel=1e-6, abs=1e-12), step
+        assert lrs[step] == pytest.approx(
+            PEAK * lr_multiplier(schedule, step, TOTAL, warmup), rel=1e-6, abs=1e-12
+        ), step
 
 
 def test_known_values_of_each_shape():
@@ -47,7 +54,9 @@ def test_known_values_of_each_shape():
     assert lr_multiplier("linear", 5, TOTAL, w) == pytest.approx(0.5)  # half-way up the warmup
     assert lr_multiplier("linear", 55, TOTAL, w) == pytest.approx(0.5)  # half-way down
     assert lr_multiplier("cosine", 55, TOTAL, w) == pytest.approx(0.5)
-    assert lr_multiplier("cosine", 10 + 90 // 4 * 1, TOTAL, w) == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 90)))
+    assert lr_multiplier("cosine", 10 + 90 // 4 * 1, TOTAL, w) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 22 / 90))
+    )
     assert lr_multiplier("constant", 0, TOTAL, w) == 1.0
     assert lr_multiplier("constant_with_warmup", 5, TOTAL, w) == pytest.approx(0.5)
     assert lr_multiplier("constant_with_warmup", 80, TOTAL, w) == 1.0
@@ -61,16 +70,24 @@ def test_slanted_triangular_is_ulmfit_eq3():
     cut = math.floor(T * cut_frac)
     for t in range(T):
         p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
-        assert lr_multiplier("slanted_triangular", t, T, cut) == pytest.approx((1 + p * (STLR_RATIO - 1)) / STLR_RATIO)
+        assert lr_multiplier("slanted_triangular", t, T, cut) == pytest.approx(
+            (1 + p * (STLR_RATIO - 1)) / STLR_RATIO
+        )
     lrs, _ = _lrs("slanted_triangular", 0.1)
     assert max(lrs) == pytest.approx(PEAK) and lrs.index(max(lrs)) == cut
     assert lrs[0] == pytest.approx(PEAK / STLR_RATIO)
 
 
 def test_no_jump_when_a_schedule_is_rebuilt_mid_run():
-    hp = {**TrainingSpec().model_dump(), "learning_rate": PEAK, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1}
+    hp = {
+        **TrainingSpec().model_dump(),
+        "learning_rate": PEAK,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+    }
     opt = build_optimizer(torch.nn.Linear(2, 2), hp)
     sched = build_scheduler(opt, hp, TOTAL, start_step=40)
+    assert sched.last_epoch == 40
     assert opt.param_groups[0]["lr"] == pytest.approx(PEAK * lr_multiplier("cosine", 40, TOTAL, 10))
 
 

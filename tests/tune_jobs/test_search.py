@@ -1,0 +1,147 @@
+"""Search algorithms on a real local Ray: seeded reproducibility and the defaults trial first.
+
+The trainable here is a plain function scoring the config (no fine-tuning), so
+the searchers get real feedback in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import ray
+from ray import tune
+
+from tune_jobs.defaults import FAMILY_DEFAULTS, defaults_point, family_of
+from tune_jobs.schedulers import build_scheduler, build_search_alg
+from tune_jobs.space import param_space
+from tune_jobs.spec import parse_spec
+
+SPACE = {
+    "learning_rate": {"loguniform": [1e-5, 1e-3]},
+    "per_device_train_batch_size": {"choice": [8, 16, 32]},
+    "weight_decay": {"uniform": [0.0, 0.2]},
+}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _score(config):
+    # a smooth fake objective: best near lr 1e-4, batch 16, wd 0.05
+    value = -abs(math.log10(config["learning_rate"]) + 4) - abs(config["weight_decay"] - 0.05)
+    tune.report({"eval_accuracy": value - 0.01 * abs(config["per_device_train_batch_size"] - 16)})
+
+
+def _proposals(algorithm: str, tmp_path, name: str, points):
+    spec = parse_spec(
+        {
+            "search": {"algorithm": algorithm, "num_samples": 6, "space": SPACE},
+            "run": {"seed": 7},
+            "scheduler": {"type": "fifo"},
+        }
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(_score, {"CPU": 1}),
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric="eval_accuracy",
+            mode="max",
+            num_samples=6,
+            search_alg=build_search_alg(spec, points, max_concurrent=1),
+            scheduler=build_scheduler(spec),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0),
+    )
+    grid = tuner.fit()
+    # ResultGrid keeps the order the searcher proposed trials in (Optuna's trial ids are random).
+    return [{k: r.config[k] for k in SPACE} for r in grid]
+
+
+@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_seeded_search_proposes_the_same_configs_twice(local_ray, tmp_path, algorithm):
+    first = _proposals(algorithm, tmp_path, "a", [])
+    second = _proposals(algorithm, tmp_path, "b", [])
+    assert first == second
+    assert len({c["learning_rate"] for c in first}) == 6  # actually sampled, not constant
+
+
+@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_sweep_starts_with_the_defaults_trial(local_ray, tmp_path, algorithm):
+    point = defaults_point(SPACE, "bert", in_domain=algorithm != "random")
+    assert point == {"learning_rate": 3e-5, "per_device_train_batch_size": 32, "weight_decay": 0.01}
+    configs = _proposals(algorithm, tmp_path, f"d-{algorithm}", [point])
+    assert configs[0] == point
+    assert configs[1] != point
+
+
+def test_defaults_point_clips_for_optuna_and_skips_grids():
+    space = {
+        "learning_rate": {"loguniform": [5e-5, 3e-4]},  # BERT's 3e-5 is below the range
+        "per_device_train_batch_size": {"choice": [8, 12]},
+        "weight_decay": {"grid": [0.0, 0.1]},
+        "warmup_ratio": 0.2,
+    }
+    assert defaults_point(space, "bert", in_domain=True) == {
+        "learning_rate": 5e-5,
+        "per_device_train_batch_size": 12,
+    }
+    assert defaults_point(space, "bert", in_domain=False) == {
+        "learning_rate": 3e-5,
+        "per_device_train_batch_size": 32,
+    }
+
+
+def test_every_family_has_a_table_row():
+    for model_type in (
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "albert",
+        "electra",
+        "deberta-v2",
+        "gpt2",
+        "llama",
+        "mistral",
+        "qwen2",
+        "gemma",
+        "phi",
+        "opt",
+    ):
+        row = FAMILY_DEFAULTS[family_of(model_type)]
+        assert {
+            "learning_rate",
+            "per_device_train_batch_size",
+            "num_train_epochs",
+            "warmup_ratio",
+            "weight_decay",
+        } <= set(row)
+        parse_spec({"training": row})  # every default is a valid training setting
+    assert family_of("some-new-arch") == "bert"
+
+
+def test_optuna_rejects_grid_entries():
+    from tune_jobs.spec import SpecError
+
+    with pytest.raises(SpecError, match="optuna cannot search a grid"):
+        parse_spec(
+            {"search": {"algorithm": "optuna", "space": {"learning_rate": {"grid": [1e-5, 2e-5]}}}}
+        )
+
+
+def test_asha_budget_covers_searched_epochs():
+    from tune_jobs.spec import budget_in
+
+    spec = parse_spec(
+        {
+            "training": {"num_train_epochs": 2},
+            "search": {"space": {"num_train_epochs": {"choice": [1, 3, 4]}}},
+        }
+    )
+    assert budget_in("epoch", spec.training, spec.search.space) == 4
+    assert build_scheduler(spec)._max_t == 4
