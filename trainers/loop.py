@@ -29,6 +29,7 @@ from trainers.checkpoint import load_trainer_state, load_weights, read_manifest,
 from trainers.data import Split, Splits, batches, length_grouped_order, shard, tokenize
 from trainers.model import (
     LayerMap,
+    ModelError,
     apply_freezing,
     build_model,
     build_tokenizer,
@@ -42,7 +43,7 @@ from trainers.report import LocalContext, RayTrainContext, WorkerContext
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for a Ray Train worker."""
-    train_loop(config, RayTrainContext())
+    train_loop(config, RayTrainContext(resume_from=config.get("resume_from")))
 
 
 def resolve_data(data: Any) -> Splits:
@@ -140,11 +141,19 @@ def depth_at(step: int, hp: Mapping[str, Any], steps_in_epoch: int, n_blocks: in
     return min(n_blocks, (depth or 0) + int(step // max(1.0, every_steps)))
 
 
+def _try_layer_map(model: Any) -> LayerMap | None:
+    """The layer map for reporting only (no freezing asked for): ``None`` if the blocks are not found."""
+    try:
+        return layer_map(model)
+    except ModelError:
+        return None
+
+
 def build_trainable(
     model: Any, lmap: LayerMap | None, hp: Mapping[str, Any], depth: int | None
 ) -> tuple[dict[str, float] | None, int]:
     """Freeze to ``depth``; return the per-parameter LR scale (layer-wise decay) and trainable count."""
-    if lmap is None:
+    if lmap is None or not uses_layers(hp):
         return None, sum(p.numel() for p in model.parameters())
     count = apply_freezing(model, lmap, depth, hp.get("train_embeddings"))
     decay = hp.get("layerwise_lr_decay", 1.0)
@@ -190,7 +199,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     val_labels = [data.validation.labels[i] for i in val_rows]
 
     model = build_model(model_path, data.label_names, hp)
-    lmap = layer_map(model) if uses_layers(hp) else None
+    lmap = layer_map(model) if uses_layers(hp) else _try_layer_map(model)
     n_blocks = lmap.num_blocks if lmap else 0
     spe = steps_per_epoch(len(data.train), hp, ctx.world_size)
     last_step = total_steps(len(data.train), hp, ctx.world_size)
@@ -281,7 +290,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
                 M.EFFECTIVE_BATCH_SIZE: effective_batch,
                 M.TRAINABLE_PARAMS: n_trainable,
-                M.UNFREEZE_DEPTH: n_blocks if depth is None or lmap is None else depth,
+                M.UNFREEZE_DEPTH: n_blocks if depth is None else depth,
             }
             gap_history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
             report[M.LOSS_GAP] = gap_history[-1][1]

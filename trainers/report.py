@@ -30,11 +30,17 @@ class WorkerContext(Protocol):
 
 
 class RayTrainContext:
-    """Inside a Ray Train worker: ``ray.train.report`` / ``get_checkpoint``."""
+    """Inside a Ray Train worker: ``ray.train.report`` / ``get_checkpoint``.
 
-    def __init__(self) -> None:
+    ``resume_from`` (a checkpoint path or URI) seeds a new Train run: Train V2
+    refuses ``resume_from_checkpoint``, so the driver passes it in the config.
+    The run's own latest checkpoint (after a worker-group restart) wins.
+    """
+
+    def __init__(self, resume_from: str | None = None) -> None:
         import ray.train
 
+        self.resume_from = resume_from
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -49,6 +55,8 @@ class RayTrainContext:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.resume_from:
+            checkpoint = ray.train.Checkpoint(self.resume_from)
         if checkpoint is None:
             yield None
             return

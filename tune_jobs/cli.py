@@ -8,8 +8,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
+EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
+
+
+def smoke_enabled(spec: Any) -> bool:
+    """smoke.enabled, where auto means: on for cluster runs, off for the local debug mode."""
+    if spec.smoke.enabled == "auto":
+        return bool(spec.run.address or os.environ.get("RAY_ADDRESS"))
+    return bool(spec.smoke.enabled)
 
 
 def shipped_configs() -> dict[str, str]:
@@ -40,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("run", "validate the job spec, then run the sweep and export the best model"),
         ("validate", "check a job spec (and its data) without starting Ray"),
+        (
+            "smoke",
+            "run only the smoke pass: the pipeline on a small subset, a few steps, 1-2 trials",
+        ),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", metavar="CONFIG", help="job spec YAML, or a shipped config name")
@@ -51,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "validate":
             p.add_argument("--no-data", action="store_true", help="skip loading the data")
+        if name == "run":
+            p.add_argument(
+                "--no-smoke",
+                action="store_true",
+                help="skip the smoke pass (on by default for cluster runs: smoke.enabled=auto)",
+            )
     return parser
 
 
@@ -60,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.resources import ResourceError
     from trainers.data import DataError, load_splits
     from trainers.model import ModelError
+    from tune_jobs.smoke import SmokeError
     from tune_jobs.spec import SpecError, load_spec
 
     try:
@@ -73,12 +93,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: valid")
             return 0
         from tune_jobs.run import run_job
+        from tune_jobs.smoke import run_smoke
 
+        if args.command == "smoke":
+            run_smoke(spec)
+            return 0
+        if not args.no_smoke and smoke_enabled(spec):
+            run_smoke(spec, keep_ray=True)
         run_job(spec)
         return 0
     except (SpecError, DataError, ResourceError, ModelError) as exc:
         print(f"tunefleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SmokeError as exc:
+        print(f"tunefleet: {exc}\n(fix it, or skip the pass with --no-smoke)", file=sys.stderr)
+        return EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

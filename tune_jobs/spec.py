@@ -348,6 +348,27 @@ class RunSpec(_Section):
     )
 
 
+class SmokeSpec(_Section):
+    """Start small: the whole pipeline on a subset, a few steps, one or two trials."""
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run the smoke pass before the sweep: auto = on for cluster runs, off locally.",
+    )
+    max_train_samples: int = Field(64, ge=1, description="Training rows in the smoke pass.")
+    max_eval_samples: int = Field(
+        32, ge=1, description="Validation (and test) rows in the smoke pass."
+    )
+    max_steps: int = Field(
+        4,
+        ge=2,
+        description="Optimizer steps per smoke trial (a checkpoint half-way and at the end).",
+    )
+    trials: int = Field(
+        2, ge=1, le=2, description="Smoke trials: the defaults trial and one sampled."
+    )
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSpec,
     "data": DataSpec,
@@ -356,6 +377,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "scheduler": SchedulerSpec,
     "resources": ResourcesSpec,
     "run": RunSpec,
+    "smoke": SmokeSpec,
 }
 
 
@@ -371,6 +393,7 @@ class JobSpec(BaseModel):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     run: RunSpec = Field(default_factory=RunSpec)
+    smoke: SmokeSpec = Field(default_factory=SmokeSpec)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what is written next to results)."""

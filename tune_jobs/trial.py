@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,23 +105,17 @@ def loop_config(
     }
 
 
-def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
-    """Tune function trainable: fit one ``TorchTrainer`` and forward its reports to Tune."""
+def build_trainer(
+    plan: TrialPlan, hp: dict[str, Any], run_name: str, queue: Queue, resume: str | None, label: str
+) -> TorchTrainer:
+    """One Ray Train run of the worker loop, reporting through ``queue``."""
     spec, res = plan.spec, plan.resources
-    hp = trial_hparams(spec, config)
-    trial_name = tune.get_context().get_trial_name()
-    run_name = train_run_name(plan.train_storage, trial_name)
-
-    resume = None
-    incoming = tune.get_checkpoint()  # a fault restore (or, later, a PBT donor)
-    if incoming is not None:
-        with incoming.as_directory() as folder:
-            resume = train.Checkpoint(read_pointer(folder)["uri"])
-
-    queue = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(spec, hp, plan.data_ref, res, trial_name),
+        train_loop_config={
+            **loop_config(spec, hp, plan.data_ref, res, label),
+            "resume_from": resume,
+        },
         scaling_config=train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -141,14 +136,26 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
             # Train's per-report INFO lines repeat every metric; the worker prints its own line.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        resume_from_checkpoint=resume,
     )
+
+
+def fit_forwarding(
+    plan: TrialPlan,
+    hp: dict[str, Any],
+    run_name: str,
+    resume: str | None,
+    label: str,
+    on_report: Callable[[dict[str, Any], str | None], None],
+) -> None:
+    """Fit a Train run in a thread; call ``on_report(metrics, checkpoint_path)`` here for each report."""
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(plan, hp, run_name, queue, resume, label)
     failure: list[BaseException] = []
 
     def fit() -> None:
         try:
             trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial below
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
             failure.append(exc)
         finally:
             queue.put((_DONE, None))
@@ -164,10 +171,50 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
             continue
         if metrics == _DONE:
             break
+        on_report(metrics, path)
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
+    """Tune function trainable: fit one ``TorchTrainer`` and forward its reports to Tune."""
+    hp = trial_hparams(plan.spec, config)
+    trial_name = tune.get_context().get_trial_name()
+    run_name = train_run_name(plan.train_storage, trial_name)
+
+    resume = None
+    incoming = tune.get_checkpoint()  # a fault restore (or, later, a PBT donor)
+    if incoming is not None:
+        with incoming.as_directory() as folder:
+            resume = read_pointer(folder)["uri"]
+
+    def forward(metrics: dict[str, Any], path: str | None) -> None:
         checkpoint = (
             _pointer_checkpoint(plan.train_storage, run_name, path, metrics) if path else None
         )
         tune.report({**metrics, "train_run": run_name}, checkpoint=checkpoint)
-    thread.join()
-    if failure:
-        raise failure[0]
+
+    fit_forwarding(plan, hp, run_name, resume, trial_name, forward)
+
+
+def resume_check(plan: TrialPlan, hp: dict[str, Any], uri: str, extra_steps: int) -> list[int]:
+    """Restore a checkpoint into a new Train run for ``extra_steps`` more steps; the steps it reports.
+
+    Run from the driver (outside Tune) by the smoke pass: proves that a
+    checkpoint holds what is needed to continue.
+    """
+    from trainers.checkpoint import MANIFEST
+
+    step = int(json.loads(storage.read_text(storage.join(uri, MANIFEST)))["step"])
+    hp = {**hp, "max_steps": step + extra_steps, "eval_steps": extra_steps}
+    steps: list[int] = []
+    fit_forwarding(
+        plan,
+        hp,
+        train_run_name(plan.train_storage, "resume-check"),
+        uri,
+        "resume-check",
+        lambda metrics, _: steps.append(int(metrics["step"])),
+    )
+    return steps
