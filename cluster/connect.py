@@ -11,6 +11,9 @@ BASE_ENV_VARS: dict[str, str] = {
     "TOKENIZERS_PARALLELISM": "false",  # each worker already owns its CPU share
     # Fail a worker group that cannot start instead of retrying forever.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+    # Train V2 routes worker print() through its logger *and* stdout: every
+    # progress line reached the console twice. Plain print, once.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 

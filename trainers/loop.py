@@ -80,24 +80,39 @@ def build_runtime(config: Mapping[str, Any]) -> None:
 
 
 def evaluate(
-    model: Any, ids: list[list[int]], labels: list[int], n_labels: int, batch_size: int, pad_id: int
+    model: Any,
+    ids: list[list[int]],
+    labels: list[int],
+    n_labels: int,
+    batch_size: int,
+    pad_id: int,
+    device: Any = "cpu",
 ) -> dict[str, float]:
     """Loss, accuracy and macro F1 on this rank's rows, all-reduced across ranks."""
     model.eval()
     confusion = torch.zeros((n_labels, n_labels), dtype=torch.float64)
     loss_sum = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
-        for batch in batches(ids, labels, range(len(ids)), batch_size, pad_id):
+        for cpu_batch in batches(ids, labels, range(len(ids)), batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in cpu_batch.items()}
             out = model(**batch)
-            loss_sum += torch.nn.functional.cross_entropy(
-                out.logits.float(), batch["labels"], reduction="sum"
-            ).double()
+            loss_sum += (
+                torch.nn.functional.cross_entropy(
+                    out.logits.float(), batch["labels"], reduction="sum"
+                )
+                .double()
+                .cpu()
+            )
             preds = out.logits.argmax(-1)
-            for t, p in zip(batch["labels"].tolist(), preds.tolist(), strict=True):
+            for t, p in zip(cpu_batch["labels"].tolist(), preds.tolist(), strict=True):
                 confusion[t, p] += 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(confusion)
-        torch.distributed.all_reduce(loss_sum)
+        # One all-reduce of counts and loss; NCCL reduces only device tensors, gloo CPU ones.
+        on = device if torch.distributed.get_backend() == "nccl" else "cpu"
+        totals = torch.cat([confusion.flatten(), loss_sum.view(1)]).to(on)
+        torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
+        confusion, loss_sum = totals[:-1].view(n_labels, n_labels), totals[-1]
     model.train()
     return M.classification_metrics(confusion.tolist(), float(loss_sum), float(confusion.sum()))
 
@@ -243,7 +258,8 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
         stop = False
         for k in range(start, len(micro_batches), accum):
             group = micro_batches[k : k + accum]
-            for i, batch in enumerate(group):
+            for i, cpu_batch in enumerate(group):
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in cpu_batch.items()}
                 sync = i == len(group) - 1 or not hasattr(model, "no_sync")
                 with torch.enable_grad(), contextlib.nullcontext() if sync else model.no_sync():
                     loss = model(**batch).loss / len(group)
@@ -281,7 +297,13 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             report = {
                 M.TRAIN_LOSS: loss_total / max(loss_count, 1),
                 **evaluate(
-                    model, val_ids, val_labels, n_labels, hp["per_device_eval_batch_size"], pad_id
+                    model,
+                    val_ids,
+                    val_labels,
+                    n_labels,
+                    hp["per_device_eval_batch_size"],
+                    pad_id,
+                    ctx.device,
                 ),
                 M.EPOCH: step / spe,
                 M.STEP: step,
@@ -363,9 +385,12 @@ def _report_with_checkpoint(
 
 
 def run_local(
-    config: Mapping[str, Any], checkpoint_root: str | None = None, resume_from: str | None = None
+    config: Mapping[str, Any],
+    checkpoint_root: str | None = None,
+    resume_from: str | None = None,
+    device: str | None = None,
 ) -> LocalContext:
     """Run the loop in this process (no Ray) and return the context holding its reports."""
-    ctx = LocalContext(checkpoint_root=checkpoint_root, resume_from=resume_from)
+    ctx = LocalContext(checkpoint_root=checkpoint_root, resume_from=resume_from, device=device)
     train_loop(config, ctx)
     return ctx

@@ -18,6 +18,7 @@ class WorkerContext(Protocol):
 
     rank: int
     world_size: int
+    device: Any  # torch.device batches go to
 
     def prepare_model(self, model: Any) -> Any:
         """Wrap the model for data-parallel training (no-op for one worker)."""
@@ -44,11 +45,15 @@ class RayTrainContext:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()  # cuda:N on GPU workers, else cpu
 
     def prepare_model(self, model: Any) -> Any:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model) if self.world_size > 1 else model
+        # Moves the model to this worker's device; wraps it in DDP when world_size > 1.
+        return ray.train.torch.prepare_model(model)
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
@@ -79,14 +84,22 @@ class LocalContext:
     rank = 0
     world_size = 1
 
-    def __init__(self, checkpoint_root: str | None = None, resume_from: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint_root: str | None = None,
+        resume_from: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        import torch
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint_root = checkpoint_root or tempfile.mkdtemp(prefix="tunefleet-ckpt-")
         self.resume_from = resume_from
         self.reports: list[dict[str, Any]] = []
         self.checkpoints: list[str] = []
 
     def prepare_model(self, model: Any) -> Any:
-        return model
+        return model.to(self.device)
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
