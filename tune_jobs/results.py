@@ -98,10 +98,12 @@ def score_model(
 ) -> dict[str, float]:
     """Reload an exported folder with ``from_pretrained`` and score it on ``split``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import logging as hf_logging
 
     from trainers.data import tokenize
     from trainers.loop import evaluate
 
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     ids = tokenize(tokenizer, split.texts, max_length)

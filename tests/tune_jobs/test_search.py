@@ -145,3 +145,13 @@ def test_asha_budget_covers_searched_epochs():
     )
     assert budget_in("epoch", spec.training, spec.search.space) == 4
     assert build_scheduler(spec)._max_t == 4
+
+
+def test_hyperband_and_fifo_schedulers():
+    from ray.tune.schedulers import FIFOScheduler, HyperBandScheduler
+
+    spec = parse_spec({"scheduler": {"type": "hyperband", "reduction_factor": 3}})
+    sched = build_scheduler(spec)
+    assert isinstance(sched, HyperBandScheduler)
+    assert sched._time_attr == "epoch"
+    assert isinstance(build_scheduler(parse_spec({"scheduler": {"type": "fifo"}})), FIFOScheduler)
