@@ -39,7 +39,9 @@ def save_checkpoint(
     tokenizer.save_pretrained(os.path.join(path, MODEL_DIR))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            # AdamW state keyed by parameter name, so a restore with another
+            # trainable set (a new unfreeze depth) keeps what still applies.
+            "optimizer_by_name": optimizer_state_by_name(optimizer),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         },
@@ -52,6 +54,19 @@ def save_checkpoint(
             indent=2,
             default=str,
         )
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """Per-parameter optimizer state keyed by the names in each group's ``names`` list."""
+    out = {}
+    for group in optimizer.param_groups:
+        for param, name in zip(group["params"], group["names"], strict=True):
+            if param in optimizer.state:
+                out[name] = {
+                    k: v.detach().cpu() if torch.is_tensor(v) else v
+                    for k, v in optimizer.state[param].items()
+                }
+    return out
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -73,13 +88,27 @@ def load_weights(path: str, model: Any) -> None:
         )
 
 
-def load_trainer_state(path: str, optimizer: Any, scheduler: Any) -> bool:
-    """Restore optimizer, schedule and RNG; ``False`` if the optimizer's groups do not match."""
+def load_trainer_state(
+    path: str, optimizer: torch.optim.Optimizer
+) -> tuple[int, int, dict[str, Any]]:
+    """Restore AdamW state for every parameter that still trains; the trial's own
+    hyperparameters (LR, weight decay, groups) stay as built.
+
+    Returns (tensors whose state was restored, tensors that start fresh, the
+    saved scheduler state for callers that want to compare).
+    """
     state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except ValueError:
-        return False
-    scheduler.load_state_dict(state["scheduler"])
+    saved = state["optimizer_by_name"]
+    kept = fresh = 0
+    for group in optimizer.param_groups:
+        for param, name in zip(group["params"], group["names"], strict=True):
+            if name in saved:
+                optimizer.state[param] = {
+                    k: v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                    for k, v in saved[name].items()
+                }
+                kept += 1
+            else:
+                fresh += 1
     torch.set_rng_state(state["torch_rng"])
-    return True
+    return kept, fresh, state["scheduler"]

@@ -220,21 +220,30 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     last_step = total_steps(len(data.train), hp, ctx.world_size)
     interval = eval_interval(spe, last_step, eval_cfg)
     with ctx.restore_dir() as restore:
-        step = int(read_manifest(restore)["step"]) if restore else 0
+        manifest = read_manifest(restore) if restore else {"step": 0, "hparams": {}}
+        step = int(manifest["step"])
         depth = depth_at(step, hp, spe, n_blocks)
         lr_scale, n_trainable = build_trainable(model, lmap, hp, depth)
         optimizer = build_optimizer(model, hp, lr_scale)
-        scheduler = build_scheduler(optimizer, hp, last_step)
+        # The LR is a pure function of the step: a restored trial (a fault restore, or a
+        # PBT recipient with mutated hyperparameters) continues its *own* schedule at
+        # this step, with no jump back to warmup.
+        scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
         if restore:
             load_weights(restore, model)
-            if not load_trainer_state(restore, optimizer, scheduler):
-                # The trainable set changed (e.g. another unfreeze depth): fresh optimizer, same schedule position.
-                scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
-                _log(
-                    ctx,
-                    config,
-                    f"optimizer state did not match the trainable set at depth {depth}; reset",
-                )
+            kept, fresh, _ = load_trainer_state(restore, optimizer)
+            changed = {
+                k: (manifest["hparams"].get(k), hp.get(k))
+                for k in hp
+                if k in manifest["hparams"] and manifest["hparams"][k] != hp[k]
+            }
+            _log(
+                ctx,
+                config,
+                f"restored step {step} from {restore}: optimizer state kept for {kept} tensors, "
+                f"{fresh} start fresh"
+                + (f"; hyperparameters now differ: {changed}" if changed else ""),
+            )
     model = ctx.prepare_model(model)
     model.train()
 
@@ -245,6 +254,61 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     best, evals_without_gain, gap_history = None, 0, []
     patience, min_delta = hp.get("early_stopping_patience"), hp.get("early_stopping_min_delta", 0.0)
     loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
+
+    def evaluate_and_report() -> bool:
+        """Evaluate, report (with a checkpoint) and say whether patience stops the trial."""
+        nonlocal best, evals_without_gain, loss_total, loss_count, samples, t0
+        elapsed = time.perf_counter() - t0
+        report = {
+            M.TRAIN_LOSS: loss_total / loss_count if loss_count else math.nan,
+            **evaluate(
+                model,
+                val_ids,
+                val_labels,
+                n_labels,
+                hp["per_device_eval_batch_size"],
+                pad_id,
+                ctx.device,
+            ),
+            M.EPOCH: step / spe,
+            M.STEP: step,
+            M.LR: scheduler.get_last_lr()[-1],
+            M.TOTAL_STEPS: last_step,
+            M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
+            M.EFFECTIVE_BATCH_SIZE: effective_batch,
+            M.TRAINABLE_PARAMS: n_trainable,
+            M.UNFREEZE_DEPTH: n_blocks if depth is None else depth,
+        }
+        gap_history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
+        report[M.LOSS_GAP] = gap_history[-1][1]
+        report[M.LOSS_GAP_TREND] = loss_gap_trend(gap_history)
+        value = report[metric]
+        if best is None or (value - best if mode == "max" else best - value) > min_delta:
+            best, evals_without_gain = value, 0
+        else:
+            evals_without_gain += 1
+        stop = bool(patience) and evals_without_gain >= patience and step < last_step
+        report[M.EARLY_STOPPED] = int(stop)
+        _log(
+            ctx,
+            config,
+            f"step {step}/{last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
+            f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
+            f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
+            + (
+                f" | early stop: no {metric} gain > {min_delta:g} in {patience} evaluations"
+                if stop
+                else ""
+            ),
+        )
+        _report_with_checkpoint(ctx, config, report, model, tokenizer, optimizer, scheduler, step)
+        loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
+        return stop
+
+    if step >= last_step:
+        # Restored at the end of its budget (e.g. a PBT exploit of a finished donor):
+        # evaluate once so the trial still reports a result for these weights.
+        evaluate_and_report()
     while step < last_step:
         epoch_index = step // spe
         # Same permutation on every rank (seed + epoch), so the shards stay disjoint.
@@ -293,53 +357,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
 
             if not is_eval_step(step, interval, last_step):
                 continue
-            elapsed = time.perf_counter() - t0
-            report = {
-                M.TRAIN_LOSS: loss_total / max(loss_count, 1),
-                **evaluate(
-                    model,
-                    val_ids,
-                    val_labels,
-                    n_labels,
-                    hp["per_device_eval_batch_size"],
-                    pad_id,
-                    ctx.device,
-                ),
-                M.EPOCH: step / spe,
-                M.STEP: step,
-                M.LR: scheduler.get_last_lr()[-1],
-                M.TOTAL_STEPS: last_step,
-                M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
-                M.EFFECTIVE_BATCH_SIZE: effective_batch,
-                M.TRAINABLE_PARAMS: n_trainable,
-                M.UNFREEZE_DEPTH: n_blocks if depth is None else depth,
-            }
-            gap_history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
-            report[M.LOSS_GAP] = gap_history[-1][1]
-            report[M.LOSS_GAP_TREND] = loss_gap_trend(gap_history)
-            value = report[metric]
-            if best is None or (value - best if mode == "max" else best - value) > min_delta:
-                best, evals_without_gain = value, 0
-            else:
-                evals_without_gain += 1
-            stop = bool(patience) and evals_without_gain >= patience and step < last_step
-            report[M.EARLY_STOPPED] = int(stop)
-            _log(
-                ctx,
-                config,
-                f"step {step}/{last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
-                f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
-                f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
-                + (
-                    f" | early stop: no {metric} gain > {min_delta:g} in {patience} evaluations"
-                    if stop
-                    else ""
-                ),
-            )
-            _report_with_checkpoint(
-                ctx, config, report, model, tokenizer, optimizer, scheduler, step
-            )
-            loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
+            stop = evaluate_and_report()
             if stop or step >= last_step:
                 break
         if stop:

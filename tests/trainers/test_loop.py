@@ -203,3 +203,28 @@ def test_effective_batch_size_with_accumulation(rt_small, tmp_path):
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     assert ctx.reports[-1][M.EFFECTIVE_BATCH_SIZE] == 24
     assert ctx.reports[-1][M.STEP] == 2
+
+
+def test_restore_with_mutated_hyperparameters_uses_them(rt_small, tmp_path):
+    """As after a PBT exploit: the donor's weights and step, the recipient's own LR schedule and depth."""
+    from trainers.optim import lr_multiplier
+
+    donor = run_local(_config(rt_small, learning_rate=1e-4, max_steps=8, warmup_ratio=0.5), checkpoint_root=str(tmp_path / "d"))
+    assert [r[M.STEP] for r in donor.reports] == [5, 8]
+    mutated = _config(rt_small, learning_rate=3e-4, max_steps=8, warmup_ratio=0.5, lr_scheduler_type="cosine", unfreeze_depth=1)
+    mutated["eval"] = {"strategy": "steps", "steps": 1}
+    recipient = run_local(mutated, checkpoint_root=str(tmp_path / "r"), resume_from=donor.checkpoints[0])
+    assert [r[M.STEP] for r in recipient.reports] == [6, 7, 8]  # the step count continues
+    # the recipient's cosine at its own peak, at the current step: no jump back to warmup
+    for r in recipient.reports:
+        assert r[M.LR] == pytest.approx(3e-4 * lr_multiplier("cosine", r[M.STEP], 8, 4))
+    assert recipient.reports[0][M.UNFREEZE_DEPTH] == 1
+    assert recipient.reports[0][M.TRAINABLE_PARAMS] < donor.reports[0][M.TRAINABLE_PARAMS]
+
+
+def test_restore_at_the_end_of_the_budget_still_reports(rt_small, tmp_path):
+    cfg = _config(rt_small, max_steps=5)
+    first = run_local(cfg, checkpoint_root=str(tmp_path / "a"))
+    again = run_local(cfg, checkpoint_root=str(tmp_path / "b"), resume_from=first.checkpoints[-1])
+    assert [r[M.STEP] for r in again.reports] == [5]
+    assert again.reports[0][M.EVAL_ACCURACY] == pytest.approx(first.reports[-1][M.EVAL_ACCURACY])
