@@ -24,10 +24,13 @@ class TrialResources:
     cpus_per_worker: float
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.01
+    single_process: bool = False  # the loop runs in the trial itself: no separate driver share
 
     @property
     def cpus(self) -> float:
-        """CPUs one trial holds: driver + workers."""
+        """CPUs one trial holds: driver + workers (single process: the one worker)."""
+        if self.single_process:
+            return self.cpus_per_worker
         return self.driver_cpus + self.num_workers * self.cpus_per_worker
 
     @property
@@ -39,6 +42,10 @@ class TrialResources:
     def worker_threads(self) -> int:
         """Torch intra-op threads per worker: its CPU share, at least one."""
         return max(1, round(self.cpus_per_worker))
+
+    def trial_bundle(self) -> dict[str, float]:
+        """What Tune reserves for the trial process itself."""
+        return self.worker_bundle() if self.single_process else {"CPU": self.driver_cpus}
 
     def worker_bundle(self) -> dict[str, float]:
         """Ray resources of one worker."""

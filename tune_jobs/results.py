@@ -15,7 +15,7 @@ from trainers import metrics as M
 from trainers.checkpoint import MODEL_DIR
 from trainers.data import Split, Splits
 from tune_jobs.spec import JobSpec
-from tune_jobs.trial import read_pointer
+from tune_jobs.trial import checkpoint_location
 
 SUMMARY_FILE = "summary.json"
 EXPORT_DIR = "best_model"
@@ -79,9 +79,8 @@ def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[
     """The Train checkpoint of the trial's best report whose files still exist."""
     candidates = []
     for checkpoint, metrics in result.best_checkpoints or []:
-        with checkpoint.as_directory() as folder:
-            pointer = read_pointer(folder)
-        candidates.append((metrics.get(metric), metrics.get(M.STEP, 0), pointer["uri"], metrics))
+        uri = checkpoint_location(checkpoint)
+        candidates.append((metrics.get(metric), metrics.get(M.STEP, 0), uri, metrics))
     reverse = mode == "max"
     candidates.sort(
         key=lambda c: (c[0] if c[0] is not None else -math.inf * (1 if reverse else -1), -c[1]),

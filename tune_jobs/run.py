@@ -39,7 +39,13 @@ class RunOutcome:
 def trial_resources(spec: JobSpec) -> TrialResources:
     """The spec's per-trial reservation."""
     r = spec.resources
-    return TrialResources(r.num_workers, r.cpus_per_worker, r.gpus_per_worker, r.driver_cpus)
+    return TrialResources(
+        r.num_workers,
+        r.cpus_per_worker,
+        r.gpus_per_worker,
+        r.driver_cpus,
+        r.trial_mode == "single_process",
+    )
 
 
 def local_capacity(spec: JobSpec) -> ClusterCapacity:
@@ -65,6 +71,21 @@ def defaults_points(spec: JobSpec) -> list[dict[str, Any]]:
         in_domain=spec.search.algorithm != "random",
     )
     return [point] if point else []
+
+
+def tune_checkpoint_config(spec: JobSpec) -> Any:
+    """TorchTrainer mode: Tune checkpoints are pointers of a few bytes, keep them all.
+    Single-process mode: they hold the weights; keep the best by the metric (plus,
+    always, the latest, which PBT exploits and restores use)."""
+    from ray import tune
+
+    if spec.resources.trial_mode == "train":
+        return tune.CheckpointConfig(num_to_keep=None)
+    return tune.CheckpointConfig(
+        num_to_keep=1,
+        checkpoint_score_attribute=spec.search.metric,
+        checkpoint_score_order=spec.search.resolved_mode,
+    )
 
 
 def _trial_name(trial: Any) -> str:
@@ -96,9 +117,7 @@ def build_tuner(
         train_storage=storage.join(run_dir, "train_runs"),
         resources=res,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, plan=plan), {"CPU": res.driver_cpus}
-    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.trial_bundle())
     if restore:
         return tune.Tuner.restore(run_dir, trainable, resume_errored=True)
     metric, mode = spec.search.metric, spec.search.resolved_mode
@@ -117,8 +136,7 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage_root,
-            # Tune checkpoints are pointers of a few bytes: keep them all.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            checkpoint_config=tune_checkpoint_config(spec),
             failure_config=tune.FailureConfig(max_failures=0),
             progress_reporter=tune.CLIReporter(
                 metric_columns=[metric, M.EVAL_LOSS, M.STEP, M.EPOCH],
@@ -162,8 +180,12 @@ def run_job(
         )
         echo(
             f"ray: {'local debug cluster' if conn.local else conn.address}; each trial: "
-            f"{res.num_workers} worker(s) x {res.worker_bundle()} + {res.driver_cpus:g} CPU driver; "
-            f"{concurrent} trial(s) at once; run folder {run_dir}"
+            + (
+                f"the worker loop in the trial process, {res.worker_bundle()}; "
+                if res.single_process
+                else f"{res.num_workers} worker(s) x {res.worker_bundle()} + {res.driver_cpus:g} CPU driver; "
+            )
+            + f"{concurrent} trial(s) at once; run folder {run_dir}"
         )
         points = defaults_points(spec)
         if points:

@@ -308,6 +308,11 @@ class SchedulerSpec(_Section):
 class ResourcesSpec(_Section):
     """What each trial reserves on the cluster."""
 
+    trial_mode: Literal["train", "single_process"] = Field(
+        "train",
+        description="train: each trial is a Ray Train TorchTrainer run (num_workers workers); "
+        "single_process: the worker loop runs inside the Tune trial (one worker; cheap restores and PBT exploits).",
+    )
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers per trial.")
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs reserved by each worker (fractions allowed)."
@@ -551,6 +556,19 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
                 )
             )
         problems += _check_space(search)
+    res = s.get("resources")
+    if (
+        isinstance(res, ResourcesSpec)
+        and res.trial_mode == "single_process"
+        and res.num_workers != 1
+    ):
+        problems.append(
+            Problem(
+                "resources.num_workers",
+                res.num_workers,
+                "single_process trials run one worker; use 1 or trial_mode: train",
+            )
+        )
     if isinstance(search, SearchSpec) and search.algorithm == "optuna":
         for key, entry in search.space.items():
             if isinstance(entry, Mapping) and "grid" in entry:

@@ -209,11 +209,23 @@ def test_restore_with_mutated_hyperparameters_uses_them(rt_small, tmp_path):
     """As after a PBT exploit: the donor's weights and step, the recipient's own LR schedule and depth."""
     from trainers.optim import lr_multiplier
 
-    donor = run_local(_config(rt_small, learning_rate=1e-4, max_steps=8, warmup_ratio=0.5), checkpoint_root=str(tmp_path / "d"))
+    donor = run_local(
+        _config(rt_small, learning_rate=1e-4, max_steps=8, warmup_ratio=0.5),
+        checkpoint_root=str(tmp_path / "d"),
+    )
     assert [r[M.STEP] for r in donor.reports] == [5, 8]
-    mutated = _config(rt_small, learning_rate=3e-4, max_steps=8, warmup_ratio=0.5, lr_scheduler_type="cosine", unfreeze_depth=1)
+    mutated = _config(
+        rt_small,
+        learning_rate=3e-4,
+        max_steps=8,
+        warmup_ratio=0.5,
+        lr_scheduler_type="cosine",
+        unfreeze_depth=1,
+    )
     mutated["eval"] = {"strategy": "steps", "steps": 1}
-    recipient = run_local(mutated, checkpoint_root=str(tmp_path / "r"), resume_from=donor.checkpoints[0])
+    recipient = run_local(
+        mutated, checkpoint_root=str(tmp_path / "r"), resume_from=donor.checkpoints[0]
+    )
     assert [r[M.STEP] for r in recipient.reports] == [6, 7, 8]  # the step count continues
     # the recipient's cosine at its own peak, at the current step: no jump back to warmup
     for r in recipient.reports:
