@@ -69,6 +69,17 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[
     return out
 
 
+def weights_fingerprint(tensors: Mapping[str, torch.Tensor], names: list[str]) -> str:
+    """SHA-256 of the named tensors (float32, sorted by name): equal iff the weights are equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_manifest(path: str) -> dict[str, Any]:
     """The manifest of a checkpoint folder."""
     with open(os.path.join(path, MANIFEST)) as fh:

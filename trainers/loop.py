@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from trainers import metrics as M
-from trainers.checkpoint import load_trainer_state, load_weights, read_manifest, save_checkpoint
+from trainers.checkpoint import (
+    load_trainer_state,
+    load_weights,
+    read_manifest,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from trainers.data import Split, Splits, batches, length_grouped_order, shard, tokenize
 from trainers.model import (
     LayerMap,
@@ -229,8 +235,13 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
         # PBT recipient with mutated hyperparameters) continues its *own* schedule at
         # this step, with no jump back to warmup.
         scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
+        fingerprint = config.get("fingerprint_weights", False)
+        restored: dict[str, Any] = {M.RESTORED_FROM_STEP: -1}
         if restore:
             load_weights(restore, model)
+            restored[M.RESTORED_FROM_STEP] = step
+            if fingerprint:
+                restored[M.RESTORED_WEIGHTS] = _fingerprint(model)
             kept, fresh, _ = load_trainer_state(restore, optimizer)
             changed = {
                 k: (manifest["hparams"].get(k), hp.get(k))
@@ -278,7 +289,10 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             M.EFFECTIVE_BATCH_SIZE: effective_batch,
             M.TRAINABLE_PARAMS: n_trainable,
             M.UNFREEZE_DEPTH: n_blocks if depth is None else depth,
+            **restored,
         }
+        if fingerprint:
+            report[M.WEIGHTS] = _fingerprint(unwrap(model))
         gap_history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
         report[M.LOSS_GAP] = gap_history[-1][1]
         report[M.LOSS_GAP_TREND] = loss_gap_trend(gap_history)
@@ -362,6 +376,11 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 break
         if stop:
             break
+
+
+def _fingerprint(model: Any) -> str:
+    params = dict(model.named_parameters())
+    return weights_fingerprint(params, list(params))
 
 
 def _log(ctx: WorkerContext, config: Mapping[str, Any], message: str) -> None:

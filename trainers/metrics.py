@@ -24,6 +24,9 @@ UNFREEZE_DEPTH = "unfreeze_depth"  # top transformer blocks training at this poi
 LOSS_GAP = "loss_gap"  # eval_loss - train_loss: grows as a model overfits
 LOSS_GAP_TREND = "loss_gap_trend"  # slope of loss_gap per epoch over the last 3 evaluations
 EARLY_STOPPED = "early_stopped"  # 1 on the report after which patience stopped the trial
+RESTORED_FROM_STEP = "restored_from_step"  # step of the checkpoint this start resumed (-1: none)
+RESTORED_WEIGHTS = "restored_weights_sha256"  # fingerprint of the weights right after that restore
+WEIGHTS = "weights_sha256"  # fingerprint of the weights in this report's checkpoint
 
 #: Metrics a scheduler or search may watch, with the direction that is better.
 OBJECTIVES: dict[str, str] = {

@@ -61,6 +61,14 @@ def leaderboard(summary: dict[str, Any]) -> str:
     base = summary["majority_baseline"]["validation_accuracy"]
     out.append("")
     out.append(f"majority-class baseline (validation accuracy): {base:.4f}")
+    exploits = summary.get("exploits") or []
+    if exploits:
+        out.append(f"PBT exploits ({len(exploits)}):")
+        for e in exploits:
+            changes = ", ".join(f"{k}={_fmt(v)}" for k, v in e["mutated"].items()) or "no change"
+            out.append(
+                f"  {e['recipient']} <- {e['donor']} (iteration {e['donor_iteration']}): {changes}"
+            )
     versus = summary.get("best_vs_defaults")
     if versus:
         note = " (the defaults trial was stopped early)" if versus["defaults_stopped_early"] else ""

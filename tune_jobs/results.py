@@ -148,6 +148,43 @@ def export_best(
         shutil.rmtree(work, ignore_errors=True)
 
 
+PBT_GLOBAL_LOG = "pbt_global.txt"
+LINEAGE_FILE = "lineage.json"
+
+
+def _trial_of_tag(tag: str) -> str:
+    # Tune's experiment tag starts with the trial's counter, as our trial names do.
+    return f"trial_{int(str(tag).split('_', 1)[0]):05d}"
+
+
+def read_lineage(run_dir: str) -> list[dict[str, Any]]:
+    """Every PBT exploit of a run, in order: who cloned whom, when, with which new values.
+
+    Read from Tune's ``pbt_global.txt``: [recipient tag, donor tag, recipient
+    iteration, donor iteration, donor config, new config] per exploit.
+    """
+    path = storage.join(run_dir, PBT_GLOBAL_LOG)
+    if not storage.exists(path):
+        return []
+    out = []
+    for line in storage.read_text(path).splitlines():
+        if not line.strip():
+            continue
+        recipient, donor, recipient_iter, donor_iter, donor_config, new_config = json.loads(line)
+        out.append(
+            {
+                "recipient": _trial_of_tag(recipient),
+                "donor": _trial_of_tag(donor),
+                "recipient_iteration": recipient_iter,
+                "donor_iteration": donor_iter,
+                "donor_config": donor_config,
+                "new_config": new_config,
+                "mutated": {k: v for k, v in new_config.items() if donor_config.get(k) != v},
+            }
+        )
+    return out
+
+
 def find_defaults_trial(
     trials: list[TrialSummary], points: list[dict[str, Any]]
 ) -> TrialSummary | None:
@@ -217,6 +254,7 @@ def build_summary(
             "reloaded_validation": export["reloaded_validation"] if export else None,
             "test": export["test"] if export else None,
         },
+        "exploits": read_lineage(run_dir),
         "defaults_trial": None
         if defaults is None
         else {"trial": defaults.trial, "config": defaults.config},

@@ -13,6 +13,7 @@ from cluster import storage
 from cluster.connect import connect, disconnect
 from cluster.resources import (
     ClusterCapacity,
+    ResourceError,
     TrialResources,
     capacity_of_running_cluster,
     max_concurrent_trials,
@@ -73,19 +74,43 @@ def defaults_points(spec: JobSpec) -> list[dict[str, Any]]:
     return [point] if point else []
 
 
+def generator_limit(spec: JobSpec, max_concurrent: int) -> int | None:
+    """Concurrency limit for the search generator.
+
+    TorchTrainer trials reserve only a sliver for their driver in Tune, so Tune
+    alone would start more trials than their worker groups can fit: the limit
+    sits on the generator. Single-process trials reserve their worker's
+    resources in Tune itself, and a population (PBT) must exist whole (paused
+    members count against a generator limit and would deadlock it), so there
+    Tune's resource accounting does the limiting.
+    """
+    if spec.resources.trial_mode == "single_process":
+        return None
+    return max_concurrent
+
+
+def check_population_fits(spec: JobSpec, max_concurrent: int) -> None:
+    """PBT/PB2 with TorchTrainer trials need the whole population at once."""
+    population = spec.scheduler.type in ("pbt", "pb2") and spec.resources.trial_mode == "train"
+    if population and spec.search.num_samples > max_concurrent:
+        raise ResourceError(
+            f"search.num_samples: a {spec.scheduler.type} population of {spec.search.num_samples} "
+            f"TorchTrainer trials must run at once, but {max_concurrent} fit; use "
+            f"num_samples={max_concurrent} or resources.trial_mode: single_process"
+        )
+
+
 def tune_checkpoint_config(spec: JobSpec) -> Any:
     """TorchTrainer mode: Tune checkpoints are pointers of a few bytes, keep them all.
     Single-process mode: they hold the weights; keep the best by the metric (plus,
     always, the latest, which PBT exploits and restores use)."""
     from ray import tune
 
+    from tune_jobs.trial import checkpoint_retention
+
     if spec.resources.trial_mode == "train":
         return tune.CheckpointConfig(num_to_keep=None)
-    return tune.CheckpointConfig(
-        num_to_keep=1,
-        checkpoint_score_attribute=spec.search.metric,
-        checkpoint_score_order=spec.search.resolved_mode,
-    )
+    return tune.CheckpointConfig(**checkpoint_retention(spec))
 
 
 def _trial_name(trial: Any) -> str:
@@ -128,7 +153,7 @@ def build_tuner(
             metric=metric,
             mode=mode,
             scheduler=build_scheduler(spec),
-            search_alg=build_search_alg(spec, points or [], max_concurrent),
+            search_alg=build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
             num_samples=spec.search.num_samples,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
@@ -173,6 +198,9 @@ def run_job(
     if spec.run.if_exists == "overwrite":
         storage.delete_dir(run_dir)
 
+    storage.write_text(
+        storage.join(run_dir, "job_spec.yaml"), spec.to_yaml()
+    )  # for replay and audits
     conn = connect(spec.run.address, spec.resources.local_num_cpus)
     try:
         concurrent = max_concurrent_trials(
@@ -187,6 +215,7 @@ def run_job(
             )
             + f"{concurrent} trial(s) at once; run folder {run_dir}"
         )
+        check_population_fits(spec, concurrent)
         points = defaults_points(spec)
         if points:
             echo(

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    PopulationBasedTraining,
+)
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from tune_jobs.space import to_tune
 from tune_jobs.spec import JobSpec, budget_in
 
 
@@ -16,6 +22,29 @@ def build_scheduler(spec: JobSpec) -> Any:
     sched = spec.scheduler
     if sched.type == "fifo":
         return FIFOScheduler()
+    if sched.type == "pbt":
+        return PopulationBasedTraining(
+            time_attr=sched.time_attr,
+            perturbation_interval=sched.perturbation_interval,
+            hyperparam_mutations={k: _mutation(v) for k, v in sched.mutations.items()},
+            quantile_fraction=sched.quantile_fraction,
+            resample_probability=sched.resample_probability,
+            synch=sched.synch,
+            log_config=True,  # pbt_global.txt / pbt_policy_*.txt: the lineage and replay source
+        )
+    if sched.type == "pb2":
+        from ray.tune.schedulers.pb2 import PB2
+
+        return PB2(
+            time_attr=sched.time_attr,
+            perturbation_interval=sched.perturbation_interval,
+            hyperparam_bounds={
+                k: [float(b) for b in next(iter(v.values()))] for k, v in sched.mutations.items()
+            },
+            quantile_fraction=sched.quantile_fraction,
+            synch=sched.synch,
+            log_config=True,
+        )
     max_t = sched.max_t or budget_in(sched.time_attr, spec.training, spec.search.space)
     if sched.type == "hyperband":
         return HyperBandScheduler(
@@ -29,7 +58,18 @@ def build_scheduler(spec: JobSpec) -> Any:
     )
 
 
-def build_search_alg(spec: JobSpec, points: list[dict[str, Any]], max_concurrent: int) -> Any:
+def _mutation(entry: Any) -> Any:
+    """A spec mutation as PBT takes it: a list (perturbed to a neighbour) or a Tune domain."""
+    if isinstance(entry, dict) and "choice" in entry:
+        return list(entry["choice"])
+    if not isinstance(entry, dict):
+        return [entry]
+    return to_tune(entry)
+
+
+def build_search_alg(
+    spec: JobSpec, points: list[dict[str, Any]], max_concurrent: int | None
+) -> Any:
     """The search algorithm, seeded by ``run.seed``, trying ``points`` first.
 
     The concurrency limit sits on the algorithm: Tune ignores
@@ -44,7 +84,13 @@ def build_search_alg(spec: JobSpec, points: list[dict[str, Any]], max_concurrent
             points_to_evaluate=points or None,
             sampler=optuna.samplers.TPESampler(seed=spec.run.seed),
         )
-        return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+        return (
+            ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+            if max_concurrent
+            else searcher
+        )
     return BasicVariantGenerator(
-        points_to_evaluate=points or None, random_state=spec.run.seed, max_concurrent=max_concurrent
+        points_to_evaluate=points or None,
+        random_state=spec.run.seed,
+        max_concurrent=max_concurrent or 0,
     )

@@ -239,6 +239,24 @@ SEARCHABLE: frozenset[str] = frozenset(
     }
 )
 
+#: Training keys PBT/PB2 may change mid-training. Batch size, accumulation and the
+#: budget are not among them: they would change what a step and an epoch mean.
+MUTABLE: frozenset[str] = frozenset(
+    {
+        "learning_rate",
+        "lr_scheduler_type",
+        "warmup_ratio",
+        "warmup_steps",
+        "unfreeze_depth",
+        "hidden_dropout",
+        "attention_dropout",
+        "classifier_dropout",
+        "weight_decay",
+        "layerwise_lr_decay",
+        "max_grad_norm",
+    }
+)
+
 #: Forms a search-space entry can take (besides a plain fixed value).
 DISTRIBUTIONS: dict[str, str] = {
     "choice": "a list of values, sampled uniformly",
@@ -284,9 +302,10 @@ class SearchSpec(_Section):
 class SchedulerSpec(_Section):
     """The Tune trial scheduler."""
 
-    type: Literal["asha", "hyperband", "fifo"] = Field(
+    type: Literal["asha", "hyperband", "pbt", "pb2", "fifo"] = Field(
         "asha",
-        description="asha (asynchronous successive halving), hyperband, or fifo (no early stopping).",
+        description="asha (asynchronous successive halving), hyperband, pbt / pb2 (population based "
+        "training: exploit + explore mid-training), or fifo (no early stopping).",
     )
     time_attr: Literal["epoch", "step", "training_iteration"] = Field(
         "epoch",
@@ -299,6 +318,25 @@ class SchedulerSpec(_Section):
     )
     grace_period: float = Field(
         0.5, gt=0, description="Time (time_attr units) before a trial can be stopped."
+    )
+    perturbation_interval: float | None = Field(
+        None, gt=0, description="pbt/pb2: time_attr units between exploit/explore steps."
+    )
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="pbt/pb2: the bottom fraction clones the top fraction."
+    )
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="pbt: chance a mutated key is resampled instead of perturbed."
+    )
+    synch: bool = Field(
+        False,
+        description="pbt/pb2: exploit only when the whole population has reached the interval "
+        "(slower, but no trial clones a stale donor).",
+    )
+    mutations: dict[str, Any] = Field(
+        default_factory=dict,
+        description="pbt: training key -> {choice: [...]} / {uniform|loguniform|randint: [low, high]}; "
+        "pb2: numeric keys with [low, high] ranges only.",
     )
     reduction_factor: float = Field(
         2.0, gt=1, description="ASHA keeps 1/reduction_factor of trials at each rung."
@@ -346,6 +384,11 @@ class RunSpec(_Section):
     seed: int = Field(0, ge=0, description="Seeds the data split, the search and every trial.")
     address: str | None = Field(
         None, description="Ray address; default: RAY_ADDRESS if set, else a local debug cluster."
+    )
+    fingerprint_weights: bool = Field(
+        False,
+        description="Report a SHA-256 of the weights at every checkpoint and right after every restore "
+        "(proves PBT exploits move the donor's weights; one pass over the weights per evaluation).",
     )
     if_exists: Literal["new", "resume", "overwrite"] = Field(
         "new",
@@ -470,16 +513,19 @@ def _problems_from_validation(
     return out
 
 
-def _check_space(search: SearchSpec) -> list[Problem]:
+def _check_space(
+    search: SearchSpec, section: str = "search.space", allowed: frozenset[str] = SEARCHABLE
+) -> list[Problem]:
     problems = []
-    for key, entry in search.space.items():
-        where = f"search.space.{key}"
-        if key not in SEARCHABLE:
+    space = search.space if isinstance(search, SearchSpec) else search
+    for key, entry in space.items():
+        where = f"{section}.{key}"
+        if key not in allowed:
             problems.append(
                 Problem(
                     where,
                     _MISSING,
-                    f"not a searchable key; searchable: {', '.join(sorted(SEARCHABLE))}",
+                    f"not a {'searchable' if allowed is SEARCHABLE else 'mutable'} key; allowed: {', '.join(sorted(allowed))}",
                 )
             )
             continue
@@ -530,6 +576,75 @@ def _largest(key: str, fixed: Any, space: Mapping[str, Any]) -> Any:
     return max(values)
 
 
+def _check_population(sched: SchedulerSpec, search: Any, training: Any) -> list[Problem]:
+    """PBT/PB2 settings: an interval, mutations of mutable keys, checkpoints at every report."""
+    problems: list[Problem] = []
+    if not sched.perturbation_interval:
+        problems.append(
+            Problem(
+                "scheduler.perturbation_interval",
+                _MISSING,
+                f"{sched.type} needs an interval in {sched.time_attr}s, e.g. 0.5",
+            )
+        )
+    if not sched.mutations:
+        problems.append(
+            Problem(
+                "scheduler.mutations",
+                _MISSING,
+                f"{sched.type} needs at least one key to mutate, e.g. learning_rate: {{loguniform: [1.0e-5, 1.0e-4]}}",
+            )
+        )
+    problems += _check_space(sched.mutations, "scheduler.mutations", MUTABLE)
+    if sched.type == "pb2":
+        for key, entry in sched.mutations.items():
+            if not (
+                isinstance(entry, Mapping)
+                and next(iter(entry), None) in ("uniform", "loguniform", "randint")
+            ):
+                problems.append(
+                    Problem(
+                        f"scheduler.mutations.{key}",
+                        entry,
+                        "pb2 explores numeric ranges only: {uniform: [low, high]}",
+                    )
+                )
+    for key, entry in sched.mutations.items():
+        if isinstance(entry, Mapping) and "grid" in entry:
+            problems.append(
+                Problem(f"scheduler.mutations.{key}", dict(entry), "a mutation cannot be a grid")
+            )
+    if isinstance(search, SearchSpec) and search.algorithm != "random":
+        problems.append(
+            Problem(
+                "search.algorithm",
+                search.algorithm,
+                f"{sched.type} needs algorithm: random (it is itself the search)",
+            )
+        )
+    if isinstance(training, TrainingSpec) and not training.save_checkpoints:
+        problems.append(
+            Problem(
+                "training.save_checkpoints",
+                False,
+                f"{sched.type} exploits checkpoints; set it to true",
+            )
+        )
+    if isinstance(training, TrainingSpec) and sched.perturbation_interval:
+        budget = budget_in(
+            sched.time_attr, training, search.space if isinstance(search, SearchSpec) else {}
+        )
+        if budget and sched.perturbation_interval >= budget:
+            problems.append(
+                Problem(
+                    "scheduler.perturbation_interval",
+                    sched.perturbation_interval,
+                    f"must be < the budget ({budget:g} {sched.time_attr}s)",
+                )
+            )
+    return problems
+
+
 def budget_in(
     time_attr: str, training: TrainingSpec, space: Mapping[str, Any] | None = None
 ) -> float | None:
@@ -569,6 +684,8 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
                 "single_process trials run one worker; use 1 or trial_mode: train",
             )
         )
+    if isinstance(sched, SchedulerSpec) and sched.type in ("pbt", "pb2"):
+        problems += _check_population(sched, search, training)
     if isinstance(search, SearchSpec) and search.algorithm == "optuna":
         for key, entry in search.space.items():
             if isinstance(entry, Mapping) and "grid" in entry:
@@ -582,7 +699,7 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
     if (
         isinstance(sched, SchedulerSpec)
         and isinstance(training, TrainingSpec)
-        and sched.type != "fifo"
+        and sched.type in ("asha", "hyperband")
     ):
         space = search.space if isinstance(search, SearchSpec) and not _check_space(search) else {}
         budget = budget_in(sched.time_attr, training, space)

@@ -62,6 +62,28 @@ class _ForwardToTune(UserCallback):
         self.queue.put((dict(metrics[0]), path))
 
 
+#: Under PBT/PB2, how many recent checkpoints each trial keeps: a donor's checkpoint
+#: must outlive the interval in which recipients may clone it (Tune refuses to
+#: restore a deleted one).
+PBT_KEEP_CHECKPOINTS = 4
+
+
+def checkpoint_retention(spec: JobSpec) -> dict[str, Any]:
+    """Which checkpoints a trial keeps (kwargs of Train's and Tune's CheckpointConfig).
+
+    Normally the best by the searched metric (exported at the end) plus, always,
+    the latest (to resume from); under PBT/PB2 the most recent few, which are
+    the ones an exploit can ask for.
+    """
+    if spec.scheduler.type in ("pbt", "pb2"):
+        return {"num_to_keep": PBT_KEEP_CHECKPOINTS}
+    return {
+        "num_to_keep": 1,
+        "checkpoint_score_attribute": spec.search.metric,
+        "checkpoint_score_order": spec.search.resolved_mode,
+    }
+
+
 def train_run_name(train_storage: str, trial_name: str) -> str:
     """A fresh Train run name for this start of the trial.
 
@@ -103,6 +125,7 @@ def loop_config(
         "seed": spec.run.seed,
         "threads": resources.worker_threads,
         "save_checkpoints": hp["save_checkpoints"],
+        "fingerprint_weights": spec.run.fingerprint_weights,
     }
 
 
@@ -126,13 +149,7 @@ def build_trainer(
             name=run_name,
             storage_path=plan.train_storage,
             callbacks=[_ForwardToTune(queue)],
-            # Keep the best checkpoint by the searched metric (exported at the
-            # end) and, always, the latest one (to resume from).
-            checkpoint_config=train.CheckpointConfig(
-                num_to_keep=1,
-                checkpoint_score_attribute=spec.search.metric,
-                checkpoint_score_order=spec.search.resolved_mode,
-            ),
+            checkpoint_config=train.CheckpointConfig(**checkpoint_retention(spec)),
             failure_config=train.FailureConfig(max_failures=0),
             # Train's per-report INFO lines repeat every metric; the worker prints its own line.
             logging_config=LoggingConfig(log_level="WARNING"),

@@ -144,3 +144,99 @@ def test_cli_missing_data_column_exits_2(tmp_path, capsys):
     assert main(["validate", "debug-local", "data.source=csv", f"data.path={csv}"]) == 2
     err = capsys.readouterr().err
     assert "data.text_column" in err and "sentence" in err
+
+
+PBT_BROKEN = [
+    (
+        {
+            "scheduler": {
+                "type": "pbt",
+                "mutations": {"learning_rate": {"loguniform": [1e-5, 1e-3]}},
+            }
+        },
+        "scheduler.perturbation_interval",
+        "needs an interval",
+    ),
+    (
+        {"scheduler": {"type": "pbt", "perturbation_interval": 0.5}},
+        "scheduler.mutations",
+        "at least one key",
+    ),
+    (
+        {
+            "scheduler": {
+                "type": "pbt",
+                "perturbation_interval": 0.5,
+                "mutations": {"per_device_train_batch_size": {"choice": [8, 16]}},
+            }
+        },
+        "scheduler.mutations.per_device_train_batch_size",
+        "not a mutable key",
+    ),
+    (
+        {
+            "scheduler": {
+                "type": "pb2",
+                "perturbation_interval": 0.5,
+                "mutations": {"lr_scheduler_type": {"choice": ["linear", "cosine"]}},
+            }
+        },
+        "scheduler.mutations.lr_scheduler_type",
+        "numeric ranges",
+    ),
+    (
+        {
+            "scheduler": {
+                "type": "pbt",
+                "perturbation_interval": 5,
+                "mutations": {"learning_rate": {"loguniform": [1e-5, 1e-3]}},
+            }
+        },
+        "scheduler.perturbation_interval",
+        "budget",
+    ),
+    (
+        {
+            "scheduler": {
+                "type": "pbt",
+                "perturbation_interval": 0.5,
+                "mutations": {"learning_rate": {"loguniform": [1e-5, 1e-3]}},
+            },
+            "training": {"save_checkpoints": False},
+        },
+        "training.save_checkpoints",
+        "exploits checkpoints",
+    ),
+    (
+        {"resources": {"trial_mode": "single_process", "num_workers": 2}},
+        "resources.num_workers",
+        "one worker",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "key", "hint"), PBT_BROKEN, ids=[b[1] for b in PBT_BROKEN])
+def test_broken_population_spec_names_the_key(raw, key, hint):
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    assert key in [p.key for p in info.value.problems], info.value.render()
+    assert hint in str(info.value)
+
+
+def test_pbt_population_must_fit_in_train_mode():
+    from cluster.resources import ResourceError
+    from tune_jobs.run import check_population_fits
+
+    spec = parse_spec(
+        {
+            "search": {"num_samples": 8},
+            "scheduler": {
+                "type": "pbt",
+                "perturbation_interval": 0.5,
+                "mutations": {"learning_rate": {"loguniform": [1e-5, 1e-3]}},
+            },
+        }
+    )
+    with pytest.raises(ResourceError, match="search.num_samples"):
+        check_population_fits(spec, max_concurrent=2)
+    check_population_fits(spec, max_concurrent=8)
