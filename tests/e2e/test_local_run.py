@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.e2e.conftest import tunefleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -57,23 +55,7 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     spec_path = root / "job.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tune_jobs",
-            "run",
-            str(spec_path),
-            f"run.storage_path={root / 'results'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = tunefleet("run", str(spec_path), f"run.storage_path={root / 'results'}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = root / "results" / "e2e"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -8,14 +8,11 @@ attributes every metric to the right trial.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.e2e.conftest import tunefleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -56,23 +53,7 @@ SPEC = {
 def pbt_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pbt")
     (root / "job.yaml").write_text(yaml.safe_dump(SPEC))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tune_jobs",
-            "run",
-            str(root / "job.yaml"),
-            f"run.storage_path={root}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = tunefleet("run", str(root / "job.yaml"), f"run.storage_path={root}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = root / "pbt"
     summary = json.loads((run_dir / "summary.json").read_text())

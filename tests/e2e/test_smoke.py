@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.e2e.conftest import tunefleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def _tunefleet(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "tune_jobs", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_smoke_pass_runs_defaults_first_and_restores(tmp_path):
-    proc = _tunefleet("smoke", "debug-local", f"run.storage_path={tmp_path}")
+    proc = tunefleet("smoke", "debug-local", f"run.storage_path={tmp_path}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "restore continued at steps [6]" in proc.stdout
     summary = json.loads((tmp_path / "debug-local-smoke" / "summary.json").read_text())
@@ -48,7 +32,7 @@ def test_smoke_on_a_broken_data_column_fails_fast(tmp_path):
     data = tmp_path / "reviews.csv"
     data.write_text("review,label\ngood film,1\nbad film,0\n" * 20)
     started = time.monotonic()
-    proc = _tunefleet(
+    proc = tunefleet(
         "smoke", "debug-local", "data.source=csv", f"data.path={data}", "data.text_column=sentence"
     )
     assert proc.returncode == 2

@@ -1,0 +1,23 @@
+"""Helpers for end-to-end tests: the real command in a subprocess, offline, on a local Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def tunefleet(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m tune_jobs ARGS`` from the repo (no RAY_ADDRESS: a local debug cluster)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "tune_jobs", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
