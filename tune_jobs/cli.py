@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="skip the smoke pass (on by default for cluster runs: smoke.enabled=auto)",
             )
+    replay = sub.add_parser(
+        "replay",
+        help="retrain a PBT trial from scratch following the schedule of hyperparameters PBT found",
+        description="retrain a PBT trial from scratch following its schedule (Tune's PBT replay)",
+    )
+    replay.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holds job_spec.yaml)")
+    replay.add_argument("trial", metavar="TRIAL", help="trial name, e.g. trial_00003")
     return parser
 
 
@@ -83,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     from tune_jobs.spec import SpecError, load_spec
 
     try:
+        if args.command == "replay":
+            from tune_jobs.replay import replay
+
+            replay(args.run_dir, args.trial)
+            return 0
         spec = load_spec(resolve_config(args.config), args.overrides)
         if args.command == "validate":
             if not args.no_data:

@@ -126,8 +126,12 @@ def build_tuner(
     max_concurrent: int,
     restore: bool,
     points: list[dict[str, Any]] | None = None,
+    scheduler: Any = None,
 ) -> Any:
-    """The ``ray.tune.Tuner`` for this run (new or restored); ``points`` are tried first."""
+    """The ``ray.tune.Tuner`` for this run (new or restored); ``points`` are tried first.
+
+    ``scheduler`` replaces the spec's (a PBT replay uses Tune's replay scheduler).
+    """
     from ray import tune
 
     from tune_jobs.schedulers import build_scheduler, build_search_alg
@@ -152,7 +156,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
-            scheduler=build_scheduler(spec),
+            scheduler=scheduler or build_scheduler(spec),
             search_alg=build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
             num_samples=spec.search.num_samples,
             trial_name_creator=_trial_name,
@@ -175,7 +179,10 @@ def build_tuner(
 
 
 def run_job(
-    spec: JobSpec, echo: Callable[[str], None] = print, keep_ray: bool = False
+    spec: JobSpec,
+    echo: Callable[[str], None] = print,
+    keep_ray: bool = False,
+    scheduler: Any = None,
 ) -> RunOutcome:
     """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can."""
     import ray
@@ -222,7 +229,7 @@ def run_job(
                 f"defaults trial first ({family_of(model_type_of(spec.model.name_or_path))} family): {points[0]}"
             )
         tuner = build_tuner(
-            spec, ray.put(splits), storage_root, run_name, concurrent, restore, points
+            spec, ray.put(splits), storage_root, run_name, concurrent, restore, points, scheduler
         )
         grid = tuner.fit()
         metric, mode = spec.search.metric, spec.search.resolved_mode

@@ -125,3 +125,31 @@ def test_mutated_schedule_and_depth_take_effect(pbt_run):
         assert first["unfreeze_depth"] == config["unfreeze_depth"]
         depth_one = first["trainable_params"] < 10_000_000
         assert depth_one == (config["unfreeze_depth"] == 1)
+
+
+def test_replay_follows_the_trials_schedule(pbt_run):
+    from ray.tune.schedulers import PopulationBasedTrainingReplay
+
+    from tune_jobs.replay import config_schedule
+
+    run_dir, summary, rows, _ = pbt_run
+    trial = summary["exploits"][-1]["recipient"]  # the most recently exploited: the longest lineage
+    proc = tunefleet("replay", str(run_dir), trial)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    policy = PopulationBasedTrainingReplay(
+        str(run_dir / f"pbt_policy_{rows[trial][0]['trial_id']}.txt")
+    )
+    replay_dir = run_dir.parent / f"pbt-replay-{trial}"
+    replay_rows = [
+        json.loads(line)
+        for line in (replay_dir / "trial_00000" / "result.json").read_text().splitlines()
+    ]
+    # the replay goes through the lineage's configs, in order, changing at the recorded iterations
+    expected = [policy.config] + [conf for _, conf in policy._policy]
+    assert config_schedule(replay_rows) == expected
+    for change_at, conf in policy._policy:
+        first = next(r for r in replay_rows if r["config"] == conf)
+        assert first["training_iteration"] == change_at + 1
+    # and ends with the configuration the trial itself ended with
+    assert replay_rows[-1]["config"] == rows[trial][-1]["config"]
+    assert replay_rows[-1]["step"] == 24
