@@ -144,12 +144,17 @@ def test_replay_follows_the_trials_schedule(pbt_run):
         json.loads(line)
         for line in (replay_dir / "trial_00000" / "result.json").read_text().splitlines()
     ]
-    # the replay goes through the lineage's configs, in order, changing at the recorded iterations
-    expected = [policy.config] + [conf for _, conf in policy._policy]
-    assert config_schedule(replay_rows) == expected
-    for change_at, conf in policy._policy:
+    # The replay goes through the lineage's configs, in order, changing at the recorded
+    # iterations. A change recorded at the budget's last evaluation may or may not be
+    # replayed: the replayed trial can finish before Tune pauses it there.
+    last_iteration = 24 // EVERY
+    replayable = [(at, conf) for at, conf in policy._policy if at < last_iteration]
+    got = config_schedule(replay_rows)
+    full = [policy.config] + [conf for _, conf in policy._policy]
+    assert got in (full, [policy.config] + [conf for _, conf in replayable])
+    for change_at, conf in replayable:
         first = next(r for r in replay_rows if r["config"] == conf)
         assert first["training_iteration"] == change_at + 1
-    # and ends with the configuration the trial itself ended with
-    assert replay_rows[-1]["config"] == rows[trial][-1]["config"]
+    if got == full:
+        assert replay_rows[-1]["config"] == rows[trial][-1]["config"]
     assert replay_rows[-1]["step"] == 24
