@@ -130,7 +130,7 @@ def test_mutated_schedule_and_depth_take_effect(pbt_run):
 @pytest.mark.xfail(
     strict=False,
     reason="issue 4, open: Tune's PBT replay of a synch population does not reliably start from "
-    "the lineage's root config (seen in 1 of 4 CI runs); under investigation",
+    "the lineage's root config (seen in 2 of 5 runs); under investigation",
 )
 def test_replay_follows_the_trials_schedule(pbt_run):
     from ray.tune.schedulers import PopulationBasedTrainingReplay
