@@ -70,6 +70,15 @@ def download_dir(src: str, local_dir: str) -> None:
     )
 
 
+def download_file(src: str, local_path: str) -> None:
+    """Copy one file ``src`` (local path or URI) to a local path."""
+    fs, p = _fs(src)
+    os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
+    with fs.open_input_stream(p) as fh, open(local_path, "wb") as out:
+        while chunk := fh.read(1 << 20):
+            out.write(chunk)
+
+
 def write_text(dest: str, text: str) -> None:
     """Write a text file atomically where the filesystem allows (local: tmp + rename)."""
     if not is_uri(dest):

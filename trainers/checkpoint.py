@@ -1,24 +1,40 @@
 """What a checkpoint holds and how it is written and read.
 
-Layout of one checkpoint folder::
+Two layouts, named in the manifest's ``weights`` field:
+
+``full`` (a loadable model)::
 
     model/                      save_pretrained model + tokenizer (loadable as is)
-    trainer_state.pt            optimizer, LR schedule, RNG state
-    tunefleet_checkpoint.json   step, epoch, hyperparameters, metrics (human-readable)
+    trainer_state.pt            optimizer (by parameter name), LR schedule, RNG state
+    tunefleet_checkpoint.json   step, epoch, hyperparameters, metrics, layout
+
+``trained`` (what moved since the pretrained model, for PBT exploits)::
+
+    trained_weights.safetensors every parameter this lineage ever trained
+    trainer_state.pt
+    tunefleet_checkpoint.json   ... plus base_model, label_names, trained_params
+
+Frozen blocks still hold the pretrained weights, so a ``trained`` checkpoint is
+the base model plus a delta: a restore builds the base model and loads the
+delta over it. A parameter that trained once and is frozen now (PBT lowered the
+depth) differs from the base and stays in the delta.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 
 MODEL_DIR = "model"
+TRAINED_WEIGHTS = "trained_weights.safetensors"
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "tunefleet_checkpoint.json"
+
+Layout = Literal["full", "trained"]
 
 
 def save_checkpoint(
@@ -32,11 +48,30 @@ def save_checkpoint(
     epoch: float,
     hparams: Mapping[str, Any],
     metrics: Mapping[str, Any],
-) -> None:
-    """Write everything needed to continue training, and a loadable model folder."""
+    layout: Layout = "full",
+    trained: Iterable[str] = (),
+    base_model: str | None = None,
+    label_names: list[str] | None = None,
+) -> int:
+    """Write everything needed to continue training; return the bytes written.
+
+    ``trained`` names the parameters that differ from ``base_model`` (used by the
+    ``trained`` layout, recorded by both).
+    """
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(os.path.join(path, MODEL_DIR))
-    tokenizer.save_pretrained(os.path.join(path, MODEL_DIR))
+    trained = sorted(set(trained))
+    if layout == "full":
+        model.save_pretrained(os.path.join(path, MODEL_DIR))
+        tokenizer.save_pretrained(os.path.join(path, MODEL_DIR))
+    else:
+        from safetensors.torch import save_file
+
+        params = dict(model.named_parameters())
+        # clone: safetensors refuses tensors that share storage (tied weights)
+        save_file(
+            {n: params[n].detach().contiguous().cpu().clone() for n in trained},
+            os.path.join(path, TRAINED_WEIGHTS),
+        )
     torch.save(
         {
             # AdamW state keyed by parameter name, so a restore with another
@@ -44,16 +79,36 @@ def save_checkpoint(
             "optimizer_by_name": optimizer_state_by_name(optimizer),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         },
         os.path.join(path, STATE_FILE),
     )
     with open(os.path.join(path, MANIFEST), "w") as fh:
         json.dump(
-            {"step": step, "epoch": epoch, "hparams": dict(hparams), "metrics": dict(metrics)},
+            {
+                "step": step,
+                "epoch": epoch,
+                "weights": layout,
+                "base_model": base_model,
+                "label_names": label_names,
+                "trained_params": trained,
+                "hparams": dict(hparams),
+                "metrics": dict(metrics),
+            },
             fh,
             indent=2,
             default=str,
         )
+    return folder_bytes(path)
+
+
+def folder_bytes(path: str) -> int:
+    """Total size of the files under ``path``."""
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
@@ -67,6 +122,27 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[
                     for k, v in optimizer.state[param].items()
                 }
     return out
+
+
+def load_optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer, saved: Mapping[str, Mapping[str, Any]]
+) -> tuple[int, int]:
+    """Give every parameter that still trains its saved AdamW state; (kept, fresh) counts.
+
+    The optimizer's own hyperparameters (LR, weight decay, groups) stay as built.
+    """
+    kept = fresh = 0
+    for group in optimizer.param_groups:
+        for param, name in zip(group["params"], group["names"], strict=True):
+            if name in saved:
+                optimizer.state[param] = {
+                    k: v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                    for k, v in saved[name].items()
+                }
+                kept += 1
+            else:
+                fresh += 1
+    return kept, fresh
 
 
 def weights_fingerprint(tensors: Mapping[str, torch.Tensor], names: list[str]) -> str:
@@ -86,10 +162,36 @@ def read_manifest(path: str) -> dict[str, Any]:
         return json.load(fh)
 
 
+def trained_params(manifest: Mapping[str, Any], model: Any) -> set[str]:
+    """Parameters that differ from the base model after restoring this checkpoint.
+
+    Older full checkpoints do not say: then every parameter may differ.
+    """
+    if manifest.get("trained_params"):
+        return set(manifest["trained_params"])
+    return {n for n, _ in model.named_parameters()}
+
+
 def load_weights(path: str, model: Any) -> None:
-    """Load the checkpoint's model weights in place (strict, but for buffers)."""
+    """Load the checkpoint's weights into ``model`` in place.
+
+    A ``full`` checkpoint must cover every parameter (buffers aside); a
+    ``trained`` one is loaded over ``model``, which must be the base model it was
+    trained from.
+    """
     from safetensors.torch import load_file
 
+    layout = read_manifest(path).get("weights", "full")
+    if layout == "trained":
+        weights = load_file(os.path.join(path, TRAINED_WEIGHTS))
+        names = {n for n, _ in model.named_parameters()}
+        unknown = sorted(set(weights) - names)
+        if unknown:
+            raise RuntimeError(
+                f"checkpoint {path} does not match the model: unknown parameters {unknown[:5]}"
+            )
+        model.load_state_dict(weights, strict=False)
+        return
     weights = load_file(os.path.join(path, MODEL_DIR, "model.safetensors"))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
@@ -102,24 +204,36 @@ def load_weights(path: str, model: Any) -> None:
 def load_trainer_state(
     path: str, optimizer: torch.optim.Optimizer
 ) -> tuple[int, int, dict[str, Any]]:
-    """Restore AdamW state for every parameter that still trains; the trial's own
-    hyperparameters (LR, weight decay, groups) stay as built.
+    """Restore AdamW state for every parameter that still trains, and the RNG state.
 
     Returns (tensors whose state was restored, tensors that start fresh, the
     saved scheduler state for callers that want to compare).
     """
     state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
-    saved = state["optimizer_by_name"]
-    kept = fresh = 0
-    for group in optimizer.param_groups:
-        for param, name in zip(group["params"], group["names"], strict=True):
-            if name in saved:
-                optimizer.state[param] = {
-                    k: v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v
-                    for k, v in saved[name].items()
-                }
-                kept += 1
-            else:
-                fresh += 1
+    kept, fresh = load_optimizer_state_by_name(optimizer, state["optimizer_by_name"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
     return kept, fresh, state["scheduler"]
+
+
+def materialize(path: str, dest: str) -> None:
+    """Write a loadable Hugging Face model folder (weights, config, tokenizer) for a checkpoint.
+
+    A ``full`` checkpoint's ``model/`` is that folder already; a ``trained`` one is
+    rebuilt from its base model, label names and hyperparameters (dropout), then
+    the delta is loaded over it.
+    """
+    import shutil
+
+    manifest = read_manifest(path)
+    if manifest.get("weights", "full") == "full":
+        shutil.copytree(os.path.join(path, MODEL_DIR), dest, dirs_exist_ok=True)
+        return
+    from trainers.model import build_model, build_tokenizer, resolve_model_path
+
+    base = resolve_model_path(manifest["base_model"])
+    model = build_model(base, manifest["label_names"], manifest["hparams"])
+    load_weights(path, model)
+    model.save_pretrained(dest)
+    build_tokenizer(base).save_pretrained(dest)

@@ -10,6 +10,8 @@ for how it is built):
     hp           the trial's hyperparameters (Hugging Face TrainingArguments names)
     eval         {"strategy": "steps" | "epoch", "steps": int}
     seed, threads, save_checkpoints
+    checkpoint_weights  "full" (a loadable model) or "trained" (the delta from the base model)
+    hp_schedule  optional [(from_step, hp), ...]: switch hyperparameters at those steps
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from trainers import metrics as M
 from trainers.checkpoint import (
+    load_optimizer_state_by_name,
     load_trainer_state,
     load_weights,
+    optimizer_state_by_name,
     read_manifest,
     save_checkpoint,
+    trained_params,
     weights_fingerprint,
 )
 from trainers.data import Split, Splits, batches, length_grouped_order, shard, tokenize
@@ -195,10 +201,84 @@ def loss_gap_trend(history: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in pts) / var if var else 0.0
 
 
+@dataclass
+class Segment:
+    """The model and optimizer for one stretch of hyperparameters.
+
+    A trial has one segment, unless ``hp_schedule`` switches its hyperparameters
+    at given steps (a PBT replay): each switch builds a new segment from the
+    current weights, optimizer state and step, exactly as a restore would.
+    """
+
+    hp: Mapping[str, Any]
+    model: Any
+    lmap: LayerMap | None
+    n_blocks: int
+    depth: int | None
+    n_trainable: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    last_step: int
+    eval_interval: int
+
+
+def build_segment(
+    model_path: str,
+    label_names: list[str],
+    hp: Mapping[str, Any],
+    n_train: int,
+    world_size: int,
+    eval_cfg: Mapping[str, Any],
+    step: int,
+) -> Segment:
+    """Model (base weights), trainable set, optimizer and LR schedule for ``hp`` at ``step``.
+
+    The LR is a pure function of the step: a restored trial (a fault restore, or
+    a PBT recipient with mutated hyperparameters) continues its *own* schedule at
+    this step, with no jump back to warmup.
+    """
+    model = build_model(model_path, label_names, dict(hp))
+    lmap = layer_map(model) if uses_layers(hp) else _try_layer_map(model)
+    n_blocks = lmap.num_blocks if lmap else 0
+    spe = steps_per_epoch(n_train, hp, world_size)
+    last_step = total_steps(n_train, hp, world_size)
+    depth = depth_at(step, hp, spe, n_blocks)
+    lr_scale, n_trainable = build_trainable(model, lmap, hp, depth)
+    optimizer = build_optimizer(model, hp, lr_scale)
+    return Segment(
+        hp=hp,
+        model=model,
+        lmap=lmap,
+        n_blocks=n_blocks,
+        depth=depth,
+        n_trainable=n_trainable,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, hp, last_step, start_step=step),
+        steps_per_epoch=spe,
+        last_step=last_step,
+        eval_interval=eval_interval(spe, last_step, eval_cfg),
+    )
+
+
+def requires_grad_names(model: Any) -> set[str]:
+    return {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def hp_schedule(config: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``(from_step, hp)`` switches after the trial's own ``hp`` (step 0), sorted by step."""
+    out = sorted(
+        ((int(s), dict(h)) for s, h in config.get("hp_schedule") or []), key=lambda x: x[0]
+    )
+    if any(s < 0 for s, _ in out):
+        raise ValueError(f"hp_schedule: steps must be >= 0, got {[s for s, _ in out]}")
+    return out
+
+
 def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     """Fine-tune, evaluate and checkpoint; every evaluation is reported through ``ctx``."""
     build_runtime(config)
-    hp, eval_cfg = config["hp"], config["eval"]
+    eval_cfg = config["eval"]
     metric, mode = (
         config.get("objective", {}).get("metric", M.EVAL_ACCURACY),
         config.get("objective", {}).get("mode", "max"),
@@ -219,30 +299,30 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     val_ids = tokenize(tokenizer, [data.validation.texts[i] for i in val_rows], max_len)
     val_labels = [data.validation.labels[i] for i in val_rows]
 
-    model = build_model(model_path, data.label_names, hp)
-    lmap = layer_map(model) if uses_layers(hp) else _try_layer_map(model)
-    n_blocks = lmap.num_blocks if lmap else 0
-    spe = steps_per_epoch(len(data.train), hp, ctx.world_size)
-    last_step = total_steps(len(data.train), hp, ctx.world_size)
-    interval = eval_interval(spe, last_step, eval_cfg)
+    def segment(hp: Mapping[str, Any], at: int) -> Segment:
+        return build_segment(
+            model_path, data.label_names, hp, len(data.train), ctx.world_size, eval_cfg, at
+        )
+
+    switches = hp_schedule(config)
+    fingerprint = config.get("fingerprint_weights", False)
     with ctx.restore_dir() as restore:
         manifest = read_manifest(restore) if restore else {"step": 0, "hparams": {}}
         step = int(manifest["step"])
-        depth = depth_at(step, hp, spe, n_blocks)
-        lr_scale, n_trainable = build_trainable(model, lmap, hp, depth)
-        optimizer = build_optimizer(model, hp, lr_scale)
-        # The LR is a pure function of the step: a restored trial (a fault restore, or a
-        # PBT recipient with mutated hyperparameters) continues its *own* schedule at
-        # this step, with no jump back to warmup.
-        scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
-        fingerprint = config.get("fingerprint_weights", False)
+        # A replayed schedule resumed mid-way starts with the hyperparameters in force there.
+        hp, seg_index = config["hp"], 0
+        while seg_index < len(switches) and switches[seg_index][0] <= step and restore:
+            hp, seg_index = switches[seg_index][1], seg_index + 1
+        seg = segment(hp, step)
         restored: dict[str, Any] = {M.RESTORED_FROM_STEP: -1}
+        trained: set[str] = set()
         if restore:
-            load_weights(restore, model)
+            load_weights(restore, seg.model)
+            trained = trained_params(manifest, seg.model)
             restored[M.RESTORED_FROM_STEP] = step
             if fingerprint:
-                restored[M.RESTORED_WEIGHTS] = _fingerprint(model)
-            kept, fresh, _ = load_trainer_state(restore, optimizer)
+                restored[M.RESTORED_WEIGHTS] = _fingerprint(seg.model)
+            kept, fresh, _ = load_trainer_state(restore, seg.optimizer)
             changed = {
                 k: (manifest["hparams"].get(k), hp.get(k))
                 for k in hp
@@ -255,25 +335,23 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 f"{fresh} start fresh"
                 + (f"; hyperparameters now differ: {changed}" if changed else ""),
             )
-    model = ctx.prepare_model(model)
-    model.train()
+    seg.model = ctx.prepare_model(seg.model)
+    seg.model.train()
+    trained |= requires_grad_names(seg.model)
 
-    accum = hp["gradient_accumulation_steps"]
-    micro = hp["per_device_train_batch_size"]
-    effective_batch = micro * accum * ctx.world_size
     n_labels = len(data.label_names)
     best, evals_without_gain, gap_history = None, 0, []
-    patience, min_delta = hp.get("early_stopping_patience"), hp.get("early_stopping_min_delta", 0.0)
     loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
 
     def evaluate_and_report() -> bool:
         """Evaluate, report (with a checkpoint) and say whether patience stops the trial."""
         nonlocal best, evals_without_gain, loss_total, loss_count, samples, t0
+        hp = seg.hp
         elapsed = time.perf_counter() - t0
         report = {
             M.TRAIN_LOSS: loss_total / loss_count if loss_count else math.nan,
             **evaluate(
-                model,
+                seg.model,
                 val_ids,
                 val_labels,
                 n_labels,
@@ -281,32 +359,40 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 pad_id,
                 ctx.device,
             ),
-            M.EPOCH: step / spe,
+            M.EPOCH: step / seg.steps_per_epoch,
             M.STEP: step,
-            M.LR: scheduler.get_last_lr()[-1],
-            M.TOTAL_STEPS: last_step,
+            M.LR: seg.scheduler.get_last_lr()[-1],
+            M.TOTAL_STEPS: seg.last_step,
             M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
-            M.EFFECTIVE_BATCH_SIZE: effective_batch,
-            M.TRAINABLE_PARAMS: n_trainable,
-            M.UNFREEZE_DEPTH: n_blocks if depth is None else depth,
+            M.EFFECTIVE_BATCH_SIZE: hp["per_device_train_batch_size"]
+            * hp["gradient_accumulation_steps"]
+            * ctx.world_size,
+            M.TRAINABLE_PARAMS: seg.n_trainable,
+            M.UNFREEZE_DEPTH: seg.n_blocks if seg.depth is None else seg.depth,
             **restored,
         }
+        if switches:
+            report[M.HP_SEGMENT] = seg_index
         if fingerprint:
-            report[M.WEIGHTS] = _fingerprint(unwrap(model))
+            report[M.WEIGHTS] = _fingerprint(unwrap(seg.model))
         gap_history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
         report[M.LOSS_GAP] = gap_history[-1][1]
         report[M.LOSS_GAP_TREND] = loss_gap_trend(gap_history)
+        patience, min_delta = (
+            hp.get("early_stopping_patience"),
+            hp.get("early_stopping_min_delta", 0.0),
+        )
         value = report[metric]
         if best is None or (value - best if mode == "max" else best - value) > min_delta:
             best, evals_without_gain = value, 0
         else:
             evals_without_gain += 1
-        stop = bool(patience) and evals_without_gain >= patience and step < last_step
+        stop = bool(patience) and evals_without_gain >= patience and step < seg.last_step
         report[M.EARLY_STOPPED] = int(stop)
         _log(
             ctx,
             config,
-            f"step {step}/{last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
+            f"step {step}/{seg.last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
             f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
             f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
             + (
@@ -315,15 +401,54 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 else ""
             ),
         )
-        _report_with_checkpoint(ctx, config, report, model, tokenizer, optimizer, scheduler, step)
+        _report_with_checkpoint(
+            ctx, config, report, seg, tokenizer, step, trained, data.label_names
+        )
         loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
         return stop
 
-    if step >= last_step:
+    def switch_due() -> bool:
+        return seg_index < len(switches) and switches[seg_index][0] <= step
+
+    def switch() -> None:
+        """The next hyperparameters of the schedule, from the current weights, optimizer and step."""
+        nonlocal seg, seg_index, trained
+        new_hp = switches[seg_index][1]
+        old = unwrap(seg.model)
+        weights, moments = old.state_dict(), optimizer_state_by_name(seg.optimizer)
+        rng = torch.get_rng_state()  # building the new model draws a head init: keep the stream
+        seg = segment(new_hp, step)
+        seg.model.load_state_dict(weights)
+        kept, fresh = load_optimizer_state_by_name(seg.optimizer, moments)
+        torch.set_rng_state(rng)
+        del old, weights, moments
+        seg.model = ctx.prepare_model(seg.model)
+        seg.model.train()
+        seg_index += 1
+        trained |= requires_grad_names(seg.model)
+        changed = {k: v for k, v in new_hp.items() if v != config["hp"].get(k)}
+        _log(
+            ctx,
+            config,
+            f"step {step}: hyperparameters switch to segment {seg_index} {changed}; "
+            f"optimizer state kept for {kept} tensors, {fresh} start fresh",
+        )
+
+    if step >= seg.last_step:
         # Restored at the end of its budget (e.g. a PBT exploit of a finished donor):
         # evaluate once so the trial still reports a result for these weights.
         evaluate_and_report()
-    while step < last_step:
+    stop = False
+    while not stop:
+        if switch_due():
+            switch()
+            if step >= seg.last_step:  # switched at the end of the budget: as an exploit there
+                evaluate_and_report()
+            continue
+        if step >= seg.last_step:
+            break
+        hp, spe = seg.hp, seg.steps_per_epoch
+        accum, micro = hp["gradient_accumulation_steps"], hp["per_device_train_batch_size"]
         epoch_index = step // spe
         # Same permutation on every rank (seed + epoch), so the shards stay disjoint.
         generator = torch.Generator().manual_seed(config["seed"] + epoch_index)
@@ -333,7 +458,7 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             order = torch.randperm(len(train_ids), generator=generator).tolist()
         micro_batches = list(batches(train_ids, train.labels, order, micro, pad_id))
         start = (step % spe) * accum  # resume mid-epoch where the checkpoint left off
-        stop = False
+        model, optimizer, scheduler = seg.model, seg.optimizer, seg.scheduler
         for k in range(start, len(micro_batches), accum):
             group = micro_batches[k : k + accum]
             for i, cpu_batch in enumerate(group):
@@ -354,28 +479,27 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            new_depth = depth_at(step, hp, spe, n_blocks)
-            if new_depth != depth:  # gradual unfreezing: one more block trains from here on
-                depth = new_depth
+            new_depth = depth_at(step, hp, spe, seg.n_blocks)
+            if new_depth != seg.depth:  # gradual unfreezing: one more block trains from here on
                 bare = unwrap(model)
-                lr_scale, n_trainable = build_trainable(bare, lmap, hp, depth)
-                optimizer, kept, fresh = rebuild_optimizer(optimizer, bare, hp, lr_scale)
-                scheduler = build_scheduler(optimizer, hp, last_step, start_step=step)
-                model = ctx.prepare_model(bare)  # DDP must learn the new trainable set
-                model.train()
+                seg.depth = new_depth
+                lr_scale, seg.n_trainable = build_trainable(bare, seg.lmap, hp, new_depth)
+                seg.optimizer, kept, fresh = rebuild_optimizer(optimizer, bare, hp, lr_scale)
+                seg.scheduler = build_scheduler(seg.optimizer, hp, seg.last_step, start_step=step)
+                seg.model = ctx.prepare_model(bare)  # DDP must learn the new trainable set
+                seg.model.train()
+                model, optimizer, scheduler = seg.model, seg.optimizer, seg.scheduler
+                trained |= requires_grad_names(model)
                 _log(
                     ctx,
                     config,
-                    f"step {step}: unfreeze depth {depth}/{n_blocks}; optimizer state kept for {kept} tensors, {fresh} new",
+                    f"step {step}: unfreeze depth {new_depth}/{seg.n_blocks}; optimizer state kept for {kept} tensors, {fresh} new",
                 )
 
-            if not is_eval_step(step, interval, last_step):
-                continue
-            stop = evaluate_and_report()
-            if stop or step >= last_step:
+            if is_eval_step(step, seg.eval_interval, seg.last_step):
+                stop = evaluate_and_report()
+            if stop or step >= seg.last_step or switch_due():
                 break
-        if stop:
-            break
 
 
 def _fingerprint(model: Any) -> str:
@@ -393,29 +517,34 @@ def _report_with_checkpoint(
     ctx: WorkerContext,
     config: Mapping[str, Any],
     report: dict[str, Any],
-    model: Any,
+    seg: Segment,
     tokenizer: Any,
-    optimizer: Any,
-    scheduler: Any,
     step: int,
+    trained: set[str],
+    label_names: list[str],
 ) -> None:
-    """Rank 0 writes the checkpoint to a temp folder; every rank reports."""
+    """Rank 0 writes the checkpoint to a temp folder (its size joins the report); every rank reports."""
     if not config.get("save_checkpoints", True) or ctx.rank != 0:
         ctx.report(report, None)
         return
     tmp = tempfile.mkdtemp(prefix=f"tunefleet-step{step}-")
     try:
-        save_checkpoint(
+        size = save_checkpoint(
             tmp,
-            model=unwrap(model),
+            model=unwrap(seg.model),
             tokenizer=tokenizer,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            optimizer=seg.optimizer,
+            scheduler=seg.scheduler,
             step=step,
             epoch=report[M.EPOCH],
-            hparams=config["hp"],
+            hparams=seg.hp,
             metrics=report,
+            layout=config.get("checkpoint_weights", "full"),
+            trained=trained,
+            base_model=config["model"]["name_or_path"],
+            label_names=label_names,
         )
+        report[M.CHECKPOINT_MB] = size / 2**20
         ctx.report(report, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

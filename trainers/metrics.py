@@ -27,6 +27,8 @@ EARLY_STOPPED = "early_stopped"  # 1 on the report after which patience stopped 
 RESTORED_FROM_STEP = "restored_from_step"  # step of the checkpoint this start resumed (-1: none)
 RESTORED_WEIGHTS = "restored_weights_sha256"  # fingerprint of the weights right after that restore
 WEIGHTS = "weights_sha256"  # fingerprint of the weights in this report's checkpoint
+CHECKPOINT_MB = "checkpoint_mb"  # size of this report's checkpoint (MiB)
+HP_SEGMENT = "hp_segment"  # which stretch of a replayed hyperparameter schedule is in force
 
 #: Metrics a scheduler or search may watch, with the direction that is better.
 OBJECTIVES: dict[str, str] = {

@@ -12,10 +12,11 @@ from typing import Any
 
 from cluster import storage
 from trainers import metrics as M
-from trainers.checkpoint import MODEL_DIR
+from trainers.checkpoint import MANIFEST, MODEL_DIR, TRAINED_WEIGHTS, materialize
 from trainers.data import Split, Splits
+from tune_jobs.lineage import read_lineage
 from tune_jobs.spec import JobSpec
-from tune_jobs.trial import checkpoint_location
+from tune_jobs.trial import checkpoint_layout, checkpoint_location
 
 SUMMARY_FILE = "summary.json"
 EXPORT_DIR = "best_model"
@@ -87,7 +88,7 @@ def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[
         reverse=reverse,
     )
     for _, _, uri, metrics in candidates:
-        if storage.exists(storage.join(uri, MODEL_DIR)):
+        if storage.exists(storage.join(uri, MANIFEST)):
             return uri, metrics
     raise RuntimeError(f"trial {result.path}: no checkpoint with files left to export")
 
@@ -113,7 +114,7 @@ def score_model(
 def export_best(
     uri: str, dest: str, spec: JobSpec, metrics: dict[str, Any], splits: Splits
 ) -> dict[str, Any]:
-    """Copy the best checkpoint's model folder to ``dest`` with the spec and metrics, and verify it.
+    """Write the best checkpoint as a model folder at ``dest`` with the spec and metrics, and verify it.
 
     The export is re-scored after a fresh ``from_pretrained``: on the validation
     split (must reproduce the reported accuracy) and, once, on the test split.
@@ -121,7 +122,17 @@ def export_best(
     work = tempfile.mkdtemp(prefix="tunefleet-export-")
     try:
         local = os.path.join(work, EXPORT_DIR)
-        storage.download_dir(storage.join(uri, MODEL_DIR), local)
+        checkpoint = os.path.join(work, "checkpoint")
+        manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+        os.makedirs(checkpoint)
+        storage.download_file(storage.join(uri, MANIFEST), os.path.join(checkpoint, MANIFEST))
+        if manifest.get("weights", "full") == "full":
+            storage.download_dir(storage.join(uri, MODEL_DIR), os.path.join(checkpoint, MODEL_DIR))
+        else:  # the delta from the base model: rebuilt into a full folder
+            storage.download_file(
+                storage.join(uri, TRAINED_WEIGHTS), os.path.join(checkpoint, TRAINED_WEIGHTS)
+            )
+        materialize(checkpoint, local)
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
         validation = score_model(
@@ -146,43 +157,6 @@ def export_best(
         return record
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-PBT_GLOBAL_LOG = "pbt_global.txt"
-LINEAGE_FILE = "lineage.json"
-
-
-def _trial_of_tag(tag: str) -> str:
-    # Tune's experiment tag starts with the trial's counter, as our trial names do.
-    return f"trial_{int(str(tag).split('_', 1)[0]):05d}"
-
-
-def read_lineage(run_dir: str) -> list[dict[str, Any]]:
-    """Every PBT exploit of a run, in order: who cloned whom, when, with which new values.
-
-    Read from Tune's ``pbt_global.txt``: [recipient tag, donor tag, recipient
-    iteration, donor iteration, donor config, new config] per exploit.
-    """
-    path = storage.join(run_dir, PBT_GLOBAL_LOG)
-    if not storage.exists(path):
-        return []
-    out = []
-    for line in storage.read_text(path).splitlines():
-        if not line.strip():
-            continue
-        recipient, donor, recipient_iter, donor_iter, donor_config, new_config = json.loads(line)
-        out.append(
-            {
-                "recipient": _trial_of_tag(recipient),
-                "donor": _trial_of_tag(donor),
-                "recipient_iteration": recipient_iter,
-                "donor_iteration": donor_iter,
-                "donor_config": donor_config,
-                "new_config": new_config,
-                "mutated": {k: v for k, v in new_config.items() if donor_config.get(k) != v},
-            }
-        )
-    return out
 
 
 def find_defaults_trial(
@@ -255,6 +229,11 @@ def build_summary(
             "test": export["test"] if export else None,
         },
         "exploits": read_lineage(run_dir),
+        "checkpoints": {
+            "weights": checkpoint_layout(spec),
+            # the size of one checkpoint (MiB): what an exploit or a restore moves
+            "mb": _median([t.last.get(M.CHECKPOINT_MB) for t in trials]),
+        },
         "defaults_trial": None
         if defaults is None
         else {"trial": defaults.trial, "config": defaults.config},
@@ -262,6 +241,11 @@ def build_summary(
         "trials": [asdict(t) for t in trials],
         "wall_time_s": round(wall_time_s, 1),
     }
+
+
+def _median(values: list[Any]) -> float | None:
+    got = sorted(v for v in values if isinstance(v, int | float))
+    return round(got[len(got) // 2], 2) if got else None
 
 
 def write_summary(run_dir: str, summary: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from trainers import metrics as M
 from trainers.data import Splits, load_splits
 from tune_jobs import results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
+from tune_jobs.lineage import write_lineage
 from tune_jobs.report import leaderboard
 from tune_jobs.spec import JobSpec
 
@@ -35,6 +36,7 @@ class RunOutcome:
     run_dir: str
     summary_path: str
     summary: dict[str, Any]
+    data_ref: Any = None  # the run's splits in the object store (valid while Ray stays up)
 
 
 def trial_resources(spec: JobSpec) -> TrialResources:
@@ -126,11 +128,11 @@ def build_tuner(
     max_concurrent: int,
     restore: bool,
     points: list[dict[str, Any]] | None = None,
-    scheduler: Any = None,
+    hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
 ) -> Any:
     """The ``ray.tune.Tuner`` for this run (new or restored); ``points`` are tried first.
 
-    ``scheduler`` replaces the spec's (a PBT replay uses Tune's replay scheduler).
+    ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay).
     """
     from ray import tune
 
@@ -145,6 +147,7 @@ def build_tuner(
         data_ref=splits_ref,
         train_storage=storage.join(run_dir, "train_runs"),
         resources=res,
+        hp_schedule=hp_schedule,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.trial_bundle())
     if restore:
@@ -156,7 +159,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
-            scheduler=scheduler or build_scheduler(spec),
+            scheduler=build_scheduler(spec),
             search_alg=build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
             num_samples=spec.search.num_samples,
             trial_name_creator=_trial_name,
@@ -182,7 +185,7 @@ def run_job(
     spec: JobSpec,
     echo: Callable[[str], None] = print,
     keep_ray: bool = False,
-    scheduler: Any = None,
+    hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
 ) -> RunOutcome:
     """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can."""
     import ray
@@ -228,8 +231,16 @@ def run_job(
             echo(
                 f"defaults trial first ({family_of(model_type_of(spec.model.name_or_path))} family): {points[0]}"
             )
+        data_ref = ray.put(splits)
         tuner = build_tuner(
-            spec, ray.put(splits), storage_root, run_name, concurrent, restore, points, scheduler
+            spec,
+            data_ref,
+            storage_root,
+            run_name,
+            concurrent,
+            restore,
+            points,
+            hp_schedule,
         )
         grid = tuner.fit()
         metric, mode = spec.search.metric, spec.search.resolved_mode
@@ -260,10 +271,15 @@ def run_job(
             defaults,
         )
         path = results.write_summary(run_dir, summary)
+        picture = write_lineage(
+            run_dir, summary["exploits"], metric, mode, best.trial if best else None
+        )
     finally:
         if not keep_ray:
             disconnect()
     echo("")
     echo(leaderboard(summary))
+    if picture:
+        echo(f"lineage: {picture}")
     echo(f"summary: {path}")
-    return RunOutcome(run_dir, path, summary)
+    return RunOutcome(run_dir, path, summary, data_ref if keep_ray else None)

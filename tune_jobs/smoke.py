@@ -90,7 +90,7 @@ def run_smoke(
             raise SmokeError(
                 f"smoke pass: trials stopped at steps {steps}, expected {small.training.max_steps}"
             )
-        resumed = _restore_check(small, outcome.run_dir, summary)
+        resumed = _restore_check(small, outcome.run_dir, summary, outcome.data_ref)
     finally:
         if not keep_ray:
             disconnect()
@@ -101,10 +101,11 @@ def run_smoke(
     return SmokeOutcome(seconds, len(summary["trials"]), steps, resumed, outcome.run_dir)
 
 
-def _restore_check(small: JobSpec, run_dir: str, summary: dict[str, Any]) -> list[int]:
-    """Resume the best trial's last checkpoint for two more steps in a new Train run."""
-    import ray
-
+def _restore_check(
+    small: JobSpec, run_dir: str, summary: dict[str, Any], data_ref: Any
+) -> list[int]:
+    """Resume the best trial's last checkpoint for two more steps in a new Train run
+    (on the run's own data, still in the object store)."""
     from tune_jobs.run import trial_resources
     from tune_jobs.space import trial_hparams
     from tune_jobs.trial import TrialPlan, resume_check
@@ -114,12 +115,7 @@ def _restore_check(small: JobSpec, run_dir: str, summary: dict[str, Any]) -> lis
         raise SmokeError(
             "smoke pass: no checkpoint was written (training.save_checkpoints is off?)"
         )
-    from trainers.data import load_splits
-
-    splits = load_splits(small.data.model_dump(), small.run.seed)
-    plan = TrialPlan(
-        small, ray.put(splits), storage.join(run_dir, "train_runs"), trial_resources(small)
-    )
+    plan = TrialPlan(small, data_ref, storage.join(run_dir, "train_runs"), trial_resources(small))
     latest = _latest_train_checkpoint(storage.join(run_dir, "train_runs"), best["trial"])
     hp = trial_hparams(small, best["config"])
     steps = resume_check(plan, hp, latest, extra_steps=2)

@@ -47,6 +47,12 @@ class TrialPlan:
     data_ref: Any  # ray.ObjectRef to trainers.data.Splits
     train_storage: str  # where each trial's Ray Train runs are stored
     resources: TrialResources
+    #: ``(from_step, config)`` switches of hyperparameters within each trial (a PBT replay)
+    hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = ()
+
+    def schedule_hparams(self) -> list[tuple[int, dict[str, Any]]]:
+        """The schedule as full hyperparameters for the worker loop."""
+        return [(step, trial_hparams(self.spec, config)) for step, config in self.hp_schedule]
 
 
 class _ForwardToTune(UserCallback):
@@ -84,6 +90,13 @@ def checkpoint_retention(spec: JobSpec) -> dict[str, Any]:
     }
 
 
+def checkpoint_layout(spec: JobSpec) -> str:
+    """``training.checkpoint_weights`` with ``auto`` resolved: the delta under PBT/PB2."""
+    if spec.training.checkpoint_weights == "auto":
+        return "trained" if spec.scheduler.type in ("pbt", "pb2") else "full"
+    return spec.training.checkpoint_weights
+
+
 def train_run_name(train_storage: str, trial_name: str) -> str:
     """A fresh Train run name for this start of the trial.
 
@@ -112,7 +125,12 @@ def _pointer_checkpoint(
 
 
 def loop_config(
-    spec: JobSpec, hp: dict[str, Any], data_ref: Any, resources: TrialResources, name: str = "trial"
+    spec: JobSpec,
+    hp: dict[str, Any],
+    data_ref: Any,
+    resources: TrialResources,
+    name: str = "trial",
+    hp_schedule: list[tuple[int, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The config dict handed to every worker (see ``trainers.loop``)."""
     return {
@@ -125,7 +143,9 @@ def loop_config(
         "seed": spec.run.seed,
         "threads": resources.worker_threads,
         "save_checkpoints": hp["save_checkpoints"],
+        "checkpoint_weights": checkpoint_layout(spec),
         "fingerprint_weights": spec.run.fingerprint_weights,
+        "hp_schedule": hp_schedule or [],
     }
 
 
@@ -137,7 +157,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            **loop_config(spec, hp, plan.data_ref, res, label),
+            **loop_config(spec, hp, plan.data_ref, res, label, plan.schedule_hparams()),
             "resume_from": resume,
         },
         scaling_config=train.ScalingConfig(
@@ -267,7 +287,9 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         from trainers.loop import train_loop
 
         cfg = {
-            **loop_config(plan.spec, hp, plan.data_ref, plan.resources, trial_name),
+            **loop_config(
+                plan.spec, hp, plan.data_ref, plan.resources, trial_name, plan.schedule_hparams()
+            ),
             "resume_from": resume,
         }
         train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,99 @@ def test_restore_at_the_end_of_the_budget_still_reports(rt_small, tmp_path):
     again = run_local(cfg, checkpoint_root=str(tmp_path / "b"), resume_from=first.checkpoints[-1])
     assert [r[M.STEP] for r in again.reports] == [5]
     assert again.reports[0][M.EVAL_ACCURACY] == pytest.approx(first.reports[-1][M.EVAL_ACCURACY])
+
+
+def _fingerprint(path):
+    """SHA-256 of a checkpoint's full weights, rebuilt from its layout."""
+    from trainers.checkpoint import load_weights, weights_fingerprint
+
+    manifest = read_manifest(path)
+    model = build_model(resolve_model_path(MODEL), ["fresh", "rotten"], manifest["hparams"])
+    load_weights(path, model)
+    params = dict(model.named_parameters())
+    return weights_fingerprint(params, list(params))
+
+
+def test_trained_layout_holds_only_what_moved_and_restores_exactly(rt_small, tmp_path):
+    """Depth 1: the checkpoint holds the top block and the head; frozen blocks come from the base."""
+    from trainers.checkpoint import TRAINED_WEIGHTS, materialize
+
+    hp = dict(unfreeze_depth=1, max_steps=5, per_device_train_batch_size=16)
+    full = run_local(_config(rt_small, **hp), checkpoint_root=str(tmp_path / "f"))
+    cfg = {**_config(rt_small, **hp), "checkpoint_weights": "trained"}
+    delta = run_local(cfg, checkpoint_root=str(tmp_path / "t"))
+    path = delta.checkpoints[-1]
+    manifest = read_manifest(path)
+    assert manifest["weights"] == "trained"
+    top = ("bert.encoder.layer.5.", "bert.pooler.", "classifier.")
+    assert all(n.startswith(top) for n in manifest["trained_params"])
+    assert (Path(path) / TRAINED_WEIGHTS).exists()
+    # same training, same weights: the delta over the base model is the full model
+    assert _fingerprint(path) == _fingerprint(full.checkpoints[-1])
+    # the size is reported, and is a fraction of the full checkpoint's
+    small, big = delta.reports[-1][M.CHECKPOINT_MB], full.reports[-1][M.CHECKPOINT_MB]
+    assert small < big / 4, (small, big)  # measured: 22 vs 102 MiB (weights + AdamW moments)
+    # a loadable Hugging Face folder can be rebuilt from it
+    out = tmp_path / "export"
+    materialize(path, str(out))
+    from transformers import AutoModelForSequenceClassification
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    got = dict(reloaded.named_parameters())
+    from trainers.checkpoint import weights_fingerprint
+
+    assert weights_fingerprint(got, list(got)) == _fingerprint(path)
+
+
+def test_trained_layout_keeps_a_block_that_trained_before_a_lower_depth(rt_small, tmp_path):
+    """PBT lowered the depth 6 -> 1: the blocks that moved stay in the delta (they are not the base)."""
+    first = run_local(
+        {**_config(rt_small, max_steps=5), "checkpoint_weights": "trained"},
+        checkpoint_root=str(tmp_path / "a"),
+    )
+    lowered = {
+        **_config(rt_small, max_steps=10, unfreeze_depth=1),
+        "checkpoint_weights": "trained",
+    }
+    after = run_local(
+        lowered, checkpoint_root=str(tmp_path / "b"), resume_from=first.checkpoints[-1]
+    )
+    manifest = read_manifest(after.checkpoints[-1])
+    assert any(n.startswith("bert.encoder.layer.0.") for n in manifest["trained_params"])
+    assert after.reports[-1][M.TRAINABLE_PARAMS] < first.reports[-1][M.TRAINABLE_PARAMS]
+
+
+def test_hp_schedule_switch_equals_an_exploit_restore(rt_small, tmp_path):
+    """Switching hyperparameters at step 5 in one run gives bit-identical weights to a
+    checkpoint at step 5 restored with the new hyperparameters (what a PBT exploit does)."""
+    from trainers.optim import lr_multiplier
+
+    first = dict(learning_rate=1e-4, max_steps=10, warmup_ratio=0.2, per_device_train_batch_size=16)
+    second = {**first, "learning_rate": 3e-4, "lr_scheduler_type": "cosine", "unfreeze_depth": 1}
+    cfg = {**_config(rt_small, **first), "fingerprint_weights": True}
+    cfg["hp_schedule"] = [(5, _config(rt_small, **second)["hp"])]
+    replayed = run_local(cfg, checkpoint_root=str(tmp_path / "r"))
+    assert [(r[M.STEP], r[M.HP_SEGMENT]) for r in replayed.reports] == [(5, 0), (10, 1)]
+
+    donor = run_local(
+        {**_config(rt_small, **first), "fingerprint_weights": True},
+        checkpoint_root=str(tmp_path / "d"),
+    )
+    recipient = run_local(
+        {**_config(rt_small, **second), "fingerprint_weights": True},
+        checkpoint_root=str(tmp_path / "x"),
+        resume_from=donor.checkpoints[0],
+    )
+    assert replayed.reports[0][M.WEIGHTS] == donor.reports[0][M.WEIGHTS]
+    assert replayed.reports[-1][M.WEIGHTS] == recipient.reports[-1][M.WEIGHTS]
+    assert replayed.reports[-1][M.LR] == pytest.approx(3e-4 * lr_multiplier("cosine", 10, 10, 2))
+    assert replayed.reports[-1][M.UNFREEZE_DEPTH] == 1
+
+
+def test_hp_schedule_switch_at_the_end_evaluates_once_more(rt_small, tmp_path):
+    cfg = _config(rt_small, max_steps=5)
+    cfg["hp_schedule"] = [(5, _config(rt_small, max_steps=5, unfreeze_depth=2)["hp"])]
+    ctx = run_local(cfg, checkpoint_root=str(tmp_path))
+    assert [(r[M.STEP], r[M.HP_SEGMENT]) for r in ctx.reports] == [(5, 0), (5, 1)]
+    assert ctx.reports[1][M.UNFREEZE_DEPTH] == 2
+    assert ctx.reports[1][M.EVAL_ACCURACY] == ctx.reports[0][M.EVAL_ACCURACY]
