@@ -39,7 +39,13 @@ class TrialSummary:
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    keep = M.REPORTED | {"train_run", "training_iteration", "time_total_s"}
+    keep = M.REPORTED | {
+        M.CHECKPOINT_MB,
+        M.HP_SEGMENT,
+        "train_run",
+        "training_iteration",
+        "time_total_s",
+    }
     return {k: v for k, v in metrics.items() if k in keep}
 
 

@@ -94,11 +94,13 @@ def generator_limit(spec: JobSpec, max_concurrent: int) -> int | None:
 def check_population_fits(spec: JobSpec, max_concurrent: int) -> None:
     """PBT/PB2 with TorchTrainer trials need the whole population at once."""
     population = spec.scheduler.type in ("pbt", "pb2") and spec.resources.trial_mode == "train"
-    if population and spec.search.num_samples > max_concurrent:
+    size = spec.search.num_trials
+    if population and size > max_concurrent:
+        grid = f" ({spec.search.num_samples} x the grid)" if size != spec.search.num_samples else ""
         raise ResourceError(
-            f"search.num_samples: a {spec.scheduler.type} population of {spec.search.num_samples} "
-            f"TorchTrainer trials must run at once, but {max_concurrent} fit; use "
-            f"num_samples={max_concurrent} or resources.trial_mode: single_process"
+            f"search.num_samples: a {spec.scheduler.type} population of {size}{grid} "
+            f"TorchTrainer trials must run at once, but {max_concurrent} fit; use a population "
+            f"of {max_concurrent} or resources.trial_mode: single_process"
         )
 
 

@@ -301,6 +301,15 @@ class SearchSpec(_Section):
     )
 
     @property
+    def num_trials(self) -> int:
+        """Trials the run makes: num_samples x the size of the grid (its entries' product)."""
+        grid = 1
+        for entry in self.space.values():
+            if isinstance(entry, Mapping) and "grid" in entry:
+                grid *= len(entry["grid"])
+        return self.num_samples * grid
+
+    @property
     def resolved_mode(self) -> str:
         """``mode``, or the metric's natural direction."""
         return self.mode or M.OBJECTIVES.get(self.metric, "max")

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import tunefleet
+from tests.e2e.pbt_checks import after_exploit, donor_report
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -64,31 +65,6 @@ def pbt_run(tmp_path_factory):
     return run_dir, summary, rows, proc.stdout
 
 
-def _after_exploit(rows, exploit):
-    """The recipient's first report after this exploit (its config is the new one)."""
-    return next(
-        r
-        for r in rows[exploit["recipient"]]
-        if r["training_iteration"] > exploit["recipient_iteration"]
-        and all(r["config"][k] == v for k, v in exploit["new_config"].items())
-    )
-
-
-def _donor_report(rows, exploit, first):
-    """The donor's report whose checkpoint the recipient restored (linked by the weights' SHA-256).
-
-    Tune's PBT log gives the donor's iteration too, but with synch=True it can
-    lag the checkpoint actually cloned by one interval; the fingerprint cannot.
-    """
-    matches = [
-        r for r in rows[exploit["donor"]] if r["weights_sha256"] == first["restored_weights_sha256"]
-    ]
-    assert matches, (
-        f"{exploit['recipient']} restored weights that {exploit['donor']} never checkpointed"
-    )
-    return matches[0]
-
-
 def test_population_exploits(pbt_run):
     _, summary, _, stdout = pbt_run
     assert summary["exploits"], "no exploit in a population of 4"
@@ -98,8 +74,8 @@ def test_population_exploits(pbt_run):
 def test_recipient_continues_from_the_donors_weights_and_step(pbt_run):
     _, summary, rows, _ = pbt_run
     for exploit in summary["exploits"]:
-        first = _after_exploit(rows, exploit)
-        donor_row = _donor_report(rows, exploit, first)
+        first = after_exploit(rows, exploit)
+        donor_row = donor_report(rows, exploit, first)
         # the recipient's weights right after the exploit are the donor's checkpointed weights
         assert first["restored_weights_sha256"] == donor_row["weights_sha256"]
         assert first["restored_from_step"] == donor_row["step"]
@@ -115,7 +91,7 @@ def test_mutated_schedule_and_depth_take_effect(pbt_run):
 
     _, summary, rows, _ = pbt_run
     for exploit in summary["exploits"]:
-        first = _after_exploit(rows, exploit)
+        first = after_exploit(rows, exploit)
         config = exploit["new_config"]
         # the LR actually used follows the recipient's own schedule at the current step: no jump back to warmup
         expected = config["learning_rate"] * lr_multiplier(
@@ -127,39 +103,74 @@ def test_mutated_schedule_and_depth_take_effect(pbt_run):
         assert depth_one == (config["unfreeze_depth"] == 1)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 4, open: Tune's PBT replay of a synch population does not reliably start from "
-    "the lineage's root config (seen in 2 of 5 runs); under investigation",
-)
-def test_replay_follows_the_trials_schedule(pbt_run):
-    from ray.tune.schedulers import PopulationBasedTrainingReplay
-
-    from tune_jobs.replay import config_schedule
-
+def test_exploits_are_logged_with_the_step_cloned(pbt_run):
     run_dir, summary, rows, _ = pbt_run
-    trial = summary["exploits"][-1]["recipient"]  # the most recently exploited: the longest lineage
+    assert json.loads((run_dir / "lineage.json").read_text()) == summary["exploits"]
+    for exploit in summary["exploits"]:
+        first = after_exploit(rows, exploit)
+        assert exploit["step"] == first["restored_from_step"]
+        assert exploit["mutated"] and set(exploit["mutated"]) <= set(exploit["new_config"])
+
+
+def test_lineage_picture_draws_every_exploit(pbt_run):
+    import xml.etree.ElementTree as ET
+
+    run_dir, summary, _, _ = pbt_run
+    svg = ET.parse(run_dir / "lineage.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    arrows = [e.attrib for e in svg.iter(f"{ns}line") if e.get("class") == "exploit"]
+    assert sorted(
+        (a["data-donor"], a["data-recipient"], int(a["data-step"])) for a in arrows
+    ) == sorted((e["donor"], e["recipient"], e["step"]) for e in summary["exploits"])
+    lanes = {t.text for t in svg.iter(f"{ns}text") if t.get("class") == "trial"}
+    assert lanes == {t["trial"] for t in summary["trials"]}
+
+
+def test_pbt_checkpoints_hold_the_trained_delta_and_report_their_size(pbt_run):
+    run_dir, summary, rows, _ = pbt_run
+    assert summary["checkpoints"]["weights"] == "trained"
+    assert summary["checkpoints"]["mb"] > 0
+    sizes = {r["unfreeze_depth"]: r["checkpoint_mb"] for trial in rows.values() for r in trial}
+    assert all(v > 0 for v in sizes.values())
+    # the exported model is a full folder all the same (rebuilt from the base model + delta)
+    assert (run_dir / "best_model" / "model.safetensors").exists()
+
+
+def test_replay_reproduces_the_trials_schedule_and_weights(pbt_run):
+    """Replay of the most recently exploited trial (the longest lineage): from scratch, with
+    the lineage's hyperparameters switching at the steps cloned, it lands on the same weights."""
+    run_dir, summary, rows, _ = pbt_run
+    trial = summary["exploits"][-1]["recipient"]
     proc = tunefleet("replay", str(run_dir), trial)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    policy = PopulationBasedTrainingReplay(
-        str(run_dir / f"pbt_policy_{rows[trial][0]['trial_id']}.txt")
-    )
     replay_dir = run_dir.parent / f"pbt-replay-{trial}"
+    segments = json.loads((replay_dir / "replay_schedule.json").read_text())["segments"]
+    assert len(segments) >= 2
+    # every switch of the schedule is an exploit of the run, at the step its recipient restored
+    logged = [(e["recipient"], e["step"], e["new_config"]) for e in summary["exploits"]]
+    for seg in segments[1:]:
+        assert (seg["trained_by"], seg["from_step"], seg["config"]) in logged
+    assert segments[-1]["config"] == rows[trial][-1]["config"]
+
     replay_rows = [
         json.loads(line)
         for line in (replay_dir / "trial_00000" / "result.json").read_text().splitlines()
     ]
-    # The replay goes through the lineage's configs, in order, changing at the recorded
-    # iterations. A change recorded at the budget's last evaluation may or may not be
-    # replayed: the replayed trial can finish before Tune pauses it there.
-    last_iteration = 24 // EVERY
-    replayable = [(at, conf) for at, conf in policy._policy if at < last_iteration]
-    got = config_schedule(replay_rows)
-    full = [policy.config] + [conf for _, conf in policy._policy]
-    assert got in (full, [policy.config] + [conf for _, conf in replayable])
-    for change_at, conf in replayable:
-        first = next(r for r in replay_rows if r["config"] == conf)
-        assert first["training_iteration"] == change_at + 1
-    if got == full:
-        assert replay_rows[-1]["config"] == rows[trial][-1]["config"]
+    assert [r["hp_segment"] for r in replay_rows] == sorted(r["hp_segment"] for r in replay_rows)
+    assert replay_rows[-1]["hp_segment"] == len(segments) - 1
+    # at every report the replay is where the lineage was: same LR, depth and weights
+    for r in replay_rows:
+        seg = segments[r["hp_segment"]]
+        original = [
+            o
+            for o in rows[seg["trained_by"]]
+            if o["step"] == r["step"] and o["config"] == seg["config"]
+        ]
+        assert original, (
+            f"no report of {seg['trained_by']} at step {r['step']} with {seg['config']}"
+        )
+        assert r["lr"] == pytest.approx(original[-1]["lr"], rel=1e-9)
+        assert r["unfreeze_depth"] == original[-1]["unfreeze_depth"]
+        assert r["weights_sha256"] == original[-1]["weights_sha256"], f"step {r['step']}"
     assert replay_rows[-1]["step"] == 24
+    assert replay_rows[-1]["weights_sha256"] == rows[trial][-1]["weights_sha256"]

@@ -240,3 +240,24 @@ def test_pbt_population_must_fit_in_train_mode():
     with pytest.raises(ResourceError, match="search.num_samples"):
         check_population_fits(spec, max_concurrent=2)
     check_population_fits(spec, max_concurrent=8)
+
+
+def test_pbt_population_counts_the_grid():
+    """num_samples 2 x a grid of 2 is a population of 4: it must fit as a whole."""
+    from cluster.resources import ResourceError
+    from tune_jobs.run import check_population_fits
+
+    spec = parse_spec(
+        {
+            "search": {"num_samples": 2, "space": {"learning_rate": {"grid": [1e-5, 1e-4]}}},
+            "scheduler": {
+                "type": "pbt",
+                "perturbation_interval": 0.5,
+                "mutations": {"learning_rate": {"loguniform": [1e-5, 1e-3]}},
+            },
+        }
+    )
+    assert spec.search.num_trials == 4
+    with pytest.raises(ResourceError, match="population of 4 \\(2 x the grid\\)"):
+        check_population_fits(spec, max_concurrent=2)
+    check_population_fits(spec, max_concurrent=4)
