@@ -7,7 +7,7 @@ Sources, both written during the run:
   ``pbt_policy_<trial id>.txt`` (the exploits a trial's weights went through:
   the donor's file plus the new line, so it reads back to a trial that trained
   from scratch);
-- each trial's ``result.json``: the recipient's first report after an exploit
+- each trial's reports (``tune_jobs.report_log``): the recipient's first report after an exploit
   carries ``restored_from_step``, the step of the checkpoint it continued from.
   Tune's logged iterations can lag that checkpoint by an interval under
   ``synch=True``; the restored step cannot, so steps come from the reports.
@@ -26,6 +26,7 @@ from typing import Any
 
 from cluster import storage
 from trainers import metrics as M
+from tune_jobs.report_log import read_reports
 
 PBT_GLOBAL_LOG = "pbt_global.txt"
 LINEAGE_FILE = "lineage.json"
@@ -42,11 +43,8 @@ def trial_of_tag(tag: str) -> str:
 
 
 def trial_rows(run_dir: str, trial: str) -> list[dict[str, Any]]:
-    """The trial's reports (``result.json``), in order; empty if it never reported."""
-    path = storage.join(run_dir, trial, "result.json")
-    if not storage.exists(path):
-        return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    """The trial's reports, in order; empty if it never reported."""
+    return read_reports(run_dir, trial)
 
 
 def restored_step(rows: list[dict[str, Any]], config: dict[str, Any]) -> int | None:
@@ -176,7 +174,7 @@ def _segments(rows: list[dict[str, Any]]) -> list[list[tuple[int, float | None]]
     for row in rows:
         restored = row.get(M.RESTORED_FROM_STEP, -1)
         if not out or (row.get("iterations_since_restore") == 1 and restored >= 0):
-            out.append([(int(restored), None)] if restored >= 0 else [])
+            out.append([(max(int(restored), 0), None)])  # from the step it started at
         out[-1].append((int(row[M.STEP]), row.get("_metric")))
     return out
 
@@ -260,8 +258,10 @@ def lineage_svg(
             f'data-step="{e["step"]}" x1="{sx:.1f}" y1="{d:.1f}" x2="{sx + 6:.1f}" y2="{r:.1f}" '
             f'stroke="#c0392b" stroke-width="1.5" marker-end="url(#arrow)"/>'
         )
+        anchor, tx = ("end", sx - 6) if sx > left + 0.7 * width else ("start", sx + 9)
         out.append(
-            f'<text x="{sx + 9:.1f}" y="{r - 8:.1f}" fill="#c0392b" font-size="10">{label}</text>'
+            f'<text x="{tx:.1f}" y="{r - 8:.1f}" text-anchor="{anchor}" fill="#c0392b" '
+            f'font-size="10">{label}</text>'
         )
     out.append("</svg>")
     return "\n".join(out)

@@ -66,8 +66,16 @@ def leaderboard(summary: dict[str, Any]) -> str:
         out.append(f"PBT exploits ({len(exploits)}):")
         for e in exploits:
             changes = ", ".join(f"{k}={_fmt(v)}" for k, v in e["mutated"].items()) or "no change"
+            at = (
+                f"step {e['step']}"
+                if e.get("step") is not None
+                else f"iteration {e['donor_iteration']}"
+            )
+            out.append(f"  {e['recipient']} <- {e['donor']} ({at}): {changes}")
+        sizes = summary.get("checkpoints") or {}
+        if sizes.get("mb") is not None:
             out.append(
-                f"  {e['recipient']} <- {e['donor']} (iteration {e['donor_iteration']}): {changes}"
+                f"checkpoints ({sizes['weights']} weights): {sizes['mb']:.1f} MiB each (median)"
             )
     versus = summary.get("best_vs_defaults")
     if versus:

@@ -55,21 +55,31 @@ def _better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
-def summarize_trial(result: Any, metric: str, mode: str) -> TrialSummary:
-    """Summarise one ``ray.tune.Result``."""
-    frame = result.metrics_dataframe
-    rows = (
-        []
-        if frame is None or metric not in getattr(frame, "columns", [])
-        else frame.to_dict("records")
-    )
+def trial_dir(result: Any) -> str:
+    """The trial's folder name (``trial_<n>``) of a ``ray.tune.Result``."""
+    return os.path.basename(result.path.rstrip("/"))
+
+
+def summarize_trial(
+    result: Any, metric: str, mode: str, rows: list[dict[str, Any]] | None = None
+) -> TrialSummary:
+    """Summarise one ``ray.tune.Result`` from its reports (``rows``; default: Ray's own
+    dataframe, which can miss rows written before a restore)."""
+    if rows is None:
+        frame = result.metrics_dataframe
+        rows = (
+            []
+            if frame is None or metric not in getattr(frame, "columns", [])
+            else frame.to_dict("records")
+        )
+    rows = [r for r in rows if metric in r]
     best: dict[str, Any] = {}
     for row in rows:
         if row.get(metric) is not None and _better(row[metric], best.get(metric), mode):
             best = row
     last = rows[-1] if rows else {}
     step, total = last.get(M.STEP), last.get(M.TOTAL_STEPS)
-    name = os.path.basename(result.path.rstrip("/"))
+    name = trial_dir(result)
     return TrialSummary(
         trial=name,
         status="ERROR" if result.error else "TERMINATED",

@@ -24,6 +24,7 @@ from tune_jobs import results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
 from tune_jobs.report import leaderboard
+from tune_jobs.report_log import ReportLog, read_reports
 from tune_jobs.spec import JobSpec
 
 log = logging.getLogger("tunefleet")
@@ -172,6 +173,7 @@ def build_tuner(
             storage_path=storage_root,
             checkpoint_config=tune_checkpoint_config(spec),
             failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[ReportLog(run_dir)],
             progress_reporter=tune.CLIReporter(
                 metric_columns=[metric, M.EVAL_LOSS, M.STEP, M.EPOCH],
                 parameter_columns=list(spec.search.space),
@@ -246,15 +248,17 @@ def run_job(
         )
         grid = tuner.fit()
         metric, mode = spec.search.metric, spec.search.resolved_mode
-        trials = [results.summarize_trial(r, metric, mode) for r in grid]
+        trials = [
+            results.summarize_trial(r, metric, mode, read_reports(run_dir, results.trial_dir(r)))
+            for r in grid
+        ]
         finished = [t for t in trials if t.best.get(metric) is not None]
         best = None
         export = None
         if finished:
-            best_result = grid.get_best_result(metric=metric, mode=mode, scope="all")
-            best = next(
-                t for t in trials if t.trial == os.path.basename(best_result.path.rstrip("/"))
-            )
+            sign = 1 if mode == "max" else -1
+            best = max(finished, key=lambda t: sign * t.best[metric])
+            best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
             if spec.training.save_checkpoints:
                 uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
                 export = results.export_best(

@@ -14,6 +14,7 @@ import yaml
 
 from tests.e2e.conftest import tunefleet
 from tests.e2e.pbt_checks import after_exploit, donor_report
+from tune_jobs.report_log import read_reports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -60,15 +61,16 @@ def pbt_run(tmp_path_factory):
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = {}
     for trial in summary["trials"]:
-        lines = (run_dir / trial["trial"] / "result.json").read_text().splitlines()
-        rows[trial["trial"]] = [json.loads(line) for line in lines]
+        rows[trial["trial"]] = read_reports(str(run_dir), trial["trial"])
     return run_dir, summary, rows, proc.stdout
 
 
 def test_population_exploits(pbt_run):
-    _, summary, _, stdout = pbt_run
+    _, summary, rows, stdout = pbt_run
     assert summary["exploits"], "no exploit in a population of 4"
     assert "PBT exploits" in stdout
+    for reports in rows.values():  # no report lost across synch PBT's pauses and restores
+        assert [r["training_iteration"] for r in reports] == list(range(1, len(reports) + 1))
 
 
 def test_recipient_continues_from_the_donors_weights_and_step(pbt_run):
@@ -152,10 +154,7 @@ def test_replay_reproduces_the_trials_schedule_and_weights(pbt_run):
         assert (seg["trained_by"], seg["from_step"], seg["config"]) in logged
     assert segments[-1]["config"] == rows[trial][-1]["config"]
 
-    replay_rows = [
-        json.loads(line)
-        for line in (replay_dir / "trial_00000" / "result.json").read_text().splitlines()
-    ]
+    replay_rows = read_reports(str(replay_dir), "trial_00000")
     assert [r["hp_segment"] for r in replay_rows] == sorted(r["hp_segment"] for r in replay_rows)
     assert replay_rows[-1]["hp_segment"] == len(segments) - 1
     # at every report the replay is where the lineage was: same LR, depth and weights

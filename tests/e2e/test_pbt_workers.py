@@ -15,6 +15,7 @@ import yaml
 
 from tests.e2e.conftest import tunefleet
 from tests.e2e.pbt_checks import after_exploit, donor_report
+from tune_jobs.report_log import read_reports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -56,8 +57,7 @@ def pbt_run(tmp_path_factory):
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = {}
     for trial in summary["trials"]:
-        lines = (run_dir / trial["trial"] / "result.json").read_text().splitlines()
-        rows[trial["trial"]] = [json.loads(line) for line in lines]
+        rows[trial["trial"]] = read_reports(str(run_dir), trial["trial"])
     return run_dir, summary, rows
 
 
@@ -82,6 +82,8 @@ def test_exploits_restore_the_donors_weights_in_a_new_worker_group(pbt_run):
 def test_every_report_is_attributed_to_its_own_trial(pbt_run):
     _, summary, rows = pbt_run
     for trial, reports in rows.items():
+        # no report lost across the pauses and restores of synch PBT
+        assert [r["training_iteration"] for r in reports] == list(range(1, len(reports) + 1))
         assert len({r["trial_id"] for r in reports}) == 1
         assert all(r["train_run"].startswith(trial + "-start") for r in reports)
     assert summary["checkpoints"]["weights"] == "trained"
