@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -301,7 +302,11 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         checkpoint = (
             _pointer_checkpoint(plan.train_storage, run_name, path, metrics) if path else None
         )
-        tune.report({**metrics, "train_run": run_name}, checkpoint=checkpoint)
+        try:
+            tune.report({**metrics, "train_run": run_name}, checkpoint=checkpoint)
+        finally:  # tune.report has copied it to the trial's storage
+            if checkpoint is not None:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
 
     fit_forwarding(plan, hp, run_name, resume, trial_name, forward)
 
