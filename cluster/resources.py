@@ -25,6 +25,7 @@ class TrialResources:
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.01
     single_process: bool = False  # the loop runs in the trial itself: no separate driver share
+    placement_strategy: str = "PACK"  # of the workers' placement group
 
     @property
     def cpus(self) -> float:
@@ -63,6 +64,7 @@ class ClusterCapacity:
     gpus: float
     max_node_cpus: float
     max_node_gpus: float
+    nodes: int = 1
 
 
 def max_concurrent_trials(
@@ -79,6 +81,28 @@ def max_concurrent_trials(
         raise ResourceError(
             f"resources.gpus_per_worker: {trial.gpus_per_worker:g} GPUs per worker, but the largest "
             f"node has {cluster.max_node_gpus:g}; use at most {cluster.max_node_gpus:g}"
+        )
+    if trial.placement_strategy == "STRICT_PACK" and not trial.single_process:
+        need_cpus = trial.num_workers * trial.cpus_per_worker
+        need_gpus = trial.num_workers * trial.gpus_per_worker
+        if need_cpus > cluster.max_node_cpus + eps or need_gpus > cluster.max_node_gpus + eps:
+            per_node = math.floor(cluster.max_node_cpus / trial.cpus_per_worker + eps)
+            if trial.gpus_per_worker:
+                per_node = min(
+                    per_node, math.floor(cluster.max_node_gpus / trial.gpus_per_worker + eps)
+                )
+            raise ResourceError(
+                f"resources.placement_strategy: STRICT_PACK puts all {trial.num_workers} workers "
+                f"on one node ({need_cpus:g} CPUs, {need_gpus:g} GPUs) but the largest node has "
+                f"{cluster.max_node_cpus:g} CPUs and {cluster.max_node_gpus:g} GPUs; use "
+                f"num_workers <= {per_node} or placement_strategy: PACK"
+            )
+    spread = trial.placement_strategy == "STRICT_SPREAD" and not trial.single_process
+    if spread and trial.num_workers > cluster.nodes:
+        raise ResourceError(
+            f"resources.placement_strategy: STRICT_SPREAD puts each of {trial.num_workers} "
+            f"workers on its own node but the cluster has {cluster.nodes}; use num_workers <= "
+            f"{cluster.nodes} or placement_strategy: SPREAD"
         )
     fits = math.floor(cluster.cpus / trial.cpus + eps)
     if trial.gpus:
@@ -105,4 +129,6 @@ def capacity_of_running_cluster() -> ClusterCapacity:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = [n["Resources"].get("CPU", 0.0) for n in nodes]
     gpus = [n["Resources"].get("GPU", 0.0) for n in nodes]
-    return ClusterCapacity(sum(cpus), sum(gpus), max(cpus, default=0.0), max(gpus, default=0.0))
+    return ClusterCapacity(
+        sum(cpus), sum(gpus), max(cpus, default=0.0), max(gpus, default=0.0), len(nodes)
+    )

@@ -14,6 +14,12 @@ Two layouts, named in the manifest's ``weights`` field:
     trainer_state.pt
     tunefleet_checkpoint.json   ... plus base_model, label_names, trained_params
 
+``deepspeed`` (a DeepSpeed engine's own checkpoint, every rank's ZeRO shards)::
+
+    deepspeed/                  engine.save_checkpoint (see trainers.ds_engine)
+    trainer_state.pt            RNG state
+    tunefleet_checkpoint.json   ... plus world_size, zero_stage, trainable (names)
+
 Frozen blocks still hold the pretrained weights, so a ``trained`` checkpoint is
 the base model plus a delta: a restore builds the base model and loads the
 delta over it. A parameter that trained once and is frozen now (PBT lowered the
@@ -34,7 +40,7 @@ TRAINED_WEIGHTS = "trained_weights.safetensors"
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "tunefleet_checkpoint.json"
 
-Layout = Literal["full", "trained"]
+Layout = Literal["full", "trained", "deepspeed"]
 
 
 def save_checkpoint(
@@ -52,6 +58,7 @@ def save_checkpoint(
     trained: Iterable[str] = (),
     base_model: str | None = None,
     label_names: list[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> int:
     """Write everything needed to continue training; return the bytes written.
 
@@ -60,7 +67,9 @@ def save_checkpoint(
     """
     os.makedirs(path, exist_ok=True)
     trained = sorted(set(trained))
-    if layout == "full":
+    if layout == "deepspeed":
+        pass  # the engine has written deepspeed/ (every rank); this is rank 0's part
+    elif layout == "full":
         model.save_pretrained(os.path.join(path, MODEL_DIR))
         tokenizer.save_pretrained(os.path.join(path, MODEL_DIR))
     else:
@@ -76,7 +85,9 @@ def save_checkpoint(
         {
             # AdamW state keyed by parameter name, so a restore with another
             # trainable set (a new unfreeze depth) keeps what still applies.
-            "optimizer_by_name": optimizer_state_by_name(optimizer),
+            "optimizer_by_name": {}
+            if layout == "deepspeed"
+            else optimizer_state_by_name(optimizer),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -94,6 +105,7 @@ def save_checkpoint(
                 "trained_params": trained,
                 "hparams": dict(hparams),
                 "metrics": dict(metrics),
+                **dict(extra or {}),
             },
             fh,
             indent=2,
@@ -227,13 +239,35 @@ def materialize(path: str, dest: str) -> None:
     import shutil
 
     manifest = read_manifest(path)
-    if manifest.get("weights", "full") == "full":
+    layout = manifest.get("weights", "full")
+    if layout == "full":
         shutil.copytree(os.path.join(path, MODEL_DIR), dest, dirs_exist_ok=True)
         return
     from trainers.model import build_model, build_tokenizer, resolve_model_path
 
     base = resolve_model_path(manifest["base_model"])
     model = build_model(base, manifest["label_names"], manifest["hparams"])
-    load_weights(path, model)
+    if layout == "deepspeed":
+        _load_deepspeed_weights(path, manifest, model)
+    else:
+        load_weights(path, model)
     model.save_pretrained(dest)
     build_tokenizer(base).save_pretrained(dest)
+
+
+def _load_deepspeed_weights(path: str, manifest: Mapping[str, Any], model: Any) -> None:
+    """Merge a DeepSpeed checkpoint's shards into ``model`` (fp32)."""
+    from trainers.ds_engine import DS_DIR, DS_TAG, merged_state_dict
+
+    if int(manifest.get("zero_stage", 0)) == 0:  # nothing sharded: the module's own states
+        states = os.path.join(path, DS_DIR, DS_TAG, "mp_rank_00_model_states.pt")
+        weights = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    else:
+        weights = merged_state_dict(path)
+    weights = {k: v.float() for k, v in weights.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        raise RuntimeError(
+            f"DeepSpeed checkpoint {path} does not match the model: missing={missing[:5]} "
+            f"unexpected={unexpected[:5]}"
+        )

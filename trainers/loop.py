@@ -12,6 +12,7 @@ for how it is built):
     seed, threads, save_checkpoints
     checkpoint_weights  "full" (a loadable model) or "trained" (the delta from the base model)
     hp_schedule  optional [(from_step, hp), ...]: switch hyperparameters at those steps
+    distributed  {"strategy": "ddp" | "deepspeed", "activation_checkpointing", "deepspeed": {...}}
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from trainers import ds_engine
 from trainers import metrics as M
 from trainers.checkpoint import (
     load_optimizer_state_by_name,
@@ -231,6 +233,7 @@ def build_segment(
     world_size: int,
     eval_cfg: Mapping[str, Any],
     step: int,
+    activation_checkpointing: bool = False,
 ) -> Segment:
     """Model (base weights), trainable set, optimizer and LR schedule for ``hp`` at ``step``.
 
@@ -239,6 +242,8 @@ def build_segment(
     this step, with no jump back to warmup.
     """
     model = build_model(model_path, label_names, dict(hp))
+    if activation_checkpointing:  # non-reentrant: works with frozen lower blocks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lmap = layer_map(model) if uses_layers(hp) else _try_layer_map(model)
     n_blocks = lmap.num_blocks if lmap else 0
     spe = steps_per_epoch(n_train, hp, world_size)
@@ -299,12 +304,26 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
     val_ids = tokenize(tokenizer, [data.validation.texts[i] for i in val_rows], max_len)
     val_labels = [data.validation.labels[i] for i in val_rows]
 
+    dist = config.get("distributed") or {}
+    use_ds = dist.get("strategy") == "deepspeed"
+
     def segment(hp: Mapping[str, Any], at: int) -> Segment:
         return build_segment(
-            model_path, data.label_names, hp, len(data.train), ctx.world_size, eval_cfg, at
+            model_path,
+            data.label_names,
+            hp,
+            len(data.train),
+            ctx.world_size,
+            eval_cfg,
+            at,
+            bool(dist.get("activation_checkpointing")),
         )
 
+    if use_ds:
+        ds_engine.use_cpu_accelerator(ctx.device)
     switches = hp_schedule(config)
+    if use_ds and switches:
+        raise ValueError("hp_schedule (a PBT replay) needs distributed.strategy: ddp")
     fingerprint = config.get("fingerprint_weights", False)
     with ctx.restore_dir() as restore:
         manifest = read_manifest(restore) if restore else {"step": 0, "hparams": {}}
@@ -316,13 +335,45 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
         seg = segment(hp, step)
         restored: dict[str, Any] = {M.RESTORED_FROM_STEP: -1}
         trained: set[str] = set()
+        ds_checkpoint = bool(restore) and manifest.get("weights") == "deepspeed"
         if restore:
-            load_weights(restore, seg.model)
+            if not ds_checkpoint:
+                load_weights(restore, seg.model)
             trained = trained_params(manifest, seg.model)
             restored[M.RESTORED_FROM_STEP] = step
+            kept, fresh, _ = load_trainer_state(restore, seg.optimizer)  # and the RNG state
+            optimizer_note = f"optimizer state kept for {kept} tensors, {fresh} start fresh"
+        if use_ds:
+            settings = dist["deepspeed"]
+            seg.model = ds_engine.initialize(
+                seg.model,
+                seg.optimizer,
+                seg.scheduler,
+                seg.hp,
+                settings,
+                ctx.world_size,
+                ctx.device,
+            )
+            if ds_checkpoint:
+                same = (
+                    manifest.get("trainable") == sorted(requires_grad_names(seg.model))
+                    and manifest.get("world_size") == ctx.world_size
+                    and manifest.get("zero_stage") == settings["zero_stage"]
+                )
+                ds_engine.load(seg.model, restore, module_only=not same)
+                optimizer_note = (
+                    "DeepSpeed optimizer state restored"
+                    if same
+                    else "module weights only: the trainable set, world size or ZeRO stage "
+                    "changed, so the optimizer was rebuilt and starts fresh"
+                )
+            elif restore:
+                optimizer_note = "weights from a non-DeepSpeed checkpoint; optimizer starts fresh"
+        else:
+            seg.model = ctx.prepare_model(seg.model)
+        if restore:
             if fingerprint:
                 restored[M.RESTORED_WEIGHTS] = _fingerprint(seg.model)
-            kept, fresh, _ = load_trainer_state(restore, seg.optimizer)
             changed = {
                 k: (manifest["hparams"].get(k), hp.get(k))
                 for k in hp
@@ -331,11 +382,9 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             _log(
                 ctx,
                 config,
-                f"restored step {step} from {restore}: optimizer state kept for {kept} tensors, "
-                f"{fresh} start fresh"
+                f"restored step {step} from {restore}: {optimizer_note}"
                 + (f"; hyperparameters now differ: {changed}" if changed else ""),
             )
-    seg.model = ctx.prepare_model(seg.model)
     seg.model.train()
     trained |= requires_grad_names(seg.model)
 
@@ -461,7 +510,19 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
         model, optimizer, scheduler = seg.model, seg.optimizer, seg.scheduler
         for k in range(start, len(micro_batches), accum):
             group = micro_batches[k : k + accum]
-            for i, cpu_batch in enumerate(group):
+            if use_ds:
+                # The engine steps optimizer, clipping and schedule at the boundary we set:
+                # the loss is averaged over this group exactly as in the DDP path.
+                for i, cpu_batch in enumerate(group):
+                    batch = {k: v.to(ctx.device, non_blocking=True) for k, v in cpu_batch.items()}
+                    model.set_gradient_accumulation_boundary(i == len(group) - 1)
+                    loss = model(**batch).loss.float() / len(group)
+                    model.backward(loss, scale_wrt_gas=False)
+                    loss_total += float(loss.detach()) * len(group)
+                    loss_count += 1
+                    samples += len(batch["labels"]) * ctx.world_size
+                model.step()
+            for i, cpu_batch in enumerate([] if use_ds else group):
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in cpu_batch.items()}
                 sync = i == len(group) - 1 or not hasattr(model, "no_sync")
                 with torch.enable_grad(), contextlib.nullcontext() if sync else model.no_sync():
@@ -470,17 +531,20 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 loss_total += float(loss.detach()) * len(group)
                 loss_count += 1
                 samples += len(batch["labels"]) * ctx.world_size
-            if hp["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], hp["max_grad_norm"]
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not use_ds:
+                if hp["max_grad_norm"]:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], hp["max_grad_norm"]
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
 
             new_depth = depth_at(step, hp, spe, seg.n_blocks)
             if new_depth != seg.depth:  # gradual unfreezing: one more block trains from here on
+                if use_ds:
+                    raise ValueError("gradual unfreezing needs distributed.strategy: ddp")
                 bare = unwrap(model)
                 seg.depth = new_depth
                 lr_scale, seg.n_trainable = build_trainable(bare, seg.lmap, hp, new_depth)
@@ -503,8 +567,10 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
 
 
 def _fingerprint(model: Any) -> str:
-    params = dict(model.named_parameters())
-    return weights_fingerprint(params, list(params))
+    bare = unwrap(model)
+    params = dict(bare.named_parameters())
+    with ds_engine.gathered(bare):  # ZeRO-3: whole parameters for the hash
+        return weights_fingerprint(params, list(params))
 
 
 def _log(ctx: WorkerContext, config: Mapping[str, Any], message: str) -> None:
@@ -523,12 +589,20 @@ def _report_with_checkpoint(
     trained: set[str],
     label_names: list[str],
 ) -> None:
-    """Rank 0 writes the checkpoint to a temp folder (its size joins the report); every rank reports."""
-    if not config.get("save_checkpoints", True) or ctx.rank != 0:
+    """Rank 0 writes the checkpoint to a temp folder (its size joins the report); every rank
+    reports. Under DeepSpeed every rank writes its shards first, and every rank reports its
+    folder (Ray Train gathers them into one checkpoint)."""
+    deepspeed = ds_engine.is_engine(seg.model)
+    if not config.get("save_checkpoints", True) or (ctx.rank != 0 and not deepspeed):
         ctx.report(report, None)
         return
     tmp = tempfile.mkdtemp(prefix=f"tunefleet-step{step}-")
     try:
+        if deepspeed:
+            ds_engine.save(seg.model, tmp)
+            if ctx.rank != 0:
+                ctx.report(report, tmp)
+                return
         size = save_checkpoint(
             tmp,
             model=unwrap(seg.model),
@@ -539,10 +613,17 @@ def _report_with_checkpoint(
             epoch=report[M.EPOCH],
             hparams=seg.hp,
             metrics=report,
-            layout=config.get("checkpoint_weights", "full"),
+            layout="deepspeed" if deepspeed else config.get("checkpoint_weights", "full"),
             trained=trained,
             base_model=config["model"]["name_or_path"],
             label_names=label_names,
+            extra={
+                "world_size": ctx.world_size,
+                "zero_stage": config["distributed"]["deepspeed"]["zero_stage"],
+                "trainable": sorted(requires_grad_names(seg.model)),
+            }
+            if deepspeed
+            else None,
         )
         report[M.CHECKPOINT_MB] = size / 2**20
         ctx.report(report, tmp)

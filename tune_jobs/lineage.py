@@ -47,10 +47,17 @@ def trial_rows(run_dir: str, trial: str) -> list[dict[str, Any]]:
     return read_reports(run_dir, trial)
 
 
-def restored_step(rows: list[dict[str, Any]], config: dict[str, Any]) -> int | None:
-    """The checkpoint step from which a trial started training with ``config`` after an exploit."""
+def restored_step(
+    rows: list[dict[str, Any]], config: dict[str, Any], after_iteration: int = 0
+) -> int | None:
+    """The checkpoint step from which a trial continued with ``config`` after an exploit
+    logged at its iteration ``after_iteration`` (a trial can take the same config twice)."""
     for row in rows:
-        if row.get("config") == config and row.get(M.RESTORED_FROM_STEP, -1) >= 0:
+        if (
+            row.get("training_iteration", 0) > after_iteration
+            and row.get("config") == config
+            and row.get(M.RESTORED_FROM_STEP, -1) >= 0
+        ):
             return int(row[M.RESTORED_FROM_STEP])
     return None
 
@@ -76,7 +83,7 @@ def read_lineage(run_dir: str) -> list[dict[str, Any]]:
                 "recipient_iteration": recipient_iter,
                 "donor_iteration": donor_iter,
                 # the step of the donor's checkpoint the recipient continued from
-                "step": restored_step(rows[recipient], new_config),
+                "step": restored_step(rows[recipient], new_config, recipient_iter),
                 "donor_config": donor_config,
                 "new_config": new_config,
                 "mutated": {k: v for k, v in new_config.items() if donor_config.get(k) != v},
@@ -105,18 +112,21 @@ class Schedule:
         }
 
 
-def policy_chain(lines: list[list[Any]]) -> tuple[str, dict[str, Any], list[tuple[str, dict]]]:
-    """(root tag, root config, [(recipient tag, new config), ...]) of a trial's policy file.
+def policy_chain(
+    lines: list[list[Any]],
+) -> tuple[str, dict[str, Any], list[tuple[str, int, dict[str, Any]]]]:
+    """(root tag, root config, [(recipient tag, its iteration, new config), ...]) of a trial's
+    policy file.
 
     Read from the end: a line belongs to the chain while its recipient is the donor
     of the line after it (Tune's own rule in ``PopulationBasedTrainingReplay``).
     """
-    chain: list[tuple[str, dict[str, Any]]] = []
+    chain: list[tuple[str, int, dict[str, Any]]] = []
     donor_tag, root_config, expected = None, None, None
-    for recipient, donor, _, _, donor_config, new_config in reversed(lines):
+    for recipient, donor, recipient_iter, _, donor_config, new_config in reversed(lines):
         if expected is not None and recipient != expected:
             break
-        chain.append((recipient, new_config))
+        chain.append((recipient, recipient_iter, new_config))
         donor_tag, root_config, expected = donor, donor_config, donor
     return donor_tag, root_config, list(reversed(chain))
 
@@ -132,9 +142,9 @@ def trial_schedule(run_dir: str, trial: str) -> Schedule:
     lines = [json.loads(x) for x in storage.read_text(policy).splitlines() if x.strip()]
     root_tag, root_config, chain = policy_chain(lines)
     switches = []
-    for tag, config in chain:
+    for tag, iteration, config in chain:
         owner = trial_of_tag(tag)
-        step = restored_step(trial_rows(run_dir, owner), config)
+        step = restored_step(trial_rows(run_dir, owner), config, iteration)
         if step is None:
             raise LineageError(
                 f"{owner} never reported after taking config {config} (its result.json is "

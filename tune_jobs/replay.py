@@ -33,6 +33,17 @@ SCHEDULE_FILE = "replay_schedule.json"
 
 def replay_spec(spec: JobSpec, trial: str, schedule: Schedule) -> JobSpec:
     """One trial of the same job with the schedule's first config, no search, no smoke pass."""
+    if spec.distributed.strategy == "deepspeed":
+        raise SpecError(
+            [
+                Problem(
+                    "distributed.strategy",
+                    "deepspeed",
+                    "replay switches hyperparameters inside the loop, which would rebuild the "
+                    "DeepSpeed engine mid-run; not supported yet (replay a ddp run)",
+                )
+            ]
+        )
     raw = spec.to_dict()
     raw["search"].update(
         num_samples=1,

@@ -49,6 +49,7 @@ def trial_resources(spec: JobSpec) -> TrialResources:
         r.gpus_per_worker,
         r.driver_cpus,
         r.trial_mode == "single_process",
+        r.placement_strategy,
     )
 
 

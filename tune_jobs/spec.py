@@ -384,6 +384,58 @@ class ResourcesSpec(_Section):
     local_num_cpus: int | None = Field(
         None, ge=1, description="CPUs of a local debug cluster; default: this machine's."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How a trial's workers are placed on nodes (Ray placement group): PACK "
+        "fills nodes first, STRICT_PACK needs all on one node, SPREAD/STRICT_SPREAD one per node.",
+    )
+
+
+class DeepSpeedSpec(_Section):
+    """DeepSpeed engine settings (used when distributed.strategy is deepspeed)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description="ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, "
+        "3 + parameters partitioned across workers.",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer state (and its step) on the CPU (ZeRO 1-3)."
+    )
+    offload_params: bool = Field(
+        False, description="Keep parameters on the CPU between uses (ZeRO 3 only)."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16",
+        description="Training precision: bf16 (GPUs from Ampere on), fp16 (dynamic loss "
+        "scaling; GPUs only) or fp32.",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra DeepSpeed config keys, merged into the generated config; a key "
+        "that would change a generated value (batch sizes, clipping, ZeRO stage, offload, "
+        "precision) or an optimizer/scheduler entry is an error.",
+    )
+
+
+class DistributedSpec(_Section):
+    """How a trial's workers train together."""
+
+    strategy: Literal["ddp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: PyTorch DistributedDataParallel; deepspeed: a DeepSpeed engine "
+        "(ZeRO), configured from the trial's hyperparameters.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass (less memory, about a third "
+        "more compute); the model's own gradient checkpointing.",
+    )
+    deepspeed: DeepSpeedSpec = Field(
+        default_factory=DeepSpeedSpec,
+        description="DeepSpeed settings: zero_stage, offload_optimizer, offload_params, "
+        "precision, config (extra keys).",
+    )
 
 
 class RunSpec(_Section):
@@ -440,6 +492,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "search": SearchSpec,
     "scheduler": SchedulerSpec,
     "resources": ResourcesSpec,
+    "distributed": DistributedSpec,
     "run": RunSpec,
     "smoke": SmokeSpec,
 }
@@ -456,6 +509,7 @@ class JobSpec(BaseModel):
     search: SearchSpec = Field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     smoke: SmokeSpec = Field(default_factory=SmokeSpec)
 
@@ -661,6 +715,79 @@ def _check_population(sched: SchedulerSpec, search: Any, training: Any) -> list[
     return problems
 
 
+def _check_deepspeed(
+    dist: DistributedSpec, training: Any, search: Any, sched: Any, res: Any
+) -> list[Problem]:
+    """DeepSpeed settings that can never work, and extra config keys that fight tuned values."""
+    from trainers.ds_config import CONTROLLED, conflicts, flatten, generated_config
+
+    ds, problems = dist.deepspeed, []
+    if isinstance(res, ResourcesSpec) and res.trial_mode == "single_process":
+        problems.append(
+            Problem(
+                "distributed.strategy",
+                "deepspeed",
+                "DeepSpeed runs in Ray Train workers; use resources.trial_mode: train",
+            )
+        )
+    if ds.offload_params and ds.zero_stage != 3:
+        problems.append(
+            Problem(
+                "distributed.deepspeed.offload_params",
+                True,
+                f"parameter offload needs ZeRO stage 3 (zero_stage is {ds.zero_stage})",
+            )
+        )
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        problems.append(
+            Problem(
+                "distributed.deepspeed.offload_optimizer",
+                True,
+                "optimizer offload needs ZeRO stage 1, 2 or 3",
+            )
+        )
+    if isinstance(res, ResourcesSpec) and ds.precision == "fp16" and not res.gpus_per_worker:
+        problems.append(
+            Problem(
+                "distributed.deepspeed.precision",
+                "fp16",
+                "fp16 needs GPUs (resources.gpus_per_worker > 0); use bf16 or fp32 on CPUs",
+            )
+        )
+    if isinstance(training, TrainingSpec) and training.gradual_unfreeze_every:
+        problems.append(
+            Problem(
+                "training.gradual_unfreeze_every",
+                training.gradual_unfreeze_every,
+                "not with deepspeed (the engine would be rebuilt mid-run); use a fixed "
+                "unfreeze_depth, or PBT mutating it, or distributed.strategy: ddp",
+            )
+        )
+    if isinstance(training, TrainingSpec) and isinstance(res, ResourcesSpec):
+        tuned: set[str] = set(search.space) if isinstance(search, SearchSpec) else set()
+        if isinstance(sched, SchedulerSpec):
+            tuned |= set(sched.mutations)
+        settings = {**ds.model_dump(), "config": {}}
+        generated = generated_config(training.model_dump(), settings, res.num_workers)
+        reported = set()
+        for path, value in flatten(ds.config).items():
+            searched = sorted(k for k in tuned if f"training.{k}" in CONTROLLED.get(path, ""))
+            if searched:
+                reported.add(path)
+                problems.append(
+                    Problem(
+                        f"distributed.deepspeed.config.{path}",
+                        value,
+                        f"depends on searched key(s) {', '.join(searched)}, so it varies per "
+                        "trial and tunefleet sets it; drop the key",
+                    )
+                )
+        for path, value, why in conflicts(generated, ds.config):
+            if path not in reported:
+                problems.append(Problem(f"distributed.deepspeed.config.{path}", value, why))
+    return problems
+
+
 def budget_in(
     time_attr: str, training: TrainingSpec, space: Mapping[str, Any] | None = None
 ) -> float | None:
@@ -702,6 +829,9 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
         )
     if isinstance(sched, SchedulerSpec) and sched.type in ("pbt", "pb2"):
         problems += _check_population(sched, search, training)
+    dist = s.get("distributed")
+    if isinstance(dist, DistributedSpec) and dist.strategy == "deepspeed":
+        problems += _check_deepspeed(dist, training, search, sched, res)
     if isinstance(search, SearchSpec) and search.algorithm == "optuna":
         for key, entry in search.space.items():
             if isinstance(entry, Mapping) and "grid" in entry:

@@ -147,6 +147,7 @@ def loop_config(
         "checkpoint_weights": checkpoint_layout(spec),
         "fingerprint_weights": spec.run.fingerprint_weights,
         "hp_schedule": hp_schedule or [],
+        "distributed": spec.distributed.model_dump(),
     }
 
 
@@ -165,6 +166,7 @@ def build_trainer(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
             resources_per_worker=res.worker_bundle(),
+            placement_strategy=res.placement_strategy,
         ),
         run_config=train.RunConfig(
             name=run_name,

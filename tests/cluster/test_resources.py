@@ -40,3 +40,15 @@ def test_a_worker_larger_than_any_node_is_refused():
 def test_worker_threads_follow_the_cpu_share():
     assert TrialResources(1, 0.49).worker_threads == 1
     assert TrialResources(1, 4).worker_threads == 4
+
+
+def test_strict_placement_that_can_never_fit_is_refused():
+    cap = ClusterCapacity(cpus=32, gpus=16, max_node_cpus=8, max_node_gpus=4, nodes=4)
+    trial = TrialResources(8, 1, gpus_per_worker=1, placement_strategy="STRICT_PACK")
+    with pytest.raises(ResourceError, match="resources.placement_strategy") as info:
+        max_concurrent_trials(trial, cap)
+    assert "num_workers <= 4" in str(info.value)  # 4 GPUs on the largest node
+    assert max_concurrent_trials(TrialResources(8, 1, 1, placement_strategy="PACK"), cap) == 2
+    spread = TrialResources(5, 1, placement_strategy="STRICT_SPREAD")
+    with pytest.raises(ResourceError, match="num_workers <= 4"):
+        max_concurrent_trials(spread, cap)

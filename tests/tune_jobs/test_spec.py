@@ -261,3 +261,115 @@ def test_pbt_population_counts_the_grid():
     with pytest.raises(ResourceError, match="population of 4 \\(2 x the grid\\)"):
         check_population_fits(spec, max_concurrent=2)
     check_population_fits(spec, max_concurrent=4)
+
+
+DS = {"distributed": {"strategy": "deepspeed", "deepspeed": {"precision": "fp32"}}}
+
+
+def _ds(**deepspeed):
+    return {
+        "distributed": {"strategy": "deepspeed", "deepspeed": {"precision": "fp32", **deepspeed}}
+    }
+
+
+DEEPSPEED_BROKEN = [
+    (_ds(zero_stage=4), "distributed.deepspeed.zero_stage", "3"),
+    (_ds(zero_stage=2, offload_params=True), "distributed.deepspeed.offload_params", "stage 3"),
+    (
+        _ds(zero_stage=0, offload_optimizer=True),
+        "distributed.deepspeed.offload_optimizer",
+        "1, 2 or 3",
+    ),
+    (_ds(precision="fp16"), "distributed.deepspeed.precision", "use bf16 or fp32"),
+    (
+        {**DS, "resources": {"trial_mode": "single_process"}},
+        "distributed.strategy",
+        "trial_mode: train",
+    ),
+    (
+        {**DS, "training": {"gradual_unfreeze_every": 1}},
+        "training.gradual_unfreeze_every",
+        "distributed.strategy: ddp",
+    ),
+    # a user key that fights a generated value names the spec key to change instead
+    (
+        {
+            **_ds(config={"train_micro_batch_size_per_gpu": 64}),
+            "training": {"per_device_train_batch_size": 16},
+        },
+        "distributed.deepspeed.config.train_micro_batch_size_per_gpu",
+        "training.per_device_train_batch_size",
+    ),
+    (
+        {**_ds(config={"train_batch_size": 64}), "resources": {"num_workers": 2}},
+        "distributed.deepspeed.config.train_batch_size",
+        "tunefleet sets it to 32",  # 16 per device x 1 accumulation step x 2 workers
+    ),
+    (
+        _ds(config={"zero_optimization": {"stage": 3}}),
+        "distributed.deepspeed.config.zero_optimization.stage",
+        "distributed.deepspeed.zero_stage",
+    ),
+    (
+        _ds(config={"optimizer": {"type": "AdamW"}}),
+        "distributed.deepspeed.config.optimizer",
+        "AdamW",
+    ),
+    # a searched batch size varies per trial: the key is refused even where it agrees
+    (
+        {
+            **_ds(config={"train_micro_batch_size_per_gpu": 16}),
+            "search": {"space": {"per_device_train_batch_size": {"choice": [16, 32]}}},
+        },
+        "distributed.deepspeed.config.train_micro_batch_size_per_gpu",
+        "searched key(s) per_device_train_batch_size",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "hint"),
+    DEEPSPEED_BROKEN,
+    ids=[f"{b[1]}-{i}" for i, b in enumerate(DEEPSPEED_BROKEN)],
+)
+def test_broken_deepspeed_spec_names_the_key(raw, key, hint):
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    assert key in [p.key for p in info.value.problems], info.value.render()
+    assert hint in str(info.value)
+
+
+def test_deepspeed_extra_keys_that_agree_are_merged():
+    from trainers.ds_config import deepspeed_config
+
+    spec = parse_spec(
+        {
+            **_ds(
+                zero_stage=3,
+                offload_params=True,
+                config={
+                    "train_batch_size": 64,
+                    "zero_optimization": {"stage3_max_live_parameters": 1e8},
+                },
+            ),
+            "training": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
+            "resources": {"num_workers": 4},
+        }
+    )
+    settings = spec.distributed.deepspeed.model_dump()
+    cfg = deepspeed_config(spec.training.model_dump(), settings, world_size=4)
+    assert cfg["train_batch_size"] == 8 * 2 * 4
+    assert cfg["train_micro_batch_size_per_gpu"] == 8
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["gradient_clipping"] == spec.training.max_grad_norm
+    assert cfg["zero_optimization"] == {
+        "stage": 3,
+        "offload_param": {"device": "cpu", "pin_memory": True},
+        "stage3_max_live_parameters": 1e8,
+    }
+    assert cfg["bf16"] == {"enabled": False} and cfg["fp16"]["enabled"] is False
+    # the worker checks again: a trial whose batch makes the user's key wrong is refused
+    with pytest.raises(ValueError, match="train_batch_size=64"):
+        deepspeed_config(
+            {**spec.training.model_dump(), "per_device_train_batch_size": 16}, settings, 4
+        )

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# GPU check of the DeepSpeed path on a lent H100/H200 (under 5 minutes).
+# Needs: torch with CUDA, transformers, deepspeed (installed from .gpucheck/wheels when
+# missing: the device has no network), and the MiniLM folder + Rotten Tomatoes csv that
+# `make gpucheck-files` puts in .gpucheck/ (carry ".gpucheck" to the device).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python -c "import deepspeed" 2>/dev/null; then
+  pip install -q --no-index --find-links .gpucheck/wheels deepspeed
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 290 python scripts/gpu_check.py --model .gpucheck/model --csv .gpucheck/rt.csv "$@"

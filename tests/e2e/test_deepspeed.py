@@ -1,0 +1,172 @@
+"""DeepSpeed in 2-worker Ray Train trials on the CPU (``DS_ACCELERATOR=cpu``, gloo).
+
+Each test fits real Train runs of the worker loop on a local Ray cluster (no
+Tune: ``tune_jobs.trial.fit_forwarding``), on real MiniLM and real data, fp32:
+ZeRO-2 against DDP, save and resume under ZeRO-1/2/3, the merged export, and
+freezing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from trainers import metrics as M
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+EVERY, LAST = 4, 8
+BASE = {
+    "model": {"max_length": 48},
+    "data": {"max_train_samples": 128, "max_eval_samples": 64, "max_test_samples": 16},
+    "training": {
+        "max_steps": LAST,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "eval_steps": EVERY,
+        "learning_rate": 1.0e-4,
+        "warmup_ratio": 0.25,
+        "max_grad_norm": 1.0,
+    },
+    "scheduler": {"type": "fifo", "time_attr": "step"},
+    "resources": {"num_workers": 2, "cpus_per_worker": 0.49},
+    "run": {"name": "ds", "seed": 0, "fingerprint_weights": True},
+}
+
+
+def _spec(strategy: str, stage: int = 2, **training):
+    from tune_jobs.spec import parse_spec
+
+    raw = {
+        **BASE,
+        "training": {**BASE["training"], **training},
+        "distributed": {
+            "strategy": strategy,
+            "deepspeed": {"zero_stage": stage, "precision": "fp32"},
+        },
+    }
+    return parse_spec(raw)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+
+    from cluster.connect import connect, disconnect
+    from trainers.data import load_splits
+
+    connect(None, 2)
+    splits = load_splits(_spec("ddp").data.model_dump(), seed=0)
+    yield ray.put(splits), splits, tmp_path_factory.mktemp("train")
+    disconnect()
+
+
+def fit(cluster, spec, name, resume=None, **hp_overrides):
+    """One Train run of the worker loop; its reports as (metrics, checkpoint path)."""
+    from tune_jobs.run import trial_resources
+    from tune_jobs.space import trial_hparams
+    from tune_jobs.trial import TrialPlan, fit_forwarding
+
+    data_ref, _, storage = cluster
+    plan = TrialPlan(spec, data_ref, str(storage), trial_resources(spec))
+    reports = []
+    fit_forwarding(
+        plan,
+        {**trial_hparams(spec, {}), **hp_overrides},
+        name,
+        resume,
+        name,
+        lambda metrics, path: reports.append((metrics, path)),
+    )
+    return reports
+
+
+@pytest.fixture(scope="module")
+def runs(cluster):
+    """Uninterrupted 8-step runs: DDP and ZeRO-1/2/3."""
+    out = {"ddp": fit(cluster, _spec("ddp"), "ddp")}
+    for stage in (1, 2, 3):
+        out[f"zero{stage}"] = fit(cluster, _spec("deepspeed", stage), f"zero{stage}")
+    return out
+
+
+def test_zero2_and_ddp_loss_curves_agree(runs):
+    """Same seed, data and fp32 math: ZeRO-2 partitions state, not the arithmetic."""
+    ddp, zero2 = runs["ddp"], runs["zero2"]
+    assert [m[M.STEP] for m, _ in ddp] == [m[M.STEP] for m, _ in zero2] == [EVERY, LAST]
+    for (a, _), (b, _) in zip(ddp, zero2, strict=True):
+        # tolerance: all-reduce order differs (gloo ring vs ZeRO's reduce-scatter)
+        assert b[M.TRAIN_LOSS] == pytest.approx(a[M.TRAIN_LOSS], abs=2e-4)
+        assert b[M.EVAL_LOSS] == pytest.approx(a[M.EVAL_LOSS], abs=2e-4)
+        assert b[M.LR] == pytest.approx(a[M.LR], rel=1e-9)
+        assert b[M.EFFECTIVE_BATCH_SIZE] == a[M.EFFECTIVE_BATCH_SIZE] == 8 * 2 * 2
+    # training moved the weights
+    assert ddp[-1][0][M.EVAL_LOSS] != pytest.approx(ddp[0][0][M.EVAL_LOSS], abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_checkpoint_resumes_at_the_same_step_with_the_same_loss(cluster, runs, stage):
+    full = runs[f"zero{stage}"]
+    (_, at_four), (last, _) = full
+    resumed = fit(cluster, _spec("deepspeed", stage), f"zero{stage}-resume", resume=at_four)
+    assert [m[M.STEP] for m, _ in resumed] == [LAST]
+    metrics = resumed[0][0]
+    assert metrics[M.RESTORED_FROM_STEP] == EVERY
+    assert metrics[M.RESTORED_WEIGHTS] == full[0][0][M.WEIGHTS]
+    assert metrics[M.TRAIN_LOSS] == pytest.approx(last[M.TRAIN_LOSS], abs=1e-5)
+    assert metrics[M.EVAL_LOSS] == pytest.approx(last[M.EVAL_LOSS], abs=1e-5)
+    assert metrics[M.WEIGHTS] == last[M.WEIGHTS]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_merged_export_reloads_with_the_engines_predictions(cluster, runs, stage, tmp_path):
+    from cluster import storage
+    from trainers.checkpoint import materialize
+    from tune_jobs.results import score_model
+
+    _, splits, _ = cluster
+    last, path = runs[f"zero{stage}"][-1]
+    local = tmp_path / "checkpoint"
+    storage.download_dir(path, str(local))
+    assert (local / "deepspeed").is_dir()
+    materialize(str(local), str(tmp_path / "model"))  # ZeRO shards -> one HF folder
+    scored = score_model(str(tmp_path / "model"), splits.validation, splits.label_names, 48)
+    assert scored[M.EVAL_ACCURACY] == pytest.approx(last[M.EVAL_ACCURACY], abs=1e-9)
+    assert scored[M.EVAL_LOSS] == pytest.approx(last[M.EVAL_LOSS], abs=1e-5)
+
+
+def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(cluster, tmp_path):
+    """ZeRO-2 at depth 1: the frozen blocks are bit-identical to the base model after
+    training; a restore at depth 6 loads the module weights only and rebuilds the optimizer."""
+    import torch
+
+    from cluster import storage
+    from tests.conftest import MODEL
+    from trainers.checkpoint import materialize
+    from trainers.model import build_model, resolve_model_path
+
+    spec = _spec("deepspeed", 2, unfreeze_depth=1)
+    frozen = fit(cluster, spec, "zero2-depth1")
+    assert frozen[-1][0][M.UNFREEZE_DEPTH] == 1
+    local = tmp_path / "checkpoint"
+    storage.download_dir(frozen[-1][1], str(local))
+    materialize(str(local), str(tmp_path / "model"))
+    from transformers import AutoModelForSequenceClassification
+
+    trained = dict(
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").named_parameters()
+    )
+    base = dict(build_model(resolve_model_path(MODEL), ["fresh", "rotten"]).named_parameters())
+    for name, value in base.items():
+        if name.startswith("bert.encoder.layer.0."):
+            assert torch.equal(trained[name], value), name  # frozen: never moved
+    assert not torch.equal(
+        trained["bert.encoder.layer.5.output.dense.weight"],
+        base["bert.encoder.layer.5.output.dense.weight"],
+    )
+
+    deeper = fit(
+        cluster, _spec("deepspeed", 2, unfreeze_depth=6), "zero2-depth6", resume=frozen[0][1]
+    )
+    assert [m[M.STEP] for m, _ in deeper] == [LAST]
+    assert deeper[0][0][M.RESTORED_WEIGHTS] == frozen[0][0][M.WEIGHTS]
+    assert deeper[0][0][M.TRAINABLE_PARAMS] > frozen[0][0][M.TRAINABLE_PARAMS]

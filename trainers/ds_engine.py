@@ -1,0 +1,119 @@
+"""The DeepSpeed engine of a trial's workers: build, save, restore.
+
+The engine wraps the model and takes tunefleet's own AdamW (over the trainable
+parameters only: frozen ones never reach it) and LR schedule as client objects;
+its config comes from ``trainers.ds_config``. On a CPU worker DeepSpeed runs
+with ``DS_ACCELERATOR=cpu`` on the gloo process group Ray Train set up.
+
+Checkpoints: every rank calls ``save_checkpoint`` into ``<folder>/deepspeed``
+(ZeRO shards its optimizer state, and under stage 3 its parameters, by rank),
+and every rank reports the folder, so Ray Train gathers the shards in one
+checkpoint. A restore with the same trainable set, world size and ZeRO stage
+loads everything; otherwise (PBT changed the unfreeze depth, say) it loads the
+module weights only and the optimizer starts fresh, logged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from trainers.ds_config import deepspeed_config
+
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+RNG_DIR = "rng"  # rank_<r>.pt: each rank's RNG state
+
+
+def use_cpu_accelerator(device: Any) -> None:
+    """Before deepspeed is imported: its CPU accelerator on a CPU worker."""
+    if torch.device(device).type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def initialize(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    hp: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    world_size: int,
+    device: Any,
+) -> Any:
+    """A DeepSpeed engine over ``model`` with the client optimizer and schedule."""
+    use_cpu_accelerator(device)
+    import deepspeed
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(hp, settings, world_size),
+    )
+    return engine
+
+
+def is_engine(model: Any) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def save(engine: Any, folder: str) -> None:
+    """Every rank writes its part (a collective call) and its own RNG state (ranks draw
+    different dropout masks, so an exact resume needs each one's)."""
+    engine.save_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG, save_latest=True)
+    os.makedirs(os.path.join(folder, RNG_DIR), exist_ok=True)
+    torch.save(
+        {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+        os.path.join(folder, RNG_DIR, f"rank_{_rank()}.pt"),
+    )
+
+
+def load(engine: Any, folder: str, module_only: bool) -> None:
+    """Load a DeepSpeed checkpoint into a freshly initialized engine."""
+    path, _ = engine.load_checkpoint(
+        os.path.join(folder, DS_DIR),
+        tag=DS_TAG,
+        load_optimizer_states=not module_only,
+        load_lr_scheduler_states=False,  # the schedule is rebuilt at the step (our own)
+        load_module_only=module_only,
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}/{DS_DIR}")
+    rng = os.path.join(folder, RNG_DIR, f"rank_{_rank()}.pt")
+    if os.path.exists(rng):
+        state = torch.load(rng, weights_only=False)
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+
+
+def gathered(model: Any) -> Any:
+    """A context in which ZeRO-3 partitioned parameters are whole (a no-op otherwise)."""
+    import contextlib
+
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_tensor") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def merged_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a checkpoint's ZeRO shards (DeepSpeed's zero_to_fp32)."""
+    use_cpu_accelerator("cpu" if not torch.cuda.is_available() else "cuda")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
