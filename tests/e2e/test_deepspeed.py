@@ -8,6 +8,8 @@ freezing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from trainers import metrics as M
@@ -61,7 +63,11 @@ def cluster(tmp_path_factory):
 
 
 def fit(cluster, spec, name, resume=None, **hp_overrides):
-    """One Train run of the worker loop; its reports as (metrics, checkpoint path)."""
+    """One Train run of the worker loop; its reports as (metrics, a copy of the checkpoint).
+
+    Train keeps only the best checkpoint of a run; each is copied as it is reported."""
+    import shutil
+
     from tune_jobs.run import trial_resources
     from tune_jobs.space import trial_hparams
     from tune_jobs.trial import TrialPlan, fit_forwarding
@@ -69,14 +75,13 @@ def fit(cluster, spec, name, resume=None, **hp_overrides):
     data_ref, _, storage = cluster
     plan = TrialPlan(spec, data_ref, str(storage), trial_resources(spec))
     reports = []
-    fit_forwarding(
-        plan,
-        {**trial_hparams(spec, {}), **hp_overrides},
-        name,
-        resume,
-        name,
-        lambda metrics, path: reports.append((metrics, path)),
-    )
+
+    def keep(metrics, path):
+        copy = storage / "kept" / name / f"step{metrics[M.STEP]}-{len(reports)}"
+        shutil.copytree(path, copy)
+        reports.append((metrics, str(copy)))
+
+    fit_forwarding(plan, {**trial_hparams(spec, {}), **hp_overrides}, name, resume, name, keep)
     return reports
 
 
@@ -119,14 +124,12 @@ def test_zero_checkpoint_resumes_at_the_same_step_with_the_same_loss(cluster, ru
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_merged_export_reloads_with_the_engines_predictions(cluster, runs, stage, tmp_path):
-    from cluster import storage
     from trainers.checkpoint import materialize
     from tune_jobs.results import score_model
 
     _, splits, _ = cluster
     last, path = runs[f"zero{stage}"][-1]
-    local = tmp_path / "checkpoint"
-    storage.download_dir(path, str(local))
+    local = Path(path)
     assert (local / "deepspeed").is_dir()
     materialize(str(local), str(tmp_path / "model"))  # ZeRO shards -> one HF folder
     scored = score_model(str(tmp_path / "model"), splits.validation, splits.label_names, 48)
@@ -139,7 +142,6 @@ def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(
     training; a restore at depth 6 loads the module weights only and rebuilds the optimizer."""
     import torch
 
-    from cluster import storage
     from tests.conftest import MODEL
     from trainers.checkpoint import materialize
     from trainers.model import build_model, resolve_model_path
@@ -147,9 +149,7 @@ def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(
     spec = _spec("deepspeed", 2, unfreeze_depth=1)
     frozen = fit(cluster, spec, "zero2-depth1")
     assert frozen[-1][0][M.UNFREEZE_DEPTH] == 1
-    local = tmp_path / "checkpoint"
-    storage.download_dir(frozen[-1][1], str(local))
-    materialize(str(local), str(tmp_path / "model"))
+    materialize(frozen[-1][1], str(tmp_path / "model"))
     from transformers import AutoModelForSequenceClassification
 
     trained = dict(
