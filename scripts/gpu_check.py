@@ -12,6 +12,9 @@ per trained token = 6 x parameters (forward + backward; attention's quadratic
 term left out: sequences here are short). Exits 1 if a check fails.
 
     python scripts/gpu_check.py --model DIR --csv FILE [--peak-tflops 989]
+
+``--cpu-dry-run`` runs the same script on a CPU (gloo, fp32, a tiny Llama, few
+rows) to check the script itself where no GPU is lent.
 """
 
 from __future__ import annotations
@@ -64,19 +67,21 @@ ZERO2_BF16 = {
     },
 }
 
+ZERO2_FP32 = {**ZERO2_BF16, "deepspeed": {**ZERO2_BF16["deepspeed"], "precision": "fp32"}}
 
-def llama_folder(tokenizer_dir: str, dest: str) -> int:
+
+def llama_folder(tokenizer_dir: str, dest: str, tiny: bool = False) -> int:
     """A ~0.5B Llama-style sequence classifier with random weights; its parameter count."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=1280,
-        intermediate_size=3456,
-        num_hidden_layers=24,
-        num_attention_heads=20,
-        num_key_value_heads=20,
+        hidden_size=64 if tiny else 1280,
+        intermediate_size=128 if tiny else 3456,
+        num_hidden_layers=2 if tiny else 24,
+        num_attention_heads=4 if tiny else 20,
+        num_key_value_heads=4 if tiny else 20,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         num_labels=2,
@@ -88,7 +93,9 @@ def llama_folder(tokenizer_dir: str, dest: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(name: str, model_dir: str, splits, hp, max_length: int, peak_tflops: float) -> dict:
+def run(
+    name: str, model_dir: str, splits, hp, max_length: int, peak_tflops: float, device: str
+) -> dict:
     config = {
         "name": name,
         "model": {"name_or_path": model_dir, "max_length": max_length},
@@ -98,14 +105,15 @@ def run(name: str, model_dir: str, splits, hp, max_length: int, peak_tflops: flo
         "seed": 0,
         "threads": 4,
         "save_checkpoints": False,
-        "distributed": ZERO2_BF16,
+        "distributed": ZERO2_BF16 if device == "cuda" else ZERO2_FP32,
     }
     tokenizer = build_tokenizer(model_dir)
     ids = tokenize(tokenizer, splits.train.texts, max_length)
     tokens_per_sample = sum(len(x) for x in ids) / len(ids)
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    ctx = run_local(config, device="cuda")
+    ctx = run_local(config, device=device)
     wall = time.perf_counter() - start
     last = ctx.reports[-1]
     params = last[M.TRAINABLE_PARAMS]
@@ -113,7 +121,7 @@ def run(name: str, model_dir: str, splits, hp, max_length: int, peak_tflops: flo
     tflops = 6 * params * tokens_per_sample * samples_s / 1e12
     out = {
         "samples_s": samples_s,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
         "mfu": tflops / peak_tflops,
         "tflops": tflops,
         "accuracy": last[M.EVAL_ACCURACY],
@@ -137,14 +145,22 @@ def main() -> int:
     parser.add_argument("--csv", required=True, help="Rotten Tomatoes csv (text,label)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak")
     parser.add_argument("--train", type=int, default=8000)
+    parser.add_argument("--cpu-dry-run", action="store_true", help="check the script on a CPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = "cpu" if args.cpu_dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device")
         return 1
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        args.train = min(args.train, 256)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29511")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        "nccl" if device == "cuda" else "gloo", rank=0, world_size=1
+    )
     data = {
         "source": "csv",
         "path": args.csv,
@@ -166,11 +182,12 @@ def main() -> int:
         {**HP, "num_train_epochs": 2},
         64,
         args.peak_tflops,
+        device,
     )
-    if minilm["accuracy"] < 0.7:
+    if device == "cuda" and minilm["accuracy"] < 0.7:
         failures.append(f"MiniLM validation accuracy {minilm['accuracy']:.3f} < 0.7")
     with tempfile.TemporaryDirectory() as folder:
-        n = llama_folder(args.model, folder)
+        n = llama_folder(args.model, folder, tiny=device == "cpu")
         print(f"Llama-style model from a config: {n / 1e6:.0f}M parameters (random weights)")
         big = run(
             "Llama-0.5B ZeRO-2 bf16",
@@ -179,6 +196,7 @@ def main() -> int:
             {**HP, "per_device_train_batch_size": 16, "max_steps": 40, "learning_rate": 1e-5},
             128,
             args.peak_tflops,
+            device,
         )
         if not big["samples_s"] > 0:
             failures.append("Llama-0.5B trained no samples")

@@ -189,11 +189,15 @@ def load_weights(path: str, model: Any) -> None:
 
     A ``full`` checkpoint must cover every parameter (buffers aside); a
     ``trained`` one is loaded over ``model``, which must be the base model it was
-    trained from.
+    trained from; a ``deepspeed`` one has its ZeRO shards merged (fp32).
     """
     from safetensors.torch import load_file
 
-    layout = read_manifest(path).get("weights", "full")
+    manifest = read_manifest(path)
+    layout = manifest.get("weights", "full")
+    if layout == "deepspeed":
+        load_deepspeed_weights(path, manifest, model)
+        return
     if layout == "trained":
         weights = load_file(os.path.join(path, TRAINED_WEIGHTS))
         names = {n for n, _ in model.named_parameters()}
@@ -247,15 +251,12 @@ def materialize(path: str, dest: str) -> None:
 
     base = resolve_model_path(manifest["base_model"])
     model = build_model(base, manifest["label_names"], manifest["hparams"])
-    if layout == "deepspeed":
-        _load_deepspeed_weights(path, manifest, model)
-    else:
-        load_weights(path, model)
+    load_weights(path, model)
     model.save_pretrained(dest)
     build_tokenizer(base).save_pretrained(dest)
 
 
-def _load_deepspeed_weights(path: str, manifest: Mapping[str, Any], model: Any) -> None:
+def load_deepspeed_weights(path: str, manifest: Mapping[str, Any], model: Any) -> None:
     """Merge a DeepSpeed checkpoint's shards into ``model`` (fp32)."""
     from trainers.ds_engine import DS_DIR, DS_TAG, merged_state_dict
 

@@ -65,8 +65,10 @@ def generated_config(
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # the client optimizer is torch's AdamW (no fused op to compile on a CPU)
+        # the client optimizer is torch's AdamW (no fused op to compile on a CPU); with
+        # optimizer offload DeepSpeed would insist on its own CPU Adam otherwise
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }

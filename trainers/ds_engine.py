@@ -9,8 +9,9 @@ Checkpoints: every rank calls ``save_checkpoint`` into ``<folder>/deepspeed``
 (ZeRO shards its optimizer state, and under stage 3 its parameters, by rank),
 and every rank reports the folder, so Ray Train gathers the shards in one
 checkpoint. A restore with the same trainable set, world size and ZeRO stage
-loads everything; otherwise (PBT changed the unfreeze depth, say) it loads the
-module weights only and the optimizer starts fresh, logged.
+loads everything; otherwise (PBT changed the unfreeze depth, say) the loop
+merges the shards into the module's weights before the engine is built
+(``trainers.checkpoint.load_weights``) and the optimizer starts fresh, logged.
 """
 
 from __future__ import annotations
@@ -80,14 +81,14 @@ def save(engine: Any, folder: str) -> None:
     )
 
 
-def load(engine: Any, folder: str, module_only: bool) -> None:
-    """Load a DeepSpeed checkpoint into a freshly initialized engine."""
+def load(engine: Any, folder: str) -> None:
+    """Load a DeepSpeed checkpoint (weights, ZeRO optimizer state, this rank's RNG) into a
+    freshly initialized engine of the same shape."""
     path, _ = engine.load_checkpoint(
         os.path.join(folder, DS_DIR),
         tag=DS_TAG,
-        load_optimizer_states=not module_only,
+        load_optimizer_states=True,
         load_lr_scheduler_states=False,  # the schedule is rebuilt at the step (our own)
-        load_module_only=module_only,
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}/{DS_DIR}")

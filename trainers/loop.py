@@ -335,10 +335,19 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
         seg = segment(hp, step)
         restored: dict[str, Any] = {M.RESTORED_FROM_STEP: -1}
         trained: set[str] = set()
-        ds_checkpoint = bool(restore) and manifest.get("weights") == "deepspeed"
+        # A DeepSpeed checkpoint goes back into the engine whole when the engine's shape is the
+        # same; otherwise (PBT changed the depth, say) its shards are merged into the weights.
+        resume_engine = (
+            use_ds
+            and bool(restore)
+            and manifest.get("weights") == "deepspeed"
+            and manifest.get("trainable") == sorted(requires_grad_names(seg.model))
+            and manifest.get("world_size") == ctx.world_size
+            and manifest.get("zero_stage") == dist["deepspeed"]["zero_stage"]
+        )
         if restore:
-            if not ds_checkpoint:
-                load_weights(restore, seg.model)
+            if not resume_engine:
+                load_weights(restore, seg.model)  # full, trained delta, or merged ZeRO shards
             trained = trained_params(manifest, seg.model)
             restored[M.RESTORED_FROM_STEP] = step
             kept, fresh, _ = load_trainer_state(restore, seg.optimizer)  # and the RNG state
@@ -354,21 +363,16 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
                 ctx.world_size,
                 ctx.device,
             )
-            if ds_checkpoint:
-                same = (
-                    manifest.get("trainable") == sorted(requires_grad_names(seg.model))
-                    and manifest.get("world_size") == ctx.world_size
-                    and manifest.get("zero_stage") == settings["zero_stage"]
-                )
-                ds_engine.load(seg.model, restore, module_only=not same)
+            if resume_engine:
+                ds_engine.load(seg.model, restore)
                 optimizer_note = (
-                    "DeepSpeed optimizer state restored"
-                    if same
-                    else "module weights only: the trainable set, world size or ZeRO stage "
-                    "changed, so the optimizer was rebuilt and starts fresh"
+                    "DeepSpeed engine state restored (weights and ZeRO optimizer state)"
                 )
             elif restore:
-                optimizer_note = "weights from a non-DeepSpeed checkpoint; optimizer starts fresh"
+                optimizer_note = (
+                    "module weights only (the trainable set, world size, ZeRO stage or "
+                    "strategy changed): the DeepSpeed optimizer was rebuilt and starts fresh"
+                )
         else:
             seg.model = ctx.prepare_model(seg.model)
         if restore:

@@ -14,6 +14,7 @@ from cluster import storage
 from trainers import metrics as M
 from trainers.checkpoint import MANIFEST, MODEL_DIR, TRAINED_WEIGHTS, materialize
 from trainers.data import Split, Splits
+from trainers.ds_engine import DS_DIR
 from tune_jobs.lineage import read_lineage
 from tune_jobs.spec import JobSpec
 from tune_jobs.trial import checkpoint_layout, checkpoint_location
@@ -142,8 +143,11 @@ def export_best(
         manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
         os.makedirs(checkpoint)
         storage.download_file(storage.join(uri, MANIFEST), os.path.join(checkpoint, MANIFEST))
-        if manifest.get("weights", "full") == "full":
+        layout = manifest.get("weights", "full")
+        if layout == "full":
             storage.download_dir(storage.join(uri, MODEL_DIR), os.path.join(checkpoint, MODEL_DIR))
+        elif layout == "deepspeed":  # every rank's ZeRO shards, merged by materialize
+            storage.download_dir(storage.join(uri, DS_DIR), os.path.join(checkpoint, DS_DIR))
         else:  # the delta from the base model: rebuilt into a full folder
             storage.download_file(
                 storage.join(uri, TRAINED_WEIGHTS), os.path.join(checkpoint, TRAINED_WEIGHTS)

@@ -173,7 +173,12 @@ def build_tuner(
             name=run_name,
             storage_path=storage_root,
             checkpoint_config=tune_checkpoint_config(spec),
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A synch PBT population waits for every member at each interval: one that
+            # errored would leave the rest paused forever (seen), so the run stops instead.
+            failure_config=tune.FailureConfig(
+                max_failures=0,
+                fail_fast=spec.scheduler.type in ("pbt", "pb2") and spec.scheduler.synch,
+            ),
             callbacks=[ReportLog(run_dir)],
             progress_reporter=tune.CLIReporter(
                 metric_columns=[metric, M.EVAL_LOSS, M.STEP, M.EPOCH],

@@ -198,7 +198,8 @@ class TrainingSpec(_Section):
         description="Weights in each checkpoint: full (a loadable model folder) or trained (only "
         "the parameters that ever trained; frozen blocks are the base model's, so a depth-1 "
         "MiniLM checkpoint is 22 MiB instead of 102 with its optimizer state). auto: trained under pbt/pb2 (exploits copy "
-        "checkpoints), full otherwise. The exported best model is always a full folder.",
+        "checkpoints), full otherwise. DeepSpeed trials write the engine's own sharded checkpoints. "
+        "The exported best model is always a full folder.",
     )
     group_by_length: bool = Field(
         True,

@@ -92,7 +92,10 @@ def checkpoint_retention(spec: JobSpec) -> dict[str, Any]:
 
 
 def checkpoint_layout(spec: JobSpec) -> str:
-    """``training.checkpoint_weights`` with ``auto`` resolved: the delta under PBT/PB2."""
+    """``training.checkpoint_weights`` with ``auto`` resolved: the delta under PBT/PB2.
+    A DeepSpeed engine writes its own (sharded) checkpoints."""
+    if spec.distributed.strategy == "deepspeed":
+        return "deepspeed"
     if spec.training.checkpoint_weights == "auto":
         return "trained" if spec.scheduler.type in ("pbt", "pb2") else "full"
     return spec.training.checkpoint_weights

@@ -337,3 +337,30 @@ def test_hp_schedule_switch_at_the_end_evaluates_once_more(rt_small, tmp_path):
     assert [(r[M.STEP], r[M.HP_SEGMENT]) for r in ctx.reports] == [(5, 0), (5, 1)]
     assert ctx.reports[1][M.UNFREEZE_DEPTH] == 2
     assert ctx.reports[1][M.EVAL_ACCURACY] == ctx.reports[0][M.EVAL_ACCURACY]
+
+
+def test_activation_checkpointing_recomputes_without_changing_the_math(rt_small, tmp_path):
+    """Gradient checkpointing (non-reentrant, so it works with frozen lower blocks) trades
+    compute for memory: the same losses, step for step."""
+    hp = dict(max_steps=4, per_device_train_batch_size=16, unfreeze_depth=2)
+    cfg = _config(rt_small, **hp)
+    cfg["eval"] = {"strategy": "steps", "steps": 2}
+    plain = run_local(cfg, checkpoint_root=str(tmp_path / "a"))
+    checkpointed = run_local(
+        {**cfg, "distributed": {"strategy": "ddp", "activation_checkpointing": True}},
+        checkpoint_root=str(tmp_path / "b"),
+    )
+    for a, b in zip(plain.reports, checkpointed.reports, strict=True):
+        assert b[M.TRAIN_LOSS] == pytest.approx(a[M.TRAIN_LOSS], abs=1e-6)
+        assert b[M.EVAL_LOSS] == pytest.approx(a[M.EVAL_LOSS], abs=1e-6)
+
+
+def test_build_segment_turns_on_gradient_checkpointing():
+    from tests.conftest import MODEL as name
+    from trainers.loop import build_segment
+
+    hp = {**TrainingSpec().model_dump(), "max_steps": 4}
+    eval_cfg = {"strategy": "steps", "steps": 2}
+    on = build_segment(resolve_model_path(name), ["a", "b"], hp, 64, 1, eval_cfg, 0, True)
+    off = build_segment(resolve_model_path(name), ["a", "b"], hp, 64, 1, eval_cfg, 0, False)
+    assert on.model.is_gradient_checkpointing and not off.model.is_gradient_checkpointing
