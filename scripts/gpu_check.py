@@ -158,6 +158,8 @@ def main() -> int:
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29511")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # what a launcher (or Ray Train) sets for DeepSpeed
     torch.distributed.init_process_group(
         "nccl" if device == "cuda" else "gloo", rank=0, world_size=1
     )
