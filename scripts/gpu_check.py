@@ -29,32 +29,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gpu_loop_check import HP as LOOP_HP  # noqa: E402  (scripts/ is on the path)
+from gpu_loop_check import rt_csv  # noqa: E402
+
 from trainers import metrics as M  # noqa: E402
 from trainers.data import load_splits, tokenize  # noqa: E402
 from trainers.loop import run_local  # noqa: E402
 from trainers.model import build_tokenizer  # noqa: E402
 
-HP = {
-    "learning_rate": 1e-4,
-    "per_device_train_batch_size": 32,
-    "per_device_eval_batch_size": 256,
-    "gradient_accumulation_steps": 1,
-    "num_train_epochs": 1,
-    "max_steps": None,
-    "weight_decay": 0.01,
-    "warmup_ratio": 0.1,
-    "warmup_steps": 0,
-    "lr_scheduler_type": "linear",
-    "max_grad_norm": 1.0,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_epsilon": 1e-8,
-    "eval_strategy": "epoch",
-    "eval_steps": 1,
-    "save_checkpoints": False,
-    "group_by_length": True,
-    "layerwise_lr_decay": 1.0,
-}
+HP = {**LOOP_HP, "save_checkpoints": False}  # the loop check's hyperparameters
 ZERO2_BF16 = {
     "strategy": "deepspeed",
     "activation_checkpointing": False,
@@ -163,19 +146,7 @@ def main() -> int:
     torch.distributed.init_process_group(
         "nccl" if device == "cuda" else "gloo", rank=0, world_size=1
     )
-    data = {
-        "source": "csv",
-        "path": args.csv,
-        "text_column": "text",
-        "label_column": "label",
-        "label_names": ["rotten", "fresh"],
-        "validation_fraction": 0.1,
-        "test_fraction": 0.1,
-        "max_train_samples": args.train,
-        "max_eval_samples": 1000,
-        "max_test_samples": 0,
-    }
-    splits = load_splits(data, seed=0)
+    splits = load_splits(rt_csv(args.csv, args.train, test=0), seed=0)
     failures = []
     minilm = run(
         "MiniLM-L6 ZeRO-2 bf16",

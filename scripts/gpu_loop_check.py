@@ -46,6 +46,22 @@ HP = {
 }
 
 
+def rt_csv(path: str, train: int, test: int = 1000) -> dict:
+    """The data config of the Rotten Tomatoes csv that scripts/gpucheck_files.py writes."""
+    return {
+        "source": "csv",
+        "path": path,
+        "text_column": "text",
+        "label_column": "label",
+        "label_names": ["rotten", "fresh"],
+        "validation_fraction": 0.1,
+        "test_fraction": 0.1,
+        "max_train_samples": train,
+        "max_eval_samples": 1000,
+        "max_test_samples": test,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -57,19 +73,7 @@ def main() -> int:
     print(
         f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}"
     )
-    data = {
-        "source": "csv",
-        "path": args.csv,
-        "text_column": "text",
-        "label_column": "label",
-        "label_names": ["rotten", "fresh"],
-        "validation_fraction": 0.1,
-        "test_fraction": 0.1,
-        "max_train_samples": args.train,
-        "max_eval_samples": 1000,
-        "max_test_samples": 1000,
-    }
-    splits = load_splits(data, seed=0)
+    splits = load_splits(rt_csv(args.csv, args.train), seed=0)
     print(
         f"data: train {len(splits.train)}, validation {len(splits.validation)}, baseline {splits.majority_baseline():.4f}"
     )

@@ -2,7 +2,54 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from tests.e2e.conftest import tunefleet
+from tune_jobs.report_log import read_reports
+
+EVERY = 4  # steps between evaluations, checkpoints and perturbations
+
+#: A population of 2 TorchTrainer trials (the grid) of 2 workers each, synch PBT: at every
+#: interval the worse clones the better. It fits 2 CPUs: 2 x (2 x 0.49 + a 0.01 driver).
+TWO_WORKER_POPULATION: dict[str, Any] = {
+    "model": {"max_length": 48},
+    "data": {"max_train_samples": 128, "max_eval_samples": 64, "max_test_samples": 64},
+    "training": {"max_steps": 12, "per_device_train_batch_size": 16, "eval_steps": EVERY},
+    "search": {
+        "num_samples": 1,  # x the grid: a population of 2
+        "start_with_defaults": False,
+        "space": {"learning_rate": {"grid": [1.0e-6, 2.0e-4]}},
+    },
+    "scheduler": {
+        "type": "pbt",
+        "time_attr": "step",
+        "perturbation_interval": EVERY,
+        "quantile_fraction": 0.5,
+        "resample_probability": 0.5,
+        "synch": True,
+        "mutations": {
+            "learning_rate": {"loguniform": [1.0e-5, 5.0e-4]},
+            "unfreeze_depth": {"choice": [1, 6]},
+        },
+    },
+    "resources": {"trial_mode": "train", "num_workers": 2, "cpus_per_worker": 0.49},
+    "run": {"name": "pbt-workers", "seed": 0, "fingerprint_weights": True},
+}
+
+
+def run_population(root: Path, spec: dict[str, Any]) -> tuple[Path, dict, dict, str]:
+    """``tunefleet run`` the spec under ``root``: (run folder, summary, reports by trial, stdout)."""
+    (root / "job.yaml").write_text(yaml.safe_dump(spec))
+    proc = tunefleet("run", str(root / "job.yaml"), f"run.storage_path={root}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = root / spec["run"]["name"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = {t["trial"]: read_reports(str(run_dir), t["trial"]) for t in summary["trials"]}
+    return run_dir, summary, rows, proc.stdout
 
 
 def after_exploit(rows: dict[str, list[dict]], exploit: dict[str, Any]) -> dict[str, Any]:
@@ -30,3 +77,20 @@ def donor_report(
         f"{exploit['recipient']} restored weights that {exploit['donor']} never checkpointed"
     )
     return matches[0]
+
+
+def check_exploit(
+    rows: dict[str, list[dict]], exploit: dict[str, Any], last_step: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What every exploit must show; returns (the recipient's first report, the donor's)."""
+    first = after_exploit(rows, exploit)
+    donor = donor_report(rows, exploit, first)
+    # the recipient's weights right after the exploit are the donor's checkpointed weights
+    assert first["restored_weights_sha256"] == donor["weights_sha256"]
+    assert first["restored_from_step"] == donor["step"] == exploit["step"]
+    # the step count continues from the donor's (an exploit at the end of the budget re-evaluates)
+    assert first["step"] == min(donor["step"] + EVERY, last_step)
+    # Tune attributes the report to the recipient, with its mutated hyperparameters
+    assert first["trial_id"] != donor["trial_id"]
+    assert first["config"] == exploit["new_config"]
+    return first, donor

@@ -8,66 +8,30 @@ ZeRO shards, reloaded and re-scored.
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import yaml
 
-from tests.e2e.conftest import tunefleet
-from tests.e2e.pbt_checks import after_exploit, donor_report
-from tune_jobs.report_log import read_reports
+from tests.e2e.pbt_checks import TWO_WORKER_POPULATION, check_exploit, run_population
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-EVERY = 4
 SPEC = {
-    "model": {"max_length": 48},
-    "data": {"max_train_samples": 128, "max_eval_samples": 64, "max_test_samples": 32},
-    "training": {"max_steps": 8, "per_device_train_batch_size": 16, "eval_steps": EVERY},
-    "search": {
-        "num_samples": 1,
-        "start_with_defaults": False,
-        "space": {"learning_rate": {"grid": [1.0e-6, 2.0e-4]}},
-    },
-    "scheduler": {
-        "type": "pbt",
-        "time_attr": "step",
-        "perturbation_interval": EVERY,
-        "quantile_fraction": 0.5,
-        "resample_probability": 0.5,
-        "synch": True,
-        "mutations": {
-            "learning_rate": {"loguniform": [1.0e-5, 5.0e-4]},
-            "unfreeze_depth": {"choice": [1, 6]},
-        },
-    },
-    "resources": {"trial_mode": "train", "num_workers": 2, "cpus_per_worker": 0.49},
+    **TWO_WORKER_POPULATION,
+    "training": {**TWO_WORKER_POPULATION["training"], "max_steps": 8},
     "distributed": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2, "precision": "fp32"}},
-    "run": {"name": "ds-pbt", "seed": 0, "fingerprint_weights": True},
+    "run": {**TWO_WORKER_POPULATION["run"], "name": "ds-pbt"},
 }
 
 
 @pytest.fixture(scope="module")
 def pbt_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dspbt")
-    (root / "job.yaml").write_text(yaml.safe_dump(SPEC))
-    proc = tunefleet("run", str(root / "job.yaml"), f"run.storage_path={root}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = root / "ds-pbt"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = {t["trial"]: read_reports(str(run_dir), t["trial"]) for t in summary["trials"]}
-    return run_dir, summary, rows, proc.stdout
+    return run_population(tmp_path_factory.mktemp("dspbt"), SPEC)
 
 
 def test_zero_checkpoints_move_between_trials(pbt_run):
     _, summary, rows, stdout = pbt_run
     assert summary["exploits"]
     for exploit in summary["exploits"]:
-        first = after_exploit(rows, exploit)
-        donor = donor_report(rows, exploit, first)
-        assert first["restored_weights_sha256"] == donor["weights_sha256"]
-        assert first["restored_from_step"] == donor["step"] == exploit["step"]
-        assert first["config"] == exploit["new_config"]
+        check_exploit(rows, exploit, last_step=8)
         # a depth change rebuilds the optimizer around merged weights; otherwise all is restored
         changed = exploit["new_config"]["unfreeze_depth"] != exploit["donor_config"].get(
             "unfreeze_depth"

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from tests.e2e.conftest import tunefleet
-from tests.e2e.pbt_checks import after_exploit, donor_report
+from tests.e2e.pbt_checks import after_exploit, check_exploit, run_population
 from tune_jobs.report_log import read_reports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -53,16 +52,7 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def pbt_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pbt")
-    (root / "job.yaml").write_text(yaml.safe_dump(SPEC))
-    proc = tunefleet("run", str(root / "job.yaml"), f"run.storage_path={root}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_dir = root / "pbt"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = {}
-    for trial in summary["trials"]:
-        rows[trial["trial"]] = read_reports(str(run_dir), trial["trial"])
-    return run_dir, summary, rows, proc.stdout
+    return run_population(tmp_path_factory.mktemp("pbt"), SPEC)
 
 
 def test_population_exploits(pbt_run):
@@ -76,16 +66,7 @@ def test_population_exploits(pbt_run):
 def test_recipient_continues_from_the_donors_weights_and_step(pbt_run):
     _, summary, rows, _ = pbt_run
     for exploit in summary["exploits"]:
-        first = after_exploit(rows, exploit)
-        donor_row = donor_report(rows, exploit, first)
-        # the recipient's weights right after the exploit are the donor's checkpointed weights
-        assert first["restored_weights_sha256"] == donor_row["weights_sha256"]
-        assert first["restored_from_step"] == donor_row["step"]
-        # the step count continues from the donor's (an exploit at the end of the budget re-evaluates)
-        assert first["step"] == min(donor_row["step"] + EVERY, 24)
-        # Tune attributes the report to the recipient, with its mutated hyperparameters
-        assert first["trial_id"] != donor_row["trial_id"]
-        assert first["config"] == exploit["new_config"]
+        check_exploit(rows, exploit, last_step=24)
 
 
 def test_mutated_schedule_and_depth_take_effect(pbt_run):

@@ -215,14 +215,6 @@ PBT_BROKEN = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "key", "hint"), PBT_BROKEN, ids=[b[1] for b in PBT_BROKEN])
-def test_broken_population_spec_names_the_key(raw, key, hint):
-    with pytest.raises(SpecError) as info:
-        parse_spec(raw)
-    assert key in [p.key for p in info.value.problems], info.value.render()
-    assert hint in str(info.value)
-
-
 def test_pbt_population_must_fit_in_train_mode():
     from cluster.resources import ResourceError
     from tune_jobs.run import check_population_fits
@@ -327,12 +319,15 @@ DEEPSPEED_BROKEN = [
 ]
 
 
+CROSS_SECTION_BROKEN = PBT_BROKEN + DEEPSPEED_BROKEN
+
+
 @pytest.mark.parametrize(
     ("raw", "key", "hint"),
-    DEEPSPEED_BROKEN,
-    ids=[f"{b[1]}-{i}" for i, b in enumerate(DEEPSPEED_BROKEN)],
+    CROSS_SECTION_BROKEN,
+    ids=[f"{b[1]}-{i}" for i, b in enumerate(CROSS_SECTION_BROKEN)],
 )
-def test_broken_deepspeed_spec_names_the_key(raw, key, hint):
+def test_broken_population_or_deepspeed_spec_names_the_key(raw, key, hint):
     with pytest.raises(SpecError) as info:
         parse_spec(raw)
     assert key in [p.key for p in info.value.problems], info.value.render()
