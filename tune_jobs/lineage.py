@@ -19,7 +19,6 @@ picture (``lineage.svg``), and one trial's schedule of hyperparameters for
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,85 +195,87 @@ def lineage_svg(
     mode: str,
     highlight: Schedule | None = None,
 ) -> str:
-    """An SVG of the population over steps: one lane per trial, its reports as dots shaded
-    by ``metric`` (darker is better), an arrow per exploit from the donor's checkpoint to
-    the recipient labelled with the mutated values; ``highlight``'s lineage drawn bold."""
+    """An SVG (matplotlib) of the population over steps: one lane per trial, its reports as
+    dots coloured by ``metric``, an arrow per exploit from the donor's checkpoint to the
+    recipient labelled with the mutated values, and ``highlight``'s lineage drawn bold.
+
+    Artists carry ids: ``lane:<trial>`` and ``exploit:<donor>:<recipient>:<step>``.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = sorted(trials)
-    lane, left, top, width = 46, 96, 40, 760
-    steps = [int(r[M.STEP]) for rows in trials.values() for r in rows] or [1]
-    max_step = max(max(steps), 1)
+    lane = {name: len(names) - 1 - i for i, name in enumerate(names)}  # first trial on top
     values = [r[metric] for rows in trials.values() for r in rows if r.get(metric) is not None]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    cmap = plt.get_cmap("viridis" if mode == "max" else "viridis_r")
+    norm = matplotlib.colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
 
-    def x(step: float) -> float:
-        return left + width * step / max_step
-
-    def y(trial: str) -> float:
-        return top + lane * names.index(trial) + lane / 2
-
-    def shade(value: float | None) -> str:
-        if value is None or hi == lo:
-            return "#777"
-        q = (value - lo) / (hi - lo)
-        q = q if mode == "max" else 1 - q
-        g = int(200 - 170 * q)
-        return f"rgb({g},{g},{min(255, g + 40)})"
-
-    bold: set[tuple[str, int, int]] = set()  # (trial, from_step, to_step) on the highlighted path
+    bold: list[tuple[str, int, int | None]] = []  # (trial, from step, to step) of the highlight
     if highlight:
         bounds = [(0, highlight.root_trial)] + [(s, t) for s, _, t in highlight.switches]
-        for (start, owner), (end, _) in zip(bounds, bounds[1:] + [(max_step, None)], strict=True):
-            bold.add((owner, start, end))
+        for (start, owner), (end, _) in zip(bounds, bounds[1:] + [(None, None)], strict=True):
+            bold.append((owner, start, end))
 
-    height = top + lane * len(names) + 40
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" height="{height}" '
-        f'font-family="sans-serif" font-size="11">',
-        f'<text x="{left}" y="18" font-size="13">PBT lineage: {html.escape(metric)} '
-        f"({'darker is better'}), arrows are exploits (donor checkpoint -> recipient)</text>",
-        '<defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" refY="4" '
-        'orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#c0392b"/></marker></defs>',
-    ]
-    for step in range(0, max_step + 1, max(1, max_step // 6)):
-        out.append(
-            f'<text x="{x(step):.1f}" y="{height - 14}" text-anchor="middle" fill="#555">{step}</text>'
-        )
-    out.append(f'<text x="{left - 8}" y="{height - 14}" text-anchor="end" fill="#555">step</text>')
-    for name in names:
-        rows = [{**r, "_metric": r.get(metric)} for r in trials[name]]
-        out.append(
-            f'<text x="{left - 8}" y="{y(name) + 4:.1f}" text-anchor="end" class="trial">{name}</text>'
-        )
-        for seg in _segments(rows):
-            for (s0, _), (s1, _) in zip(seg, seg[1:], strict=False):
-                on_path = any(t == name and a <= s0 and s1 <= b for t, a, b in bold)
-                out.append(
-                    f'<line x1="{x(s0):.1f}" y1="{y(name):.1f}" x2="{x(s1):.1f}" y2="{y(name):.1f}" '
-                    f'stroke="{"#111" if on_path else "#bbb"}" stroke-width="{4 if on_path else 2}"/>'
-                )
-            for s, value in seg:
-                if value is not None:
-                    out.append(
-                        f'<circle cx="{x(s):.1f}" cy="{y(name):.1f}" r="5" fill="{shade(value)}">'
-                        f"<title>{name} step {s}: {metric} {value:.4f}</title></circle>"
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "tunefleet"}):
+        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.6 * len(names)))
+        for name in names:
+            rows = [{**r, "_metric": r.get(metric)} for r in trials[name]]
+            y = lane[name]
+            for seg in _segments(rows):
+                xs = [s for s, _ in seg]
+                ax.plot(xs, [y] * len(xs), color="#bbbbbb", lw=2, zorder=1, gid=f"lane:{name}")
+                for owner, start, end in bold:
+                    if owner == name:
+                        inside = [x for x in xs if x >= start and (end is None or x <= end)]
+                        if len(inside) > 1:
+                            ax.plot(inside, [y] * len(inside), color="black", lw=4, zorder=2)
+                points = [(s, v) for s, v in seg if v is not None]
+                if points:
+                    ax.scatter(
+                        [s for s, _ in points],
+                        [y] * len(points),
+                        c=[v for _, v in points],
+                        cmap=cmap,
+                        norm=norm,
+                        s=40,
+                        zorder=3,
                     )
-    for e in exploits:
-        if e.get("step") is None:
-            continue
-        sx, d, r = x(e["step"]), y(e["donor"]), y(e["recipient"])
-        label = html.escape(mutation_label(e["mutated"]))
-        out.append(
-            f'<line class="exploit" data-donor="{e["donor"]}" data-recipient="{e["recipient"]}" '
-            f'data-step="{e["step"]}" x1="{sx:.1f}" y1="{d:.1f}" x2="{sx + 6:.1f}" y2="{r:.1f}" '
-            f'stroke="#c0392b" stroke-width="1.5" marker-end="url(#arrow)"/>'
+        for e in exploits:
+            if e.get("step") is None:
+                continue
+            ax.annotate(
+                "",
+                xy=(e["step"], lane[e["recipient"]]),
+                xytext=(e["step"], lane[e["donor"]]),
+                arrowprops={"arrowstyle": "->", "color": "#c0392b", "lw": 1.5},
+                zorder=4,
+            ).arrow_patch.set_gid(f"exploit:{e['donor']}:{e['recipient']}:{e['step']}")
+            ax.text(
+                e["step"],
+                lane[e["recipient"]] + 0.18,
+                " " + mutation_label(e["mutated"]),
+                color="#c0392b",
+                fontsize=8,
+                zorder=5,
+            )
+        ax.set_yticks([lane[n] for n in names], names)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        ax.set_xlabel("step")
+        ax.set_title(
+            "PBT lineage: arrows are exploits (donor checkpoint -> recipient); bold: best trial's lineage",
+            fontsize=9,
         )
-        anchor, tx = ("end", sx - 6) if sx > left + 0.7 * width else ("start", sx + 9)
-        out.append(
-            f'<text x="{tx:.1f}" y="{r - 8:.1f}" text-anchor="{anchor}" fill="#c0392b" '
-            f'font-size="10">{label}</text>'
-        )
-    out.append("</svg>")
-    return "\n".join(out)
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
+        fig.tight_layout()
+        out = io.StringIO()
+        fig.savefig(out, format="svg", metadata={"Date": None})
+        plt.close(fig)
+    return out.getvalue()
 
 
 def write_lineage(

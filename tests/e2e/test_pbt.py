@@ -100,12 +100,12 @@ def test_lineage_picture_draws_every_exploit(pbt_run):
 
     run_dir, summary, _, _ = pbt_run
     svg = ET.parse(run_dir / "lineage.svg").getroot()
-    ns = "{http://www.w3.org/2000/svg}"
-    arrows = [e.attrib for e in svg.iter(f"{ns}line") if e.get("class") == "exploit"]
-    assert sorted(
-        (a["data-donor"], a["data-recipient"], int(a["data-step"])) for a in arrows
-    ) == sorted((e["donor"], e["recipient"], e["step"]) for e in summary["exploits"])
-    lanes = {t.text for t in svg.iter(f"{ns}text") if t.get("class") == "trial"}
+    ids = [e.get("id", "") for e in svg.iter()]
+    arrows = sorted(tuple(i.split(":")[1:]) for i in ids if i.startswith("exploit:"))
+    assert arrows == sorted(
+        (e["donor"], e["recipient"], str(e["step"])) for e in summary["exploits"]
+    )
+    lanes = {i.split(":", 1)[1] for i in ids if i.startswith("lane:")}
     assert lanes == {t["trial"] for t in summary["trials"]}
 
 
