@@ -514,28 +514,26 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
         model, optimizer, scheduler = seg.model, seg.optimizer, seg.scheduler
         for k in range(start, len(micro_batches), accum):
             group = micro_batches[k : k + accum]
-            if use_ds:
-                # The engine steps optimizer, clipping and schedule at the boundary we set:
-                # the loss is averaged over this group exactly as in the DDP path.
-                for i, cpu_batch in enumerate(group):
-                    batch = {k: v.to(ctx.device, non_blocking=True) for k, v in cpu_batch.items()}
-                    model.set_gradient_accumulation_boundary(i == len(group) - 1)
+            for i, cpu_batch in enumerate(group):
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in cpu_batch.items()}
+                last = i == len(group) - 1
+                if use_ds:
+                    # The engine steps optimizer, clipping and schedule at the boundary we
+                    # set; the loss is averaged over the group exactly as in the DDP path.
+                    model.set_gradient_accumulation_boundary(last)
                     loss = model(**batch).loss.float() / len(group)
                     model.backward(loss, scale_wrt_gas=False)
-                    loss_total += float(loss.detach()) * len(group)
-                    loss_count += 1
-                    samples += len(batch["labels"]) * ctx.world_size
-                model.step()
-            for i, cpu_batch in enumerate([] if use_ds else group):
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in cpu_batch.items()}
-                sync = i == len(group) - 1 or not hasattr(model, "no_sync")
-                with torch.enable_grad(), contextlib.nullcontext() if sync else model.no_sync():
-                    loss = model(**batch).loss / len(group)
-                    loss.backward()
+                else:
+                    sync = last or not hasattr(model, "no_sync")
+                    with torch.enable_grad(), contextlib.nullcontext() if sync else model.no_sync():
+                        loss = model(**batch).loss / len(group)
+                        loss.backward()
                 loss_total += float(loss.detach()) * len(group)
                 loss_count += 1
                 samples += len(batch["labels"]) * ctx.world_size
-            if not use_ds:
+            if use_ds:
+                model.step()
+            else:
                 if hp["max_grad_norm"]:
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in model.parameters() if p.requires_grad], hp["max_grad_norm"]
