@@ -20,12 +20,15 @@ picture (``lineage.svg``), and one trial's schedule of hyperparameters for
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cluster import storage
 from trainers import metrics as M
-from tune_jobs.report_log import read_reports
+
+#: Each trial's reports by trial name (``tune_jobs.report_log.read_all_reports``).
+Reports = Mapping[str, list[dict[str, Any]]]
 
 PBT_GLOBAL_LOG = "pbt_global.txt"
 LINEAGE_FILE = "lineage.json"
@@ -39,11 +42,6 @@ class LineageError(ValueError):
 def trial_of_tag(tag: str) -> str:
     """Tune's experiment tag starts with the trial's counter, as tunefleet's trial names do."""
     return f"trial_{int(str(tag).split('_', 1)[0]):05d}"
-
-
-def trial_rows(run_dir: str, trial: str) -> list[dict[str, Any]]:
-    """The trial's reports, in order; empty if it never reported."""
-    return read_reports(run_dir, trial)
 
 
 def restored_step(
@@ -61,20 +59,17 @@ def restored_step(
     return None
 
 
-def read_lineage(run_dir: str) -> list[dict[str, Any]]:
+def read_lineage(run_dir: str, reports: Reports) -> list[dict[str, Any]]:
     """Every PBT exploit of a run, in order: who cloned whom, at which step, with which new values."""
     path = storage.join(run_dir, PBT_GLOBAL_LOG)
     if not storage.exists(path):
         return []
-    rows: dict[str, list[dict[str, Any]]] = {}
     out = []
     for line in storage.read_text(path).splitlines():
         if not line.strip():
             continue
         recipient, donor, recipient_iter, donor_iter, donor_config, new_config = json.loads(line)
         recipient = trial_of_tag(recipient)
-        if recipient not in rows:
-            rows[recipient] = trial_rows(run_dir, recipient)
         out.append(
             {
                 "recipient": recipient,
@@ -82,7 +77,7 @@ def read_lineage(run_dir: str) -> list[dict[str, Any]]:
                 "recipient_iteration": recipient_iter,
                 "donor_iteration": donor_iter,
                 # the step of the donor's checkpoint the recipient continued from
-                "step": restored_step(rows[recipient], new_config, recipient_iter),
+                "step": restored_step(reports.get(recipient, []), new_config, recipient_iter),
                 "donor_config": donor_config,
                 "new_config": new_config,
                 "mutated": {k: v for k, v in new_config.items() if donor_config.get(k) != v},
@@ -130,9 +125,9 @@ def policy_chain(
     return donor_tag, root_config, list(reversed(chain))
 
 
-def trial_schedule(run_dir: str, trial: str) -> Schedule:
+def trial_schedule(run_dir: str, trial: str, reports: Reports) -> Schedule:
     """The schedule of hyperparameters ``trial``'s final weights were trained with."""
-    rows = trial_rows(run_dir, trial)
+    rows = reports.get(trial, [])
     if not rows:
         raise LineageError(f"{trial} has no reports in {run_dir}")
     policy = storage.join(run_dir, f"pbt_policy_{rows[0]['trial_id']}.txt")
@@ -143,7 +138,7 @@ def trial_schedule(run_dir: str, trial: str) -> Schedule:
     switches = []
     for tag, iteration, config in chain:
         owner = trial_of_tag(tag)
-        step = restored_step(trial_rows(run_dir, owner), config, iteration)
+        step = restored_step(reports.get(owner, []), config, iteration)
         if step is None:
             raise LineageError(
                 f"{owner} never reported after taking config {config} (its result.json is "
@@ -279,20 +274,23 @@ def lineage_svg(
 
 
 def write_lineage(
-    run_dir: str, exploits: list[dict[str, Any]], metric: str, mode: str, best_trial: str | None
+    run_dir: str,
+    exploits: list[dict[str, Any]],
+    metric: str,
+    mode: str,
+    best_trial: str | None,
+    reports: Reports,
 ) -> str | None:
     """Write ``lineage.json`` and ``lineage.svg`` (the best trial's lineage bold); the svg's path."""
     if not exploits:
         return None
     storage.write_text(storage.join(run_dir, LINEAGE_FILE), json.dumps(exploits, indent=2))
-    names = sorted(n for n in storage.list_names(run_dir) if n.startswith("trial_"))
-    trials = {n: trial_rows(run_dir, n) for n in names}
     highlight = None
     if best_trial:
         try:
-            highlight = trial_schedule(run_dir, best_trial)
+            highlight = trial_schedule(run_dir, best_trial, reports)
         except LineageError:
             highlight = None
     path = storage.join(run_dir, LINEAGE_SVG)
-    storage.write_text(path, lineage_svg(trials, exploits, metric, mode, highlight))
+    storage.write_text(path, lineage_svg(dict(reports), exploits, metric, mode, highlight))
     return path

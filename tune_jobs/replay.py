@@ -23,7 +23,8 @@ import tempfile
 from collections.abc import Callable
 
 from cluster import storage
-from tune_jobs.lineage import LineageError, Schedule, trial_rows, trial_schedule
+from tune_jobs.lineage import LineageError, Schedule, trial_schedule
+from tune_jobs.report_log import read_all_reports
 from tune_jobs.run import RunOutcome, run_job
 from tune_jobs.spec import JobSpec, Problem, SpecError, load_spec, parse_spec
 
@@ -59,8 +60,9 @@ def replay_spec(spec: JobSpec, trial: str, schedule: Schedule) -> JobSpec:
 
 def load_schedule(run_dir: str, trial: str) -> Schedule:
     """The trial's schedule; ``SpecError`` naming RUN_DIR or TRIAL when it cannot be read."""
-    if not trial_rows(run_dir, trial):
-        trials = sorted(n for n in storage.list_names(run_dir) if n.startswith("trial_"))
+    reports = read_all_reports(run_dir)
+    if not reports.get(trial):
+        trials = sorted(reports)
         raise SpecError(
             [
                 Problem(
@@ -71,7 +73,7 @@ def load_schedule(run_dir: str, trial: str) -> Schedule:
             ]
         )
     try:
-        return trial_schedule(run_dir, trial)
+        return trial_schedule(run_dir, trial, reports)
     except LineageError as exc:
         raise SpecError([Problem("TRIAL", trial, str(exc))]) from None
 

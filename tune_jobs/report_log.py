@@ -36,6 +36,12 @@ def read_reports(run_dir: str, trial: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
+def read_all_reports(run_dir: str) -> dict[str, list[dict[str, Any]]]:
+    """Every trial's reports, by trial folder name (``trial_<n>``)."""
+    names = sorted(n for n in storage.list_names(run_dir) if n.startswith("trial_"))
+    return {name: read_reports(run_dir, name) for name in names}
+
+
 class ReportLog(tune.Callback):
     """Appends each result to the trial's log (a local file: appends; a URI: rewrites it)."""
 

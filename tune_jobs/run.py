@@ -24,7 +24,7 @@ from tune_jobs import results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
 from tune_jobs.report import leaderboard
-from tune_jobs.report_log import ReportLog, read_reports
+from tune_jobs.report_log import ReportLog, read_all_reports
 from tune_jobs.spec import JobSpec
 
 log = logging.getLogger("tunefleet")
@@ -254,8 +254,9 @@ def run_job(
         )
         grid = tuner.fit()
         metric, mode = spec.search.metric, spec.search.resolved_mode
+        reports = read_all_reports(run_dir)  # once: the summary and the lineage read them
         trials = [
-            results.summarize_trial(r, metric, mode, read_reports(run_dir, results.trial_dir(r)))
+            results.summarize_trial(r, metric, mode, reports.get(results.trial_dir(r), []))
             for r in grid
         ]
         finished = [t for t in trials if t.best.get(metric) is not None]
@@ -281,10 +282,11 @@ def run_job(
             splits,
             time.monotonic() - started,
             defaults,
+            reports,
         )
         path = results.write_summary(run_dir, summary)
         picture = write_lineage(
-            run_dir, summary["exploits"], metric, mode, best.trial if best else None
+            run_dir, summary["exploits"], metric, mode, best.trial if best else None, reports
         )
     finally:
         if not keep_ray:
