@@ -7,12 +7,13 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from cluster import storage
 from trainers import metrics as M
-from trainers.checkpoint import MANIFEST, MODEL_DIR, TRAINED_WEIGHTS, materialize
+from trainers.checkpoint import MANIFEST, MODEL_DIR, TRAINED_WEIGHTS, materialize, read_manifest
 from trainers.data import Split, Splits
 from trainers.ds_engine import DS_DIR
 from tune_jobs.lineage import read_lineage
@@ -140,10 +141,8 @@ def export_best(
     try:
         local = os.path.join(work, EXPORT_DIR)
         checkpoint = os.path.join(work, "checkpoint")
-        manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
-        os.makedirs(checkpoint)
         storage.download_file(storage.join(uri, MANIFEST), os.path.join(checkpoint, MANIFEST))
-        layout = manifest.get("weights", "full")
+        layout = read_manifest(checkpoint).get("weights", "full")
         if layout == "full":
             storage.download_dir(storage.join(uri, MODEL_DIR), os.path.join(checkpoint, MODEL_DIR))
         elif layout == "deepspeed":  # every rank's ZeRO shards, merged by materialize
@@ -208,6 +207,7 @@ def build_summary(
     splits: Splits,
     wall_time_s: float,
     defaults: TrialSummary | None = None,
+    reports: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The content of summary.json."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
@@ -248,7 +248,7 @@ def build_summary(
             "reloaded_validation": export["reloaded_validation"] if export else None,
             "test": export["test"] if export else None,
         },
-        "exploits": read_lineage(run_dir),
+        "exploits": read_lineage(run_dir, reports or {}),
         "checkpoints": {
             "weights": checkpoint_layout(spec),
             # the size of one checkpoint (MiB): what an exploit or a restore moves
