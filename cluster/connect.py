@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,25 @@ class Connection:
     address: str | None  # None: a local cluster started by this process
     local: bool
 
+    def describe(self) -> str:
+        """One line: which cluster this run uses."""
+        if self.local:
+            return "local Ray cluster started by this run (a cluster already running here is not used)"
+        return f"Ray cluster at {self.address}"
+
+
+def job_env_vars() -> dict[str, str]:
+    """Environment variables the submitted job's runtime env already sets (none outside a job).
+
+    Ray refuses to merge a driver's runtime env with the job's when both set the
+    same variable, so the driver adds only the ones the job lacks.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    runtime_env = json.loads(raw).get("runtime_env") or {}
+    return dict(runtime_env.get("env_vars") or {})
+
 
 def connect(
     address: str | None = None,
@@ -33,6 +53,9 @@ def connect(
     """Connect to ``address`` (or ``RAY_ADDRESS``); with neither, start a local cluster.
 
     A local cluster gets ``local_num_cpus`` CPUs (default: this machine's) and no GPUs.
+    It is always a new one (``address="local"``): a plain ``ray.init()`` would
+    attach to any ``ray start`` head on this machine, even a dead one whose
+    address file was left behind.
     """
     import ray
 
@@ -42,14 +65,18 @@ def connect(
     target = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return Connection(target, local=not target)
-    runtime_env = {"env_vars": env}
     if target:
+        inherited = job_env_vars()
+        own = {k: v for k, v in env.items() if k not in inherited}
+        # Inside a job that already sets them (tunefleet submit): the job's runtime env as is.
+        runtime_env = {"env_vars": own} if own else None
         ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
         return Connection(target, local=False)
     ray.init(
+        address="local",
         num_cpus=local_num_cpus or os.cpu_count() or 1,
         num_gpus=0,
-        runtime_env=runtime_env,
+        runtime_env={"env_vars": env},
         log_to_driver=True,
     )
     return Connection(None, local=True)

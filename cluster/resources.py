@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 class ResourceError(ValueError):
@@ -55,6 +56,12 @@ class TrialResources:
             bundle["GPU"] = self.gpus_per_worker
         return bundle
 
+    def bundles(self) -> list[dict[str, float]]:
+        """Every bundle one trial reserves: its own, then one per worker."""
+        if self.single_process:
+            return [self.trial_bundle()]
+        return [self.trial_bundle()] + [self.worker_bundle()] * self.num_workers
+
 
 @dataclass(frozen=True)
 class ClusterCapacity:
@@ -65,6 +72,8 @@ class ClusterCapacity:
     max_node_cpus: float
     max_node_gpus: float
     nodes: int = 1
+    #: capacity counts nodes an autoscaler can still start (not only the ones up now)
+    autoscaling: bool = False
 
 
 def max_concurrent_trials(
@@ -123,12 +132,109 @@ def max_concurrent_trials(
 
 
 def capacity_of_running_cluster() -> ClusterCapacity:
-    """Capacity of the cluster this process is connected to (alive nodes only)."""
+    """Capacity of the cluster this process is connected to.
+
+    On an autoscaling cluster (KubeRay's or Ray's autoscaler publishes its node
+    types to the GCS) this is what the cluster can grow to: a trial that fits a
+    node type the autoscaler can start is not refused because no such node is
+    up yet, and Tune's pending trials are what asks the autoscaler for nodes.
+    Without an autoscaler it is the nodes alive now.
+    """
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = [n["Resources"].get("CPU", 0.0) for n in nodes]
     gpus = [n["Resources"].get("GPU", 0.0) for n in nodes]
-    return ClusterCapacity(
+    now = ClusterCapacity(
         sum(cpus), sum(gpus), max(cpus, default=0.0), max(gpus, default=0.0), len(nodes)
     )
+    return with_node_types(now, autoscaler_node_types())
+
+
+#: Stand-in for "no upper bound" in a node type's max_count (-1 in the autoscaler's config).
+UNBOUNDED_NODES = 1000
+
+
+def autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
+    """(resources of one node, max nodes) per node type the autoscaler can start; [] without one."""
+    from ray._private.state import state
+
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older GCS without the key: no autoscaler info
+        return []
+    if config is None:
+        return []
+    types = []
+    for group in config.node_group_configs:
+        count = UNBOUNDED_NODES if group.max_count == -1 else int(group.max_count)
+        if count > 0:
+            types.append(({k: float(v) for k, v in group.resources.items()}, count))
+    return types
+
+
+def with_node_types(
+    now: ClusterCapacity, node_types: list[tuple[dict[str, float], int]]
+) -> ClusterCapacity:
+    """The capacity a cluster can reach: what is up now, or every node type at its max count."""
+    if not node_types:
+        return now
+    cpus = sum(r.get("CPU", 0.0) * n for r, n in node_types)
+    gpus = sum(r.get("GPU", 0.0) * n for r, n in node_types)
+    return ClusterCapacity(
+        cpus=max(now.cpus, cpus),
+        gpus=max(now.gpus, gpus),
+        max_node_cpus=max([now.max_node_cpus] + [r.get("CPU", 0.0) for r, _ in node_types]),
+        max_node_gpus=max([now.max_node_gpus] + [r.get("GPU", 0.0) for r, _ in node_types]),
+        nodes=max(now.nodes, sum(n for _, n in node_types)),
+        autoscaling=True,
+    )
+
+
+def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.0) -> bool | None:
+    """Ask the cluster's autoscaler whether it can ever hold one trial's ``bundles``.
+
+    ``None`` when no autoscaler (v2) runs. Ray 2.60's autoscaler does not publish
+    its node types to the GCS, so tunefleet asks it directly: the bundles go in
+    as a resource constraint (``request_cluster_resources``, the same channel as
+    ``ray.autoscaler.sdk.request_resources``), and the autoscaler's next rounds
+    either mark the constraint infeasible (no node type holds it) or start
+    nodes for it. The constraint is cleared again before returning. Seconds, at
+    the autoscaler's update interval.
+    """
+    import time
+
+    import ray
+    from ray._raylet import GcsClient
+    from ray.autoscaler.v2.sdk import request_cluster_resources
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    address = ray.get_runtime_context().gcs_address
+    client = GcsClient(address=address)
+
+    def state() -> Any:
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(client.get_cluster_status(timeout_s=10))
+        return reply.autoscaling_state
+
+    first = state()
+    if first.autoscaler_state_version == 0:
+        return None
+    request_cluster_resources(address, [{"resources": b} for b in bundles])
+    try:
+        deadline = time.monotonic() + timeout_s
+        seen = first.autoscaler_state_version
+        rounds = 0
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = state()
+            if now.autoscaler_state_version == seen:
+                continue
+            seen, rounds = now.autoscaler_state_version, rounds + 1
+            if now.infeasible_cluster_resource_constraints:
+                return False
+            if rounds >= 2:  # two rounds after the request saw it and found it feasible
+                return True
+        return True  # no verdict in time: let Tune's requests wait rather than refuse
+    finally:
+        request_cluster_resources(address, [])

@@ -1,9 +1,23 @@
-"""Result storage: a local folder, a shared mount (NFS/PVC) or an S3-compatible URI."""
+"""Result storage: a local folder, a shared mount (NFS/PVC) or an S3-compatible URI.
+
+Every file tunefleet writes itself, and everything Ray Tune and Ray Train
+write, goes through one ``pyarrow.fs`` filesystem per storage root. For a URI
+the filesystem is built once from the URI (``s3://bucket/prefix``) and handed
+to Ray as an object (``RunConfig(storage_filesystem=...)``), so Ray never
+re-parses a URI. Credentials and the endpoint come from the environment
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``,
+``AWS_ENDPOINT_URL`` for MinIO, Ceph or moto), never from the job spec: a
+pickled filesystem built this way holds no secret (checked by the S3 test).
+A query string (``s3://b/p?endpoint_override=...``) is allowed and is kept on
+every joined path.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -20,26 +34,61 @@ def normalize(storage_path: str) -> str:
     )
 
 
+def _split_query(uri: str) -> tuple[str, str]:
+    """``s3://b/p?x=1`` -> (``s3://b/p``, ``?x=1``)."""
+    base, sep, query = uri.partition("?")
+    return base, (sep + query if sep else "")
+
+
 def join(base: str, *parts: str) -> str:
-    """Join path parts for local paths and URIs alike."""
-    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+    """Join path parts for local paths and URIs alike; a URI's query string stays at the end."""
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    head, query = _split_query(base)
+    return posixpath.join(head, *parts) + query
 
 
-def _fs(path: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
+@functools.lru_cache(maxsize=16)
+def _filesystem(root: str) -> pafs.FileSystem:
+    # One filesystem per scheme, bucket and query: building an S3 client resolves
+    # credentials and the endpoint, which is too slow to repeat for every file.
+    return pafs.FileSystem.from_uri(root)[0]
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path on it for a local path or a URI."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), path
+    head, query = _split_query(path)
+    parts = urlsplit(head)
+    fs = _filesystem(f"{parts.scheme}://{parts.netloc}{query}")
+    return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+
+
+def ray_storage(root: str) -> dict[str, object]:
+    """``storage_path`` and ``storage_filesystem`` for a Tune or Train ``RunConfig``."""
+    if not is_uri(root):
+        return {"storage_path": root}
+    fs, path = resolve(root)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def uri_of(fs: pafs.FileSystem, path: str, like: str) -> str:
+    """A path Ray gave on ``fs`` as a URI in the form of storage root ``like`` (with its query)."""
+    if isinstance(fs, pafs.LocalFileSystem) or not is_uri(like):
+        return path
+    return f"{urlsplit(like).scheme}://{path.lstrip('/')}" + _split_query(like)[1]
 
 
 def exists(path: str) -> bool:
     """Does a file or folder exist at ``path``?"""
-    fs, p = _fs(path)
+    fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def list_names(path: str) -> list[str]:
     """Names directly under folder ``path`` (empty if it does not exist)."""
-    fs, p = _fs(path)
+    fs, p = resolve(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         return []
     return [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))]
@@ -47,14 +96,14 @@ def list_names(path: str) -> list[str]:
 
 def delete_dir(path: str) -> None:
     """Remove folder ``path`` and everything under it (no-op if missing)."""
-    fs, p = _fs(path)
+    fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
 
 
 def upload_dir(local_dir: str, dest: str) -> None:
     """Copy a local folder to ``dest`` (local path or URI)."""
-    fs, p = _fs(dest)
+    fs, p = resolve(dest)
     fs.create_dir(p, recursive=True)
     pafs.copy_files(
         local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
@@ -63,7 +112,7 @@ def upload_dir(local_dir: str, dest: str) -> None:
 
 def download_dir(src: str, local_dir: str) -> None:
     """Copy folder ``src`` (local path or URI) to a local folder."""
-    fs, p = _fs(src)
+    fs, p = resolve(src)
     os.makedirs(local_dir, exist_ok=True)
     pafs.copy_files(
         p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
@@ -72,7 +121,7 @@ def download_dir(src: str, local_dir: str) -> None:
 
 def download_file(src: str, local_path: str) -> None:
     """Copy one file ``src`` (local path or URI) to a local path."""
-    fs, p = _fs(src)
+    fs, p = resolve(src)
     os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
     with fs.open_input_stream(p) as fh, open(local_path, "wb") as out:
         while chunk := fh.read(1 << 20):
@@ -88,14 +137,14 @@ def write_text(dest: str, text: str) -> None:
             fh.write(text)
         os.replace(tmp, dest)
         return
-    fs, p = _fs(dest)
+    fs, p = resolve(dest)
     with fs.open_output_stream(p) as out:
         out.write(text.encode())
 
 
 def read_text(src: str) -> str:
     """Read a text file from a local path or URI."""
-    fs, p = _fs(src)
+    fs, p = resolve(src)
     with fs.open_input_stream(p) as fh:
         return fh.read().decode()
 
@@ -109,3 +158,14 @@ def next_free_name(base: str, name: str) -> str:
     while f"{name}-{k}" in taken:
         k += 1
     return f"{name}-{k}"
+
+
+def total_bytes(path: str) -> tuple[int, int]:
+    """(files, bytes) under folder ``path``."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return 0, 0
+    files = [
+        i for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if i.type == pafs.FileType.File
+    ]
+    return len(files), sum(i.size or 0 for i in files)

@@ -28,6 +28,7 @@ RESTORED_FROM_STEP = "restored_from_step"  # step of the checkpoint this start r
 RESTORED_WEIGHTS = "restored_weights_sha256"  # fingerprint of the weights right after that restore
 WEIGHTS = "weights_sha256"  # fingerprint of the weights in this report's checkpoint
 CHECKPOINT_MB = "checkpoint_mb"  # size of this report's checkpoint (MiB)
+WORKER_NODES = "worker_nodes"  # Ray node ids of the trial's workers, by rank (comma-separated)
 HP_SEGMENT = "hp_segment"  # which stretch of a replayed hyperparameter schedule is in force
 
 #: Metrics a scheduler or search may watch, with the direction that is better.

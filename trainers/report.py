@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from trainers import metrics as M
+
 
 class WorkerContext(Protocol):
     """What the training loop needs from the process it runs in."""
@@ -28,6 +30,20 @@ class WorkerContext(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         """Report metrics (every rank) and, from rank 0, a checkpoint folder."""
+
+
+def worker_node_ids(world_size: int) -> str:
+    """The Ray node id of every rank, comma-separated in rank order (shows where a trial ran)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return node
+    import torch.distributed as dist
+
+    ids: list[str | None] = [None] * world_size
+    dist.all_gather_object(ids, node)  # once per worker group, at start
+    return ",".join(str(i) for i in ids)
 
 
 class RayTrainContext:
@@ -48,6 +64,7 @@ class RayTrainContext:
         import ray.train.torch
 
         self.device = ray.train.torch.get_device()  # cuda:N on GPU workers, else cpu
+        self.node_ids = worker_node_ids(self.world_size)
 
     def prepare_model(self, model: Any) -> Any:
         import ray.train.torch
@@ -72,7 +89,7 @@ class RayTrainContext:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, M.WORKER_NODES: self.node_ids}, checkpoint=checkpoint)
 
 
 class LocalContext:

@@ -12,6 +12,11 @@ from typing import Any
 
 EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_DETACHED = 130  # Ctrl-C while following a submitted job: it goes on
+
+#: ``CONFIG`` of the form ``env:NAME`` reads the spec's YAML from that variable
+#: (how ``tunefleet submit`` hands the resolved spec to the job).
+ENV_CONFIG_PREFIX = "env:"
 
 
 def smoke_enabled(spec: Any) -> bool:
@@ -36,6 +41,19 @@ def resolve_config(name_or_path: str) -> str:
     if os.path.exists(name_or_path):
         return name_or_path
     return shipped_configs().get(name_or_path.removesuffix(".yaml"), name_or_path)
+
+
+def load_config(config: str, overrides: list[str]) -> Any:
+    """The validated job spec from a path, a shipped name or ``env:NAME``."""
+    from tune_jobs.spec import Problem, SpecError, load_spec, load_spec_text
+
+    if config.startswith(ENV_CONFIG_PREFIX):
+        name = config[len(ENV_CONFIG_PREFIX) :]
+        text = os.environ.get(name)
+        if text is None:
+            raise SpecError([Problem("CONFIG", config, f"environment variable {name} is not set")])
+        return load_spec_text(text, overrides, source=config)
+    return load_spec(resolve_config(config), overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="skip the smoke pass (on by default for cluster runs: smoke.enabled=auto)",
             )
+    submit = sub.add_parser(
+        "submit",
+        help="validate here, then run the sweep on a Ray cluster as a Ray job and follow it",
+        description="validate the spec here (exit 2, nothing submitted, on bad input), upload the "
+        "working dir and the resolved spec, start `python -m tune_jobs run` as a Ray job, and "
+        "follow its logs; exit 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED, 130 "
+        "when Ctrl-C detached from a job that goes on",
+    )
+    submit.add_argument("config", metavar="CONFIG", help="job spec YAML, or a shipped config name")
+    submit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
+    submit.add_argument("--no-smoke", action="store_true", help="skip the smoke pass on the cluster")
+    submit.add_argument(
+        "--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)"
+    )
+    for name, text in (
+        ("logs", "print a submitted job's logs (--follow: until it ends)"),
+        ("stop", "stop a submitted job and wait until it has ended"),
+        ("status", "print a submitted job's status"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("job_id", metavar="JOB_ID", help="as printed by tunefleet submit")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    for p in (submit, *(sub.choices[n] for n in ("logs", "stop", "status"))):
+        p.add_argument(
+            "--address",
+            default=None,
+            help="the cluster's dashboard, e.g. http://127.0.0.1:8265 "
+            "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)",
+        )
+        p.add_argument(
+            "--token-file",
+            default=None,
+            help="file holding the cluster's auth token (default: RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); never printed",
+        )
     replay = sub.add_parser(
         "replay",
         help="retrain a PBT trial from scratch following the schedule of hyperparameters PBT found",
@@ -87,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.data import DataError, load_splits
     from trainers.model import ModelError
     from tune_jobs.smoke import SmokeError
-    from tune_jobs.spec import SpecError, load_spec
+    from cluster.submit import SubmitError
+    from tune_jobs.run import RunFailed
+    from tune_jobs.spec import SpecError
 
     try:
         if args.command == "replay":
@@ -95,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
             replay(args.run_dir, args.trial)
             return 0
-        spec = load_spec(resolve_config(args.config), args.overrides)
+        if args.command in ("logs", "stop", "status"):
+            return job_command(args)
+        spec = load_config(args.config, args.overrides)
+        if args.command == "submit":
+            return submit_command(args, spec)
         if args.command == "validate":
             if not args.no_data:
                 splits = load_splits(spec.data.model_dump(), spec.run.seed)
@@ -117,9 +178,76 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, DataError, ResourceError, ModelError) as exc:
         print(f"tunefleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SubmitError as exc:
+        print(f"tunefleet: error: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except RunFailed as exc:
+        print(f"tunefleet: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except SmokeError as exc:
         print(f"tunefleet: {exc}\n(fix it, or skip the pass with --no-smoke)", file=sys.stderr)
         return EXIT_RUN_FAILED
+
+
+def submit_command(args: argparse.Namespace, spec: Any) -> int:
+    """``tunefleet submit``: the spec is valid here; submit it and (unless --no-wait) follow."""
+    from cluster import submit as jobs
+
+    # The job connects to its own cluster: an address in the spec means nothing there.
+    spec = spec.model_copy(update={"run": spec.run.model_copy(update={"address": None})})
+    auth = jobs.use_token(args.token_file)
+    files, size = jobs.upload_size(args.working_dir)
+    print(
+        f"submitting to {args.address or 'RAY_API_SERVER_ADDRESS/RAY_ADDRESS'} ({auth}); "
+        f"uploading {args.working_dir} ({files} files, {size / 2**20:.1f} MiB)",
+        flush=True,
+    )
+    job = jobs.submit(args.address, spec.to_yaml(), args.working_dir, args.no_smoke)
+    flags = f"--address {job.address}"
+    print(
+        f"job {job.job_id} submitted\n"
+        f"  follow: tunefleet logs {job.job_id} --follow {flags}\n"
+        f"  stop:   tunefleet stop {job.job_id} {flags}",
+        flush=True,
+    )
+    if args.no_wait:
+        return 0
+    try:
+        final = jobs.follow(job.address, job.job_id)
+    except KeyboardInterrupt:
+        print(
+            f"\ntunefleet: detached; job {job.job_id} goes on on the cluster "
+            f"(tunefleet logs {job.job_id} --follow {flags}; tunefleet stop {job.job_id} {flags})",
+            file=sys.stderr,
+        )
+        return EXIT_DETACHED
+    print(f"job {job.job_id}: {final}", flush=True)
+    return 0 if final == "SUCCEEDED" else EXIT_RUN_FAILED
+
+
+def job_command(args: argparse.Namespace) -> int:
+    """``tunefleet logs|stop|status JOB_ID``."""
+    from cluster import submit as jobs
+
+    jobs.use_token(args.token_file)
+    if args.command == "stop":
+        final = jobs.stop(args.address, args.job_id)
+        print(f"job {args.job_id}: {final}")
+        return 0 if final in jobs.TERMINAL else EXIT_RUN_FAILED
+    if args.command == "logs" and args.follow:
+        try:
+            final = jobs.follow(args.address, args.job_id)
+        except KeyboardInterrupt:
+            print(f"\ntunefleet: detached; job {args.job_id} goes on", file=sys.stderr)
+            return EXIT_DETACHED
+        print(f"job {args.job_id}: {final}")
+        return 0
+    if args.command == "logs":
+        print(jobs.logs(args.address, args.job_id), end="")
+        return 0
+    state, message = jobs.status(args.address, args.job_id)
+    print(f"job {args.job_id}: {state}" + (f" ({message})" if message else ""))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

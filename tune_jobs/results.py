@@ -44,6 +44,7 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     keep = M.REPORTED | {
         M.CHECKPOINT_MB,
         M.HP_SEGMENT,
+        M.WORKER_NODES,
         "train_run",
         "training_iteration",
         "time_total_s",
@@ -90,15 +91,27 @@ def summarize_trial(
         last=_clean(last),
         reports=len(rows),
         stopped_early=bool(result.error is None and step is not None and total and step < total),
-        error=None if result.error is None else str(result.error).splitlines()[0][:300],
+        error=None if result.error is None else error_reason(result.error),
     )
 
 
-def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[str, Any]]:
+def error_reason(error: BaseException) -> str:
+    """The cause of a trial's failure in one line: the innermost exception of the traceback
+    Ray wraps it in (its first line only names the Ray task that failed)."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "^", "~", "During handling", "The above exception")):
+            return line[:500]
+    return type(error).__name__
+
+
+def best_checkpoint_uri(
+    result: Any, metric: str, mode: str, storage_root: str
+) -> tuple[str, dict[str, Any]]:
     """The Train checkpoint of the trial's best report whose files still exist."""
     candidates = []
     for checkpoint, metrics in result.best_checkpoints or []:
-        uri = checkpoint_location(checkpoint)
+        uri = checkpoint_location(checkpoint, storage_root)
         candidates.append((metrics.get(metric), metrics.get(M.STEP, 0), uri, metrics))
     reverse = mode == "max"
     candidates.sort(
@@ -259,6 +272,17 @@ def build_summary(
         else {"trial": defaults.trial, "config": defaults.config},
         "best_vs_defaults": versus,
         "trials": [asdict(t) for t in trials],
+        # Ray node ids every trial's workers ran on (a multi-node sweep spreads across them)
+        "nodes": sorted(
+            {
+                node
+                for rows in (reports or {}).values()
+                for row in rows
+                for node in str(row.get(M.WORKER_NODES) or "").split(",")
+                if node
+            }
+        ),
+        "failed_trials": {t.trial: t.error for t in trials if t.status == "ERROR"},
         "wall_time_s": round(wall_time_s, 1),
     }
 

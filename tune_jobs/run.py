@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster import storage
@@ -15,6 +15,7 @@ from cluster.resources import (
     ClusterCapacity,
     ResourceError,
     TrialResources,
+    autoscaler_can_place,
     capacity_of_running_cluster,
     max_concurrent_trials,
 )
@@ -25,7 +26,7 @@ from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
 from tune_jobs.report import leaderboard
 from tune_jobs.report_log import ReportLog, read_all_reports
-from tune_jobs.spec import JobSpec
+from tune_jobs.spec import JobSpec, Problem, SpecError
 
 log = logging.getLogger("tunefleet")
 
@@ -155,7 +156,13 @@ def build_tuner(
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.trial_bundle())
     if restore:
-        return tune.Tuner.restore(run_dir, trainable, resume_errored=True)
+        fs = storage.ray_storage(run_dir)
+        return tune.Tuner.restore(
+            fs["storage_path"],
+            trainable,
+            resume_errored=True,
+            storage_filesystem=fs.get("storage_filesystem"),
+        )
     metric, mode = spec.search.metric, spec.search.resolved_mode
     return tune.Tuner(
         trainable,
@@ -171,7 +178,7 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=run_name,
-            storage_path=storage_root,
+            **storage.ray_storage(storage_root),
             checkpoint_config=tune_checkpoint_config(spec),
             # A synch PBT population waits for every member at each interval: one that
             # errored would leave the rest paused forever (seen), so the run stops instead.
@@ -189,6 +196,69 @@ def build_tuner(
             verbose=1,
         ),
     )
+
+
+class RunFailed(RuntimeError):
+    """The sweep ran but produced nothing usable (every trial failed); the summary says why."""
+
+
+def plan_concurrency(spec: JobSpec, res: TrialResources) -> tuple[ClusterCapacity, int]:
+    """The connected cluster's capacity and how many trials run at once.
+
+    On an autoscaling cluster a trial that fits a node type the autoscaler can
+    start is allowed even while no such node is up: concurrency is then the
+    requested (or the whole sweep's) number of trials, and Tune's pending trials
+    ask the autoscaler for nodes. A trial that fits no node type is refused.
+    """
+    capacity = capacity_of_running_cluster()
+    requested = spec.resources.max_concurrent_trials
+    try:
+        fits_now: int | None = max_concurrent_trials(res, capacity, requested)
+        refusal: ResourceError | None = None
+    except ResourceError as exc:
+        fits_now, refusal = None, exc
+    wanted = requested or spec.search.num_trials
+    if fits_now is not None and fits_now >= wanted:
+        return capacity, fits_now
+    verdict = autoscaler_can_place(res.bundles())
+    if verdict is None:  # no autoscaler: what is up now is all there is
+        if refusal is not None:
+            raise refusal
+        return capacity, fits_now or 1
+    if verdict is False:
+        raise ResourceError(
+            f"resources: one trial needs {res.bundles()} (its driver, then "
+            f"{res.num_workers} worker(s)), which no node type of this autoscaling cluster can "
+            "hold; lower resources.num_workers, cpus_per_worker or gpus_per_worker, or add a "
+            "node type that fits"
+        )
+    return replace(capacity, autoscaling=True), max(fits_now or 0, wanted)
+
+
+def describe_capacity(capacity: ClusterCapacity) -> str:
+    """One line: nodes and resources (and that it autoscales)."""
+    text = f"{capacity.nodes} node(s), {capacity.cpus:g} CPUs, {capacity.gpus:g} GPUs"
+    return text + (" now, autoscaling" if capacity.autoscaling else "")
+
+
+def check_storage_reachable(spec: JobSpec, storage_root: str, capacity: ClusterCapacity) -> None:
+    """A local storage path on a multi-node cluster would scatter results across node disks."""
+    if storage.is_uri(storage_root) or spec.run.shared_storage:
+        return
+    if capacity.nodes > 1 or capacity.autoscaling:
+        nodes = f"{capacity.nodes} nodes" + (" and autoscales" if capacity.autoscaling else "")
+        raise SpecError(
+            [
+                Problem(
+                    "run.storage_path",
+                    spec.run.storage_path,
+                    f"a local path, but the cluster has {nodes}: each node would keep its own "
+                    "part of the checkpoints and results. Use a bucket (e.g. "
+                    "s3://bucket/prefix, endpoint and keys from the environment) or, for a mount "
+                    "every node sees (NFS, a PVC), set run.shared_storage: true",
+                )
+            ]
+        )
 
 
 def run_job(
@@ -215,19 +285,13 @@ def run_job(
     run_name = resolve_run_name(spec, storage_root)
     run_dir = storage.join(storage_root, run_name)
     restore = spec.run.if_exists == "resume" and storage.exists(run_dir)
-    if spec.run.if_exists == "overwrite":
-        storage.delete_dir(run_dir)
 
-    storage.write_text(
-        storage.join(run_dir, "job_spec.yaml"), spec.to_yaml()
-    )  # for replay and audits
     conn = connect(spec.run.address, spec.resources.local_num_cpus)
     try:
-        concurrent = max_concurrent_trials(
-            res, capacity_of_running_cluster(), spec.resources.max_concurrent_trials
-        )
+        capacity, concurrent = plan_concurrency(spec, res)
+        check_storage_reachable(spec, storage_root, capacity)
         echo(
-            f"ray: {'local debug cluster' if conn.local else conn.address}; each trial: "
+            f"ray: {conn.describe()}: {describe_capacity(capacity)}; each trial: "
             + (
                 f"the worker loop in the trial process, {res.worker_bundle()}; "
                 if res.single_process
@@ -236,6 +300,10 @@ def run_job(
             + f"{concurrent} trial(s) at once; run folder {run_dir}"
         )
         check_population_fits(spec, concurrent)
+        # Written only once every check has passed: a refused run leaves nothing behind.
+        if spec.run.if_exists == "overwrite":
+            storage.delete_dir(run_dir)
+        storage.write_text(storage.join(run_dir, "job_spec.yaml"), spec.to_yaml())  # replay, audits
         points = defaults_points(spec)
         if points:
             echo(
@@ -267,7 +335,9 @@ def run_job(
             best = max(finished, key=lambda t: sign * t.best[metric])
             best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
             if spec.training.save_checkpoints:
-                uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
+                uri, ckpt_metrics = results.best_checkpoint_uri(
+                    best_result, metric, mode, storage_root
+                )
                 export = results.export_best(
                     uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
                 )
@@ -296,4 +366,10 @@ def run_job(
     if picture:
         echo(f"lineage: {picture}")
     echo(f"summary: {path}")
+    failed = [t for t in trials if t.status == "ERROR"]
+    if trials and len(failed) == len(trials):
+        raise RunFailed(
+            f"every trial failed ({len(trials)}); summary: {path}\n"
+            + "\n".join(f"  - {t.trial}: {t.error}" for t in failed)
+        )
     return RunOutcome(run_dir, path, summary, data_ref if keep_ray else None)

@@ -463,6 +463,12 @@ class RunSpec(_Section):
         "new",
         description="If the run folder exists: new (name-2, name-3, ...), resume it, or overwrite it.",
     )
+    shared_storage: bool = Field(
+        False,
+        description="storage_path is a mount every node of the cluster sees (NFS, a PVC): a local "
+        "path is refused on a multi-node cluster without this, since each node would keep its "
+        "own part of the results. Not needed for s3:// and other URIs.",
+    )
 
 
 class SmokeSpec(_Section):
@@ -964,11 +970,18 @@ def load_spec(path: str, overrides: Iterable[str] = ()) -> JobSpec:
     """Read a YAML job spec, apply overrides and validate; ``SpecError`` on any problem."""
     try:
         with open(path) as fh:
-            raw = yaml.safe_load(fh)
+            text = fh.read()
     except FileNotFoundError as exc:
         raise SpecError([Problem("CONFIG", path, "file not found")]) from exc
+    return load_spec_text(text, overrides, source=path)
+
+
+def load_spec_text(text: str, overrides: Iterable[str] = (), source: str | None = None) -> JobSpec:
+    """Validate a job spec given as YAML text (``source`` names it in errors)."""
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError([Problem("CONFIG", path, f"not valid YAML: {exc}")]) from exc
+        raise SpecError([Problem("CONFIG", source, f"not valid YAML: {exc}")]) from exc
     if raw is not None and not isinstance(raw, Mapping):
-        raise SpecError([Problem("CONFIG", path, "top level must be a mapping of sections")])
-    return parse_spec(apply_overrides(raw or {}, overrides), source=path)
+        raise SpecError([Problem("CONFIG", source, "top level must be a mapping of sections")])
+    return parse_spec(apply_overrides(raw or {}, overrides), source=source)

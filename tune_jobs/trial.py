@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import train, tune
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
@@ -32,6 +33,7 @@ from ray.util.queue import Empty, Queue
 
 from cluster import storage
 from cluster.resources import TrialResources
+from trainers import metrics as M
 from trainers.loop import train_loop_per_worker
 from tune_jobs.space import trial_hparams
 from tune_jobs.spec import JobSpec
@@ -173,7 +175,7 @@ def build_trainer(
         ),
         run_config=train.RunConfig(
             name=run_name,
-            storage_path=plan.train_storage,
+            **storage.ray_storage(plan.train_storage),
             callbacks=[_ForwardToTune(queue)],
             checkpoint_config=train.CheckpointConfig(**checkpoint_retention(spec)),
             failure_config=train.FailureConfig(max_failures=0),
@@ -237,6 +239,7 @@ class TuneTrialContext:
 
         self.resume_from = resume_from
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def prepare_model(self, model: Any) -> Any:
         return model.to(self.device)
@@ -251,20 +254,17 @@ class TuneTrialContext:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(dict(metrics), checkpoint=checkpoint)
+        tune.report({**metrics, M.WORKER_NODES: self.node_id}, checkpoint=checkpoint)
 
 
-def checkpoint_location(checkpoint: Any) -> str:
+def checkpoint_location(checkpoint: Any, storage_root: str) -> str:
     """Where a Tune checkpoint's training state lives: the Train checkpoint it points
-    to (TorchTrainer mode) or the Tune checkpoint itself (single-process mode)."""
+    to (TorchTrainer mode) or the Tune checkpoint itself (single-process mode), as a
+    path or URI in the form of ``storage_root``."""
     with checkpoint.as_directory() as folder:
         if os.path.exists(os.path.join(folder, POINTER_FILE)):
             return read_pointer(folder)["uri"]
-    import pyarrow.fs
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        return checkpoint.path
-    return f"{checkpoint.filesystem.type_name}://{checkpoint.path}"
+    return storage.uri_of(checkpoint.filesystem, checkpoint.path, like=storage_root)
 
 
 def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
@@ -279,7 +279,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     resume = None
     incoming = tune.get_checkpoint()  # a fault restore, or a PBT donor's checkpoint
     if incoming is not None:
-        resume = checkpoint_location(incoming)
+        resume = checkpoint_location(incoming, plan.train_storage)
         if not storage.exists(resume):
             # The donor's files are gone (deleted run folder): start this trial's
             # hyperparameters from scratch rather than fail the whole population.

