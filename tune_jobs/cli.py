@@ -135,9 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; overrides may also follow the options (``run CONFIG --no-smoke key=value``),
+    which plain argparse refuses once an option has ended the ``key=value`` list."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late]
+        extra = [x for x in extra if x not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunefleet`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from cluster.resources import ResourceError
     from trainers.data import DataError, load_splits
     from trainers.model import ModelError

@@ -120,6 +120,22 @@ def tune_checkpoint_config(spec: JobSpec) -> Any:
     return tune.CheckpointConfig(**checkpoint_retention(spec))
 
 
+#: Ray Tune copies these from the driver's environment into every trial actor's runtime
+#: env, and each node's runtime-env agent writes that env, in plain text, to its log
+#: (measured: the S3 test's planted secret key turned up in runtime_env_agent.log). The
+#: cluster's nodes hold their own credentials; the driver's must not travel.
+CREDENTIAL_VARS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+)
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Tune from propagating the driver's cloud credentials to trial actors."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARS
+
+
 def _trial_name(trial: Any) -> str:
     # Deterministic: Tune's per-run counter, not its random experiment id.
     return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
@@ -145,6 +161,7 @@ def build_tuner(
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
 
+    keep_credentials_out_of_runtime_envs()
     run_dir = storage.join(storage_root, run_name)
     res = trial_resources(spec)
     plan = TrialPlan(

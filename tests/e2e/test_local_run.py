@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 import yaml
@@ -55,8 +57,19 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     spec_path = root / "job.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC))
-    proc = tunefleet("run", str(spec_path), f"run.storage_path={root / 'results'}")
+    # A `ray start` head that was killed without `ray stop` leaves its address in Ray's temp
+    # folder; a plain ray.init() then attaches to it and a local run died with a ValueError.
+    # The local mode must start its own cluster regardless.
+    ray_tmp = tempfile.mkdtemp(prefix="tf-stale-")  # short: Ray's socket paths are limited
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as fh:
+        fh.write("127.0.0.1:1")  # nothing listens there
+    proc = tunefleet(
+        "run", str(spec_path), f"run.storage_path={root / 'results'}", env={"RAY_TMPDIR": ray_tmp}
+    )
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "local Ray cluster started by this run" in proc.stdout
     run_dir = root / "results" / "e2e"
     summary = json.loads((run_dir / "summary.json").read_text())
     return run_dir, summary, proc.stdout

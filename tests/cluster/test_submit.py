@@ -1,0 +1,53 @@
+"""Submission helpers that need no cluster: the upload, the entrypoint, the token source."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cluster import submit
+from cluster.connect import BASE_ENV_VARS
+
+
+def test_upload_skips_what_must_not_travel(tmp_path):
+    (tmp_path / "tune_jobs").mkdir()
+    (tmp_path / "tune_jobs" / "cli.py").write_text("x" * 100)
+    for junk in (".venv/lib", "tunefleet-results/run", ".git/objects", "__pycache__", ".gpucheck"):
+        (tmp_path / junk).mkdir(parents=True)
+        (tmp_path / junk / "big.bin").write_bytes(b"0" * 100_000)
+    files, size = submit.upload_size(str(tmp_path))
+    assert (files, size) == (1, 100)
+
+
+def test_upload_honours_rayignore(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "huge.csv").write_bytes(b"0" * 5000)
+    (tmp_path / "keep.py").write_text("y")
+    (tmp_path / ".rayignore").write_text("data/\n")
+    files, size = submit.upload_size(str(tmp_path))
+    assert (files, size) == (2, 1 + len("data/\n"))  # keep.py and the ignore file itself
+
+
+def test_runtime_env_carries_the_spec_and_the_worker_environment(tmp_path):
+    env = submit.runtime_env(str(tmp_path), "run: {name: x}\n")
+    assert env["working_dir"] == str(tmp_path)
+    assert env["env_vars"][submit.SPEC_ENV] == "run: {name: x}\n"
+    assert BASE_ENV_VARS.items() <= env["env_vars"].items()
+    assert ".venv/" in env["excludes"]
+    assert submit.entrypoint() == f"python -m tune_jobs run env:{submit.SPEC_ENV}"
+    assert submit.entrypoint(no_smoke=True).endswith("--no-smoke")
+
+
+def test_token_source_is_named_never_read(tmp_path, monkeypatch):
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert submit.use_token() == "no token (the cluster must not require one)"
+    token = tmp_path / "tok"
+    token.write_text("s3cr3t-token-value")
+    said = submit.use_token(str(token))
+    assert said == f"token from the file {token}" and "s3cr3t" not in said
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    with pytest.raises(submit.SubmitError, match="--token-file"):
+        submit.use_token(str(tmp_path / "missing"))
