@@ -194,13 +194,14 @@ def with_node_types(
 def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.0) -> bool | None:
     """Ask the cluster's autoscaler whether it can ever hold one trial's ``bundles``.
 
-    ``None`` when no autoscaler (v2) runs. Ray 2.60's autoscaler does not publish
-    its node types to the GCS, so tunefleet asks it directly: the bundles go in
-    as a resource constraint (``request_cluster_resources``, the same channel as
-    ``ray.autoscaler.sdk.request_resources``), and the autoscaler's next rounds
-    either mark the constraint infeasible (no node type holds it) or start
-    nodes for it. The constraint is cleared again before returning. Seconds, at
-    the autoscaler's update interval.
+    ``None`` when no autoscaler (v2) reports to this cluster. Ray 2.60's
+    autoscaler does not publish its node types to the GCS, so tunefleet asks it
+    directly: the bundles go in as a resource constraint
+    (``request_cluster_resources``, the channel behind
+    ``ray.autoscaler.sdk.request_resources``), and once the autoscaler has
+    seen that cluster state it either lists the constraint as infeasible (no
+    node type holds it) or plans nodes for it. The constraint is cleared again
+    before returning. Seconds, at the autoscaler's update interval.
     """
     import time
 
@@ -212,29 +213,28 @@ def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.
     address = ray.get_runtime_context().gcs_address
     client = GcsClient(address=address)
 
-    def state() -> Any:
+    def status() -> Any:
         reply = GetClusterStatusReply()
         reply.ParseFromString(client.get_cluster_status(timeout_s=10))
-        return reply.autoscaling_state
+        return reply
 
-    first = state()
-    if first.autoscaler_state_version == 0:
-        return None
+    # An autoscaler reports every few seconds (AUTOSCALER_UPDATE_INTERVAL_S, 5 by
+    # default); a cluster that was just started may not have heard from it yet.
+    deadline = time.monotonic() + 12
+    while status().autoscaling_state.autoscaler_state_version == 0:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(1)
     request_cluster_resources(address, [{"resources": b} for b in bundles])
     try:
+        asked = status().cluster_resource_state.cluster_resource_state_version
         deadline = time.monotonic() + timeout_s
-        seen = first.autoscaler_state_version
-        rounds = 0
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            now = state()
-            if now.autoscaler_state_version == seen:
-                continue
-            seen, rounds = now.autoscaler_state_version, rounds + 1
-            if now.infeasible_cluster_resource_constraints:
-                return False
-            if rounds >= 2:  # two rounds after the request saw it and found it feasible
-                return True
+            state = status().autoscaling_state
+            if state.last_seen_cluster_resource_state_version < asked:
+                continue  # the autoscaler has not seen the constraint yet
+            return not state.infeasible_cluster_resource_constraints
         return True  # no verdict in time: let Tune's requests wait rather than refuse
     finally:
         request_cluster_resources(address, [])

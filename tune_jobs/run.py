@@ -219,7 +219,9 @@ class RunFailed(RuntimeError):
     """The sweep ran but produced nothing usable (every trial failed); the summary says why."""
 
 
-def plan_concurrency(spec: JobSpec, res: TrialResources) -> tuple[ClusterCapacity, int]:
+def plan_concurrency(
+    spec: JobSpec, res: TrialResources, local: bool
+) -> tuple[ClusterCapacity, int]:
     """The connected cluster's capacity and how many trials run at once.
 
     On an autoscaling cluster a trial that fits a node type the autoscaler can
@@ -237,7 +239,7 @@ def plan_concurrency(spec: JobSpec, res: TrialResources) -> tuple[ClusterCapacit
     wanted = requested or spec.search.num_trials
     if fits_now is not None and fits_now >= wanted:
         return capacity, fits_now
-    verdict = autoscaler_can_place(res.bundles())
+    verdict = None if local else autoscaler_can_place(res.bundles())
     if verdict is None:  # no autoscaler: what is up now is all there is
         if refusal is not None:
             raise refusal
@@ -305,7 +307,7 @@ def run_job(
 
     conn = connect(spec.run.address, spec.resources.local_num_cpus)
     try:
-        capacity, concurrent = plan_concurrency(spec, res)
+        capacity, concurrent = plan_concurrency(spec, res, conn.local)
         check_storage_reachable(spec, storage_root, capacity)
         echo(
             f"ray: {conn.describe()}: {describe_capacity(capacity)}; each trial: "

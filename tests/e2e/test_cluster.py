@@ -253,7 +253,7 @@ def test_plain_ray_job_submit(world):
             "--", "python", "-m", "tune_jobs", "run", "debug-local", "run.name=plain", f"run.storage_path=s3://{BUCKET}/runs",
             "resources.trial_mode=single_process", "search.num_samples=1",
             "data.max_train_samples=64", "data.max_eval_samples=32", "data.max_test_samples=32",
-            "training.max_steps=4", "training.eval_steps=2", "--no-smoke",
+            "training.num_train_epochs=1", "--no-smoke",
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
