@@ -41,8 +41,12 @@ from tests.e2e.test_cluster import BUCKET, SPEC, submit_env  # noqa: E402
 def tunefleet(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "tune_jobs", *args], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=1800,
+        [sys.executable, "-m", "tune_jobs", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     return proc, time.monotonic() - started
 
@@ -63,13 +67,21 @@ def main() -> None:
         "AWS_ENDPOINT_URL": s3.endpoint,
     }
     env = {
-        **os.environ, **aws, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token,
+        **os.environ,
+        **aws,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": token,
         "HF_HUB_OFFLINE": "1",
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
     }
     env.pop("RAY_ADDRESS", None)
-    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="bench",
-                          aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint,
+        aws_access_key_id="bench",
+        aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
     client.create_bucket(Bucket=BUCKET)
     cluster = RayCluster(temp_dir=temp_dir, env=env)
     spec_path = os.path.join(work, "job.yaml")
@@ -81,15 +93,30 @@ def main() -> None:
         assert len(cluster.wait_for_nodes(2)) == 2
         began = time.time()
         sub, sub_wall = tunefleet(
-            ["submit", spec_path, "--no-smoke", "--address", cluster.dashboard, "--token-file", token],
+            [
+                "submit",
+                spec_path,
+                "--no-smoke",
+                "--address",
+                cluster.dashboard,
+                "--token-file",
+                token,
+            ],
             submit_env(),
         )
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-        summary = json.loads(client.get_object(Bucket=BUCKET, Key="runs/sweep/summary.json")["Body"].read())
+        summary = json.loads(
+            client.get_object(Bucket=BUCKET, Key="runs/sweep/summary.json")["Body"].read()
+        )
         first = min(
             json.loads(line)["timestamp"]
             for t in summary["trials"]
-            for line in client.get_object(Bucket=BUCKET, Key=f"runs/sweep/reports/{t['trial']}.jsonl")["Body"].read().decode().splitlines()
+            for line in client.get_object(
+                Bucket=BUCKET, Key=f"runs/sweep/reports/{t['trial']}.jsonl"
+            )["Body"]
+            .read()
+            .decode()
+            .splitlines()
             if line.strip()
         )
         written = sum(len(b) for k, b in s3_objects(client, BUCKET) if k.startswith("runs/sweep/"))
@@ -98,19 +125,29 @@ def main() -> None:
         s3.stop()
     local_env = {**submit_env()}
     loc, loc_wall = tunefleet(
-        ["run", spec_path, f"run.storage_path={work}/local", "resources.local_num_cpus=4"], local_env
+        ["run", spec_path, f"run.storage_path={work}/local", "resources.local_num_cpus=4"],
+        local_env,
     )
     assert loc.returncode == 0, loc.stdout[-3000:] + loc.stderr[-3000:]
-    local_summary = json.loads(open(os.path.join(work, "local", "sweep", "summary.json")).read())
+    with open(os.path.join(work, "local", "sweep", "summary.json")) as fh:
+        local_summary = json.load(fh)
     trials = len(summary["trials"])
-    print(f"sweep: {trials} trials x 2 DDP workers, MiniLM, {SPEC['data']['max_train_samples']} rows, 1 epoch")
+    print(
+        f"sweep: {trials} trials x 2 DDP workers, MiniLM, {SPEC['data']['max_train_samples']} rows, 1 epoch"
+    )
     print(f"submit to first metric (two-node cluster): {first - began:.1f} s")
-    print(f"wall time, whole command: submitted {sub_wall:.1f} s vs local {loc_wall:.1f} s "
-          f"(ratio {sub_wall / loc_wall:.2f})")
-    print(f"wall time, the run itself (summary.json): submitted {summary['wall_time_s']} s vs "
-          f"local {local_summary['wall_time_s']} s")
-    print(f"bytes written to S3 per trial: {written / trials / 2**20:.1f} MiB "
-          f"({written / 2**20:.1f} MiB for {trials} trials, summary and export included)")
+    print(
+        f"wall time, whole command: submitted {sub_wall:.1f} s vs local {loc_wall:.1f} s "
+        f"(ratio {sub_wall / loc_wall:.2f})"
+    )
+    print(
+        f"wall time, the run itself (summary.json): submitted {summary['wall_time_s']} s vs "
+        f"local {local_summary['wall_time_s']} s"
+    )
+    print(
+        f"bytes written to S3 per trial: {written / trials / 2**20:.1f} MiB "
+        f"({written / 2**20:.1f} MiB for {trials} trials, summary and export included)"
+    )
 
 
 if __name__ == "__main__":

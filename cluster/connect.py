@@ -28,7 +28,9 @@ class Connection:
     def describe(self) -> str:
         """One line: which cluster this run uses."""
         if self.local:
-            return "local Ray cluster started by this run (a cluster already running here is not used)"
+            return (
+                "local Ray cluster started by this run (a cluster already running here is not used)"
+            )
         return f"Ray cluster at {self.address}"
 
 

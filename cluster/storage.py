@@ -166,6 +166,8 @@ def total_bytes(path: str) -> tuple[int, int]:
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         return 0, 0
     files = [
-        i for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)) if i.type == pafs.FileType.File
+        i
+        for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+        if i.type == pafs.FileType.File
     ]
     return len(files), sum(i.size or 0 for i in files)

@@ -95,8 +95,12 @@ def upload_size(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -
             counted[0] += 1
             counted[1] += path.stat().st_size
 
-    _dir_travel(Path(working_dir).absolute(), [_excluder(working_dir, excludes)], handler,
-                include_gitignore=True)
+    _dir_travel(
+        Path(working_dir).absolute(),
+        [_excluder(working_dir, excludes)],
+        handler,
+        include_gitignore=True,
+    )
     return counted[0], counted[1]
 
 

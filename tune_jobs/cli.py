@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("config", metavar="CONFIG", help="job spec YAML, or a shipped config name")
     submit.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     submit.add_argument("--no-wait", action="store_true", help="return once the job is accepted")
-    submit.add_argument("--no-smoke", action="store_true", help="skip the smoke pass on the cluster")
+    submit.add_argument(
+        "--no-smoke", action="store_true", help="skip the smoke pass on the cluster"
+    )
     submit.add_argument(
         "--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)"
     )
@@ -153,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunefleet`` console script."""
     args = parse_args(argv)
     from cluster.resources import ResourceError
+    from cluster.submit import SubmitError
     from trainers.data import DataError, load_splits
     from trainers.model import ModelError
-    from tune_jobs.smoke import SmokeError
-    from cluster.submit import SubmitError
     from tune_jobs.run import RunFailed
+    from tune_jobs.smoke import SmokeError
     from tune_jobs.spec import SpecError
 
     try:

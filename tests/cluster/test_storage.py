@@ -13,7 +13,9 @@ from cluster import storage
 def test_join_keeps_a_uri_query_string_at_the_end():
     base = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
     joined = storage.join(base, "sweep", "summary.json")
-    assert joined == "s3://bucket/runs/sweep/summary.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert (
+        joined == "s3://bucket/runs/sweep/summary.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
     assert storage.join("s3://bucket/runs", "a") == "s3://bucket/runs/a"
     assert storage.join("/tmp/x", "a", "b") == "/tmp/x/a/b"
 
@@ -42,7 +44,9 @@ def test_local_paths_stay_local(tmp_path):
 def test_uri_of_a_path_ray_returns_takes_the_roots_form():
     fs, _ = storage.resolve("s3://bucket/x?endpoint_override=h:1&scheme=http")
     assert (
-        storage.uri_of(fs, "bucket/runs/ckpt", like="s3://bucket/runs?endpoint_override=h:1&scheme=http")
+        storage.uri_of(
+            fs, "bucket/runs/ckpt", like="s3://bucket/runs?endpoint_override=h:1&scheme=http"
+        )
         == "s3://bucket/runs/ckpt?endpoint_override=h:1&scheme=http"
     )
     assert storage.uri_of(pafs.LocalFileSystem(), "/a/b", like="/a") == "/a/b"

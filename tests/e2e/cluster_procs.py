@@ -8,6 +8,8 @@ Nothing is ever stopped by name (no ``ray stop``, no ``pkill``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -56,16 +58,12 @@ def stop_tree(procs: list[subprocess.Popen], marker: str | None) -> None:
     leftovers = _processes_naming(marker) if marker else []
     for proc in procs:
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         proc.wait(timeout=30)
     for proc in leftovers + (_processes_naming(marker) if marker else []):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     if marker:
         psutil.wait_procs(_processes_naming(marker), timeout=15)
 
@@ -103,8 +101,9 @@ class RayCluster:
                 )
             )
 
-    def start_head(self, num_cpus: float, extra: list[str] | None = None,
-                   env: dict[str, str] | None = None) -> None:
+    def start_head(
+        self, num_cpus: float, extra: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self._start(
             "head",
             [
@@ -139,16 +138,19 @@ class RayCluster:
     def wait_for_nodes(self, count: int, timeout_s: float = 90.0) -> list[str]:
         """Node ids once ``count`` nodes are alive."""
         code = (
-            "import ray, json; ray.init(address='%s', logging_level='ERROR');"
-            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % self.gcs_address
+            f"import ray, json; ray.init(address='{self.gcs_address}', logging_level='ERROR');"
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
         )
         deadline = time.monotonic() + timeout_s
         while True:
             out = subprocess.run(
-                [sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                [sys.executable, "-c", code],
+                env=self.env,
+                capture_output=True,
+                text=True,
                 timeout=120,
             )
-            ids = __import__("json").loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+            ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
             if len(ids) >= count or time.monotonic() > deadline:
                 return ids
             time.sleep(2)

@@ -116,9 +116,14 @@ def run_env(cluster: RayCluster) -> dict[str, str]:
 def test_trial_that_fits_no_node_type_is_refused(cluster):
     ray_cluster, root = cluster
     spec = root / "too-big.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "resources": {**SPEC["resources"], "cpus_per_worker": 3}}))
+    spec.write_text(
+        yaml.safe_dump({**SPEC, "resources": {**SPEC["resources"], "cpus_per_worker": 3}})
+    )
     proc = tunefleet(
-        "run", str(spec), f"run.storage_path={root / 'refused'}", "--no-smoke",
+        "run",
+        str(spec),
+        f"run.storage_path={root / 'refused'}",
+        "--no-smoke",
         env=run_env(ray_cluster),
     )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -131,7 +136,10 @@ def test_sweep_scales_the_cluster_up_and_finishes(cluster):
     spec = root / "job.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     proc = tunefleet(
-        "run", str(spec), f"run.storage_path={root / 'results'}", "--no-smoke",
+        "run",
+        str(spec),
+        f"run.storage_path={root / 'results'}",
+        "--no-smoke",
         env=run_env(ray_cluster),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

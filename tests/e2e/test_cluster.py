@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import secrets
 import subprocess
 import sys
@@ -80,15 +81,20 @@ def world(tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
-    client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id="tf-test-key",
-                          aws_secret_access_key=SECRET, region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint,
+        aws_access_key_id="tf-test-key",
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    )
     client.create_bucket(Bucket=BUCKET)
     cluster = RayCluster(temp_dir=temp_dir, env=env)
     try:
         cluster.start_head(num_cpus=2)
         cluster.add_node(num_cpus=2)
         nodes = cluster.wait_for_nodes(2)
-        assert len(nodes) == 2, open(cluster.logs[-1]).read()[-2000:]
+        assert len(nodes) == 2, pathlib.Path(cluster.logs[-1]).read_text()[-2000:]
         yield {
             "cluster": cluster,
             "nodes": nodes,
@@ -141,8 +147,13 @@ def submitted(world):
     spec_path.write_text(yaml.safe_dump(SPEC))
     started = time.time()
     proc = tunefleet(
-        "submit", str(spec_path), "--no-smoke",
-        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+        "submit",
+        str(spec_path),
+        "--no-smoke",
+        "--address",
+        world["cluster"].dashboard,
+        "--token-file",
+        world["token_file"],
     )
     return proc, started
 
@@ -150,8 +161,13 @@ def submitted(world):
 def test_bad_spec_gives_exit_2_and_submits_nothing(world):
     before = job_count(world)
     proc = tunefleet(
-        "submit", "debug-local", "training.learning_rate=-1",
-        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+        "submit",
+        "debug-local",
+        "training.learning_rate=-1",
+        "--address",
+        world["cluster"].dashboard,
+        "--token-file",
+        world["token_file"],
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "training.learning_rate" in proc.stderr
@@ -164,7 +180,9 @@ def test_submitted_sweep_succeeds_on_both_nodes(world, submitted):
     assert proc.returncode == 0, out[-4000:]
     assert "SUCCEEDED" in proc.stdout
     assert TOKEN not in out  # the token is never printed
-    job_id = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("job raysubmit"))
+    job_id = next(
+        line.split()[1] for line in proc.stdout.splitlines() if line.startswith("job raysubmit")
+    )
     assert f"tunefleet stop {job_id}" in proc.stdout  # says how to stop it
 
     summary = read_json(world, "runs/sweep/summary.json")
@@ -188,9 +206,11 @@ def test_submitted_sweep_succeeds_on_both_nodes(world, submitted):
     per_trial = sum(
         len(body) for k, body in s3_objects(world["s3"], BUCKET) if k.startswith("runs/sweep/")
     ) / len(summary["trials"])
-    print(f"\nsubmit to first metric: {first - started:.1f} s; "
-          f"job wall time {summary['wall_time_s']} s; "
-          f"bytes written to S3 per trial: {per_trial / 2**20:.1f} MiB")
+    print(
+        f"\nsubmit to first metric: {first - started:.1f} s; "
+        f"job wall time {summary['wall_time_s']} s; "
+        f"bytes written to S3 per trial: {per_trial / 2**20:.1f} MiB"
+    )
 
 
 def read_json_lines(world, key: str) -> list[dict]:
@@ -200,12 +220,20 @@ def read_json_lines(world, key: str) -> list[dict]:
 
 def test_resume_reads_the_run_back_from_the_bucket(world, submitted):
     assert submitted[0].returncode == 0
-    before = {k: len(read_json_lines(world, f"runs/sweep/reports/{k}.jsonl"))
-              for k in ("trial_00000", "trial_00001")}
+    before = {
+        k: len(read_json_lines(world, f"runs/sweep/reports/{k}.jsonl"))
+        for k in ("trial_00000", "trial_00001")
+    }
     spec_path = world["root"] / "job.yaml"
     proc = tunefleet(
-        "submit", str(spec_path), "run.if_exists=resume", "--no-smoke",
-        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+        "submit",
+        str(spec_path),
+        "run.if_exists=resume",
+        "--no-smoke",
+        "--address",
+        world["cluster"].dashboard,
+        "--token-file",
+        world["token_file"],
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     summary = read_json(world, "runs/sweep/summary.json")
@@ -234,9 +262,15 @@ def test_exported_model_downloads_and_reloads(world, submitted, tmp_path):
 
 def test_local_storage_on_two_nodes_fails_the_job_with_exit_1(world):
     proc = tunefleet(
-        "submit", "debug-local", f"run.storage_path={world['root'] / 'local-results'}",
-        "search.num_samples=1", "--no-smoke",
-        "--address", world["cluster"].dashboard, "--token-file", world["token_file"],
+        "submit",
+        "debug-local",
+        f"run.storage_path={world['root'] / 'local-results'}",
+        "search.num_samples=1",
+        "--no-smoke",
+        "--address",
+        world["cluster"].dashboard,
+        "--token-file",
+        world["token_file"],
     )
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     assert "FAILED" in proc.stdout
@@ -249,13 +283,34 @@ def test_plain_ray_job_submit(world):
     env = {**submit_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": world["token_file"]}
     proc = subprocess.run(
         [
-            RAY, "job", "submit", "--address", world["cluster"].dashboard, "--working-dir", ".",
-            "--", "python", "-m", "tune_jobs", "run", "debug-local", "run.name=plain", f"run.storage_path=s3://{BUCKET}/runs",
-            "resources.trial_mode=single_process", "search.num_samples=1",
-            "data.max_train_samples=64", "data.max_eval_samples=32", "data.max_test_samples=32",
-            "training.num_train_epochs=1", "--no-smoke",
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            world["cluster"].dashboard,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "tune_jobs",
+            "run",
+            "debug-local",
+            "run.name=plain",
+            f"run.storage_path=s3://{BUCKET}/runs",
+            "resources.trial_mode=single_process",
+            "search.num_samples=1",
+            "data.max_train_samples=64",
+            "data.max_eval_samples=32",
+            "data.max_test_samples=32",
+            "training.num_train_epochs=1",
+            "--no-smoke",
         ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "Ray cluster at" in proc.stdout  # the run says which cluster it uses
@@ -279,3 +334,46 @@ def test_no_secret_in_any_object_or_file(world, submitted):
                     continue
                 with open(path, "rb") as fh:
                     assert SECRET.encode() not in fh.read(), path
+
+
+def test_ctrl_c_detaches_and_the_job_can_be_stopped(world):
+    """Ctrl-C while following: exit 130, the job goes on; then ``tunefleet stop`` and ``logs``."""
+    import signal
+
+    args = ["--address", world["cluster"].dashboard, "--token-file", world["token_file"]]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tune_jobs",
+            "submit",
+            "debug-local",
+            "run.name=detached",
+            f"run.storage_path=s3://{BUCKET}/runs",
+            "--no-smoke",
+            *args,
+        ],
+        cwd=REPO,
+        env=submit_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    job_id = None
+    for line in proc.stdout:
+        if line.startswith("job raysubmit"):
+            job_id = line.split()[1]
+            break
+    assert job_id, proc.stderr.read()
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert f"job {job_id} goes on" in err
+    status = tunefleet("status", job_id, *args)
+    assert status.returncode == 0 and ("RUNNING" in status.stdout or "PENDING" in status.stdout)
+    stopped = tunefleet("stop", job_id, *args)
+    assert stopped.returncode == 0 and f"job {job_id}: STOPPED" in stopped.stdout, stopped.stderr
+    logs = tunefleet("logs", job_id, *args)
+    assert logs.returncode == 0 and "Running entrypoint" in logs.stdout
+    assert TOKEN not in out + err + status.stdout + stopped.stdout + logs.stdout

