@@ -18,6 +18,10 @@ BASE_ENV_VARS: dict[str, str] = {
 }
 
 
+#: Where Ray's state and job clients look for the dashboard before anything else.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
 @dataclass(frozen=True)
 class Connection:
     """Where this driver is connected."""
@@ -74,13 +78,20 @@ def connect(
         runtime_env = {"env_vars": own} if own else None
         ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
         return Connection(target, local=False)
-    ray.init(
+    context = ray.init(
         address="local",
         num_cpus=local_num_cpus or os.cpu_count() or 1,
         num_gpus=0,
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
+    # Ray's state API (Train's placement-group cleaner uses it inside the cluster) finds
+    # "its" cluster through RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else the same
+    # address file: with a stale file it asked a dead address, the cleaner died, and an
+    # ASHA-stopped trial's placement group was never freed (the next trial hung at worker
+    # startup). Name this cluster's dashboard; the run hands it to its trials.
+    if context.dashboard_url:
+        os.environ[API_SERVER_ENV] = f"http://{context.dashboard_url}"
     return Connection(None, local=True)
 
 

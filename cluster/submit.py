@@ -16,6 +16,7 @@ A thin layer over Ray's Job Submission SDK (``JobSubmissionClient``):
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -95,11 +96,14 @@ def upload_size(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -
             counted[0] += 1
             counted[1] += path.stat().st_size
 
+    quiet = logging.getLogger("tunefleet.upload")  # Ray logs every ignore file it reads
+    quiet.setLevel(logging.WARNING)
     _dir_travel(
         Path(working_dir).absolute(),
         [_excluder(working_dir, excludes)],
         handler,
         include_gitignore=True,
+        logger=quiet,
     )
     return counted[0], counted[1]
 

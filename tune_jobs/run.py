@@ -129,11 +129,16 @@ CREDENTIAL_VARS = frozenset(
 )
 
 
-def keep_credentials_out_of_runtime_envs() -> None:
-    """Stop Tune from propagating the driver's cloud credentials to trial actors."""
+def set_trial_environment() -> None:
+    """What Tune copies from the driver's environment into every trial actor's runtime env
+    (and so into the Train controller and its placement-group cleaner): never the cloud
+    credentials; always the local cluster's dashboard address (see ``cluster.connect``)."""
     from ray.tune.execution import class_cache
 
-    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARS
+    from cluster.connect import API_SERVER_ENV
+
+    propagated = set(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARS
+    class_cache.ENV_VARS_TO_PROPAGATE = propagated | {API_SERVER_ENV}
 
 
 def _trial_name(trial: Any) -> str:
@@ -161,7 +166,7 @@ def build_tuner(
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
 
-    keep_credentials_out_of_runtime_envs()
+    set_trial_environment()
     run_dir = storage.join(storage_root, run_name)
     res = trial_resources(spec)
     plan = TrialPlan(
