@@ -109,23 +109,18 @@ def cluster(tmp_path_factory):
         cluster.stop()
 
 
-def run_env(cluster: RayCluster) -> dict[str, str]:
-    return {"RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": "disabled"}
+def run_on(cluster: RayCluster, root, name: str, spec: dict):
+    """``tunefleet run`` of ``spec`` on the cluster (its driver here, as on a head node)."""
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {"RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": "disabled"}
+    return tunefleet("run", str(path), f"run.storage_path={root / name}", "--no-smoke", env=env)
 
 
 def test_trial_that_fits_no_node_type_is_refused(cluster):
     ray_cluster, root = cluster
-    spec = root / "too-big.yaml"
-    spec.write_text(
-        yaml.safe_dump({**SPEC, "resources": {**SPEC["resources"], "cpus_per_worker": 3}})
-    )
-    proc = tunefleet(
-        "run",
-        str(spec),
-        f"run.storage_path={root / 'refused'}",
-        "--no-smoke",
-        env=run_env(ray_cluster),
-    )
+    too_big = {**SPEC, "resources": {**SPEC["resources"], "cpus_per_worker": 3}}
+    proc = run_on(ray_cluster, root, "refused", too_big)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "no node type of this autoscaling cluster can hold" in proc.stderr
     assert not (root / "refused").exists()
@@ -133,15 +128,7 @@ def test_trial_that_fits_no_node_type_is_refused(cluster):
 
 def test_sweep_scales_the_cluster_up_and_finishes(cluster):
     ray_cluster, root = cluster
-    spec = root / "job.yaml"
-    spec.write_text(yaml.safe_dump(SPEC))
-    proc = tunefleet(
-        "run",
-        str(spec),
-        f"run.storage_path={root / 'results'}",
-        "--no-smoke",
-        env=run_env(ray_cluster),
-    )
+    proc = run_on(ray_cluster, root, "results", SPEC)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Ray cluster at" in proc.stdout
     assert "0 CPUs, 0 GPUs now, autoscaling" in proc.stdout  # planned for what it can grow to
