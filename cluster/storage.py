@@ -171,3 +171,101 @@ def total_bytes(path: str) -> tuple[int, int]:
         if i.type == pafs.FileType.File
     ]
     return len(files), sum(i.size or 0 for i in files)
+
+
+class Exists(RuntimeError):
+    """A conditional write found the file there already (or changed since it was read)."""
+
+
+def _s3_client(uri: str):
+    """A boto3 S3 client for ``uri``'s endpoint: the query's ``endpoint_override`` or, like
+    pyarrow, ``AWS_ENDPOINT_URL`` from the environment (boto3 reads it itself)."""
+    from urllib.parse import parse_qs
+
+    import boto3
+
+    query = parse_qs(_split_query(uri)[1].lstrip("?"))
+    endpoint = None
+    if "endpoint_override" in query:
+        scheme = query.get("scheme", ["https"])[0]
+        endpoint = f"{scheme}://{query['endpoint_override'][0]}"
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    _, path = resolve(uri)
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def create_exclusive(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` only if nothing is there; ``Exists`` otherwise.
+
+    Local: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``, which
+    pyarrow cannot send; boto3 can). Other URIs have no atomic create: refused.
+    """
+    if not is_uri(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError as exc:
+            raise Exists(path) from exc
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return
+    if not path.startswith("s3://"):
+        raise ValueError(
+            f"{path}: no atomic create-if-absent on this storage; use a local path or s3://"
+        )
+    import botocore.exceptions
+
+    bucket, key = _bucket_key(path)
+    try:
+        _s3_client(path).put_object(Bucket=bucket, Key=key, Body=text.encode(), IfNoneMatch="*")
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in (
+            "PreconditionFailed",
+            "ConditionalRequestConflict",
+        ):
+            raise Exists(path) from exc
+        raise
+
+
+def replace_unchanged(path: str, text: str, expected: str) -> None:
+    """Overwrite ``path`` with ``text`` only if it still holds ``expected``; ``Exists`` otherwise.
+
+    Local: the file is renamed away first (one rename wins), then re-created exclusively.
+    S3: a PUT conditional on the ETag of what was read.
+    """
+    if not is_uri(path):
+        claimed = f"{path}.{os.getpid()}.claimed"
+        try:
+            os.rename(path, claimed)
+        except FileNotFoundError as exc:
+            raise Exists(path) from exc
+        with open(claimed) as fh:
+            seen = fh.read()
+        if seen != expected:  # someone else's file: put it back untouched
+            os.rename(claimed, path)
+            raise Exists(path)
+        os.remove(claimed)
+        create_exclusive(path, text)
+        return
+    import botocore.exceptions
+
+    bucket, key = _bucket_key(path)
+    client = _s3_client(path)
+    try:
+        head = client.get_object(Bucket=bucket, Key=key)
+        if head["Body"].read().decode() != expected:
+            raise Exists(path)
+        client.put_object(Bucket=bucket, Key=key, Body=text.encode(), IfMatch=head["ETag"])
+    except botocore.exceptions.ClientError as exc:
+        raise Exists(path) from exc
+
+
+def delete_file(path: str) -> None:
+    """Remove one file (no-op if missing)."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_file(p)

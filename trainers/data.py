@@ -97,13 +97,13 @@ def _read_rotten_tomatoes() -> tuple[Any, str, str, list[str]]:
     return frame, "text", "category", list(_RT_LABELS)
 
 
-def _read_file(source: str, path: str) -> Any:
+def _read_file(source: str, path: str, key: str = "data.path") -> Any:
     import pandas as pd
 
     if not os.path.exists(path):
-        raise DataError("data.path", f"file not found: {path!r}")
+        raise DataError(key, f"file not found: {path!r}")
     if os.path.getsize(path) == 0:
-        raise DataError("data.path", f"{path!r} is empty (0 bytes)")
+        raise DataError(key, f"{path!r} is empty (0 bytes)")
     try:
         if source == "csv":
             return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
@@ -112,26 +112,29 @@ def _read_file(source: str, path: str) -> Any:
         return pd.read_parquet(path)
     except (ValueError, pd.errors.ParserError, OSError) as exc:
         if isinstance(exc, pd.errors.EmptyDataError):
-            raise DataError("data.path", f"{path!r} has no rows") from exc
-        raise DataError("data.path", f"cannot read {path!r} as {source}: {exc}") from exc
+            raise DataError(key, f"{path!r} has no rows") from exc
+        raise DataError(key, f"cannot read {path!r} as {source}: {exc}") from exc
 
 
-def _read_hub(cfg: Mapping[str, Any]) -> Any:
+def _read_hub(cfg: Mapping[str, Any], split: str | None = None) -> Any:
     # Kept for online machines; offline, datasets raises and we say so clearly.
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg["hub_name"], cfg.get("hub_config"), split=cfg["hub_split"])
+        ds = datasets.load_dataset(
+            cfg["hub_name"], cfg.get("hub_config"), split=split or cfg["hub_split"]
+        )
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
         raise DataError("data.hub_name", f"cannot load {cfg['hub_name']!r}: {exc}") from exc
     return ds.to_pandas()
 
 
-def load_frame(cfg: Mapping[str, Any]) -> tuple[Any, list[str] | None]:
+def load_frame(cfg: Mapping[str, Any], part: str = "train") -> tuple[Any, list[str] | None]:
     """Read the configured source into a two-column frame (``text``, ``label``).
 
-    Returns the frame and the source's own label order (``None`` when the
-    labels are to be derived from the data).
+    ``part`` picks the user's own ``validation`` or ``test`` file or hub split
+    instead of the main one. Returns the frame and the source's own label order
+    (``None`` when the labels are to be derived from the data).
     """
     source = cfg["source"]
     label_names = cfg.get("label_names")
@@ -140,7 +143,11 @@ def load_frame(cfg: Mapping[str, Any]) -> tuple[Any, list[str] | None]:
         label_names = label_names or builtin_labels
         text_key, label_key = "data.source", "data.source"
     else:
-        frame = _read_hub(cfg) if source == HUB else _read_file(source, cfg["path"])
+        if source == HUB:
+            frame = _read_hub(cfg, cfg.get(f"hub_{part}_split") if part != "train" else None)
+        else:
+            key = "path" if part == "train" else f"{part}_path"
+            frame = _read_file(source, cfg[key], f"data.{key}")
         text_col, label_col = cfg["text_column"], cfg["label_column"]
         text_key, label_key = "data.text_column", "data.label_column"
     columns = [str(c) for c in frame.columns]
@@ -198,25 +205,55 @@ def split_indices(
     return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
 
 
+def given_parts(cfg: Mapping[str, Any]) -> list[str]:
+    """Which of ``validation`` / ``test`` the user supplies as their own file or hub split."""
+    key = "hub_{}_split" if cfg["source"] == HUB else "{}_path"
+    return [part for part in ("validation", "test") if cfg.get(key.format(part))]
+
+
 def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
-    """Load, clean, encode and split the configured data (deterministic by ``seed``)."""
+    """Load, clean, encode and split the configured data (deterministic by ``seed``).
+
+    A validation or test set the user gives (``data.validation_path``,
+    ``data.hub_validation_split``, ...) is used as given; only the parts not
+    given are cut from the main rows, so scores compare with anyone's on the
+    same standard split.
+    """
     frame, label_names = load_frame(cfg)
+    given = {part: load_frame(cfg, part)[0] for part in given_parts(cfg)}
+    if label_names is None:  # one label order across all parts
+        values = [v for f in (frame, *given.values()) for v in f["label"].tolist()]
+        label_names = encode_labels(values, None)[1]
     labels, label_names = encode_labels(frame["label"].tolist(), label_names)
     texts = frame["text"].tolist()
     train_idx, val_idx, test_idx = split_indices(
-        len(texts), seed, cfg["validation_fraction"], cfg["test_fraction"]
+        len(texts),
+        seed,
+        0.0 if "validation" in given else cfg["validation_fraction"],
+        0.0 if "test" in given else cfg["test_fraction"],
     )
 
     def take(idx: np.ndarray, cap: int | None) -> Split:
         idx = idx[:cap] if cap is not None else idx
         return Split([texts[i] for i in idx], [labels[i] for i in idx])
 
+    def own(part: str, cap: int | None) -> Split:
+        part_frame = given[part]
+        part_labels, _ = encode_labels(part_frame["label"].tolist(), label_names)
+        part_texts = part_frame["text"].tolist()
+        n = len(part_texts) if cap is None else min(cap, len(part_texts))
+        return Split(part_texts[:n], part_labels[:n])
+
     splits = Splits(
         train=take(train_idx, cfg.get("max_train_samples")),
-        validation=take(val_idx, cfg.get("max_eval_samples")),
-        test=take(test_idx, cfg.get("max_test_samples")),
+        validation=own("validation", cfg.get("max_eval_samples"))
+        if "validation" in given
+        else take(val_idx, cfg.get("max_eval_samples")),
+        test=own("test", cfg.get("max_test_samples"))
+        if "test" in given
+        else take(test_idx, cfg.get("max_test_samples")),
         label_names=label_names,
-        source_rows=len(texts),
+        source_rows=len(texts) + sum(len(f) for f in given.values()),
     )
     if len(splits.train) == 0 or len(splits.validation) == 0:
         raise DataError(

@@ -59,7 +59,24 @@ class DataSpec(_Section):
     hub_name: str | None = Field(None, description="Dataset name for source=hub.")
     hub_config: str | None = Field(None, description="Dataset configuration for source=hub.")
     hub_split: str = Field(
-        "train", description="Split to load for source=hub; tunefleet re-splits it."
+        "train",
+        description="Split to load for source=hub (the training rows; re-split unless "
+        "hub_validation_split is set).",
+    )
+    validation_path: str | None = Field(
+        None,
+        description="File sources: the validation rows, used as given (the train file is then "
+        "not re-split for validation; validation_fraction is ignored).",
+    )
+    test_path: str | None = Field(
+        None,
+        description="File sources: the test rows, used as given (test_fraction is ignored).",
+    )
+    hub_validation_split: str | None = Field(
+        None, description="source=hub: the dataset's own validation split, used as given."
+    )
+    hub_test_split: str | None = Field(
+        None, description="source=hub: the dataset's own test split, used as given."
     )
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the class label.")
@@ -87,6 +104,15 @@ class DataSpec(_Section):
                 problems.append(("path", None, f"source {self.source!r} needs a file path"))
             elif "://" not in self.path and not os.path.exists(self.path):
                 problems.append(("path", self.path, "file not found"))
+        for key in ("validation_path", "test_path"):
+            given = getattr(self, key)
+            if given and self.source not in FILE_SOURCES:
+                problems.append((key, given, "only for csv / jsonl / parquet sources"))
+            elif given and "://" not in given and not os.path.exists(given):
+                problems.append((key, given, "file not found"))
+        for key in ("hub_validation_split", "hub_test_split"):
+            if getattr(self, key) and self.source != HUB:
+                problems.append((key, getattr(self, key), "only for source 'hub'"))
         if self.source == HUB and not self.hub_name:
             problems.append(("hub_name", None, "source 'hub' needs a dataset name, e.g. 'imdb'"))
         if self.validation_fraction + self.test_fraction >= 1:

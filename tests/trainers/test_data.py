@@ -162,3 +162,55 @@ def test_length_grouped_order_is_a_permutation_with_less_padding():
 
     shuffled = torch.randperm(640, generator=torch.Generator().manual_seed(0)).tolist()
     assert padded(order) < 0.8 * padded(shuffled)
+
+
+def test_users_own_validation_and_test_files_are_used_as_given(tmp_path):
+    """A train file plus validation and test files: nothing is re-split or moved."""
+    from tests.conftest import data_cfg
+    from trainers.data import load_splits
+
+    rows = [(f"text number {i}", "pos" if i % 3 else "neg") for i in range(60)]
+    for name, part in (("train", rows[:40]), ("val", rows[40:50]), ("test", rows[50:])):
+        lines = ["text,label", *[f"{t},{y}" for t, y in part]]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    cfg = data_cfg(
+        source="csv",
+        path=str(tmp_path / "train.csv"),
+        validation_path=str(tmp_path / "val.csv"),
+        test_path=str(tmp_path / "test.csv"),
+    )
+    a, b = load_splits(cfg, seed=0), load_splits(cfg, seed=7)
+    assert a.validation.texts == [t for t, _ in rows[40:50]]  # in file order, all of them
+    assert a.test.texts == [t for t, _ in rows[50:]]
+    assert sorted(a.train.texts) == sorted(t for t, _ in rows[:40])  # the whole train file
+    assert a.validation.texts == b.validation.texts  # the seed moves nothing
+    assert a.label_names == ["neg", "pos"] and a.source_rows == 60
+    # only the test file given: validation is cut from the train file, the test file as given
+    only_test = load_splits(
+        data_cfg(
+            source="csv", path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv")
+        ),
+        seed=0,
+    )
+    assert only_test.test.texts == [t for t, _ in rows[50:]]
+    assert len(only_test.validation) == 4 and len(only_test.train) == 36
+
+
+def test_own_split_files_are_checked_in_the_spec(tmp_path):
+    import pytest
+
+    from tune_jobs.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError) as err:
+        parse_spec(
+            {
+                "data": {
+                    "source": "rotten_tomatoes",
+                    "validation_path": str(tmp_path / "missing.csv"),
+                    "hub_test_split": "test",
+                }
+            }
+        )
+    text = str(err.value)
+    assert "data.validation_path" in text and "only for csv / jsonl / parquet" in text
+    assert "data.hub_test_split" in text and "only for source 'hub'" in text

@@ -1,0 +1,102 @@
+"""The model registry of scheduled retraining: a champion pointer, a history, a lock.
+
+Lives in storage next to the runs (a local folder or an S3 prefix)::
+
+    <root>/registry/champion.json   the promoted model: run, export folder, scores
+    <root>/registry/history.jsonl   one line per retrain, appended, never rewritten in place
+    <root>/registry/lock.json       held by the retrain running now (with an expiry)
+
+The champion pointer is one small object replaced in a single write (local:
+temp file + rename; S3: one PUT), only after the new model is fully written
+and re-loaded, so a reader sees the old champion or the new one, never half of
+one. The lock is a conditional create (local ``O_EXCL``; S3 ``If-None-Match``),
+so two retrains on a schedule cannot both run; one whose holder crashed expires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from cluster import storage
+
+REGISTRY_DIR = "registry"
+CHAMPION_FILE = "champion.json"
+HISTORY_FILE = "history.jsonl"
+LOCK_FILE = "lock.json"
+
+
+class RegistryLocked(RuntimeError):
+    """Another retrain holds the lock (and it has not expired)."""
+
+
+class Registry:
+    """The registry folder under a storage root (local path or URI)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = storage.normalize(root)
+        self.folder = storage.join(self.root, REGISTRY_DIR)
+
+    def _path(self, name: str) -> str:
+        return storage.join(self.folder, name)
+
+    def champion(self) -> dict[str, Any] | None:
+        """The current champion record, or ``None`` before the first promotion."""
+        path = self._path(CHAMPION_FILE)
+        return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every retrain recorded so far, oldest first."""
+        path = self._path(HISTORY_FILE)
+        if not storage.exists(path):
+            return []
+        return [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one retrain to the history (call with the lock held)."""
+        lines = [json.dumps(e, sort_keys=True) for e in self.history()]
+        lines.append(json.dumps(entry, sort_keys=True))
+        storage.write_text(self._path(HISTORY_FILE), "\n".join(lines) + "\n")
+
+    def promote(self, record: dict[str, Any]) -> None:
+        """Make ``record`` the champion, in one write (call with the lock held)."""
+        storage.write_text(self._path(CHAMPION_FILE), json.dumps(record, indent=2, sort_keys=True))
+
+    @contextlib.contextmanager
+    def lock(self, ttl_s: float, owner: str | None = None) -> Iterator[dict[str, Any]]:
+        """Hold the registry's lock for one retrain; ``RegistryLocked`` if another holds it.
+
+        A lock older than its ``expires_at`` (a holder that crashed) is taken over
+        with a conditional replace, so two waiting retrains cannot both take it.
+        """
+        path = self._path(LOCK_FILE)
+        now = time.time()
+        mine = {
+            "owner": owner or f"{socket.gethostname()}:{os.getpid()}",
+            "acquired_at": now,
+            "expires_at": now + ttl_s,
+        }
+        text = json.dumps(mine, sort_keys=True)
+        try:
+            storage.create_exclusive(path, text)
+        except storage.Exists:
+            held_text = storage.read_text(path)
+            held = json.loads(held_text)
+            if held.get("expires_at", 0) > time.time():
+                raise RegistryLocked(
+                    f"another retrain holds {path} (owner {held.get('owner')}, until "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(held['expires_at']))})"
+                ) from None
+            try:
+                storage.replace_unchanged(path, text, held_text)
+            except storage.Exists:
+                raise RegistryLocked(f"another retrain took over the expired lock {path}") from None
+        try:
+            yield mine
+        finally:
+            storage.delete_file(path)
