@@ -8,6 +8,7 @@ before Ray starts; each worker tokenizes its own shard once per trial
 from __future__ import annotations
 
 import bz2
+import hashlib
 import importlib.util
 import math
 import os
@@ -58,6 +59,8 @@ class Splits:
     label_names: list[str]
     source_rows: int = 0  # rows after cleaning, before splitting and caps
     extras: dict[str, Any] = field(default_factory=dict)
+    #: held out for retraining's promotion decision: never trained on, never used to select
+    promotion: Split = field(default_factory=lambda: Split([], []))
 
     def majority_baseline(self, split: str = "validation") -> float:
         """Accuracy of always predicting the training split's most common label."""
@@ -205,6 +208,18 @@ def split_indices(
     return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
 
 
+def example_id(text: str) -> str:
+    """A stable id of one example: its text's SHA-256 (hex, 16 digits). The same row
+    has the same id in every version of the data, whatever was added around it."""
+    return hashlib.sha256(text.strip().encode()).hexdigest()[:16]
+
+
+def in_promotion_set(text: str, fraction: float) -> bool:
+    """Is this example held out for promotion? A stable hash of the text, not a seeded
+    permutation (which moves rows when data is added): a row chosen once stays chosen."""
+    return int(example_id(text)[:8], 16) / 16**8 < fraction
+
+
 def given_parts(cfg: Mapping[str, Any]) -> list[str]:
     """Which of ``validation`` / ``test`` the user supplies as their own file or hub split."""
     key = "hub_{}_split" if cfg["source"] == HUB else "{}_path"
@@ -224,6 +239,7 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
     if label_names is None:  # one label order across all parts
         values = [v for f in (frame, *given.values()) for v in f["label"].tolist()]
         label_names = encode_labels(values, None)[1]
+    frame, promotion = _hold_out_promotion(frame, cfg, label_names)
     labels, label_names = encode_labels(frame["label"].tolist(), label_names)
     texts = frame["text"].tolist()
     train_idx, val_idx, test_idx = split_indices(
@@ -253,7 +269,8 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
         if "test" in given
         else take(test_idx, cfg.get("max_test_samples")),
         label_names=label_names,
-        source_rows=len(texts) + sum(len(f) for f in given.values()),
+        source_rows=len(texts) + len(promotion) + sum(len(f) for f in given.values()),
+        promotion=promotion,
     )
     if len(splits.train) == 0 or len(splits.validation) == 0:
         raise DataError(
@@ -262,6 +279,27 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
             f"{len(splits.validation)} validation rows; both must be non-empty",
         )
     return splits
+
+
+def _hold_out_promotion(
+    frame: Any, cfg: Mapping[str, Any], label_names: list[str]
+) -> tuple[Any, Split]:
+    """Take the promotion rows out of ``frame`` before anything else is split from it.
+
+    From ``data.promotion_path`` (used as given; its texts are removed from the
+    main rows) or ``data.promotion_fraction`` (a stable hash of each text).
+    """
+    path, fraction = cfg.get("promotion_path"), cfg.get("promotion_fraction") or 0.0
+    if path:
+        held = load_frame(cfg, "promotion")[0]
+        keep = ~frame["text"].isin(set(held["text"]))
+    elif fraction > 0:
+        chosen = frame["text"].map(lambda t: in_promotion_set(t, fraction))
+        held, keep = frame[chosen], ~chosen
+    else:
+        return frame, Split([], [])
+    labels, _ = encode_labels(held["label"].tolist(), label_names)
+    return frame[keep].reset_index(drop=True), Split(held["text"].tolist(), labels)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:

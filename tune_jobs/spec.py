@@ -72,6 +72,19 @@ class DataSpec(_Section):
         None,
         description="File sources: the test rows, used as given (test_fraction is ignored).",
     )
+    promotion_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Retraining: share of rows held out to decide promotions, chosen by a stable "
+        "hash of each text (a row chosen once stays chosen as data grows); never trained on or "
+        "used for model selection. 0: none.",
+    )
+    promotion_path: str | None = Field(
+        None,
+        description="File sources: the promotion set as a file, used as given (its texts are "
+        "removed from the training rows). Instead of promotion_fraction.",
+    )
     hub_validation_split: str | None = Field(
         None, description="source=hub: the dataset's own validation split, used as given."
     )
@@ -104,7 +117,15 @@ class DataSpec(_Section):
                 problems.append(("path", None, f"source {self.source!r} needs a file path"))
             elif "://" not in self.path and not os.path.exists(self.path):
                 problems.append(("path", self.path, "file not found"))
-        for key in ("validation_path", "test_path"):
+        if self.promotion_path and self.promotion_fraction:
+            problems.append(
+                (
+                    "promotion_fraction",
+                    self.promotion_fraction,
+                    "set promotion_path or this, not both",
+                )
+            )
+        for key in ("validation_path", "test_path", "promotion_path"):
             given = getattr(self, key)
             if given and self.source not in FILE_SOURCES:
                 problems.append((key, given, "only for csv / jsonl / parquet sources"))

@@ -214,3 +214,31 @@ def test_own_split_files_are_checked_in_the_spec(tmp_path):
     text = str(err.value)
     assert "data.validation_path" in text and "only for csv / jsonl / parquet" in text
     assert "data.hub_test_split" in text and "only for source 'hub'" in text
+
+
+def test_promotion_rows_are_chosen_by_text_and_stay_put_as_data_grows(tmp_path):
+    """The hash-stable promotion set: the same rows (by id) in yesterday's and today's data,
+    and never in train, validation or test."""
+    from tests.conftest import data_cfg
+    from trainers.data import example_id, load_splits
+
+    rows = [(f"review {i} " + "word " * (i % 7), "pos" if i % 2 else "neg") for i in range(400)]
+
+    def write(name, part):
+        lines = ["text,label", *[f"{t},{y}" for t, y in part]]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return data_cfg(source="csv", path=str(tmp_path / name), promotion_fraction=0.2)
+
+    day1 = load_splits(write("day1.csv", rows[:300]), seed=0)
+    day2 = load_splits(write("day2.csv", rows[::-1]), seed=1)  # more rows, other order, other seed
+    ids1 = {example_id(t) for t in day1.promotion.texts}
+    ids2 = {example_id(t) for t in day2.promotion.texts}
+    assert 40 <= len(ids1) <= 80  # about a fifth of 300
+    assert ids1 <= ids2  # every row promoted-on yesterday is in today's set too
+    assert ids2 - ids1 == {
+        example_id(t) for t in day2.promotion.texts if t in {r for r, _ in rows[300:]}
+    }
+    for splits in (day1, day2):
+        used = set(splits.train.texts) | set(splits.validation.texts) | set(splits.test.texts)
+        assert not used & set(splits.promotion.texts)
+        assert splits.source_rows == len(used) + len(splits.promotion)
