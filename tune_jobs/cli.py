@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="file holding the cluster's auth token (default: RAY_AUTH_TOKEN, "
             "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); never printed",
         )
+    registry = sub.add_parser(
+        "registry",
+        help="print the retrain registry under a storage root: the champion and every retrain",
+        description="print the champion and the history of retrains kept under ROOT/registry",
+    )
+    registry.add_argument("root", metavar="ROOT", help="the storage root (run.storage_path)")
     replay = sub.add_parser(
         "replay",
         help="retrain a PBT trial from scratch following the schedule of hyperparameters PBT found",
@@ -170,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("logs", "stop", "status"):
             return job_command(args)
+        if args.command == "registry":
+            from tune_jobs.registry import Registry
+            from tune_jobs.report import registry_table
+
+            reg = Registry(args.root)
+            print(registry_table(reg.champion(), reg.history()))
+            return 0
         spec = load_config(args.config, args.overrides)
         if args.command == "submit":
             return submit_command(args, spec)

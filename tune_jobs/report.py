@@ -17,6 +17,46 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Plain-text columns: the header, a rule, one line per row."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def registry_table(champion: dict[str, Any] | None, history: list[dict[str, Any]]) -> str:
+    """The retrain registry: the champion, then every retrain, oldest first."""
+    head = (
+        f"champion: {champion['run']} ({champion.get('export_dir', '-')})"
+        if champion
+        else "champion: none yet"
+    )
+    header = [
+        "time (UTC)",
+        "run",
+        "data rows",
+        "data hash",
+        "challenger",
+        "champion",
+        "decision",
+        "reason",
+    ]
+    rows = [
+        [
+            e.get("time", "-"),
+            e.get("run", "-"),
+            (e.get("data") or {}).get("rows", "-"),
+            str((e.get("data") or {}).get("hash", "-"))[:12],
+            _fmt(e.get("challenger_score", "-")),
+            _fmt(e.get("champion_score") if e.get("champion_score") is not None else "-"),
+            e.get("decision", "-"),
+            e.get("reason", ""),
+        ]
+        for e in history
+    ]
+    return "\n".join([head, "", *table(header, rows)])
+
+
 def leaderboard(summary: dict[str, Any]) -> str:
     """A table of every trial, best first, plus the baseline and the export."""
     metric, mode = summary["metric"], summary["mode"]
@@ -55,9 +95,7 @@ def leaderboard(summary: dict[str, Any]) -> str:
                 t["status"],
             ]
         )
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    out = [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    out = table(header, rows)
     base = summary["majority_baseline"]["validation_accuracy"]
     out.append("")
     out.append(f"majority-class baseline (validation accuracy): {base:.4f}")

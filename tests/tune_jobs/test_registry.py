@@ -82,3 +82,40 @@ def test_an_expired_lock_is_taken_over_once(root):
         with pytest.raises(RegistryLocked), Registry(root).lock(ttl_s=60):
             pass
     assert not storage.exists(storage.join(root, REGISTRY_DIR, LOCK_FILE))
+
+
+def test_registry_command_prints_the_champion_and_the_history(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    reg = Registry(str(tmp_path))
+    with reg.lock(ttl_s=60):
+        entry = {
+            "time": "2026-11-28 01:00",
+            "run": "retrain-0001",
+            "data": {"rows": 300, "hash": "ab" * 8},
+        }
+        reg.record(
+            {
+                **entry,
+                "challenger_score": 0.81,
+                "champion_score": None,
+                "decision": "promoted",
+                "reason": "first retrain: no champion yet",
+            }
+        )
+        reg.promote(
+            {"run": "retrain-0001", "export_dir": str(tmp_path / "retrain-0001/best_model")}
+        )
+    out = subprocess.run(
+        [sys.executable, "-m", "tune_jobs", "registry", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "champion: retrain-0001" in out.stdout
+    assert "promoted" in out.stdout and "first retrain" in out.stdout and "0.81" in out.stdout
