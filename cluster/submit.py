@@ -163,10 +163,8 @@ class Submitted:
     address: str
 
 
-def submit(
-    address: str | None, spec_yaml: str, working_dir: str = ".", no_smoke: bool = False
-) -> Submitted:
-    """Upload the working dir and the spec, start the job; the job id."""
+def check_upload(working_dir: str) -> tuple[int, int]:
+    """(files, bytes) of the upload; ``SubmitError`` when it is over Ray's limit."""
     files, size = upload_size(working_dir)
     limit = upload_limit()
     if size >= limit:
@@ -175,6 +173,14 @@ def submit(
             f"excludes, over Ray's upload limit of {limit / 2**20:.0f} MiB; add the large "
             "folders to .rayignore or submit from a smaller folder"
         )
+    return files, size
+
+
+def submit(
+    address: str | None, spec_yaml: str, working_dir: str = ".", no_smoke: bool = False
+) -> Submitted:
+    """Upload the working dir and the spec, start the job; the job id.
+    Call ``check_upload`` first: the walk over the folder is not repeated here."""
     jobs = client(address)
     job_id = jobs.submit_job(
         entrypoint=entrypoint(no_smoke),

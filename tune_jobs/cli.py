@@ -225,7 +225,7 @@ def submit_command(args: argparse.Namespace, spec: Any) -> int:
     # The job connects to its own cluster: an address in the spec means nothing there.
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"address": None})})
     auth = jobs.use_token(args.token_file)
-    files, size = jobs.upload_size(args.working_dir)
+    files, size = jobs.check_upload(args.working_dir)
     print(
         f"submitting to {args.address or 'RAY_API_SERVER_ADDRESS/RAY_ADDRESS'} ({auth}); "
         f"uploading {args.working_dir} ({files} files, {size / 2**20:.1f} MiB)",

@@ -51,3 +51,12 @@ def test_token_source_is_named_never_read(tmp_path, monkeypatch):
     assert os.environ["RAY_AUTH_MODE"] == "token"
     with pytest.raises(submit.SubmitError, match="--token-file"):
         submit.use_token(str(tmp_path / "missing"))
+
+
+def test_an_upload_over_rays_limit_is_refused_before_submitting(tmp_path, monkeypatch):
+    (tmp_path / "big.bin").write_bytes(b"0" * 2048)
+    monkeypatch.setattr(submit, "upload_limit", lambda: 1024)
+    with pytest.raises(submit.SubmitError, match="--working-dir: .* over Ray's upload limit"):
+        submit.check_upload(str(tmp_path))
+    monkeypatch.setattr(submit, "upload_limit", lambda: 4096)
+    assert submit.check_upload(str(tmp_path)) == (1, 2048)
