@@ -77,14 +77,25 @@ def llama_folder(tokenizer_dir: str, dest: str, tiny: bool = False) -> int:
 
 
 def run(
-    name: str, model_dir: str, splits, hp, max_length: int, peak_tflops: float, device: str
+    name: str,
+    model_dir: str,
+    splits,
+    hp,
+    max_length: int,
+    peak_tflops: float,
+    device: str,
+    eval_every: int | None = None,
 ) -> dict:
+    """One training run; samples/s is the last evaluation window's (the first one
+    holds CUDA's and DeepSpeed's warm-up)."""
     config = {
         "name": name,
         "model": {"name_or_path": model_dir, "max_length": max_length},
         "data": splits,
         "hp": hp,
-        "eval": {"strategy": "epoch", "steps": 1},
+        "eval": {"strategy": "steps", "steps": eval_every}
+        if eval_every
+        else {"strategy": "epoch", "steps": 1},
         "seed": 0,
         "threads": 4,
         "save_checkpoints": False,
@@ -162,17 +173,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         n = llama_folder(args.model, folder, tiny=device == "cpu")
         print(f"Llama-style model from a config: {n / 1e6:.0f}M parameters (random weights)")
-        big = run(
-            "Llama-0.5B ZeRO-2 bf16",
-            folder,
-            splits,
-            {**HP, "per_device_train_batch_size": 16, "max_steps": 40, "learning_rate": 1e-5},
-            128,
-            args.peak_tflops,
-            device,
-        )
-        if not big["samples_s"] > 0:
-            failures.append("Llama-0.5B trained no samples")
+        for batch in (16, 128):
+            big = run(
+                f"Llama-0.5B ZeRO-2 bf16 batch {batch}",
+                folder,
+                splits,
+                {
+                    **HP,
+                    "per_device_train_batch_size": batch,
+                    "max_steps": 90,
+                    "learning_rate": 1e-5,
+                },
+                128,
+                args.peak_tflops,
+                device,
+                eval_every=30,
+            )
+            if not big["samples_s"] > 0:
+                failures.append(f"Llama-0.5B batch {batch} trained no samples")
     torch.distributed.destroy_process_group()
     for failure in failures:
         print(f"FAILED: {failure}")

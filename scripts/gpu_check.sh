@@ -5,8 +5,9 @@
 # `make gpucheck-files` puts in .gpucheck/ (carry ".gpucheck" to the device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python -c "import deepspeed" 2>/dev/null; then
-  pip install -q --no-index --find-links .gpucheck/wheels deepspeed
+PY=${PYTHON:-python3}  # the lent machine's python3 holds its CUDA torch
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --find-links .gpucheck/wheels deepspeed
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout 290 python scripts/gpu_check.py --model .gpucheck/model --csv .gpucheck/rt.csv "$@"
+timeout 290 "$PY" scripts/gpu_check.py --model .gpucheck/model --csv .gpucheck/rt.csv "$@"

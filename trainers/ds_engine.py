@@ -48,8 +48,12 @@ def initialize(
     use_cpu_accelerator(device)
     import deepspeed
 
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        # Ray Train hands an indexed device; a bare "cuda" (one-process runs) means
+        # this process's local rank, the GPU DeepSpeed will place the engine on.
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(index)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
