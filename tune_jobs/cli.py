@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
 EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_LOCKED = 3  # retrain: another retrain holds the registry lock
 EXIT_DETACHED = 130  # Ctrl-C while following a submitted job: it goes on
 
 #: ``CONFIG`` of the form ``env:NAME`` reads the spec's YAML from that variable
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunefleet",
         description="Hyperparameter search for fine-tuning Hugging Face models on Ray Tune + Ray Train.",
-        epilog=f"Shipped configs: {', '.join(sorted(shipped_configs()))}. Exit codes: 0 ok, 1 run failed, 2 bad input.",
+        epilog=f"Shipped configs: {', '.join(sorted(shipped_configs()))}. Exit codes: 0 ok, 1 run "
+        "failed, 2 bad input, 3 another retrain holds the registry lock.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
@@ -70,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "smoke",
             "run only the smoke pass: the pipeline on a small subset, a few steps, 1-2 trials",
+        ),
+        (
+            "retrain",
+            "the scheduled job: sweep on today's data (warm-started from the champion), score "
+            "the new best and the champion on the same held-out promotion rows, promote only a "
+            "better model",
         ),
     ):
         p = sub.add_parser(name, help=text, description=text)
@@ -82,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "validate":
             p.add_argument("--no-data", action="store_true", help="skip loading the data")
-        if name == "run":
+            p.add_argument(
+                "--retrain", action="store_true", help="also check what tunefleet retrain needs"
+            )
+        if name == "retrain":
+            p.add_argument(
+                "--show",
+                action="store_true",
+                help="print the registry (champion, history) and exit",
+            )
+        if name in ("run", "retrain"):
             p.add_argument(
                 "--no-smoke",
                 action="store_true",
@@ -133,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="print the champion and the history of retrains kept under ROOT/registry",
     )
     registry.add_argument("root", metavar="ROOT", help="the storage root (run.storage_path)")
+    registry.add_argument(
+        "--rollback",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN",
+        help="make an earlier promoted model the champion again: RUN's, or (no RUN) the one "
+        "promoted before the current champion; recorded in the history, under the lock",
+    )
     replay = sub.add_parser(
         "replay",
         help="retrain a PBT trial from scratch following the schedule of hyperparameters PBT found",
@@ -160,10 +187,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunefleet`` console script."""
     args = parse_args(argv)
+    if args.command in ("run", "smoke", "retrain"):
+        # Kubernetes stops a pod with SIGTERM: unwind (release the retrain lock, shut the
+        # local Ray down) instead of dying on the spot. ray.init installs the same.
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     from cluster.resources import ResourceError
     from cluster.submit import SubmitError
     from trainers.data import DataError, load_splits
     from trainers.model import ModelError
+    from tune_jobs.registry import RegistryError, RegistryLocked
     from tune_jobs.run import RunFailed
     from tune_jobs.smoke import SmokeError
     from tune_jobs.spec import SpecError
@@ -177,16 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("logs", "stop", "status"):
             return job_command(args)
         if args.command == "registry":
-            from tune_jobs.registry import Registry
-            from tune_jobs.report import registry_table
-
-            reg = Registry(args.root)
-            print(registry_table(reg.champion(), reg.history()))
-            return 0
+            return registry_command(args.root, args.rollback)
         spec = load_config(args.config, args.overrides)
         if args.command == "submit":
             return submit_command(args, spec)
         if args.command == "validate":
+            if args.retrain:
+                from tune_jobs.retrain import check_retrain_spec
+
+                check_retrain_spec(spec)
             if not args.no_data:
                 splits = load_splits(spec.data.model_dump(), spec.run.seed)
                 print(
@@ -200,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "smoke":
             run_smoke(spec)
             return 0
+        if args.command == "retrain":
+            return retrain_command(args, spec)
         if not args.no_smoke and smoke_enabled(spec):
             run_smoke(spec, keep_ray=True)
         run_job(spec)
@@ -216,6 +249,47 @@ def main(argv: list[str] | None = None) -> int:
     except SmokeError as exc:
         print(f"tunefleet: {exc}\n(fix it, or skip the pass with --no-smoke)", file=sys.stderr)
         return EXIT_RUN_FAILED
+    except RegistryLocked as exc:
+        print(
+            f"tunefleet: retrain refused: {exc}. Nothing was started; the running retrain "
+            "goes on (a crashed one's lock expires: retrain.lock_ttl_s)",
+            file=sys.stderr,
+        )
+        return EXIT_LOCKED
+    except RegistryError as exc:
+        print(f"tunefleet: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def retrain_command(args: argparse.Namespace, spec: Any) -> int:
+    """``tunefleet retrain``: one scheduled retrain (or, with --show, the registry)."""
+    from cluster import storage
+    from tune_jobs.retrain import retrain
+    from tune_jobs.smoke import run_smoke
+
+    if args.show:
+        return registry_command(storage.normalize(spec.run.storage_path), None)
+    smoke = None
+    if not args.no_smoke and smoke_enabled(spec):
+        smoke = lambda run_spec: run_smoke(run_spec, keep_ray=True)  # noqa: E731
+    retrain(spec, before_sweep=smoke)
+    return 0
+
+
+def registry_command(root: str, rollback: str | None) -> int:
+    """``tunefleet registry ROOT [--rollback [RUN]]``."""
+    import getpass
+
+    from tune_jobs.registry import Registry
+    from tune_jobs.report import registry_table
+
+    reg = Registry(root)
+    if rollback is not None:
+        with reg.lock(ttl_s=600):
+            record = reg.rollback(rollback or None, by=getpass.getuser())
+        print(f"champion is now {record['run']} ({record['export_dir']})")
+    print(registry_table(reg.champion(), reg.history()))
+    return 0
 
 
 def submit_command(args: argparse.Namespace, spec: Any) -> int:

@@ -132,29 +132,30 @@ def defaults_point(space: dict[str, Any], model_type: str, in_domain: bool) -> d
     that reject values outside the space), values are clipped into ranges and
     snapped to the nearest choice.
     """
-    table = FAMILY_DEFAULTS[family_of(model_type)]
+    return fit_to_space(space, FAMILY_DEFAULTS[family_of(model_type)], in_domain)
+
+
+def fit_to_space(space: dict[str, Any], values: dict[str, Any], in_domain: bool) -> dict[str, Any]:
+    """``values`` as a point of ``space``: only its searched (non-grid) keys; with
+    ``in_domain``, clipped into ranges and snapped to the nearest numeric choice (a
+    non-numeric value outside its choices is left out, for the searcher to pick)."""
     point = {}
     for key, entry in space.items():
-        if key not in table:
+        if key not in values or not isinstance(entry, dict):
+            continue  # unknown here, or a fixed value: the user's choice, not ours to replace
+        value = values[key]
+        ((kind, domain),) = entry.items()
+        if kind == "grid":
             continue
-        value = table[key]
-        if isinstance(entry, dict):
-            ((kind, values),) = entry.items()
-            if kind == "grid":
+        if in_domain and kind == "choice" and value not in domain:
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in domain)
+            if not numeric:
                 continue
-            if in_domain and kind == "choice" and value not in values:
-                numeric = all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-                )
-                if not numeric:
-                    continue
-                value = min(values, key=lambda v: abs(v - table[key]))
-            elif in_domain and kind in ("uniform", "loguniform", "randint"):
-                low, high = float(values[0]), float(values[1])
-                value = min(max(value, low), high)
-                if kind == "randint":
-                    value = int(round(value))
-        else:
-            continue  # a fixed value is the user's choice, not ours to replace
+            value = min(domain, key=lambda v: abs(v - values[key]))
+        elif in_domain and kind in ("uniform", "loguniform", "randint"):
+            low, high = float(domain[0]), float(domain[1])
+            value = min(max(value, low), high)
+            if kind == "randint":
+                value = int(round(value))
         point[key] = value
     return point

@@ -31,6 +31,10 @@ HISTORY_FILE = "history.jsonl"
 LOCK_FILE = "lock.json"
 
 
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (nothing to roll back to, say)."""
+
+
 class RegistryLocked(RuntimeError):
     """Another retrain holds the lock (and it has not expired)."""
 
@@ -66,6 +70,40 @@ class Registry:
     def promote(self, record: dict[str, Any]) -> None:
         """Make ``record`` the champion, in one write (call with the lock held)."""
         storage.write_text(self._path(CHAMPION_FILE), json.dumps(record, indent=2, sort_keys=True))
+
+    def rollback(self, to_run: str | None = None, by: str | None = None) -> dict[str, Any]:
+        """Make an earlier promoted model the champion again, and record it (call with the
+        lock held). ``to_run``: that run's promoted model; default: the one promoted
+        before the current champion was. Returns the new champion record."""
+        champion = self.champion()
+        current = champion["run"] if champion else None
+        promotions = [e for e in self.history() if e.get("decision") == "promote"]
+        runs = [e["challenger"]["run"] for e in promotions]
+        if to_run is None:
+            # promoted before the current champion's own promotion (the last one, if repeated)
+            cut = len(runs) - 1 - runs[::-1].index(current) if current in runs else len(runs)
+            earlier = [r for r in runs[:cut] if r != current]
+            if not earlier:
+                raise RegistryError(f"no model was promoted before the champion {current}")
+            to_run = earlier[-1]
+        matches = [e["challenger"] for e in promotions if e["challenger"]["run"] == to_run]
+        if not matches:
+            valid = ", ".join(dict.fromkeys(runs)) or "none"
+            raise RegistryError(f"{to_run} was never promoted; promoted runs: {valid}")
+        reason = f"rolled back from {current}" + (f" by {by}" if by else "")
+        record = {**matches[-1], "reason": reason}
+        self.promote(record)
+        self.record(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "run": to_run,
+                "decision": "rollback",
+                "reason": reason,
+                "challenger": matches[-1],
+                "champion": {"run": current} if current else None,
+            }
+        )
+        return record
 
     @contextlib.contextmanager
     def lock(self, ttl_s: float, owner: str | None = None) -> Iterator[dict[str, Any]]:

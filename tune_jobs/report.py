@@ -25,30 +25,45 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def registry_table(champion: dict[str, Any] | None, history: list[dict[str, Any]]) -> str:
-    """The retrain registry: the champion, then every retrain, oldest first."""
+    """The retrain registry: the champion, then every retrain (and rollback), oldest first.
+
+    Both scores are accuracies on the promotion rows of that retrain's day, the
+    champion re-scored with that day's code."""
     head = (
-        f"champion: {champion['run']} ({champion.get('export_dir', '-')})"
+        f"champion: {champion['run']} {champion.get('trial', '')} ({champion.get('export_dir', '-')})"
         if champion
         else "champion: none yet"
     )
     header = [
+        "#",
         "time (UTC)",
         "run",
         "data rows",
-        "data hash",
+        "data sha256",
+        "promotion rows",
         "challenger",
         "champion",
+        "p",
         "decision",
         "reason",
     ]
+
+    def score(side: str, e: dict[str, Any]) -> str:
+        record = e.get(side) or {}
+        value = record.get("promotion_accuracy")
+        return "-" if value is None else f"{_fmt(value)} ({record.get('run', '?')})"
+
     rows = [
         [
+            e.get("retrain", "-"),
             e.get("time", "-"),
             e.get("run", "-"),
             (e.get("data") or {}).get("rows", "-"),
-            str((e.get("data") or {}).get("hash", "-"))[:12],
-            _fmt(e.get("challenger_score", "-")),
-            _fmt(e.get("champion_score") if e.get("champion_score") is not None else "-"),
+            str((e.get("data") or {}).get("sha256", "-"))[:12],
+            (e.get("promotion") or {}).get("rows", "-"),
+            score("challenger", e),
+            score("champion", e),
+            "-" if e.get("p_value") is None else f"{e['p_value']:.3g}",
             e.get("decision", "-"),
             e.get("reason", ""),
         ]

@@ -79,6 +79,17 @@ def defaults_points(spec: JobSpec) -> list[dict[str, Any]]:
     return [point] if point else []
 
 
+def unique_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``points`` without repeats and empty points, first occurrence kept."""
+    seen, out = set(), []
+    for point in points:
+        key = repr(sorted(point.items()))
+        if point and key not in seen:
+            seen.add(key)
+            out.append(point)
+    return out
+
+
 def generator_limit(spec: JobSpec, max_concurrent: int) -> int | None:
     """Concurrency limit for the search generator.
 
@@ -290,13 +301,20 @@ def run_job(
     echo: Callable[[str], None] = print,
     keep_ray: bool = False,
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
+    warm_points: list[dict[str, Any]] | None = None,
+    splits: Splits | None = None,
 ) -> RunOutcome:
-    """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can."""
+    """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can.
+
+    ``warm_points`` are tried first, before the defaults trial (a retrain's champion and
+    previous best configs); ``splits`` are the data already loaded by the caller.
+    """
     import ray
 
     started = time.monotonic()
     storage_root = storage.normalize(spec.run.storage_path)
-    splits: Splits = load_splits(spec.data.model_dump(), spec.run.seed)  # bad data fails here
+    if splits is None:
+        splits = load_splits(spec.data.model_dump(), spec.run.seed)  # bad data fails here
     echo(
         f"data: {splits.source_rows} rows -> train {len(splits.train)} / validation "
         f"{len(splits.validation)} / test {len(splits.test)}; labels {splits.label_names}; "
@@ -328,11 +346,13 @@ def run_job(
         if spec.run.if_exists == "overwrite":
             storage.delete_dir(run_dir)
         storage.write_text(storage.join(run_dir, "job_spec.yaml"), spec.to_yaml())  # replay, audits
-        points = defaults_points(spec)
-        if points:
+        defaults = defaults_points(spec)
+        if defaults:
             echo(
-                f"defaults trial first ({family_of(model_type_of(spec.model.name_or_path))} family): {points[0]}"
+                f"defaults trial {'next' if warm_points else 'first'} "
+                f"({family_of(model_type_of(spec.model.name_or_path))} family): {defaults[0]}"
             )
+        points = unique_points([*(warm_points or []), *defaults])
         data_ref = ray.put(splits)
         tuner = build_tuner(
             spec,
@@ -365,7 +385,7 @@ def run_job(
                 export = results.export_best(
                     uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
                 )
-        defaults = results.find_defaults_trial(trials, points)
+        defaults_trial = results.find_defaults_trial(trials, defaults)
         summary = results.build_summary(
             spec,
             run_name,
@@ -375,7 +395,7 @@ def run_job(
             export,
             splits,
             time.monotonic() - started,
-            defaults,
+            defaults_trial,
             reports,
         )
         path = results.write_summary(run_dir, summary)

@@ -539,6 +539,46 @@ class SmokeSpec(_Section):
     )
 
 
+class RetrainSpec(_Section):
+    """Scheduled retraining (``tunefleet retrain``): when a new sweep's best replaces the champion."""
+
+    min_improvement: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        description="Promote only when the challenger's accuracy on the promotion set beats the "
+        "champion's (re-scored today, same rows) by at least this much (absolute; ties keep "
+        "the champion).",
+    )
+    significance: Literal["none", "mcnemar"] = Field(
+        "none",
+        description="Also require a paired test on the promotion rows: mcnemar (exact McNemar "
+        "test on the examples exactly one of the two models gets right) or none.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="significance: mcnemar promotes only when p < alpha."
+    )
+    warm_start: bool = Field(
+        True,
+        description="The sweep's first trials are the champion's config and the previous "
+        "retrain's top_k configs (then the defaults trial), so it never searches worse than "
+        "the last one did.",
+    )
+    top_k: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="warm_start: configs taken from the previous retrain's best trials.",
+    )
+    lock_ttl_s: float = Field(
+        6 * 3600.0,
+        ge=60,
+        description="The registry lock's expiry (s): a retrain that crashed blocks the next ones "
+        "at most this long. Keep it above the longest retrain (and the Kubernetes job's "
+        "activeDeadlineSeconds).",
+    )
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSpec,
     "data": DataSpec,
@@ -549,6 +589,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "distributed": DistributedSpec,
     "run": RunSpec,
     "smoke": SmokeSpec,
+    "retrain": RetrainSpec,
 }
 
 
@@ -566,6 +607,7 @@ class JobSpec(BaseModel):
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     smoke: SmokeSpec = Field(default_factory=SmokeSpec)
+    retrain: RetrainSpec = Field(default_factory=RetrainSpec)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (what is written next to results)."""
