@@ -61,6 +61,9 @@ class Splits:
     extras: dict[str, Any] = field(default_factory=dict)
     #: held out for retraining's promotion decision: never trained on, never used to select
     promotion: Split = field(default_factory=lambda: Split([], []))
+    #: SHA-256 over every cleaned row's id and label (before caps), order-free: the same
+    #: data gives the same hash however its file is ordered
+    sha256: str = ""
 
     def majority_baseline(self, split: str = "validation") -> float:
         """Accuracy of always predicting the training split's most common label."""
@@ -214,6 +217,16 @@ def example_id(text: str) -> str:
     return hashlib.sha256(text.strip().encode()).hexdigest()[:16]
 
 
+def data_sha256(frames: Sequence[Any]) -> str:
+    """SHA-256 over the sorted ``id<TAB>label`` lines of every row of ``frames``."""
+    lines = sorted(
+        f"{example_id(str(t))}\t{y}"
+        for f in frames
+        for t, y in zip(f["text"], f["label"], strict=True)
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def in_promotion_set(text: str, fraction: float) -> bool:
     """Is this example held out for promotion? A stable hash of the text, not a seeded
     permutation (which moves rows when data is added): a row chosen once stays chosen."""
@@ -239,6 +252,7 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
     if label_names is None:  # one label order across all parts
         values = [v for f in (frame, *given.values()) for v in f["label"].tolist()]
         label_names = encode_labels(values, None)[1]
+    sha256 = data_sha256([frame, *given.values()])
     frame, promotion = _hold_out_promotion(frame, cfg, label_names)
     labels, label_names = encode_labels(frame["label"].tolist(), label_names)
     texts = frame["text"].tolist()
@@ -271,6 +285,7 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
         label_names=label_names,
         source_rows=len(texts) + len(promotion) + sum(len(f) for f in given.values()),
         promotion=promotion,
+        sha256=sha256,
     )
     if len(splits.train) == 0 or len(splits.validation) == 0:
         raise DataError(

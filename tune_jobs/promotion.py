@@ -60,9 +60,11 @@ def decide(
         return Decision(True, "first retrain: no champion yet", challenger, None, p_value)
     gain = challenger - champion
     if gain <= 0:
+        how = "ties with" if gain == 0 else "does not beat"
         return Decision(
             False,
-            f"challenger {challenger:.4f} does not beat champion {champion:.4f} (ties keep the champion)",
+            f"challenger {challenger:.4f} {how} champion {champion:.4f}"
+            + (" (ties keep the champion)" if gain == 0 else ""),
             challenger,
             champion,
             p_value,

@@ -37,7 +37,7 @@ from tune_jobs import results
 from tune_jobs.defaults import fit_to_space
 from tune_jobs.promotion import Decision, decide, mcnemar_p
 from tune_jobs.registry import Registry
-from tune_jobs.run import RunFailed, RunOutcome, run_job
+from tune_jobs.run import RunFailed, RunOutcome, run_job, unique_points
 from tune_jobs.spec import JobSpec, Problem, SpecError
 
 #: Written into the retrain's run folder: the promotion rows' ids, both scores, the decision.
@@ -97,17 +97,6 @@ def next_number(history: list[dict[str, Any]]) -> int:
     return 1 + max((int(e.get("retrain", 0)) for e in history), default=0)
 
 
-def data_fingerprint(splits: Splits) -> dict[str, Any]:
-    """Rows and a SHA-256 over every example's id and label, order-free: the same data
-    (however its file is ordered) gives the same hash."""
-    lines = sorted(
-        f"{example_id(t)}\t{splits.label_names[y]}"
-        for part in (splits.train, splits.validation, splits.test, splits.promotion)
-        for t, y in zip(part.texts, part.labels, strict=True)
-    )
-    return {"rows": len(lines), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
-
-
 def promotion_ids(split: Split) -> list[str]:
     """The ids of the promotion rows, sorted."""
     return sorted(example_id(t) for t in split.texts)
@@ -132,8 +121,7 @@ def warm_start_points(
         configs += [t["config"] for t in finished[: spec.retrain.top_k]]
     space = dict(spec.search.space)
     in_domain = spec.search.algorithm != "random"
-    points = [fit_to_space(space, c, in_domain) for c in configs]
-    return [p for p in points if p]
+    return unique_points([fit_to_space(space, c, in_domain) for c in configs])
 
 
 def predict_labels(model_dir: str, split: Split, max_length: int) -> list[str]:
@@ -291,7 +279,7 @@ def _decide(
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run": os.path.basename(outcome.run_dir.rstrip("/")),
         "run_dir": outcome.run_dir,
-        "data": data_fingerprint(splits),
+        "data": {"rows": splits.source_rows, "sha256": splits.sha256},
         "promotion": {
             "rows": len(rows),
             "ids_sha256": hashlib.sha256("\n".join(promotion_ids(rows)).encode()).hexdigest(),

