@@ -137,10 +137,16 @@ def runtime_env(working_dir: str, spec_yaml: str) -> dict[str, Any]:
     }
 
 
-def entrypoint(no_smoke: bool = False) -> str:
+#: what a submitted job may run: a sweep, or a scheduled retrain
+JOB_COMMANDS = ("run", "retrain")
+
+
+def entrypoint(no_smoke: bool = False, command: str = "run") -> str:
     """The command the job runs on the cluster (the console script is not installed there
     by ``--working-dir``; the module form runs from the uploaded folder)."""
-    return f"python -m tune_jobs run env:{SPEC_ENV}" + (" --no-smoke" if no_smoke else "")
+    if command not in JOB_COMMANDS:
+        raise ValueError(f"command: one of {JOB_COMMANDS}, not {command!r}")
+    return f"python -m tune_jobs {command} env:{SPEC_ENV}" + (" --no-smoke" if no_smoke else "")
 
 
 def client(address: str | None) -> Any:
@@ -177,13 +183,17 @@ def check_upload(working_dir: str) -> tuple[int, int]:
 
 
 def submit(
-    address: str | None, spec_yaml: str, working_dir: str = ".", no_smoke: bool = False
+    address: str | None,
+    spec_yaml: str,
+    working_dir: str = ".",
+    no_smoke: bool = False,
+    command: str = "run",
 ) -> Submitted:
     """Upload the working dir and the spec, start the job; the job id.
     Call ``check_upload`` first: the walk over the folder is not repeated here."""
     jobs = client(address)
     job_id = jobs.submit_job(
-        entrypoint=entrypoint(no_smoke),
+        entrypoint=entrypoint(no_smoke, command),
         runtime_env=runtime_env(working_dir, spec_yaml),
         metadata={"tool": "tunefleet"},
     )

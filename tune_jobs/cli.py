@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)"
     )
+    submit.add_argument(
+        "--retrain",
+        action="store_true",
+        help="run `tunefleet retrain` on the cluster instead of a plain sweep (the spec must "
+        "then have a promotion set; checked here first)",
+    )
     for name, text in (
         ("logs", "print a submitted job's logs (--follow: until it ends)"),
         ("stop", "stop a submitted job and wait until it has ended"),
@@ -298,6 +304,11 @@ def submit_command(args: argparse.Namespace, spec: Any) -> int:
 
     # The job connects to its own cluster: an address in the spec means nothing there.
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"address": None})})
+    command = "retrain" if args.retrain else "run"
+    if args.retrain:
+        from tune_jobs.retrain import check_retrain_spec
+
+        check_retrain_spec(spec)
     auth = jobs.use_token(args.token_file)
     files, size = jobs.check_upload(args.working_dir)
     print(
@@ -305,7 +316,7 @@ def submit_command(args: argparse.Namespace, spec: Any) -> int:
         f"uploading {args.working_dir} ({files} files, {size / 2**20:.1f} MiB)",
         flush=True,
     )
-    job = jobs.submit(args.address, spec.to_yaml(), args.working_dir, args.no_smoke)
+    job = jobs.submit(args.address, spec.to_yaml(), args.working_dir, args.no_smoke, command)
     flags = f"--address {job.address}"
     print(
         f"job {job.job_id} submitted\n"

@@ -60,3 +60,18 @@ def test_an_upload_over_rays_limit_is_refused_before_submitting(tmp_path, monkey
         submit.check_upload(str(tmp_path))
     monkeypatch.setattr(submit, "upload_limit", lambda: 4096)
     assert submit.check_upload(str(tmp_path)) == (1, 2048)
+
+
+def test_a_retrain_job_is_checked_here_before_anything_is_submitted():
+    """``submit --retrain`` runs ``tune_jobs retrain`` on the cluster; a spec without a
+    promotion set is refused here (exit 2), with no cluster to talk to at all."""
+    from tests.e2e.conftest import tunefleet
+
+    assert (
+        submit.entrypoint(command="retrain") == f"python -m tune_jobs retrain env:{submit.SPEC_ENV}"
+    )
+    with pytest.raises(ValueError, match="one of"):
+        submit.entrypoint(command="smoke")
+    proc = tunefleet("submit", "debug-local", "--retrain", "--address", "http://127.0.0.1:9")
+    assert proc.returncode == 2, proc.stderr
+    assert "data.promotion_fraction" in proc.stderr and "submitting" not in proc.stdout
