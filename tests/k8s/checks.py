@@ -29,15 +29,31 @@ RAY_KINDS = {"RayCluster", "RayJob", "RayCronJob", "RayService"}
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode")
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: KubeRay v1.7 refuses longer RayJob names: it appends 6 characters for the RayCluster,
+#: whose name may have 53 (utils.MaxRayJobNameLength).
+RAYJOB_NAME_MAX = 47
 VERSION = re.compile(r"\d+\.\d+\.\d+")
+#: A RayCronJob names each RayJob it creates ``<name>-<5 random characters>``.
+RAYCRONJOB_SUFFIX = "-xxxxx"
+#: All the RBAC a manifest here may grant: (apiGroup, resource) -> verbs. The CronJob
+#: fallback creates the retrain's RayJob, watches it, and may delete it.
+ALLOWED_RBAC = {("ray.io", "rayjobs"): frozenset({"create", "get", "list", "watch", "delete"})}
+ALLOWED_RBAC_TEXT = "; ".join(
+    f"{g}/{r}: {' '.join(sorted(v))}" for (g, r), v in ALLOWED_RBAC.items()
+)
+#: Subcommands whose first argument is a job spec file (which must be mounted).
+SPEC_COMMANDS = frozenset({"run", "retrain", "smoke", "validate"})
 
 
 @cache
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> openAPIV3Schema, for every version of every CRD in ``crds/``."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
+    # libyaml's loader where PyYAML has it: the pure-Python one takes ~10 s on these files.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     for path in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+        crd = yaml.load(path.read_text(), Loader=loader)
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
             out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
@@ -83,6 +99,12 @@ def check_metadata(doc: dict[str, Any]) -> list[str]:
         for key, val in (meta.get(field) or {}).items():
             if not isinstance(val, str):
                 problems.append(f"metadata.{field}.{key}: {val!r} is not a string")
+    rayjob_name_ok = isinstance(name, str) and len(name) <= RAYJOB_NAME_MAX and DNS1035.match(name)
+    if doc.get("kind") == "RayJob" and not rayjob_name_ok:
+        problems.append(
+            f"metadata.name: {name!r}: KubeRay wants a DNS-1035 label of at most "
+            f"{RAYJOB_NAME_MAX} characters for a RayJob"
+        )
     return problems
 
 
@@ -114,8 +136,35 @@ def check_builtin_kind(doc: dict[str, Any]) -> list[str]:
     return []
 
 
+def embedded_rayjobs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, RayJob) of the RayJobs an object holds: a RayCronJob's ``jobTemplate`` (a bare
+    RayJob spec, named as the operator would name its RayJobs) and every ConfigMap value that
+    is a RayJob manifest."""
+    spec = doc.get("spec") or {}
+    name = (doc.get("metadata") or {}).get("name", "")
+    if doc.get("kind") == "RayCronJob" and isinstance(spec.get("jobTemplate"), dict):
+        yield (
+            "spec.jobTemplate",
+            {
+                "apiVersion": doc.get("apiVersion"),
+                "kind": "RayJob",
+                "metadata": {"name": f"{name}{RAYCRONJOB_SUFFIX}"},
+                "spec": spec["jobTemplate"],
+            },
+        )
+    if doc.get("kind") == "ConfigMap":
+        for key, text in (doc.get("data") or {}).items():
+            try:
+                manifest = yaml.safe_load(text)
+            except yaml.YAMLError:
+                continue
+            if isinstance(manifest, dict) and manifest.get("kind") == "RayJob":
+                yield f"data.{key}", manifest
+
+
 def cluster_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, RayClusterSpec) in a RayCluster, RayJob, RayService or RayCronJob."""
+    """(path, RayClusterSpec) in a RayCluster, RayJob or RayService (a RayCronJob's is in its
+    embedded RayJob)."""
     spec = doc.get("spec") or {}
     kind = doc.get("kind")
     if kind == "RayCluster":
@@ -124,10 +173,6 @@ def cluster_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         yield "spec.rayClusterSpec", spec["rayClusterSpec"]
     elif kind == "RayService" and isinstance(spec.get("rayClusterConfig"), dict):
         yield "spec.rayClusterConfig", spec["rayClusterConfig"]
-    elif kind == "RayCronJob":
-        job = (spec.get("jobTemplate") or {}).get("spec") or {}
-        if isinstance(job.get("rayClusterSpec"), dict):
-            yield "spec.jobTemplate.spec.rayClusterSpec", job["rayClusterSpec"]
 
 
 def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -148,6 +193,9 @@ def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     template = spec.get("template") if isinstance(spec, dict) else None
     if doc.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job") and template:
         yield "spec.template.spec", template.get("spec") or {}
+    if doc.get("kind") == "CronJob":
+        job = (spec.get("jobTemplate") or {}).get("spec") or {}
+        yield "spec.jobTemplate.spec.template.spec", (job.get("template") or {}).get("spec") or {}
 
 
 def containers(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -163,7 +211,8 @@ def containers(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[
 
 
 def check_container_policy(doc: dict[str, Any]) -> list[str]:
-    """Non-root, no privilege escalation, all capabilities dropped, requests == limits."""
+    """Non-root, no privilege escalation, all capabilities dropped, a read-only root
+    filesystem, requests == limits, an image with a version tag."""
     problems: list[str] = []
     for where, c, pod_sec in containers(doc):
         sec = {**pod_sec, **(c.get("securityContext") or {})}
@@ -180,6 +229,13 @@ def check_container_policy(doc: dict[str, Any]) -> list[str]:
             problems.append(f"{where}: securityContext.capabilities.drop must hold ALL")
         if (csec.get("capabilities") or {}).get("add"):
             problems.append(f"{where}: securityContext.capabilities.add must be empty")
+        if csec.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{where}: securityContext.readOnlyRootFilesystem must be true")
+        image = c.get("image")
+        if image is not None:
+            tag = image.rsplit("/", 1)[-1].partition(":")[2]
+            if not tag or tag == "latest":
+                problems.append(f"{where}: image {image!r} has no version tag")
         res = c.get("resources") or {}
         req, lim = res.get("requests") or {}, res.get("limits") or {}
         for name in ("cpu", "memory"):
@@ -227,7 +283,7 @@ def check_ray_fields(doc: dict[str, Any], ray_version: str) -> list[str]:
         image = (cs.get("autoscalerOptions") or {}).get("image")
         if image:
             problems += check_image_tag(f"{where}.autoscalerOptions.image", image, ray_version)
-    for where, c, _ in containers(doc):
+    for where, c, _ in containers(doc) if doc.get("kind") in RAY_KINDS else ():
         if c.get("image"):
             problems += check_image_tag(f"{where}.image", c["image"], ray_version)
     if doc.get("kind") == "RayJob":
@@ -256,24 +312,169 @@ def check_image_tag(where: str, image: str, ray_version: str) -> list[str]:
 
 
 def check_entrypoints(doc: dict[str, Any], subcommands: set[str]) -> list[str]:
-    """Each RayJob entrypoint is ``python -m tune_jobs <subcommand> ...`` with a real subcommand."""
-    jobs = []
+    """A RayJob's entrypoint is ``python -m tune_jobs <subcommand> ...`` with a real
+    subcommand, and a job spec it names lies in a ConfigMap mounted on the head."""
+    if doc.get("kind") != "RayJob":
+        return []
+    entry = (doc.get("spec") or {}).get("entrypoint")
+    words = shlex.split(entry or "")
+    if words[:3] != ["python", "-m", "tune_jobs"] or len(words) < 4:
+        return [f"spec.entrypoint: {entry!r} is not `python -m tune_jobs <command> ...`"]
+    if words[3] not in subcommands:
+        return [f"spec.entrypoint: {words[3]!r} is not a tune_jobs command {sorted(subcommands)}"]
+    if words[3] in SPEC_COMMANDS and len(words) > 4 and words[4].startswith("/"):
+        folder = words[4].rsplit("/", 1)[0]
+        if folder not in head_configmap_mounts(doc):
+            return [
+                f"spec.entrypoint: {words[4]} is not in a ConfigMap mounted on the head "
+                f"(mounted: {sorted(head_configmap_mounts(doc))})"
+            ]
+    return []
+
+
+def head_configmap_mounts(doc: dict[str, Any]) -> set[str]:
+    """Mount paths of ConfigMap volumes in the head container of a RayJob's cluster."""
+    cs = (doc.get("spec") or {}).get("rayClusterSpec") or {}
+    pod = ((cs.get("headGroupSpec") or {}).get("template") or {}).get("spec") or {}
+    configmaps = {v.get("name") for v in pod.get("volumes") or [] if "configMap" in v}
+    head = (pod.get("containers") or [{}])[0]
+    return {
+        m.get("mountPath", "").rstrip("/")
+        for m in head.get("volumeMounts") or []
+        if m.get("name") in configmaps
+    }
+
+
+def entrypoint_command(doc: dict[str, Any]) -> str | None:
+    """The tune_jobs subcommand a RayJob runs, if its entrypoint is one."""
+    words = shlex.split((doc.get("spec") or {}).get("entrypoint") or "")
+    return words[3] if words[:3] == ["python", "-m", "tune_jobs"] and len(words) > 3 else None
+
+
+def check_cronjob_policy(doc: dict[str, Any]) -> list[str]:
+    """A CronJob never overlaps its previous run, keeps a bounded history, skips a run it
+    could not start in time, and bounds each run's time and retries."""
+    if doc.get("kind") != "CronJob":
+        return []
     spec = doc.get("spec") or {}
-    if doc.get("kind") == "RayJob":
-        jobs.append(("spec.entrypoint", spec.get("entrypoint")))
-    if doc.get("kind") == "RayCronJob":
-        job = (spec.get("jobTemplate") or {}).get("spec") or {}
-        jobs.append(("spec.jobTemplate.spec.entrypoint", job.get("entrypoint")))
     problems = []
-    for where, entry in jobs:
-        words = shlex.split(entry or "")
-        if words[:3] != ["python", "-m", "tune_jobs"] or len(words) < 4:
-            problems.append(f"{where}: {entry!r} is not `python -m tune_jobs <command> ...`")
-        elif words[3] not in subcommands:
-            problems.append(
-                f"{where}: {words[3]!r} is not a tune_jobs command {sorted(subcommands)}"
-            )
+    if spec.get("concurrencyPolicy") != "Forbid":
+        problems.append(
+            f"spec.concurrencyPolicy: {spec.get('concurrencyPolicy')!r} must be Forbid "
+            "(a run must not start while the previous one is active)"
+        )
+    for key in ("successfulJobsHistoryLimit", "failedJobsHistoryLimit", "startingDeadlineSeconds"):
+        if not isinstance(spec.get(key), int):
+            problems.append(f"spec.{key}: must be set (an integer)")
+    job = (spec.get("jobTemplate") or {}).get("spec") or {}
+    for key in ("activeDeadlineSeconds", "backoffLimit"):
+        if not isinstance(job.get(key), int):
+            problems.append(f"spec.jobTemplate.spec.{key}: must be set (an integer)")
     return problems
+
+
+def check_rbac(doc: dict[str, Any]) -> list[str]:
+    """RBAC stays in the namespace (Role and RoleBinding, never their cluster-wide kinds),
+    names every group, resource and verb (no ``*``), and grants only ``ALLOWED_RBAC``; a
+    RoleBinding binds a Role to ServiceAccounts of its own namespace."""
+    kind = doc.get("kind")
+    if kind in ("ClusterRole", "ClusterRoleBinding"):
+        return [f"{kind}: cluster-wide RBAC; use a Role and a RoleBinding in the namespace"]
+    problems: list[str] = []
+    if kind == "Role":
+        for i, rule in enumerate(doc.get("rules") or []):
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                if "*" in (rule.get(field) or []):
+                    problems.append(f"rules[{i}].{field}: wildcard '*'; name each one")
+            for group in rule.get("apiGroups") or []:
+                for resource in rule.get("resources") or []:
+                    allowed = ALLOWED_RBAC.get((group, resource), frozenset())
+                    for verb in rule.get("verbs") or []:
+                        if verb != "*" and verb not in allowed:
+                            problems.append(
+                                f"rules[{i}]: {verb!r} on {group or 'core'}/{resource} is not "
+                                f"allowed (only {ALLOWED_RBAC_TEXT})"
+                            )
+    if kind == "RoleBinding":
+        ref = doc.get("roleRef") or {}
+        if ref.get("kind") != "Role":
+            problems.append(f"roleRef.kind: {ref.get('kind')!r} must be Role")
+        own = (doc.get("metadata") or {}).get("namespace")
+        for i, subject in enumerate(doc.get("subjects") or []):
+            if subject.get("kind") != "ServiceAccount":
+                problems.append(
+                    f"subjects[{i}].kind: {subject.get('kind')!r} must be ServiceAccount"
+                )
+            if subject.get("namespace") not in (None, own):
+                problems.append(
+                    f"subjects[{i}].namespace: {subject.get('namespace')!r}; leave it out "
+                    "(the RoleBinding's own namespace)"
+                )
+    return problems
+
+
+def check_lock_ttl(docs: list[dict[str, Any]]) -> list[str]:
+    """A retrain's registry lock outlasts every deadline that can stop the retrain.
+
+    ``retrain.lock_ttl_s`` of each job spec ConfigMap (stated, not left to the default) must
+    be >= the ``activeDeadlineSeconds`` of every RayJob that runs ``retrain`` (RayCronJob
+    templates and RayJob manifests in ConfigMaps included) and of every CronJob's Job: a lock
+    that expires under a live retrain lets the next one in beside it. Renders without a
+    retrain have nothing to check."""
+    deadlines: list[tuple[str, Any]] = []
+    for doc in docs:
+        name = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
+        for where, job in [("", doc), *embedded_rayjobs(doc)]:
+            if job.get("kind") == "RayJob" and entrypoint_command(job) == "retrain":
+                at = f"{name} {where}.spec" if where else f"{name} spec"
+                deadlines.append((at, (job.get("spec") or {}).get("activeDeadlineSeconds")))
+        if doc.get("kind") == "CronJob":
+            job = ((doc.get("spec") or {}).get("jobTemplate") or {}).get("spec") or {}
+            deadlines.append((f"{name} spec.jobTemplate.spec", job.get("activeDeadlineSeconds")))
+    if not deadlines:
+        return []
+    problems = [
+        f"{where}.activeDeadlineSeconds: not set, so a retrain could outlive its lock"
+        for where, seconds in deadlines
+        if not isinstance(seconds, int)
+    ]
+    for doc in docs:
+        if doc.get("kind") != "ConfigMap" or "job.yaml" not in (doc.get("data") or {}):
+            continue
+        name = f"ConfigMap/{(doc.get('metadata') or {}).get('name')}"
+        ttl = ((yaml.safe_load(doc["data"]["job.yaml"]) or {}).get("retrain") or {}).get(
+            "lock_ttl_s"
+        )
+        if not isinstance(ttl, (int, float)):
+            problems.append(
+                f"{name}: job.yaml retrain.lock_ttl_s is not set; state it next to the "
+                "deadlines it must outlast"
+            )
+            continue
+        problems += [
+            f"{where}.activeDeadlineSeconds: {seconds} > retrain.lock_ttl_s {ttl:g} in {name}"
+            for where, seconds in deadlines
+            if isinstance(seconds, int) and seconds > ttl
+        ]
+    return problems
+
+
+def check_doc(doc: dict[str, Any], ray_version: str, subcommands: set[str]) -> list[str]:
+    """Every per-object check on one object, and on each RayJob it holds."""
+    found = check_metadata(doc)
+    if doc.get("kind") in RAY_KINDS:
+        found += check_crd_kind(doc)
+    else:
+        found += check_builtin_kind(doc)
+    found += check_container_policy(doc)
+    found += check_secrets(doc)
+    found += check_ray_fields(doc, ray_version)
+    found += check_entrypoints(doc, subcommands)
+    found += check_cronjob_policy(doc)
+    found += check_rbac(doc)
+    for where, job in embedded_rayjobs(doc):
+        found += [f"{where}: {p}" for p in check_doc(job, ray_version, subcommands)]
+    return found
 
 
 def check_docs(docs: list[dict[str, Any]], ray_version: str, subcommands: set[str]) -> list[str]:
@@ -281,14 +482,5 @@ def check_docs(docs: list[dict[str, Any]], ray_version: str, subcommands: set[st
     problems: list[str] = []
     for doc in docs:
         name = f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')}"
-        found = check_metadata(doc)
-        if doc.get("kind") in RAY_KINDS:
-            found += check_crd_kind(doc)
-        else:
-            found += check_builtin_kind(doc)
-        found += check_container_policy(doc)
-        found += check_secrets(doc)
-        found += check_ray_fields(doc, ray_version)
-        found += check_entrypoints(doc, subcommands)
-        problems += [f"{name}: {p}" for p in found]
-    return problems
+        problems += [f"{name}: {p}" for p in check_doc(doc, ray_version, subcommands)]
+    return problems + check_lock_ttl(docs)
