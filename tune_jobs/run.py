@@ -352,7 +352,9 @@ def run_job(
                 f"defaults trial {'next' if warm_points else 'first'} "
                 f"({family_of(model_type_of(spec.model.name_or_path))} family): {defaults[0]}"
             )
-        points = unique_points([*(warm_points or []), *defaults])
+        # Tune runs every point even past num_samples: the budget is the user's, so cut
+        # the list (warm-start points first, then the defaults trial).
+        points = unique_points([*(warm_points or []), *defaults])[: spec.search.num_samples]
         data_ref = ray.put(splits)
         tuner = build_tuner(
             spec,

@@ -121,10 +121,11 @@ def nightly(tmp_path_factory):
     spec_path = tmp / "job.yaml"
     spec_path.write_text(yaml.safe_dump(job_spec(csv, results)))
     write_csv(csv, DAY1)
-    out1 = check(tunefleet("retrain", str(spec_path)))
+    out1 = check(tunefleet("retrain", str(spec_path), "search.num_samples=2"))
     write_csv(csv, DAY2)
-    out2 = check(tunefleet("retrain", str(spec_path)))
-    worse = ["data.max_train_samples=16", "training.max_steps=2"]
+    out2 = check(tunefleet("retrain", str(spec_path)))  # 3: champion, 2nd best, defaults
+    # starved: 2 steps on 16 rows; one trial, so warm start gives it the champion's config
+    worse = ["data.max_train_samples=16", "training.max_steps=2", "search.num_samples=1"]
     out3 = check(tunefleet("retrain", str(spec_path), *worse))
     return str(spec_path), results, csv, (out1, out2, out3)
 
@@ -156,7 +157,7 @@ def test_second_retrain_warm_starts_and_scores_both_on_the_same_rows(nightly):
     for t in ranked[:2]:
         if t["config"] not in expected:
             expected.append(t["config"])
-    assert second["warm_start"] == expected
+    assert len(expected) == 2 and second["warm_start"] == expected
     trials = sorted(summary(results, "nightly-retrain-0002")["trials"], key=lambda t: t["trial"])
     assert [t["config"] for t in trials[: len(expected)]] == expected
     # both scored on day 2's promotion rows: re-score the champion here and compare
@@ -178,6 +179,10 @@ def test_worse_setup_is_not_promoted(nightly):
     history = read_history(results)
     third = history[2]
     assert third["decision"] == "keep", third
+    # its one trial ran the champion's config (warm start), on a budget too small for it
+    assert third["warm_start"] == [third_champion_config(history)]
+    (trial,) = summary(results, "nightly-retrain-0003")["trials"]
+    assert trial["config"] == third["warm_start"][0] and trial["last"]["step"] == 2
     assert third["challenger"]["promotion_accuracy"] < third["champion"]["promotion_accuracy"]
     with open(os.path.join(results, REGISTRY_DIR, CHAMPION_FILE)) as fh:
         champion = json.load(fh)
@@ -187,6 +192,12 @@ def test_worse_setup_is_not_promoted(nightly):
     table = check(tunefleet("registry", results))
     print(table)
     assert table.count("nightly-retrain-000") >= 4 and "keep" in table and "promote" in table
+
+
+def third_champion_config(history: list[dict]) -> dict:
+    """The config of the champion when the third retrain ran."""
+    promoted = [e for e in history[:2] if e["decision"] == "promote"]
+    return promoted[-1]["challenger"]["config"]
 
 
 def test_promotion_rows_stay_put_and_are_never_trained_on(nightly):
