@@ -550,7 +550,9 @@ def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
             else:
                 if hp["max_grad_norm"]:
                     torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], hp["max_grad_norm"]
+                        [p for p in model.parameters() if p.requires_grad],
+                        hp["max_grad_norm"],
+                        foreach=True,  # one norm kernel over all gradients, not one per tensor
                     )
                 optimizer.step()
                 scheduler.step()

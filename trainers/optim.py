@@ -87,15 +87,34 @@ def param_groups(
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1]))]
 
 
+def fused_supported(groups: list[dict[str, Any]]) -> bool:
+    """Can torch's fused AdamW (one kernel over every tensor) take these parameters?"""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(
+        p.device.type in devices and torch.is_floating_point(p)
+        for group in groups
+        for p in group["params"]
+    )
+
+
 def build_optimizer(
     model: torch.nn.Module, hp: Mapping[str, Any], lr_scale: Mapping[str, float] | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; frozen ones never reach the optimizer."""
+    """AdamW over the trainable parameters; frozen ones never reach the optimizer.
+
+    Fused where torch has the kernel for the parameters' device (CPU and CUDA), as
+    transformers' default ``adamw_torch_fused``: on MiniLM in one CPU thread a clip plus
+    a step took 26 ms fused against 121 ms ``foreach`` and 144 ms plain (2026-11-28).
+    """
+    groups = param_groups(model, hp, lr_scale)
     return torch.optim.AdamW(
-        param_groups(model, hp, lr_scale),
+        groups,
         lr=hp["learning_rate"],
         betas=(hp["adam_beta1"], hp["adam_beta2"]),
         eps=hp["adam_epsilon"],
+        fused=fused_supported(groups) or None,
     )
 
 
