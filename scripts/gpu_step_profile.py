@@ -28,23 +28,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu_check import llama_folder  # noqa: E402  (scripts/ is on the path)
+from gpu_loop_check import HP as LOOP_HP  # noqa: E402
 
 from trainers import ds_engine  # noqa: E402
 from trainers.optim import build_optimizer, build_scheduler  # noqa: E402
 
-HP = {
-    "learning_rate": 1e-5,
-    "weight_decay": 0.01,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_epsilon": 1e-8,
-    "max_grad_norm": 1.0,
-    "lr_scheduler_type": "linear",
-    "warmup_ratio": 0.0,
-    "warmup_steps": 0,
-    "per_device_train_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-}
+# the loop check's hyperparameters, at the GPU check's Llama settings
+HP = {**LOOP_HP, "learning_rate": 1e-5, "per_device_train_batch_size": 16, "warmup_ratio": 0.0}
 
 
 def batch_of(rows: int, length: int, vocab: int, device: str) -> dict[str, torch.Tensor]:

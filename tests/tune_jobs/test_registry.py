@@ -133,9 +133,8 @@ def test_rollback_switches_the_champion_back_and_records_it(root):
 
 def test_registry_command_prints_the_table_and_rolls_back(tmp_path):
     import subprocess
-    import sys
 
-    from tests.conftest import REPO
+    from tests.e2e.conftest import tunefleet
 
     reg = Registry(str(tmp_path))
     with reg.lock(ttl_s=60):
@@ -145,13 +144,7 @@ def test_registry_command_prints_the_table_and_rolls_back(tmp_path):
             reg.record(entry)
 
     def registry(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "tune_jobs", "registry", str(tmp_path), *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return tunefleet("registry", str(tmp_path), *args, timeout=120)
 
     out = registry()
     assert out.returncode == 0, out.stderr
