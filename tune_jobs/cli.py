@@ -269,12 +269,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def retrain_command(args: argparse.Namespace, spec: Any) -> int:
     """``tunefleet retrain``: one scheduled retrain (or, with --show, the registry)."""
-    from cluster import storage
     from tune_jobs.retrain import retrain
     from tune_jobs.smoke import run_smoke
 
     if args.show:
-        return registry_command(storage.normalize(spec.run.storage_path), None)
+        return registry_command(spec.run.storage_path, None)
     smoke = None
     if not args.no_smoke and smoke_enabled(spec):
         smoke = lambda run_spec: run_smoke(run_spec, keep_ray=True)  # noqa: E731

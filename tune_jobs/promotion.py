@@ -12,8 +12,7 @@ retrain promotes its best.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -25,9 +24,6 @@ class Decision:
     challenger: float
     champion: float | None
     p_value: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def mcnemar_p(champion_right: Sequence[bool], challenger_right: Sequence[bool]) -> float:

@@ -63,9 +63,12 @@ class Registry:
 
     def record(self, entry: dict[str, Any]) -> None:
         """Append one retrain to the history (call with the lock held)."""
-        lines = [json.dumps(e, sort_keys=True) for e in self.history()]
-        lines.append(json.dumps(entry, sort_keys=True))
-        storage.write_text(self._path(HISTORY_FILE), "\n".join(lines) + "\n")
+        # S3 has no append: the file is rewritten, its old lines unchanged, the lock held.
+        path = self._path(HISTORY_FILE)
+        old = storage.read_text(path) if storage.exists(path) else ""
+        if old and not old.endswith("\n"):
+            old += "\n"
+        storage.write_text(path, old + json.dumps(entry, sort_keys=True) + "\n")
 
     def promote(self, record: dict[str, Any]) -> None:
         """Make ``record`` the champion, in one write (call with the lock held)."""

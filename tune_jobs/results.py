@@ -124,21 +124,28 @@ def best_checkpoint_uri(
     raise RuntimeError(f"trial {result.path}: no checkpoint with files left to export")
 
 
-def score_model(
-    model_dir: str, split: Split, label_names: list[str], max_length: int, batch_size: int = 64
-) -> dict[str, float]:
-    """Reload an exported folder with ``from_pretrained`` and score it on ``split``."""
+def reload_export(model_dir: str, texts: list[str], max_length: int) -> tuple[Any, list, int]:
+    """An exported folder reloaded with ``from_pretrained``: (model, token ids of ``texts``,
+    pad id)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
     from trainers.data import tokenize
-    from trainers.loop import evaluate
 
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    ids = tokenize(tokenizer, split.texts, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return model, tokenize(tokenizer, texts, max_length), pad
+
+
+def score_model(
+    model_dir: str, split: Split, label_names: list[str], max_length: int, batch_size: int = 64
+) -> dict[str, float]:
+    """Reload an exported folder with ``from_pretrained`` and score it on ``split``."""
+    from trainers.loop import evaluate
+
+    model, ids, pad = reload_export(model_dir, split.texts, max_length)
     return evaluate(model, ids, split.labels, len(label_names), batch_size, pad)
 
 

@@ -126,19 +126,11 @@ def warm_start_points(
 
 def predict_labels(model_dir: str, split: Split, max_length: int) -> list[str]:
     """Reload an exported folder with ``from_pretrained``; its predicted label name per row."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers import logging as hf_logging
-
-    from trainers.data import tokenize
     from trainers.loop import predict
 
-    hf_logging.disable_progress_bar()
     with open(os.path.join(model_dir, results.EXPORT_METRICS)) as fh:
         names = json.load(fh)["label_names"]  # the model's own class order
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = tokenize(tokenizer, split.texts, max_length)
+    model, ids, pad = results.reload_export(model_dir, split.texts, max_length)
     return [names[i] for i in predict(model, ids, 64, pad)]
 
 
@@ -206,10 +198,11 @@ def retrain(
             raise RunFailed(
                 f"the sweep exported no model; the registry is unchanged ({outcome.run_dir})"
             )
-        entry, decision = _decide(spec, splits, number, outcome, champion, warm, echo)
+        ids = promotion_ids(splits.promotion)
+        entry, decision = _decide(spec, splits, ids, number, outcome, champion, warm, echo)
         storage.write_text(
             storage.join(outcome.run_dir, RETRAIN_FILE),
-            json.dumps({**entry, "promotion_ids": promotion_ids(splits.promotion)}, indent=2),
+            json.dumps({**entry, "promotion_ids": ids}, indent=2),
         )
         if decision.promote:
             # The champion record carries the whole decision: should the process die
@@ -243,14 +236,16 @@ def _previous_summary(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _decide(
     spec: JobSpec,
     splits: Splits,
+    ids: list[str],
     number: int,
     outcome: RunOutcome,
     champion: dict[str, Any] | None,
     warm: list[dict[str, Any]],
     echo: Callable[[str], None],
 ) -> tuple[dict[str, Any], Decision]:
-    """Score the challenger and the champion on today's promotion rows and decide."""
+    """Score the challenger and the champion on today's promotion rows (``ids``) and decide."""
     best = outcome.summary["best"]
+    run = os.path.basename(outcome.run_dir.rstrip("/"))
     rows, names, length = splits.promotion, splits.label_names, spec.model.max_length
     work = tempfile.mkdtemp(prefix="tunefleet-retrain-")
     try:
@@ -267,7 +262,7 @@ def _decide(
         challenger.accuracy,
         held.accuracy if held is not None else None,
         spec.retrain.min_improvement,
-        p_value if alpha is not None else None,
+        p_value,
         alpha,
     )
     echo(
@@ -277,16 +272,16 @@ def _decide(
     entry = {
         "retrain": number,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "run": os.path.basename(outcome.run_dir.rstrip("/")),
+        "run": run,
         "run_dir": outcome.run_dir,
         "data": {"rows": splits.source_rows, "sha256": splits.sha256},
         "promotion": {
             "rows": len(rows),
-            "ids_sha256": hashlib.sha256("\n".join(promotion_ids(rows)).encode()).hexdigest(),
+            "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         },
         "warm_start": warm,
         "challenger": {
-            "run": os.path.basename(outcome.run_dir.rstrip("/")),
+            "run": run,
             "run_dir": outcome.run_dir,
             "trial": best["trial"],
             "config": best["config"],
