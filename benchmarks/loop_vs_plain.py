@@ -112,7 +112,7 @@ def tunefleet_loop(spec, splits, threads: int) -> tuple[float, float]:
 
     hp = trial_hparams(spec, {})
     cfg = loop_config(spec, hp, splits, trial_resources(spec))
-    cfg["threads"] = threads
+    cfg = cfg.replace(threads=threads)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         ctx = run_local(cfg, checkpoint_root=folder)

@@ -89,7 +89,7 @@ def main() -> None:
         splits,
         trial_resources(single),
     )
-    cfg["threads"] = 2
+    cfg = cfg.replace(threads=2)
     ctx = run_local(cfg)
     figures["single process (2 threads)"] = ctx.reports[-1][M.SAMPLES_PER_SECOND]
     base = figures["2-worker DDP"]

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu_loop_check import HP as LOOP_HP  # noqa: E402  (scripts/ is on the path)
-from gpu_loop_check import rt_csv  # noqa: E402
+from gpu_loop_check import rt_csv, worker_config  # noqa: E402
 
 from trainers import metrics as M  # noqa: E402
 from trainers.data import load_splits, tokenize  # noqa: E402
@@ -88,19 +88,19 @@ def run(
 ) -> dict:
     """One training run; samples/s is the last evaluation window's (the first one
     holds CUDA's and DeepSpeed's warm-up)."""
-    config = {
-        "name": name,
-        "model": {"name_or_path": model_dir, "max_length": max_length},
-        "data": splits,
-        "hp": hp,
-        "eval": {"strategy": "steps", "steps": eval_every}
+    eval_keys = (
+        {"eval_strategy": "steps", "eval_steps": eval_every}
         if eval_every
-        else {"strategy": "epoch", "steps": 1},
-        "seed": 0,
-        "threads": 4,
-        "save_checkpoints": False,
-        "distributed": ZERO2_BF16 if device == "cuda" else ZERO2_FP32,
-    }
+        else {"eval_strategy": "epoch", "eval_steps": 1}
+    )
+    config = worker_config(
+        name,
+        model_dir,
+        max_length,
+        splits,
+        {**hp, **eval_keys},
+        ZERO2_BF16 if device == "cuda" else ZERO2_FP32,
+    )
     tokenizer = build_tokenizer(model_dir)
     ids = tokenize(tokenizer, splits.train.texts, max_length)
     tokens_per_sample = sum(len(x) for x in ids) / len(ids)

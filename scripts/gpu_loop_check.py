@@ -22,28 +22,38 @@ from trainers import metrics as M  # noqa: E402
 from trainers.data import load_splits  # noqa: E402
 from trainers.loop import run_local  # noqa: E402
 from trainers.model import build_model, layer_map  # noqa: E402
+from tune_jobs.spec import DistributedSpec, TrainingSpec  # noqa: E402
 
+#: the spec's training defaults, at the GPU check's settings
 HP = {
+    **TrainingSpec().model_dump(),
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 256,
-    "gradient_accumulation_steps": 1,
     "num_train_epochs": 1,
-    "max_steps": None,
-    "weight_decay": 0.01,
     "warmup_ratio": 0.1,
-    "warmup_steps": 0,
-    "lr_scheduler_type": "linear",
-    "max_grad_norm": 1.0,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_epsilon": 1e-8,
     "eval_strategy": "epoch",
     "eval_steps": 1,
-    "save_checkpoints": True,
-    "group_by_length": True,
-    "layerwise_lr_decay": 1.0,
 }
+
+
+def worker_config(
+    name: str, model: str, max_length: int, splits, hp: dict, distributed: dict | None = None
+) -> dict:
+    """A worker config (``trainers.config.WorkerConfig``, plain-dict form) for ``run_local``."""
+    return {
+        "name": name,
+        "model": model,
+        "max_length": max_length,
+        "data": splits,
+        "hp": hp,
+        "metric": "eval_accuracy",
+        "mode": "max",
+        "seed": 0,
+        "threads": 4,
+        "checkpoint_weights": "full",
+        "distributed": distributed or DistributedSpec().model_dump(),
+    }
 
 
 def rt_csv(path: str, train: int, test: int = 1000) -> dict:
@@ -80,16 +90,9 @@ def main() -> int:
     failures = []
     results = {}
     for label, extra in (("full", {}), ("depth 2", {"unfreeze_depth": 2})):
-        cfg = {
-            "name": label,
-            "model": {"name_or_path": args.model, "max_length": 64},
-            "data": splits,
-            "hp": {**HP, "num_train_epochs": args.epochs, **extra},
-            "eval": {"strategy": "epoch", "steps": 1},
-            "seed": 0,
-            "threads": 4,
-            "save_checkpoints": True,
-        }
+        cfg = worker_config(
+            label, args.model, 64, splits, {**HP, "num_train_epochs": args.epochs, **extra}
+        )
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

@@ -31,10 +31,13 @@ from gpu_check import llama_folder  # noqa: E402  (scripts/ is on the path)
 from gpu_loop_check import HP as LOOP_HP  # noqa: E402
 
 from trainers import ds_engine  # noqa: E402
-from trainers.optim import build_optimizer, build_scheduler  # noqa: E402
+from trainers.config import HParams  # noqa: E402
+from trainers.optim import build_optimizer  # noqa: E402
 
 # the loop check's hyperparameters, at the GPU check's Llama settings
-HP = {**LOOP_HP, "learning_rate": 1e-5, "per_device_train_batch_size": 16, "warmup_ratio": 0.0}
+HP = HParams.from_dict(
+    {**LOOP_HP, "learning_rate": 1e-5, "per_device_train_batch_size": 16, "warmup_ratio": 0.0}
+)
 
 
 def batch_of(rows: int, length: int, vocab: int, device: str) -> dict[str, torch.Tensor]:
@@ -83,7 +86,6 @@ def deepspeed_engine(folder: str, device: str):
 
     model = AutoModelForSequenceClassification.from_pretrained(folder).to(device)
     opt = build_optimizer(model, HP)
-    sched = build_scheduler(opt, HP, 1000)
     settings = {
         "zero_stage": 2,
         "offload_optimizer": False,
@@ -91,7 +93,7 @@ def deepspeed_engine(folder: str, device: str):
         "precision": "bf16" if device == "cuda" else "fp32",
         "config": {},
     }
-    return ds_engine.initialize(model, opt, sched, HP, settings, 1, device)
+    return ds_engine.initialize(model, opt, HP.to_dict(), settings, 1, device)
 
 
 def ds_step(engine, batch: dict) -> None:

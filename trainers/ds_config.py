@@ -52,11 +52,11 @@ def generated_config(
     """The config tunefleet writes for a trial (before the user's extra keys)."""
     stage = int(settings["zero_stage"])
     zero: dict[str, Any] = {"stage": stage}
-    if settings.get("offload_optimizer"):
+    if settings["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if settings.get("offload_params"):
+    if settings["offload_params"]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    precision = settings.get("precision", "fp32")
+    precision = settings["precision"]
     return {
         "train_batch_size": train_batch_size(hp, world_size),
         "train_micro_batch_size_per_gpu": int(hp["per_device_train_batch_size"]),

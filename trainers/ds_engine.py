@@ -38,13 +38,13 @@ def use_cpu_accelerator(device: Any) -> None:
 def initialize(
     model: Any,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
     hp: Mapping[str, Any],
     settings: Mapping[str, Any],
     world_size: int,
     device: Any,
 ) -> Any:
-    """A DeepSpeed engine over ``model`` with the client optimizer and schedule."""
+    """A DeepSpeed engine over ``model`` with the client optimizer (no LR scheduler: the loop
+    writes the LR on the optimizer's groups before every step)."""
     use_cpu_accelerator(device)
     import deepspeed
 
@@ -57,7 +57,6 @@ def initialize(
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=scheduler,
         config=deepspeed_config(hp, settings, world_size),
     )
     return engine
@@ -92,7 +91,7 @@ def load(engine: Any, folder: str) -> None:
         os.path.join(folder, DS_DIR),
         tag=DS_TAG,
         load_optimizer_states=True,
-        load_lr_scheduler_states=False,  # the schedule is rebuilt at the step (our own)
+        load_lr_scheduler_states=False,  # the LR is a function of the step (trainers.optim)
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}/{DS_DIR}")

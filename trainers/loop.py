@@ -1,29 +1,37 @@
-"""The training loop: one straight function, with its setup in ``build_*`` helpers.
+"""The training loop, in parts a newcomer can read one at a time.
 
 ``train_loop_per_worker`` is what a Ray Train ``TorchTrainer`` runs on each
 worker; ``train_loop`` is the same loop for any ``WorkerContext`` (a plain
-process in tests). Everything arrives in ``config`` (see ``tune_jobs.trial``
-for how it is built):
+process in tests). The config is a ``trainers.config.WorkerConfig``.
 
-    model        {"name_or_path", "max_length"}
-    data         a ``trainers.data.Splits`` (or a Ray object ref to one)
-    hp           the trial's hyperparameters (Hugging Face TrainingArguments names)
-    eval         {"strategy": "steps" | "epoch", "steps": int}
-    seed, threads, save_checkpoints
-    checkpoint_weights  "full" (a loadable model) or "trained" (the delta from the base model)
-    hp_schedule  optional [(from_step, hp), ...]: switch hyperparameters at those steps
-    distributed  {"strategy": "ddp" | "deepspeed", "activation_checkpointing", "deepspeed": {...}}
+The parts, in the order a trial meets them:
+
+    Worker          once per worker process: threads, tokenizer, this rank's
+                    tokenized shards, the pristine base model (kept in memory)
+    Worker.start    a trial's TrainState: from the base model or a checkpoint
+    build_state     builds or rebuilds the training state (start, restore,
+                    exploit, replay switch, gradual unfreeze): model, frozen set,
+                    optimizer, engine (``trainers.engine``), step
+    TrialRun.train_to_next_evaluation
+                    optimizer steps, the LR written before each one (a pure
+                    function of the step, ``trainers.optim.lr_at``)
+    TrialRun.evaluate_and_report
+                    evaluation, early stopping, the report and its checkpoint
+
+``train_loop`` strings them together in a few lines; a warm worker group
+(``tune_jobs.warm``) calls the same parts for trial after trial.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,15 +40,15 @@ from trainers import ds_engine
 from trainers import metrics as M
 from trainers.checkpoint import (
     load_optimizer_state_by_name,
-    load_trainer_state,
     load_weights,
     optimizer_state_by_name,
     read_manifest,
-    save_checkpoint,
     trained_params,
     weights_fingerprint,
 )
-from trainers.data import Split, Splits, batches, length_grouped_order, shard, tokenize
+from trainers.config import HParams, WorkerConfig
+from trainers.data import Splits, batches, length_grouped_order, shard, tokenize
+from trainers.engine import CheckpointMeta, DeepSpeedEngine, Engine, build_engine
 from trainers.model import (
     LayerMap,
     ModelError,
@@ -51,13 +59,92 @@ from trainers.model import (
     resolve_model_path,
     unwrap,
 )
-from trainers.optim import build_optimizer, build_scheduler, lr_scale_by_name, rebuild_optimizer
+from trainers.optim import build_optimizer, lr_at, lr_scale_by_name, set_lr
 from trainers.report import LocalContext, RayTrainContext, WorkerContext
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for a Ray Train worker."""
-    train_loop(config, RayTrainContext(resume_from=config.get("resume_from")))
+    cfg = WorkerConfig.from_dict(config)
+    train_loop(cfg, RayTrainContext(resume_from=cfg.resume_from))
+
+
+def train_loop(config: WorkerConfig | dict[str, Any], ctx: WorkerContext) -> None:
+    """Fine-tune, evaluate and checkpoint; every evaluation is reported through ``ctx``."""
+    cfg = WorkerConfig.from_dict(config)
+    worker = Worker(cfg, ctx)
+    with ctx.restore_dir() as restore:
+        run = worker.start(cfg, restore)
+    while not run.done:
+        run.train_to_next_evaluation()
+        run.evaluate_and_report()
+
+
+# --- budget arithmetic (pure) ------------------------------------------------
+
+
+def steps_per_epoch(n_train: int, hp: HParams, world_size: int) -> int:
+    """Optimizer steps in one epoch, after the data is sharded across workers."""
+    per_rank = n_train // world_size
+    micro_batches = math.ceil(per_rank / hp.per_device_train_batch_size)
+    return max(1, math.ceil(micro_batches / hp.gradient_accumulation_steps))
+
+
+def total_steps(n_train: int, hp: HParams, world_size: int) -> int:
+    """The trial's budget in optimizer steps: ``max_steps`` if set, else epochs x steps/epoch."""
+    if hp.max_steps:
+        return int(hp.max_steps)
+    return math.ceil(hp.num_train_epochs * steps_per_epoch(n_train, hp, world_size))
+
+
+def eval_interval(steps_in_epoch: int, last_step: int, hp: HParams) -> int:
+    """Optimizer steps between evaluations: an epoch, ``eval_steps``, or that share of the budget."""
+    if hp.eval_strategy == "epoch":
+        return steps_in_epoch
+    every = hp.eval_steps
+    return max(1, math.ceil(every * last_step)) if every < 1 else int(every)
+
+
+def next_evaluation(step: int, interval: int, last_step: int) -> int:
+    """The step of the next evaluation after ``step``: every ``interval`` steps, and the end."""
+    return min(last_step, (step // interval + 1) * interval)
+
+
+def depth_at(step: int, hp: HParams, steps_in_epoch: int, n_blocks: int) -> int | None:
+    """Unfrozen top blocks at ``step``: ``unfreeze_depth``, plus one per gradual interval.
+
+    A pure function of the step, so a restored or exploited trial lands on the
+    same depth. ``None`` means every block trains.
+    """
+    every = hp.gradual_unfreeze_every
+    if not every:
+        return hp.unfreeze_depth
+    every_steps = every * steps_in_epoch if hp.gradual_unfreeze_unit == "epoch" else every
+    return min(n_blocks, (hp.unfreeze_depth or 0) + int(step // max(1.0, every_steps)))
+
+
+def loss_gap_trend(history: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (eval_loss - train_loss) per epoch over the last 3 evaluations."""
+    pts = history[-3:]
+    if len(pts) < 2:
+        return 0.0
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / var if var else 0.0
+
+
+# --- once per worker ---------------------------------------------------------
+
+
+def build_runtime(cfg: WorkerConfig) -> None:
+    """Threads and seeds for this worker."""
+    from transformers import logging as hf_logging
+
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    torch.manual_seed(cfg.seed)
+    hf_logging.set_verbosity_error()  # the expected "newly initialized classifier" report
+    hf_logging.disable_progress_bar()  # per-shard load/save bars drown the trial logs
 
 
 def resolve_data(data: Any) -> Splits:
@@ -69,28 +156,457 @@ def resolve_data(data: Any) -> Splits:
     return ray.get(data)
 
 
-def steps_per_epoch(n_train: int, hp: Mapping[str, Any], world_size: int) -> int:
-    """Optimizer steps in one epoch, after the data is sharded across workers."""
-    per_rank = n_train // world_size
-    micro_batches = math.ceil(per_rank / hp["per_device_train_batch_size"])
-    return max(1, math.ceil(micro_batches / hp["gradient_accumulation_steps"]))
+@dataclass(frozen=True)
+class WorkerData:
+    """This rank's tokenized shards: the training shard (equal sizes across ranks, so every
+    rank takes the same number of steps) and its part of the validation rows."""
+
+    train_ids: list[list[int]]
+    train_labels: list[int]
+    val_ids: list[list[int]]
+    val_labels: list[int]
+    n_train: int  # training rows of all ranks (the budget is computed from it)
+    label_names: list[str]
+    pad_id: int
 
 
-def total_steps(n_train: int, hp: Mapping[str, Any], world_size: int) -> int:
-    """The trial's budget in optimizer steps: ``max_steps`` if set, else epochs x steps/epoch."""
-    if hp.get("max_steps"):
-        return int(hp["max_steps"])
-    return math.ceil(hp["num_train_epochs"] * steps_per_epoch(n_train, hp, world_size))
+def build_data(splits: Splits, tokenizer: Any, max_length: int, ctx: WorkerContext) -> WorkerData:
+    """Tokenize this rank's shards, once per worker."""
+    train_rows = shard(range(len(splits.train)), ctx.rank, ctx.world_size, equal=True)
+    val_rows = shard(range(len(splits.validation)), ctx.rank, ctx.world_size, equal=False)
+    return WorkerData(
+        train_ids=tokenize(tokenizer, [splits.train.texts[i] for i in train_rows], max_length),
+        train_labels=[splits.train.labels[i] for i in train_rows],
+        val_ids=tokenize(tokenizer, [splits.validation.texts[i] for i in val_rows], max_length),
+        val_labels=[splits.validation.labels[i] for i in val_rows],
+        n_train=len(splits.train),
+        label_names=list(splits.label_names),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
 
 
-def build_runtime(config: Mapping[str, Any]) -> None:
-    """Threads and seeds for this worker."""
-    from transformers import logging as hf_logging
+DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
 
-    torch.set_num_threads(max(1, int(config["threads"])))
-    torch.manual_seed(config["seed"])
-    hf_logging.set_verbosity_error()  # the expected "newly initialized classifier" report
-    hf_logging.disable_progress_bar()  # per-shard load/save bars drown the trial logs
+
+class BaseModels:
+    """The pristine base model (fresh head included), loaded once per worker and copied
+    for each trial, per dropout setting (dropout is fixed when a model is built).
+
+    The first load draws the new head from the seeded RNG, exactly as a cold trial
+    would; ``rng_after_load`` is the RNG state right after it, which every trial
+    starts from, so a trial on a warm worker trains exactly as on a fresh one.
+    """
+
+    KEEP = 2  # dropout settings held in memory (PBT may mutate dropout)
+
+    def __init__(self, path: str, label_names: list[str], seed: int) -> None:
+        self.path, self.label_names, self.seed = path, label_names, seed
+        self._models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self.rng_after_load: torch.Tensor | None = None
+
+    def fresh(self, hp: HParams) -> Any:
+        """A trainable copy of the base model with ``hp``'s dropout (no RNG drawn here)."""
+        return copy.deepcopy(self.load(hp))
+
+    def load(self, hp: HParams) -> Any:
+        """The pristine model for ``hp``'s dropout (never trained: copy it to train)."""
+        key = tuple(getattr(hp, f) for f in DROPOUT_FIELDS)
+        if key not in self._models:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self._models[key] = build_model(self.path, self.label_names, hp.to_dict())
+                if self.rng_after_load is None:
+                    self.rng_after_load = torch.get_rng_state()
+            while len(self._models) > self.KEEP:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return self._models[key]
+
+
+class Worker:
+    """What one worker process builds once and keeps for every trial it runs."""
+
+    def __init__(self, cfg: WorkerConfig, ctx: WorkerContext) -> None:
+        build_runtime(cfg)
+        self.ctx = ctx
+        self.model_name = cfg.model
+        self.model_path = resolve_model_path(cfg.model)
+        self.tokenizer = build_tokenizer(self.model_path)
+        self.data = build_data(resolve_data(cfg.data), self.tokenizer, cfg.max_length, ctx)
+        self.models = BaseModels(self.model_path, self.data.label_names, cfg.seed)
+        if cfg.deepspeed:
+            ds_engine.use_cpu_accelerator(ctx.device)
+
+    def start(self, cfg: WorkerConfig, restore: str | None) -> TrialRun:
+        """A trial's first state: the base model at step 0, or a checkpoint's step."""
+        if cfg.deepspeed and cfg.hp_schedule:
+            raise ValueError("hp_schedule (a PBT replay) needs distributed.strategy: ddp")
+        torch.manual_seed(cfg.seed)  # every trial starts from the same RNG state
+        self.models.load(cfg.hp)
+        torch.set_rng_state(self.models.rng_after_load)
+        manifest = read_manifest(restore) if restore else {"step": 0, "hparams": {}}
+        step = int(manifest["step"])
+        # A replayed schedule resumed mid-way starts with the hyperparameters in force there.
+        hp, segment = cfg.hp, 0
+        while restore and segment < len(cfg.hp_schedule) and cfg.hp_schedule[segment][0] <= step:
+            hp, segment = cfg.hp_schedule[segment][1], segment + 1
+        state, note = build_state(self, cfg, hp, step, segment, restore=restore, manifest=manifest)
+        restored: dict[str, Any] = {M.RESTORED_FROM_STEP: step if restore else -1}
+        if restore:
+            if cfg.fingerprint_weights:
+                restored[M.RESTORED_WEIGHTS] = _fingerprint(state.engine.model)
+            saved, now = manifest.get("hparams", {}), hp.to_dict()
+            changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+            _log(
+                self.ctx,
+                cfg,
+                f"restored step {step} from {restore}: {note}"
+                + (f"; hyperparameters now differ: {changed}" if changed else ""),
+            )
+        return TrialRun(self, cfg, state, restored)
+
+
+# --- the training state --------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything that trains, for one stretch of hyperparameters."""
+
+    hp: HParams
+    engine: Engine
+    lmap: LayerMap | None
+    n_blocks: int
+    depth: int | None  # unfrozen top blocks (None: every block)
+    n_trainable: int
+    step: int  # optimizer steps taken
+    steps_per_epoch: int
+    last_step: int
+    eval_interval: int
+    trained: set[str]  # parameters that differ from the base model
+    segment: int = 0  # index into the replay schedule
+
+    @property
+    def model(self) -> Any:
+        return unwrap(self.engine.model)
+
+
+def _try_layer_map(model: Any) -> LayerMap | None:
+    """The layer map for reporting only (no freezing asked for): ``None`` if the blocks are not found."""
+    try:
+        return layer_map(model)
+    except ModelError:
+        return None
+
+
+def freeze(
+    model: Any, lmap: LayerMap | None, hp: HParams, depth: int | None
+) -> tuple[dict[str, float] | None, int]:
+    """Freeze to ``depth``; return the per-parameter LR scale (layer-wise decay) and trainable count."""
+    if lmap is None or not hp.uses_layers:
+        return None, sum(p.numel() for p in model.parameters())
+    count = apply_freezing(model, lmap, depth, hp.train_embeddings)
+    if hp.layerwise_lr_decay == 1.0:
+        return None, count
+    names = [n for n, _ in model.named_parameters()]
+    return lr_scale_by_name(names, lmap.blocks, lmap.embeddings, hp.layerwise_lr_decay), count
+
+
+def build_state(
+    worker: Worker,
+    cfg: WorkerConfig,
+    hp: HParams,
+    step: int,
+    segment: int = 0,
+    *,
+    restore: str | None = None,
+    manifest: dict[str, Any] | None = None,
+    live: TrainState | None = None,
+) -> tuple[TrainState, str]:
+    """The training state for ``hp`` at ``step``, and a line for the log on what it kept, from one of three sources of weights:
+
+        - the base model (a new trial);
+        - ``restore``, a checkpoint folder (a fault restore, a PBT exploit, a resume);
+        - ``live``, the state training now (a replay switch, a gradual-unfreeze step):
+          its weights and AdamW moments carry over, by parameter name.
+
+    The weights are loaded before the engine is built (a DeepSpeed engine copies
+    them into its partitions); the engine then loads its own state.
+
+        The LR needs nothing restored: it is ``lr_at(hp, step)``, written on every step.
+    """
+    ctx = worker.ctx
+    moments: dict[str, Any] = {}
+    if live is not None:
+        moments = optimizer_state_by_name(live.engine.optimizer)
+        same_build = all(getattr(hp, f) == getattr(live.hp, f) for f in DROPOUT_FIELDS)
+        model = live.model if same_build else worker.models.fresh(hp)
+        if not same_build:
+            model.load_state_dict(live.model.state_dict())
+    else:
+        model = worker.models.fresh(hp)
+    if cfg.distributed.activation_checkpointing:  # non-reentrant: works with frozen lower blocks
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    lmap = layer_map(model) if hp.uses_layers else _try_layer_map(model)
+    n_blocks = lmap.num_blocks if lmap else 0
+    spe = steps_per_epoch(worker.data.n_train, hp, ctx.world_size)
+    last_step = total_steps(worker.data.n_train, hp, ctx.world_size)
+    depth = depth_at(step, hp, spe, n_blocks)
+    lr_scale, n_trainable = freeze(model, lmap, hp, depth)
+
+    # A DeepSpeed checkpoint of the same shape goes back into the engine whole; any other
+    # checkpoint (PBT changed the depth, say) is loaded, or its shards merged, into the weights.
+    whole = (
+        bool(restore)
+        and cfg.deepspeed
+        and DeepSpeedEngine.resumes(manifest or {}, model, cfg, ctx.world_size)
+    )
+    if restore and not whole:
+        load_weights(restore, model)
+    optimizer = build_optimizer(model, hp, lr_scale)
+    kept, fresh = load_optimizer_state_by_name(optimizer, moments)
+    engine = build_engine(model, optimizer, cfg, hp, ctx)
+    note = f"optimizer state kept for {kept} tensors, {fresh} start fresh"
+    if restore:
+        note = engine.load(restore) if whole or not cfg.deepspeed else _rng_only(restore)
+    set_lr(optimizer, lr_at(hp, step, last_step))
+
+    trained = set(live.trained) if live else set()
+    if restore:
+        trained = trained_params(manifest or {}, model)
+    state = TrainState(
+        hp=hp,
+        engine=engine,
+        lmap=lmap,
+        n_blocks=n_blocks,
+        depth=depth,
+        n_trainable=n_trainable,
+        step=step,
+        steps_per_epoch=spe,
+        last_step=last_step,
+        eval_interval=eval_interval(spe, last_step, hp),
+        trained=trained | {n for n, p in model.named_parameters() if p.requires_grad},
+        segment=segment,
+    )
+    return state, note
+
+
+def _rng_only(restore: str) -> str:
+    """A DeepSpeed restore into an engine of another shape: the RNG state, and say so."""
+    from trainers.checkpoint import STATE_FILE
+
+    saved = torch.load(os.path.join(restore, STATE_FILE), weights_only=False)
+    torch.set_rng_state(saved["torch_rng"])
+    return (
+        "module weights only (the trainable set, world size, ZeRO stage or strategy changed): "
+        "the DeepSpeed optimizer was rebuilt and starts fresh"
+    )
+
+
+# --- one trial -------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """What the loop tracks between evaluations, and across them for early stopping."""
+
+    best: float | None = None
+    evals_without_gain: int = 0
+    gap_history: list[tuple[float, float]] = field(default_factory=list)
+    loss_sum: torch.Tensor | None = None  # summed on the device: no sync per micro-batch
+    micro_batches: int = 0
+    samples: int = 0
+    since: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.micro_batches += 1
+        self.samples += samples
+
+    def take_interval(self) -> tuple[float, float]:
+        """(mean training loss, samples/s) since the last evaluation; starts a new interval."""
+        elapsed = time.perf_counter() - self.since
+        loss = float(self.loss_sum) / self.micro_batches if self.micro_batches else math.nan
+        rate = self.samples / elapsed if elapsed > 0 else 0.0
+        self.loss_sum, self.micro_batches, self.samples = None, 0, 0
+        self.since = time.perf_counter()
+        return loss, rate
+
+
+def early_stop(progress: Progress, value: float, hp: HParams, mode: str) -> bool:
+    """Record ``value`` of the watched metric; has it gone ``patience`` evaluations without a gain?"""
+    best = progress.best
+    if (
+        best is None
+        or (value - best if mode == "max" else best - value) > hp.early_stopping_min_delta
+    ):
+        progress.best, progress.evals_without_gain = value, 0
+    else:
+        progress.evals_without_gain += 1
+    patience = hp.early_stopping_patience
+    return bool(patience) and progress.evals_without_gain >= patience
+
+
+def epoch_micro_batches(
+    data: WorkerData, hp: HParams, seed: int, epoch: int
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``epoch``, in order.
+
+    The same permutation on every rank (seed + epoch), so the shards stay disjoint
+    and a resumed trial sees the batches an uninterrupted one would.
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    micro = hp.per_device_train_batch_size
+    if hp.group_by_length:
+        order = length_grouped_order([len(x) for x in data.train_ids], micro, generator)
+    else:
+        order = torch.randperm(len(data.train_ids), generator=generator).tolist()
+    return list(batches(data.train_ids, data.train_labels, order, micro, data.pad_id))
+
+
+class TrialRun:
+    """One trial on one worker: train to the next evaluation, evaluate, report, repeat."""
+
+    def __init__(
+        self, worker: Worker, cfg: WorkerConfig, state: TrainState, restored: dict[str, Any]
+    ) -> None:
+        self.worker, self.cfg, self.state = worker, cfg, state
+        self.progress = Progress()
+        self.restored = restored  # restored_from_step (and weights), in every report
+        self.stopped = False  # by early stopping
+        self._epoch: tuple[Any, list[dict[str, torch.Tensor]]] | None = None
+        # Restored at the end of its budget (a PBT exploit of a finished donor, say):
+        # one evaluation still reports a result for these weights.
+        self._report_at_end = state.step >= state.last_step
+
+    @property
+    def done(self) -> bool:
+        s = self.state
+        return self.stopped or (
+            s.step >= s.last_step and not self._report_at_end and not self._switch_due()
+        )
+
+    def _switch_due(self) -> bool:
+        schedule, s = self.cfg.hp_schedule, self.state
+        return s.segment < len(schedule) and schedule[s.segment][0] <= s.step
+
+    def _switch(self) -> None:
+        """The replay schedule's next hyperparameters, from the live weights, moments and step."""
+        s = self.state
+        hp = self.cfg.hp_schedule[s.segment][1]
+        self.state, note = build_state(self.worker, self.cfg, hp, s.step, s.segment + 1, live=s)
+        changed = {k: v for k, v in hp.to_dict().items() if v != self.cfg.hp.to_dict()[k]}
+        _log(
+            self.worker.ctx,
+            self.cfg,
+            f"step {s.step}: hyperparameters switch to segment {s.segment + 1} {changed}; {note}",
+        )
+        # switched at the end of the budget: evaluate once there, as after an exploit
+        self._report_at_end = self.state.step >= self.state.last_step
+
+    def _unfreeze(self) -> None:
+        """Gradual unfreezing: one more block trains from this step on."""
+        if self.cfg.deepspeed:
+            raise ValueError("gradual unfreezing needs distributed.strategy: ddp")
+        s = self.state
+        self.state, note = build_state(self.worker, self.cfg, s.hp, s.step, s.segment, live=s)
+        _log(
+            self.worker.ctx,
+            self.cfg,
+            f"step {s.step}: unfreeze depth {self.state.depth}/{s.n_blocks}; {note}",
+        )
+
+    def _micro_batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
+        hp = self.state.hp
+        key = (epoch, hp.per_device_train_batch_size, hp.group_by_length)
+        if self._epoch is None or self._epoch[0] != key:
+            self._epoch = (key, epoch_micro_batches(self.worker.data, hp, self.cfg.seed, epoch))
+        return self._epoch[1]
+
+    def train_to_next_evaluation(self) -> None:
+        """Optimizer steps up to the next evaluation, switching hyperparameters on the way
+        (a switch due at the evaluation's step comes after the evaluation)."""
+        while self._switch_due():
+            self._switch()
+        s = self.state
+        stop_at = next_evaluation(s.step, s.eval_interval, s.last_step)
+        device, world_size = self.worker.ctx.device, self.worker.ctx.world_size
+        while not self._report_at_end and self.state.step < stop_at:
+            s = self.state
+            hp, engine = s.hp, s.engine
+            accum = hp.gradient_accumulation_steps
+            micro = self._micro_batches(s.step // s.steps_per_epoch)
+            k = (s.step % s.steps_per_epoch) * accum  # where in the epoch this step starts
+            group = micro[k : k + accum]
+            for i, cpu_batch in enumerate(group):
+                batch = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
+                loss = engine.backward(batch, len(group), last=i == len(group) - 1)
+                self.progress.add(loss * len(group), len(cpu_batch["labels"]) * world_size)
+            set_lr(engine.optimizer, lr_at(hp, s.step, s.last_step))
+            engine.step()
+            s.step += 1
+            if depth_at(s.step, hp, s.steps_per_epoch, s.n_blocks) != s.depth:
+                self._unfreeze()
+            while self.state.step < stop_at and self._switch_due():
+                self._switch()
+
+    def evaluate_and_report(self) -> None:
+        """Evaluate, decide on early stopping, and report (with a checkpoint)."""
+        self._report_at_end = False
+        s, cfg, ctx, data = self.state, self.cfg, self.worker.ctx, self.worker.data
+        train_loss, rate = self.progress.take_interval()
+        report = {
+            M.TRAIN_LOSS: train_loss,
+            **evaluate(
+                s.engine.model,
+                data.val_ids,
+                data.val_labels,
+                len(data.label_names),
+                s.hp.per_device_eval_batch_size,
+                data.pad_id,
+                ctx.device,
+            ),
+            M.EPOCH: s.step / s.steps_per_epoch,
+            M.STEP: s.step,
+            M.LR: lr_at(s.hp, s.step, s.last_step),  # the LR of the next step
+            M.TOTAL_STEPS: s.last_step,
+            M.SAMPLES_PER_SECOND: rate,
+            M.EFFECTIVE_BATCH_SIZE: s.hp.per_device_train_batch_size
+            * s.hp.gradient_accumulation_steps
+            * ctx.world_size,
+            M.TRAINABLE_PARAMS: s.n_trainable,
+            M.UNFREEZE_DEPTH: s.n_blocks if s.depth is None else s.depth,
+            **self.restored,
+        }
+        if cfg.hp_schedule:
+            report[M.HP_SEGMENT] = s.segment
+        if cfg.fingerprint_weights:
+            report[M.WEIGHTS] = _fingerprint(s.engine.model)
+        history = self.progress.gap_history
+        history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
+        report[M.LOSS_GAP] = history[-1][1]
+        report[M.LOSS_GAP_TREND] = loss_gap_trend(history)
+        self.stopped = (
+            early_stop(self.progress, report[cfg.metric], s.hp, cfg.mode) and s.step < s.last_step
+        )
+        report[M.EARLY_STOPPED] = int(self.stopped)
+        _log(
+            ctx,
+            cfg,
+            f"step {s.step}/{s.last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
+            f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
+            f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
+            + (
+                f" | early stop: no {cfg.metric} gain > {s.hp.early_stopping_min_delta:g} "
+                f"in {s.hp.early_stopping_patience} evaluations"
+                if self.stopped
+                else ""
+            ),
+        )
+        report_with_checkpoint(self.worker, cfg, s, report)
+        self.progress.since = time.perf_counter()  # the report is not training time
 
 
 def evaluate(
@@ -104,30 +620,27 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss, accuracy and macro F1 on this rank's rows, all-reduced across ranks."""
     model.eval()
-    confusion = torch.zeros((n_labels, n_labels), dtype=torch.float64)
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    confusion = torch.zeros((n_labels, n_labels), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
         for cpu_batch in batches(ids, labels, range(len(ids)), batch_size, pad_id):
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            out = model(**batch)
-            loss_sum += (
-                torch.nn.functional.cross_entropy(
-                    out.logits.float(), batch["labels"], reduction="sum"
-                )
-                .double()
-                .cpu()
+            logits = model(**batch).logits.float()
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits, batch["labels"], reduction="sum"
+            ).double()
+            pairs = batch["labels"] * n_labels + logits.argmax(-1)  # (truth, prediction) cells
+            confusion += torch.bincount(pairs, minlength=n_labels * n_labels).view(
+                n_labels, n_labels
             )
-            preds = out.logits.argmax(-1)
-            for t, p in zip(cpu_batch["labels"].tolist(), preds.tolist(), strict=True):
-                confusion[t, p] += 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # One all-reduce of counts and loss; NCCL reduces only device tensors, gloo CPU ones.
         on = device if torch.distributed.get_backend() == "nccl" else "cpu"
         totals = torch.cat([confusion.flatten(), loss_sum.view(1)]).to(on)
         torch.distributed.all_reduce(totals)
-        totals = totals.cpu()
         confusion, loss_sum = totals[:-1].view(n_labels, n_labels), totals[-1]
     model.train()
+    confusion, loss_sum = confusion.cpu(), loss_sum.cpu()
     return M.classification_metrics(confusion.tolist(), float(loss_sum), float(confusion.sum()))
 
 
@@ -145,443 +658,40 @@ def predict(
     return out
 
 
-def eval_interval(steps_in_epoch: int, last_step: int, eval_cfg: Mapping[str, Any]) -> int:
-    """Optimizer steps between evaluations: an epoch, ``eval.steps``, or that share of the budget."""
-    if eval_cfg["strategy"] == "epoch":
-        return steps_in_epoch
-    every = eval_cfg["steps"]
-    return max(1, math.ceil(every * last_step)) if every < 1 else int(every)
+def report_with_checkpoint(
+    worker: Worker, cfg: WorkerConfig, state: TrainState, report: dict[str, Any]
+) -> None:
+    """Write the checkpoint to a temp folder (its size joins the report), then report.
 
-
-def is_eval_step(step: int, interval: int, last_step: int) -> bool:
-    """Evaluate every ``interval`` steps, and always at the end."""
-    return step == last_step or step % interval == 0
-
-
-def uses_layers(hp: Mapping[str, Any]) -> bool:
-    """Does this trial freeze blocks or scale LRs per block (so the blocks must be found)?"""
-    return (
-        hp.get("unfreeze_depth") is not None
-        or bool(hp.get("gradual_unfreeze_every"))
-        or hp.get("layerwise_lr_decay", 1.0) != 1.0
-        or hp.get("train_embeddings") is not None
-    )
-
-
-def depth_at(step: int, hp: Mapping[str, Any], steps_in_epoch: int, n_blocks: int) -> int | None:
-    """Unfrozen top blocks at ``step``: ``unfreeze_depth``, plus one per gradual interval.
-
-    A pure function of the step, so a restored or exploited trial lands on the
-    same depth. ``None`` means every block trains.
+    Rank 0 writes it; under DeepSpeed every rank writes its shards and reports the
+    folder (Ray Train gathers them into one checkpoint). Other ranks report metrics only.
     """
-    depth = hp.get("unfreeze_depth")
-    every = hp.get("gradual_unfreeze_every")
-    if not every:
-        return depth
-    every_steps = (
-        every * steps_in_epoch if hp.get("gradual_unfreeze_unit", "epoch") == "epoch" else every
-    )
-    return min(n_blocks, (depth or 0) + int(step // max(1.0, every_steps)))
-
-
-def _try_layer_map(model: Any) -> LayerMap | None:
-    """The layer map for reporting only (no freezing asked for): ``None`` if the blocks are not found."""
+    ctx, engine = worker.ctx, state.engine
+    if not state.hp.save_checkpoints or (ctx.rank != 0 and not engine.every_rank_saves):
+        ctx.report(report, None)
+        return
+    tmp = tempfile.mkdtemp(prefix=f"tunefleet-step{state.step}-")
     try:
-        return layer_map(model)
-    except ModelError:
-        return None
-
-
-def build_trainable(
-    model: Any, lmap: LayerMap | None, hp: Mapping[str, Any], depth: int | None
-) -> tuple[dict[str, float] | None, int]:
-    """Freeze to ``depth``; return the per-parameter LR scale (layer-wise decay) and trainable count."""
-    if lmap is None or not uses_layers(hp):
-        return None, sum(p.numel() for p in model.parameters())
-    count = apply_freezing(model, lmap, depth, hp.get("train_embeddings"))
-    decay = hp.get("layerwise_lr_decay", 1.0)
-    if decay == 1.0:
-        return None, count
-    names = [n for n, _ in model.named_parameters()]
-    return lr_scale_by_name(names, lmap.blocks, lmap.embeddings, decay), count
-
-
-def loss_gap_trend(history: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (eval_loss - train_loss) per epoch over the last 3 evaluations."""
-    pts = history[-3:]
-    if len(pts) < 2:
-        return 0.0
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    var = sum((x - mx) ** 2 for x, _ in pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / var if var else 0.0
-
-
-@dataclass
-class Segment:
-    """The model and optimizer for one stretch of hyperparameters.
-
-    A trial has one segment, unless ``hp_schedule`` switches its hyperparameters
-    at given steps (a PBT replay): each switch builds a new segment from the
-    current weights, optimizer state and step, exactly as a restore would.
-    """
-
-    hp: Mapping[str, Any]
-    model: Any
-    lmap: LayerMap | None
-    n_blocks: int
-    depth: int | None
-    n_trainable: int
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    steps_per_epoch: int
-    last_step: int
-    eval_interval: int
-
-
-def build_segment(
-    model_path: str,
-    label_names: list[str],
-    hp: Mapping[str, Any],
-    n_train: int,
-    world_size: int,
-    eval_cfg: Mapping[str, Any],
-    step: int,
-    activation_checkpointing: bool = False,
-) -> Segment:
-    """Model (base weights), trainable set, optimizer and LR schedule for ``hp`` at ``step``.
-
-    The LR is a pure function of the step: a restored trial (a fault restore, or
-    a PBT recipient with mutated hyperparameters) continues its *own* schedule at
-    this step, with no jump back to warmup.
-    """
-    model = build_model(model_path, label_names, dict(hp))
-    if activation_checkpointing:  # non-reentrant: works with frozen lower blocks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lmap = layer_map(model) if uses_layers(hp) else _try_layer_map(model)
-    n_blocks = lmap.num_blocks if lmap else 0
-    spe = steps_per_epoch(n_train, hp, world_size)
-    last_step = total_steps(n_train, hp, world_size)
-    depth = depth_at(step, hp, spe, n_blocks)
-    lr_scale, n_trainable = build_trainable(model, lmap, hp, depth)
-    optimizer = build_optimizer(model, hp, lr_scale)
-    return Segment(
-        hp=hp,
-        model=model,
-        lmap=lmap,
-        n_blocks=n_blocks,
-        depth=depth,
-        n_trainable=n_trainable,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, hp, last_step, start_step=step),
-        steps_per_epoch=spe,
-        last_step=last_step,
-        eval_interval=eval_interval(spe, last_step, eval_cfg),
-    )
-
-
-def requires_grad_names(model: Any) -> set[str]:
-    return {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
-
-
-def hp_schedule(config: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-    """``(from_step, hp)`` switches after the trial's own ``hp`` (step 0), sorted by step."""
-    out = sorted(
-        ((int(s), dict(h)) for s, h in config.get("hp_schedule") or []), key=lambda x: x[0]
-    )
-    if any(s < 0 for s, _ in out):
-        raise ValueError(f"hp_schedule: steps must be >= 0, got {[s for s, _ in out]}")
-    return out
-
-
-def train_loop(config: Mapping[str, Any], ctx: WorkerContext) -> None:
-    """Fine-tune, evaluate and checkpoint; every evaluation is reported through ``ctx``."""
-    build_runtime(config)
-    eval_cfg = config["eval"]
-    metric, mode = (
-        config.get("objective", {}).get("metric", M.EVAL_ACCURACY),
-        config.get("objective", {}).get("mode", "max"),
-    )
-    data = resolve_data(config["data"])
-    model_path = resolve_model_path(config["model"]["name_or_path"])
-    tokenizer = build_tokenizer(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_len = config["model"]["max_length"]
-
-    # Tokenize once per trial: this rank's training shard and validation shard.
-    train_rows = shard(range(len(data.train)), ctx.rank, ctx.world_size, equal=True)
-    train = Split(
-        [data.train.texts[i] for i in train_rows], [data.train.labels[i] for i in train_rows]
-    )
-    val_rows = shard(range(len(data.validation)), ctx.rank, ctx.world_size, equal=False)
-    train_ids = tokenize(tokenizer, train.texts, max_len)
-    val_ids = tokenize(tokenizer, [data.validation.texts[i] for i in val_rows], max_len)
-    val_labels = [data.validation.labels[i] for i in val_rows]
-
-    dist = config.get("distributed") or {}
-    use_ds = dist.get("strategy") == "deepspeed"
-
-    def segment(hp: Mapping[str, Any], at: int) -> Segment:
-        return build_segment(
-            model_path,
-            data.label_names,
-            hp,
-            len(data.train),
-            ctx.world_size,
-            eval_cfg,
-            at,
-            bool(dist.get("activation_checkpointing")),
-        )
-
-    if use_ds:
-        ds_engine.use_cpu_accelerator(ctx.device)
-    switches = hp_schedule(config)
-    if use_ds and switches:
-        raise ValueError("hp_schedule (a PBT replay) needs distributed.strategy: ddp")
-    fingerprint = config.get("fingerprint_weights", False)
-    with ctx.restore_dir() as restore:
-        manifest = read_manifest(restore) if restore else {"step": 0, "hparams": {}}
-        step = int(manifest["step"])
-        # A replayed schedule resumed mid-way starts with the hyperparameters in force there.
-        hp, seg_index = config["hp"], 0
-        while seg_index < len(switches) and switches[seg_index][0] <= step and restore:
-            hp, seg_index = switches[seg_index][1], seg_index + 1
-        seg = segment(hp, step)
-        restored: dict[str, Any] = {M.RESTORED_FROM_STEP: -1}
-        trained: set[str] = set()
-        # A DeepSpeed checkpoint goes back into the engine whole when the engine's shape is the
-        # same; otherwise (PBT changed the depth, say) its shards are merged into the weights.
-        resume_engine = (
-            use_ds
-            and bool(restore)
-            and manifest.get("weights") == "deepspeed"
-            and manifest.get("trainable") == sorted(requires_grad_names(seg.model))
-            and manifest.get("world_size") == ctx.world_size
-            and manifest.get("zero_stage") == dist["deepspeed"]["zero_stage"]
-        )
-        if restore:
-            if not resume_engine:
-                load_weights(restore, seg.model)  # full, trained delta, or merged ZeRO shards
-            trained = trained_params(manifest, seg.model)
-            restored[M.RESTORED_FROM_STEP] = step
-            kept, fresh, _ = load_trainer_state(restore, seg.optimizer)  # and the RNG state
-            optimizer_note = f"optimizer state kept for {kept} tensors, {fresh} start fresh"
-        if use_ds:
-            settings = dist["deepspeed"]
-            seg.model = ds_engine.initialize(
-                seg.model,
-                seg.optimizer,
-                seg.scheduler,
-                seg.hp,
-                settings,
-                ctx.world_size,
-                ctx.device,
-            )
-            if resume_engine:
-                ds_engine.load(seg.model, restore)
-                optimizer_note = (
-                    "DeepSpeed engine state restored (weights and ZeRO optimizer state)"
-                )
-            elif restore:
-                optimizer_note = (
-                    "module weights only (the trainable set, world size, ZeRO stage or "
-                    "strategy changed): the DeepSpeed optimizer was rebuilt and starts fresh"
-                )
-        else:
-            seg.model = ctx.prepare_model(seg.model)
-        if restore:
-            if fingerprint:
-                restored[M.RESTORED_WEIGHTS] = _fingerprint(seg.model)
-            changed = {
-                k: (manifest["hparams"].get(k), hp.get(k))
-                for k in hp
-                if k in manifest["hparams"] and manifest["hparams"][k] != hp[k]
-            }
-            _log(
-                ctx,
-                config,
-                f"restored step {step} from {restore}: {optimizer_note}"
-                + (f"; hyperparameters now differ: {changed}" if changed else ""),
-            )
-    seg.model.train()
-    trained |= requires_grad_names(seg.model)
-
-    n_labels = len(data.label_names)
-    best, evals_without_gain, gap_history = None, 0, []
-    loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
-
-    def evaluate_and_report() -> bool:
-        """Evaluate, report (with a checkpoint) and say whether patience stops the trial."""
-        nonlocal best, evals_without_gain, loss_total, loss_count, samples, t0
-        hp = seg.hp
-        elapsed = time.perf_counter() - t0
-        report = {
-            M.TRAIN_LOSS: loss_total / loss_count if loss_count else math.nan,
-            **evaluate(
-                seg.model,
-                val_ids,
-                val_labels,
-                n_labels,
-                hp["per_device_eval_batch_size"],
-                pad_id,
-                ctx.device,
-            ),
-            M.EPOCH: step / seg.steps_per_epoch,
-            M.STEP: step,
-            M.LR: seg.scheduler.get_last_lr()[-1],
-            M.TOTAL_STEPS: seg.last_step,
-            M.SAMPLES_PER_SECOND: samples / elapsed if elapsed > 0 else 0.0,
-            M.EFFECTIVE_BATCH_SIZE: hp["per_device_train_batch_size"]
-            * hp["gradient_accumulation_steps"]
-            * ctx.world_size,
-            M.TRAINABLE_PARAMS: seg.n_trainable,
-            M.UNFREEZE_DEPTH: seg.n_blocks if seg.depth is None else seg.depth,
-            **restored,
-        }
-        if switches:
-            report[M.HP_SEGMENT] = seg_index
-        if fingerprint:
-            report[M.WEIGHTS] = _fingerprint(unwrap(seg.model))
-        gap_history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
-        report[M.LOSS_GAP] = gap_history[-1][1]
-        report[M.LOSS_GAP_TREND] = loss_gap_trend(gap_history)
-        patience, min_delta = (
-            hp.get("early_stopping_patience"),
-            hp.get("early_stopping_min_delta", 0.0),
-        )
-        value = report[metric]
-        if best is None or (value - best if mode == "max" else best - value) > min_delta:
-            best, evals_without_gain = value, 0
-        else:
-            evals_without_gain += 1
-        stop = bool(patience) and evals_without_gain >= patience and step < seg.last_step
-        report[M.EARLY_STOPPED] = int(stop)
-        _log(
-            ctx,
-            config,
-            f"step {step}/{seg.last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
-            f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
-            f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
-            + (
-                f" | early stop: no {metric} gain > {min_delta:g} in {patience} evaluations"
-                if stop
-                else ""
+        engine.save(
+            tmp,
+            CheckpointMeta(
+                tokenizer=worker.tokenizer,
+                step=state.step,
+                epoch=report[M.EPOCH],
+                hp=state.hp,
+                metrics=report,
+                trained=frozenset(state.trained),
+                base_model=cfg.model,
+                label_names=worker.data.label_names,
             ),
         )
-        _report_with_checkpoint(
-            ctx, config, report, seg, tokenizer, step, trained, data.label_names
-        )
-        loss_total, loss_count, samples, t0 = 0.0, 0, 0, time.perf_counter()
-        return stop
+        if ctx.rank == 0:
+            from trainers.checkpoint import folder_bytes
 
-    def switch_due() -> bool:
-        return seg_index < len(switches) and switches[seg_index][0] <= step
-
-    def switch() -> None:
-        """The next hyperparameters of the schedule, from the current weights, optimizer and step."""
-        nonlocal seg, seg_index, trained
-        new_hp = switches[seg_index][1]
-        old = unwrap(seg.model)
-        weights, moments = old.state_dict(), optimizer_state_by_name(seg.optimizer)
-        rng = torch.get_rng_state()  # building the new model draws a head init: keep the stream
-        seg = segment(new_hp, step)
-        seg.model.load_state_dict(weights)
-        kept, fresh = load_optimizer_state_by_name(seg.optimizer, moments)
-        torch.set_rng_state(rng)
-        del old, weights, moments
-        seg.model = ctx.prepare_model(seg.model)
-        seg.model.train()
-        seg_index += 1
-        trained |= requires_grad_names(seg.model)
-        changed = {k: v for k, v in new_hp.items() if v != config["hp"].get(k)}
-        _log(
-            ctx,
-            config,
-            f"step {step}: hyperparameters switch to segment {seg_index} {changed}; "
-            f"optimizer state kept for {kept} tensors, {fresh} start fresh",
-        )
-
-    if step >= seg.last_step:
-        # Restored at the end of its budget (e.g. a PBT exploit of a finished donor):
-        # evaluate once so the trial still reports a result for these weights.
-        evaluate_and_report()
-    stop = False
-    while not stop:
-        if switch_due():
-            switch()
-            if step >= seg.last_step:  # switched at the end of the budget: as an exploit there
-                evaluate_and_report()
-            continue
-        if step >= seg.last_step:
-            break
-        hp, spe = seg.hp, seg.steps_per_epoch
-        accum, micro = hp["gradient_accumulation_steps"], hp["per_device_train_batch_size"]
-        epoch_index = step // spe
-        # Same permutation on every rank (seed + epoch), so the shards stay disjoint.
-        generator = torch.Generator().manual_seed(config["seed"] + epoch_index)
-        if hp["group_by_length"]:
-            order = length_grouped_order([len(x) for x in train_ids], micro, generator)
-        else:
-            order = torch.randperm(len(train_ids), generator=generator).tolist()
-        micro_batches = list(batches(train_ids, train.labels, order, micro, pad_id))
-        start = (step % spe) * accum  # resume mid-epoch where the checkpoint left off
-        model, optimizer, scheduler = seg.model, seg.optimizer, seg.scheduler
-        for k in range(start, len(micro_batches), accum):
-            group = micro_batches[k : k + accum]
-            for i, cpu_batch in enumerate(group):
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in cpu_batch.items()}
-                last = i == len(group) - 1
-                if use_ds:
-                    # The engine steps optimizer, clipping and schedule at the boundary we
-                    # set; the loss is averaged over the group exactly as in the DDP path.
-                    model.set_gradient_accumulation_boundary(last)
-                    loss = model(**batch).loss.float() / len(group)
-                    model.backward(loss, scale_wrt_gas=False)
-                else:
-                    sync = last or not hasattr(model, "no_sync")
-                    with torch.enable_grad(), contextlib.nullcontext() if sync else model.no_sync():
-                        loss = model(**batch).loss / len(group)
-                        loss.backward()
-                loss_total += float(loss.detach()) * len(group)
-                loss_count += 1
-                samples += len(batch["labels"]) * ctx.world_size
-            if use_ds:
-                model.step()
-            else:
-                if hp["max_grad_norm"]:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad],
-                        hp["max_grad_norm"],
-                        foreach=True,  # one norm kernel over all gradients, not one per tensor
-                    )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            new_depth = depth_at(step, hp, spe, seg.n_blocks)
-            if new_depth != seg.depth:  # gradual unfreezing: one more block trains from here on
-                if use_ds:
-                    raise ValueError("gradual unfreezing needs distributed.strategy: ddp")
-                bare = unwrap(model)
-                seg.depth = new_depth
-                lr_scale, seg.n_trainable = build_trainable(bare, seg.lmap, hp, new_depth)
-                seg.optimizer, kept, fresh = rebuild_optimizer(optimizer, bare, hp, lr_scale)
-                seg.scheduler = build_scheduler(seg.optimizer, hp, seg.last_step, start_step=step)
-                seg.model = ctx.prepare_model(bare)  # DDP must learn the new trainable set
-                seg.model.train()
-                model, optimizer, scheduler = seg.model, seg.optimizer, seg.scheduler
-                trained |= requires_grad_names(model)
-                _log(
-                    ctx,
-                    config,
-                    f"step {step}: unfreeze depth {new_depth}/{seg.n_blocks}; optimizer state kept for {kept} tensors, {fresh} new",
-                )
-
-            if is_eval_step(step, seg.eval_interval, seg.last_step):
-                stop = evaluate_and_report()
-            if stop or step >= seg.last_step or switch_due():
-                break
+            report[M.CHECKPOINT_MB] = folder_bytes(tmp) / 2**20
+        ctx.report(report, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fingerprint(model: Any) -> str:
@@ -591,66 +701,14 @@ def _fingerprint(model: Any) -> str:
         return weights_fingerprint(params, list(params))
 
 
-def _log(ctx: WorkerContext, config: Mapping[str, Any], message: str) -> None:
+def _log(ctx: WorkerContext, cfg: WorkerConfig, message: str) -> None:
     """Rank 0 writes the human-readable log."""
     if ctx.rank == 0:
-        print(f"[{config.get('name', 'trial')}] {message}", flush=True)
-
-
-def _report_with_checkpoint(
-    ctx: WorkerContext,
-    config: Mapping[str, Any],
-    report: dict[str, Any],
-    seg: Segment,
-    tokenizer: Any,
-    step: int,
-    trained: set[str],
-    label_names: list[str],
-) -> None:
-    """Rank 0 writes the checkpoint to a temp folder (its size joins the report); every rank
-    reports. Under DeepSpeed every rank writes its shards first, and every rank reports its
-    folder (Ray Train gathers them into one checkpoint)."""
-    deepspeed = ds_engine.is_engine(seg.model)
-    if not config.get("save_checkpoints", True) or (ctx.rank != 0 and not deepspeed):
-        ctx.report(report, None)
-        return
-    tmp = tempfile.mkdtemp(prefix=f"tunefleet-step{step}-")
-    try:
-        if deepspeed:
-            ds_engine.save(seg.model, tmp)
-            if ctx.rank != 0:
-                ctx.report(report, tmp)
-                return
-        size = save_checkpoint(
-            tmp,
-            model=unwrap(seg.model),
-            tokenizer=tokenizer,
-            optimizer=seg.optimizer,
-            scheduler=seg.scheduler,
-            step=step,
-            epoch=report[M.EPOCH],
-            hparams=seg.hp,
-            metrics=report,
-            layout="deepspeed" if deepspeed else config.get("checkpoint_weights", "full"),
-            trained=trained,
-            base_model=config["model"]["name_or_path"],
-            label_names=label_names,
-            extra={
-                "world_size": ctx.world_size,
-                "zero_stage": config["distributed"]["deepspeed"]["zero_stage"],
-                "trainable": sorted(requires_grad_names(seg.model)),
-            }
-            if deepspeed
-            else None,
-        )
-        report[M.CHECKPOINT_MB] = size / 2**20
-        ctx.report(report, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"[{cfg.name}] {message}", flush=True)
 
 
 def run_local(
-    config: Mapping[str, Any],
+    config: WorkerConfig | dict[str, Any],
     checkpoint_root: str | None = None,
     resume_from: str | None = None,
     device: str | None = None,

@@ -1,19 +1,21 @@
-"""AdamW parameter groups and learning-rate schedules, built from the trial's hyperparameters.
+"""AdamW parameter groups and the learning rate, built from the trial's hyperparameters.
 
-``lr_multiplier`` is the schedule as a pure function of the step (unit-tested
-against the schedulers actually used); ``build_scheduler`` takes the shape from
-``transformers.get_scheduler`` where it has it, and from ``lr_multiplier``
-(a ``LambdaLR``) for the slanted-triangular schedule.
+The learning rate is a pure function of the step (``lr_multiplier``, nanoGPT's
+``get_lr``), written on the optimizer before every step by ``set_lr``: there is
+no scheduler object, so nothing is replayed on a restore and nothing is saved.
+The shapes are transformers' (``get_scheduler``: one unit test holds them equal)
+plus ULMFiT's slanted triangular.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from trainers.config import HParams
 
 #: ULMFiT's slanted triangular schedule (Howard & Ruder 2018, eq. 3): ratio of
 #: peak to lowest LR. The rise length ("cut_frac") is the warmup.
@@ -59,9 +61,13 @@ def lr_scale_by_name(
 
 
 def param_groups(
-    model: torch.nn.Module, hp: Mapping[str, Any], lr_scale: Mapping[str, float] | None = None
+    model: torch.nn.Module, hp: HParams, lr_scale: Mapping[str, float] | None = None
 ) -> list[dict[str, Any]]:
-    """AdamW groups over the trainable parameters: (decay or not) x (LR scale), head group last."""
+    """AdamW groups over the trainable parameters: (decay or not) x (LR scale), head group last.
+
+    Each group keeps its ``lr_scale`` (layer-wise decay), so ``set_lr`` can write the
+    scheduled LR times the scale.
+    """
     scale_of = lr_scale or {}
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for mod_name, module in model.named_modules():
@@ -76,8 +82,8 @@ def param_groups(
                 {
                     "params": [],
                     "names": [],
-                    "lr": hp["learning_rate"] * scale,
-                    "weight_decay": 0.0 if no_decay else hp["weight_decay"],
+                    "lr": hp.learning_rate * scale,
+                    "weight_decay": 0.0 if no_decay else hp.weight_decay,
                     "lr_scale": scale,
                 },
             )
@@ -100,7 +106,7 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
 
 
 def build_optimizer(
-    model: torch.nn.Module, hp: Mapping[str, Any], lr_scale: Mapping[str, float] | None = None
+    model: torch.nn.Module, hp: HParams, lr_scale: Mapping[str, float] | None = None
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; frozen ones never reach the optimizer.
 
@@ -111,40 +117,18 @@ def build_optimizer(
     groups = param_groups(model, hp, lr_scale)
     return torch.optim.AdamW(
         groups,
-        lr=hp["learning_rate"],
-        betas=(hp["adam_beta1"], hp["adam_beta2"]),
-        eps=hp["adam_epsilon"],
+        lr=hp.learning_rate,
+        betas=(hp.adam_beta1, hp.adam_beta2),
+        eps=hp.adam_epsilon,
         fused=fused_supported(groups) or None,
     )
 
 
-def rebuild_optimizer(
-    old: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    hp: Mapping[str, Any],
-    lr_scale: Mapping[str, float] | None = None,
-) -> tuple[torch.optim.Optimizer, int, int]:
-    """A new optimizer over the now-trainable parameters, keeping AdamW state where it exists.
-
-    Returns (optimizer, parameters whose state was kept, parameters that start fresh).
-    """
-    new = build_optimizer(model, hp, lr_scale)
-    kept = fresh = 0
-    for group in new.param_groups:
-        for param in group["params"]:
-            if param in old.state:
-                new.state[param] = old.state[param]
-                kept += 1
-            else:
-                fresh += 1
-    return new, kept, fresh
-
-
-def warmup_steps(hp: Mapping[str, Any], total_steps: int) -> int:
+def warmup_steps(hp: HParams, total_steps: int) -> int:
     """Warmup length in optimizer steps: ``warmup_steps`` if set, else ratio x total."""
-    if hp.get("warmup_steps"):
-        return int(hp["warmup_steps"])
-    return math.ceil(hp.get("warmup_ratio", 0.0) * total_steps)
+    if hp.warmup_steps:
+        return int(hp.warmup_steps)
+    return math.ceil(hp.warmup_ratio * total_steps)
 
 
 def lr_multiplier(schedule: str, step: int, total: int, warmup: int) -> float:
@@ -184,35 +168,18 @@ def lr_multiplier(schedule: str, step: int, total: int, warmup: int) -> float:
     raise ValueError(f"unknown lr_scheduler_type {schedule!r}")
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, hp: Mapping[str, Any], total_steps: int, start_step: int = 0
-) -> Any:
-    """The LR schedule named by ``lr_scheduler_type``, positioned at ``start_step``."""
-    schedule = hp["lr_scheduler_type"]
-    warmup = warmup_steps(hp, total_steps)
-    if schedule == SLANTED_TRIANGULAR:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_multiplier(schedule, s, total_steps, warmup)
-        )
-    else:
-        from transformers import get_scheduler
+def lr_at(hp: HParams, step: int, total_steps: int) -> float:
+    """The peak-group learning rate for the optimizer step taken at ``step``."""
+    return hp.learning_rate * lr_multiplier(
+        hp.lr_scheduler_type, step, total_steps, warmup_steps(hp, total_steps)
+    )
 
-        kwargs = {}
-        if schedule == "polynomial":
-            # transformers' lr_end is absolute; ours is relative to the peak.
-            kwargs = {"lr_end": POLYNOMIAL_LR_END * hp["learning_rate"], "power": POLYNOMIAL_POWER}
-        scheduler = get_scheduler(
-            schedule,
-            optimizer=optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=total_steps,
-            scheduler_specific_kwargs=kwargs or None,
-        )
-    if start_step:
-        with (
-            warnings.catch_warnings()
-        ):  # stepping the schedule without optimizer steps is the point
-            warnings.simplefilter("ignore")
-            for _ in range(start_step):
-                scheduler.step()
-    return scheduler
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write ``lr`` (times each group's layer-wise scale) on every parameter group.
+
+    A DeepSpeed engine's ZeRO optimizer shares these group dicts with the client
+    optimizer it wraps, so writing them here reaches it too.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -34,6 +34,7 @@ from ray.util.queue import Empty, Queue
 from cluster import storage
 from cluster.resources import TrialResources
 from trainers import metrics as M
+from trainers.config import Distributed, HParams, WorkerConfig
 from trainers.loop import train_loop_per_worker
 from tune_jobs.space import trial_hparams
 from tune_jobs.spec import JobSpec
@@ -137,23 +138,25 @@ def loop_config(
     resources: TrialResources,
     name: str = "trial",
     hp_schedule: list[tuple[int, dict[str, Any]]] | None = None,
-) -> dict[str, Any]:
-    """The config dict handed to every worker (see ``trainers.loop``)."""
-    return {
-        "name": name,
-        "model": spec.model.model_dump(),
-        "data": data_ref,
-        "hp": hp,
-        "eval": {"strategy": hp["eval_strategy"], "steps": hp["eval_steps"]},
-        "objective": {"metric": spec.search.metric, "mode": spec.search.resolved_mode},
-        "seed": spec.run.seed,
-        "threads": resources.worker_threads,
-        "save_checkpoints": hp["save_checkpoints"],
-        "checkpoint_weights": checkpoint_layout(spec),
-        "fingerprint_weights": spec.run.fingerprint_weights,
-        "hp_schedule": hp_schedule or [],
-        "distributed": spec.distributed.model_dump(),
-    }
+    resume_from: str | None = None,
+) -> WorkerConfig:
+    """What every worker of a trial is told (see ``trainers.config``)."""
+    return WorkerConfig(
+        model=spec.model.name_or_path,
+        max_length=spec.model.max_length,
+        data=data_ref,
+        hp=HParams.from_dict(hp),
+        metric=spec.search.metric,
+        mode=spec.search.resolved_mode,
+        seed=spec.run.seed,
+        threads=resources.worker_threads,
+        checkpoint_weights=checkpoint_layout(spec),
+        distributed=Distributed.from_dict(spec.distributed.model_dump()),
+        name=name,
+        fingerprint_weights=spec.run.fingerprint_weights,
+        hp_schedule=tuple((step, HParams.from_dict(h)) for step, h in hp_schedule or ()),
+        resume_from=resume_from,
+    )
 
 
 def build_trainer(
@@ -163,10 +166,9 @@ def build_trainer(
     spec, res = plan.spec, plan.resources
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            **loop_config(spec, hp, plan.data_ref, res, label, plan.schedule_hparams()),
-            "resume_from": resume,
-        },
+        train_loop_config=loop_config(
+            spec, hp, plan.data_ref, res, label, plan.schedule_hparams(), resume
+        ).to_dict(),
         scaling_config=train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.gpus_per_worker > 0,
@@ -292,12 +294,15 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     if plan.spec.resources.trial_mode == "single_process":
         from trainers.loop import train_loop
 
-        cfg = {
-            **loop_config(
-                plan.spec, hp, plan.data_ref, plan.resources, trial_name, plan.schedule_hparams()
-            ),
-            "resume_from": resume,
-        }
+        cfg = loop_config(
+            plan.spec,
+            hp,
+            plan.data_ref,
+            plan.resources,
+            trial_name,
+            plan.schedule_hparams(),
+            resume,
+        )
         train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))
         return
 

@@ -10,10 +10,9 @@ import os
 
 import pytest
 
-from tests.conftest import MODEL
+from tests.conftest import worker_config
 from trainers import metrics as M
 from trainers.loop import run_local
-from tune_jobs.spec import TrainingSpec
 
 
 @pytest.fixture
@@ -35,23 +34,16 @@ def process_group(monkeypatch):
 
 
 def _config(splits, distributed=None):
-    return {
-        "name": "ds-local",
-        "model": {"name_or_path": MODEL, "max_length": 48},
-        "data": splits,
-        "hp": {
-            **TrainingSpec().model_dump(),
-            "max_steps": 4,
-            "per_device_train_batch_size": 8,
-            "gradient_accumulation_steps": 2,
-            "learning_rate": 1e-4,
-        },
-        "eval": {"strategy": "steps", "steps": 2},
-        "seed": 0,
-        "threads": 2,
-        "save_checkpoints": False,
-        **({"distributed": distributed} if distributed else {}),
-    }
+    return worker_config(
+        splits,
+        distributed,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-4,
+        eval_steps=2,
+        save_checkpoints=False,
+    )
 
 
 def test_zero2_with_optimizer_offload_matches_the_plain_loop(rt_small, process_group):

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import MODEL
+from tests.conftest import MODEL, worker_config
 from trainers import metrics as M
 from trainers.checkpoint import read_manifest
+from trainers.config import HParams, WorkerConfig
 from trainers.loop import run_local, total_steps
 from trainers.model import build_model, resolve_model_path
 from trainers.optim import decay_groups
@@ -18,16 +19,7 @@ from tune_jobs.spec import TrainingSpec
 
 
 def _config(splits, **hp):
-    return {
-        "name": "test",
-        "model": {"name_or_path": MODEL, "max_length": 48},
-        "data": splits,
-        "hp": {**TrainingSpec().model_dump(), **hp},
-        "eval": {"strategy": "steps", "steps": 5},
-        "seed": 0,
-        "threads": 2,
-        "save_checkpoints": True,
-    }
+    return worker_config(splits, **hp)
 
 
 def test_reports_every_metric_and_follows_the_schedule(rt_small, tmp_path):
@@ -65,15 +57,17 @@ def test_resume_continues_at_the_checkpointed_step(rt_small, tmp_path):
 
 
 def test_total_steps_after_sharding():
-    hp = {
-        "per_device_train_batch_size": 16,
-        "gradient_accumulation_steps": 2,
-        "num_train_epochs": 3,
-        "max_steps": None,
-    }
+    hp = HParams.from_dict(
+        {
+            **TrainingSpec().model_dump(),
+            "per_device_train_batch_size": 16,
+            "gradient_accumulation_steps": 2,
+            "num_train_epochs": 3,
+        }
+    )
     # 1000 rows / 2 workers = 500 per rank -> 32 micro-batches -> 16 steps per epoch
     assert total_steps(1000, hp, world_size=2) == 48
-    assert total_steps(1000, {**hp, "max_steps": 7}, world_size=2) == 7
+    assert total_steps(1000, hp.replace(max_steps=7), world_size=2) == 7
 
 
 def test_weight_decay_skips_biases_and_norms():
@@ -111,7 +105,7 @@ def test_frozen_weights_stay_bit_identical(rt_small, tmp_path):
     from trainers.model import layer_map
 
     cfg = _config(rt_small, learning_rate=5e-4, max_steps=4, unfreeze_depth=2)
-    cfg["eval"] = {"strategy": "steps", "steps": 4}
+    cfg["hp"]["eval_steps"] = 4
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     before = _weights(os.path.join(resolve_model_path(MODEL), "model.safetensors"))
     after = _weights(os.path.join(ctx.checkpoints[-1], "model", "model.safetensors"))
@@ -142,7 +136,7 @@ def test_frozen_parameters_never_reach_the_optimizer():
 
     model = build_model(resolve_model_path(MODEL), ["a", "b"])
     apply_freezing(model, layer_map(model), depth=1, train_embeddings=None)
-    opt = build_optimizer(model, TrainingSpec().model_dump())
+    opt = build_optimizer(model, HParams.from_dict(TrainingSpec().model_dump()))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
     assert len(in_opt) < len(list(model.parameters()))
@@ -157,7 +151,7 @@ def test_gradual_unfreezing_adds_a_block_per_interval(rt_small, tmp_path):
         gradual_unfreeze_every=2,
         gradual_unfreeze_unit="step",
     )
-    cfg["eval"] = {"strategy": "steps", "steps": 1}
+    cfg["hp"]["eval_steps"] = 1
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     depths = [r[M.UNFREEZE_DEPTH] for r in ctx.reports]
     assert depths == [0, 1, 1, 2, 2, 3]  # reported after each step: +1 block every 2 steps
@@ -187,7 +181,7 @@ def test_early_stopping_with_patience(rt_small, tmp_path):
         early_stopping_patience=2,
         early_stopping_min_delta=0.5,
     )
-    cfg["eval"] = {"strategy": "steps", "steps": 1}
+    cfg["hp"]["eval_steps"] = 1
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     # no accuracy gain of 0.5 is possible: the first evaluation sets the best, two more without gain stop it
     assert [r[M.STEP] for r in ctx.reports] == [1, 2, 3]
@@ -200,7 +194,7 @@ def test_effective_batch_size_with_accumulation(rt_small, tmp_path):
     cfg = _config(
         rt_small, per_device_train_batch_size=8, gradient_accumulation_steps=3, max_steps=2
     )
-    cfg["eval"] = {"strategy": "steps", "steps": 2}
+    cfg["hp"]["eval_steps"] = 2
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     assert ctx.reports[-1][M.EFFECTIVE_BATCH_SIZE] == 24
     assert ctx.reports[-1][M.STEP] == 2
@@ -223,7 +217,7 @@ def test_restore_with_mutated_hyperparameters_uses_them(rt_small, tmp_path):
         lr_scheduler_type="cosine",
         unfreeze_depth=1,
     )
-    mutated["eval"] = {"strategy": "steps", "steps": 1}
+    mutated["hp"]["eval_steps"] = 1
     recipient = run_local(
         mutated, checkpoint_root=str(tmp_path / "r"), resume_from=donor.checkpoints[0]
     )
@@ -344,10 +338,10 @@ def test_activation_checkpointing_recomputes_without_changing_the_math(rt_small,
     compute for memory: the same losses, step for step."""
     hp = dict(max_steps=4, per_device_train_batch_size=16, unfreeze_depth=2)
     cfg = _config(rt_small, **hp)
-    cfg["eval"] = {"strategy": "steps", "steps": 2}
+    cfg["hp"]["eval_steps"] = 2
     plain = run_local(cfg, checkpoint_root=str(tmp_path / "a"))
     checkpointed = run_local(
-        {**cfg, "distributed": {"strategy": "ddp", "activation_checkpointing": True}},
+        {**cfg, "distributed": {**cfg["distributed"], "activation_checkpointing": True}},
         checkpoint_root=str(tmp_path / "b"),
     )
     for a, b in zip(plain.reports, checkpointed.reports, strict=True):
@@ -355,12 +349,18 @@ def test_activation_checkpointing_recomputes_without_changing_the_math(rt_small,
         assert b[M.EVAL_LOSS] == pytest.approx(a[M.EVAL_LOSS], abs=1e-6)
 
 
-def test_build_segment_turns_on_gradient_checkpointing():
-    from tests.conftest import MODEL as name
-    from trainers.loop import build_segment
+def test_build_state_turns_on_gradient_checkpointing(rt_small):
+    from trainers.loop import Worker, build_state
+    from trainers.report import LocalContext
 
-    hp = {**TrainingSpec().model_dump(), "max_steps": 4}
-    eval_cfg = {"strategy": "steps", "steps": 2}
-    on = build_segment(resolve_model_path(name), ["a", "b"], hp, 64, 1, eval_cfg, 0, True)
-    off = build_segment(resolve_model_path(name), ["a", "b"], hp, 64, 1, eval_cfg, 0, False)
-    assert on.model.is_gradient_checkpointing and not off.model.is_gradient_checkpointing
+    on, off = (
+        WorkerConfig.from_dict(
+            worker_config(rt_small, {"activation_checkpointing": flag}, max_steps=4)
+        )
+        for flag in (True, False)
+    )
+    worker = Worker(on, LocalContext(device="cpu"))
+    state_on, _ = build_state(worker, on, on.hp, 0)
+    state_off, _ = build_state(worker, off, off.hp, 0)
+    assert state_on.model.is_activation_checkpointing
+    assert not state_off.model.is_activation_checkpointing
