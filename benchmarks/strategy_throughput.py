@@ -54,7 +54,8 @@ def main() -> None:
     from trainers.loop import run_local
     from tune_jobs.run import trial_resources
     from tune_jobs.space import trial_hparams
-    from tune_jobs.trial import TrialPlan, fit_forwarding, loop_config
+    from tune_jobs.trial import TrialPlan, loop_config
+    from tune_jobs.warm import WarmGroup, run_on_group
 
     single = spec_for("ddp", args.stage, args.steps, 1, 16)
     splits = load_splits(single.data.model_dump(), seed=0)
@@ -70,16 +71,13 @@ def main() -> None:
             plan = TrialPlan(
                 spec, ref, tempfile.mkdtemp(prefix="throughput-"), trial_resources(spec)
             )
-            reports: list[dict] = []
             hp = {**trial_hparams(spec, {}), "save_checkpoints": False}
-            fit_forwarding(
-                plan,
-                hp,
-                label.replace(" ", "-"),
-                None,
-                label,
-                lambda m, _, out=reports: out.append(m),
-            )
+            name = label.replace(" ", "-")
+            group = WarmGroup(plan, name)
+            try:
+                reports = [m for m, _ in run_on_group(group, plan, hp, name)]
+            finally:
+                group.close()
             figures[label] = reports[-1][M.SAMPLES_PER_SECOND]
     finally:
         disconnect()

@@ -557,17 +557,20 @@ class TrialRun:
         self._report_at_end = False
         s, cfg, ctx, data = self.state, self.cfg, self.worker.ctx, self.worker.data
         train_loss, rate = self.progress.take_interval()
+        started = time.perf_counter()
+        scores = evaluate(
+            s.engine.model,
+            data.val_ids,
+            data.val_labels,
+            len(data.label_names),
+            s.hp.per_device_eval_batch_size,
+            data.pad_id,
+            ctx.device,
+        )
         report = {
             M.TRAIN_LOSS: train_loss,
-            **evaluate(
-                s.engine.model,
-                data.val_ids,
-                data.val_labels,
-                len(data.label_names),
-                s.hp.per_device_eval_batch_size,
-                data.pad_id,
-                ctx.device,
-            ),
+            **scores,
+            M.EVAL_SECONDS: time.perf_counter() - started,
             M.EPOCH: s.step / s.steps_per_epoch,
             M.STEP: s.step,
             M.LR: lr_at(s.hp, s.step, s.last_step),  # the LR of the next step
@@ -671,6 +674,7 @@ def report_with_checkpoint(
         ctx.report(report, None)
         return
     tmp = tempfile.mkdtemp(prefix=f"tunefleet-step{state.step}-")
+    started = time.perf_counter()
     try:
         engine.save(
             tmp,
@@ -689,6 +693,7 @@ def report_with_checkpoint(
             from trainers.checkpoint import folder_bytes
 
             report[M.CHECKPOINT_MB] = folder_bytes(tmp) / 2**20
+        report[M.CHECKPOINT_SECONDS] = time.perf_counter() - started
         ctx.report(report, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,8 @@ WEIGHTS = "weights_sha256"  # fingerprint of the weights in this report's checkp
 CHECKPOINT_MB = "checkpoint_mb"  # size of this report's checkpoint (MiB)
 WORKER_NODES = "worker_nodes"  # Ray node ids of the trial's workers, by rank (comma-separated)
 HP_SEGMENT = "hp_segment"  # which stretch of a replayed hyperparameter schedule is in force
+EVAL_SECONDS = "eval_s"  # wall seconds of this report's evaluation
+CHECKPOINT_SECONDS = "checkpoint_s"  # wall seconds writing this report's checkpoint (and upload)
 
 #: Metrics a scheduler or search may watch, with the direction that is better.
 OBJECTIVES: dict[str, str] = {
@@ -57,6 +59,7 @@ REPORTED: frozenset[str] = frozenset(
         LOSS_GAP,
         LOSS_GAP_TREND,
         EARLY_STOPPED,
+        EVAL_SECONDS,
     }
 )
 

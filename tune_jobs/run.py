@@ -176,6 +176,7 @@ def build_tuner(
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
+    from tune_jobs.warm import WarmTrial
 
     set_trial_environment()
     run_dir = storage.join(storage_root, run_name)
@@ -187,7 +188,12 @@ def build_tuner(
         resources=res,
         hp_schedule=hp_schedule,
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), res.trial_bundle())
+    # Multi-worker trials run on warm worker groups (tune_jobs.warm), which Tune hands
+    # from trial to trial and to exploits by reusing the trial actor that owns them.
+    warm = spec.resources.trial_mode == "train"
+    trainable = tune.with_resources(
+        tune.with_parameters(WarmTrial if warm else run_trial, plan=plan), res.trial_bundle()
+    )
     if restore:
         fs = storage.ray_storage(run_dir)
         return tune.Tuner.restore(
@@ -206,6 +212,7 @@ def build_tuner(
             scheduler=build_scheduler(spec),
             search_alg=build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
             num_samples=spec.search.num_samples,
+            reuse_actors=warm,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),

@@ -108,7 +108,8 @@ def _restore_check(
     (on the run's own data, still in the object store)."""
     from tune_jobs.run import trial_resources
     from tune_jobs.space import trial_hparams
-    from tune_jobs.trial import TrialPlan, resume_check
+    from tune_jobs.trial import TrialPlan
+    from tune_jobs.warm import resume_check
 
     best = summary["best"]
     if not best or not best.get("checkpoint"):
@@ -126,15 +127,15 @@ def _restore_check(
 
 
 def _latest_train_checkpoint(train_storage: str, trial: str) -> str:
-    runs = sorted(n for n in storage.list_names(train_storage) if n.startswith(f"{trial}-start"))
-    if not runs:
-        raise SmokeError(f"smoke pass: trial {trial} left no Train run under {train_storage}")
-    folder = storage.join(train_storage, runs[-1])
-    checkpoints = sorted(
-        n
-        for n in storage.list_names(folder)
-        if n.startswith("checkpoint_") and not n.endswith(".json")
+    """The last checkpoint the trial's workers wrote: ``<trial>/start<k>/checkpoint_<step>``."""
+    trial_dir = storage.join(train_storage, trial)
+    starts = sorted(
+        (n for n in storage.list_names(trial_dir) if n.startswith("start")),
+        key=lambda n: int(n[len("start") :]),
     )
-    if not checkpoints:
-        raise SmokeError(f"smoke pass: trial {trial} left no checkpoint in {folder}")
-    return storage.join(folder, checkpoints[-1])
+    for start in reversed(starts):
+        folder = storage.join(trial_dir, start)
+        checkpoints = sorted(n for n in storage.list_names(folder) if n.startswith("checkpoint_"))
+        if checkpoints:
+            return storage.join(folder, checkpoints[-1])
+    raise SmokeError(f"smoke pass: trial {trial} left no checkpoint under {trial_dir}")

@@ -1,15 +1,11 @@
-"""The per-trial driver: a Tune function trainable that runs one Ray Train run.
+"""What every trial shares: the plan, the worker config, checkpoint rules and pointers.
 
-Ray 2.60 (Train V2) refuses ``Tuner(TorchTrainer)``; the supported shape is a
-function trainable that builds and fits a ``TorchTrainer``. Tune must hold a
-real checkpoint per report (the best model is exported from it, and PBT moves
-it between trials), so the Train run's reports travel back to this driver:
-
-    workers --ray.train.report--> Train controller --_ForwardToTune (queue)-->
-    this driver --ray.tune.report(metrics, pointer checkpoint)--> Tune
-
-The Tune checkpoint is a tiny folder holding a pointer (``POINTER_FILE``) to
-the Train checkpoint, so weights are stored once.
+Multi-worker trials run on warm worker groups (``tune_jobs.warm``); a
+``trial_mode: single_process`` trial runs the worker loop inside its Tune
+function trainable (``run_trial``). Either way Tune holds a real checkpoint per
+report (the best model is exported from it, and PBT moves it between trials).
+For warm groups it is a tiny folder holding a pointer (``POINTER_FILE``) to the
+checkpoint the workers wrote to storage, so weights are stored once.
 """
 
 from __future__ import annotations
@@ -17,30 +13,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import train, tune
-from ray.train.torch import TorchTrainer
-from ray.train.v2.api.callback import UserCallback
-from ray.train.v2.api.config import LoggingConfig
-from ray.util.queue import Empty, Queue
 
 from cluster import storage
 from cluster.resources import TrialResources
 from trainers import metrics as M
 from trainers.config import Distributed, HParams, WorkerConfig
-from trainers.loop import train_loop_per_worker
 from tune_jobs.space import trial_hparams
 from tune_jobs.spec import JobSpec
 
 POINTER_FILE = "train_checkpoint.json"
-_DONE = "__tunefleet_train_run_done__"
 
 
 @dataclass(frozen=True)
@@ -57,19 +44,6 @@ class TrialPlan:
     def schedule_hparams(self) -> list[tuple[int, dict[str, Any]]]:
         """The schedule as full hyperparameters for the worker loop."""
         return [(step, trial_hparams(self.spec, config)) for step, config in self.hp_schedule]
-
-
-class _ForwardToTune(UserCallback):
-    """Runs in the Train controller: ships each report to the trial's driver."""
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-
-    def after_report(
-        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
-    ) -> None:
-        path = checkpoint.path if checkpoint is not None else None
-        self.queue.put((dict(metrics[0]), path))
 
 
 #: Under PBT/PB2, how many recent checkpoints each trial keeps: a donor's checkpoint
@@ -121,16 +95,6 @@ def read_pointer(checkpoint_dir: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def _pointer_checkpoint(
-    train_storage: str, run_name: str, train_path: str, metrics: dict[str, Any]
-) -> tune.Checkpoint:
-    folder = tempfile.mkdtemp(prefix="tunefleet-pointer-")
-    uri = storage.join(train_storage, run_name, os.path.basename(train_path.rstrip("/")))
-    with open(os.path.join(folder, POINTER_FILE), "w") as fh:
-        json.dump({"uri": uri, "train_run": run_name, "step": metrics.get("step")}, fh)
-    return tune.Checkpoint.from_directory(folder)
-
-
 def loop_config(
     spec: JobSpec,
     hp: dict[str, Any],
@@ -157,72 +121,6 @@ def loop_config(
         hp_schedule=tuple((step, HParams.from_dict(h)) for step, h in hp_schedule or ()),
         resume_from=resume_from,
     )
-
-
-def build_trainer(
-    plan: TrialPlan, hp: dict[str, Any], run_name: str, queue: Queue, resume: str | None, label: str
-) -> TorchTrainer:
-    """One Ray Train run of the worker loop, reporting through ``queue``."""
-    spec, res = plan.spec, plan.resources
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config(
-            spec, hp, plan.data_ref, res, label, plan.schedule_hparams(), resume
-        ).to_dict(),
-        scaling_config=train.ScalingConfig(
-            num_workers=res.num_workers,
-            use_gpu=res.gpus_per_worker > 0,
-            resources_per_worker=res.worker_bundle(),
-            placement_strategy=res.placement_strategy,
-        ),
-        run_config=train.RunConfig(
-            name=run_name,
-            **storage.ray_storage(plan.train_storage),
-            callbacks=[_ForwardToTune(queue)],
-            checkpoint_config=train.CheckpointConfig(**checkpoint_retention(spec)),
-            failure_config=train.FailureConfig(max_failures=0),
-            # Train's per-report INFO lines repeat every metric; the worker prints its own line.
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
-
-
-def fit_forwarding(
-    plan: TrialPlan,
-    hp: dict[str, Any],
-    run_name: str,
-    resume: str | None,
-    label: str,
-    on_report: Callable[[dict[str, Any], str | None], None],
-) -> None:
-    """Fit a Train run in a thread; call ``on_report(metrics, checkpoint_path)`` here for each report."""
-    queue = Queue(actor_options={"num_cpus": 0})
-    trainer = build_trainer(plan, hp, run_name, queue, resume, label)
-    failure: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
-            failure.append(exc)
-        finally:
-            queue.put((_DONE, None))
-
-    thread = threading.Thread(target=fit, name=f"fit-{run_name}", daemon=True)
-    thread.start()
-    while True:
-        try:
-            metrics, path = queue.get(timeout=5)
-        except Empty:
-            if not thread.is_alive() and queue.empty():
-                break
-            continue
-        if metrics == _DONE:
-            break
-        on_report(metrics, path)
-    thread.join()
-    if failure:
-        raise failure[0]
 
 
 class TuneTrialContext:
@@ -270,14 +168,12 @@ def checkpoint_location(checkpoint: Any, storage_root: str) -> str:
 
 
 def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
-    """Tune function trainable: run the worker loop for one trial and report to Tune.
+    """Tune function trainable of ``trial_mode: single_process``: the worker loop in this
+    process, reporting to Tune. (Multi-worker trials are ``tune_jobs.warm.WarmTrial``.)"""
+    from trainers.loop import train_loop
 
-    ``resources.trial_mode`` picks a ``TorchTrainer`` (workers in a Ray Train
-    worker group) or the loop inside this process.
-    """
     hp = trial_hparams(plan.spec, config)
     trial_name = tune.get_context().get_trial_name()
-
     resume = None
     incoming = tune.get_checkpoint()  # a fault restore, or a PBT donor's checkpoint
     if incoming is not None:
@@ -290,54 +186,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
                 flush=True,
             )
             resume = None
-
-    if plan.spec.resources.trial_mode == "single_process":
-        from trainers.loop import train_loop
-
-        cfg = loop_config(
-            plan.spec,
-            hp,
-            plan.data_ref,
-            plan.resources,
-            trial_name,
-            plan.schedule_hparams(),
-            resume,
-        )
-        train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))
-        return
-
-    run_name = train_run_name(plan.train_storage, trial_name)
-
-    def forward(metrics: dict[str, Any], path: str | None) -> None:
-        checkpoint = (
-            _pointer_checkpoint(plan.train_storage, run_name, path, metrics) if path else None
-        )
-        try:
-            tune.report({**metrics, "train_run": run_name}, checkpoint=checkpoint)
-        finally:  # tune.report has copied it to the trial's storage
-            if checkpoint is not None:
-                shutil.rmtree(checkpoint.path, ignore_errors=True)
-
-    fit_forwarding(plan, hp, run_name, resume, trial_name, forward)
-
-
-def resume_check(plan: TrialPlan, hp: dict[str, Any], uri: str, extra_steps: int) -> list[int]:
-    """Restore a checkpoint into a new Train run for ``extra_steps`` more steps; the steps it reports.
-
-    Run from the driver (outside Tune) by the smoke pass: proves that a
-    checkpoint holds what is needed to continue.
-    """
-    from trainers.checkpoint import MANIFEST
-
-    step = int(json.loads(storage.read_text(storage.join(uri, MANIFEST)))["step"])
-    hp = {**hp, "max_steps": step + extra_steps, "eval_steps": extra_steps}
-    steps: list[int] = []
-    fit_forwarding(
-        plan,
-        hp,
-        train_run_name(plan.train_storage, "resume-check"),
-        uri,
-        "resume-check",
-        lambda metrics, _: steps.append(int(metrics["step"])),
+    cfg = loop_config(
+        plan.spec, hp, plan.data_ref, plan.resources, trial_name, plan.schedule_hparams(), resume
     )
-    return steps
+    train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))

@@ -1,9 +1,10 @@
 """DeepSpeed in 2-worker Ray Train trials on the CPU (``DS_ACCELERATOR=cpu``, gloo).
 
-Each test fits real Train runs of the worker loop on a local Ray cluster (no
-Tune: ``tune_jobs.trial.fit_forwarding``), on real MiniLM and real data, fp32:
-ZeRO-2 against DDP, save and resume under ZeRO-1/2/3, the merged export, and
-freezing.
+Each test runs trials of the worker loop on warm worker groups on a local Ray
+cluster (no Tune: ``tune_jobs.warm.run_on_group``), on real MiniLM and real data,
+fp32: ZeRO-2 against DDP, save and resume under ZeRO-1/2/3 (the resume on the
+same warm group that ran the first trial, as a PBT exploit would), the merged
+export, and freezing.
 """
 
 from __future__ import annotations
@@ -62,35 +63,54 @@ def cluster(tmp_path_factory):
     disconnect()
 
 
-def fit(cluster, spec, name, resume=None, **hp_overrides):
-    """One Train run of the worker loop; its reports as (metrics, a copy of the checkpoint).
+class Trials:
+    """Trials of the worker loop on one warm group (2 workers: the whole local cluster, so
+    one group at a time); each trial's reports as (metrics, a local copy of its checkpoint)."""
 
-    Train keeps only the best checkpoint of a run; each is copied as it is reported."""
-    import shutil
+    def __init__(self, cluster, spec) -> None:
+        from tune_jobs.run import trial_resources
+        from tune_jobs.trial import TrialPlan
+        from tune_jobs.warm import WarmGroup
 
-    from tune_jobs.run import trial_resources
-    from tune_jobs.space import trial_hparams
-    from tune_jobs.trial import TrialPlan, fit_forwarding
+        data_ref, _, self.storage = cluster
+        self.plan = TrialPlan(spec, data_ref, str(self.storage), trial_resources(spec))
+        self.group = WarmGroup(self.plan, "group")
 
-    data_ref, _, storage = cluster
-    plan = TrialPlan(spec, data_ref, str(storage), trial_resources(spec))
-    reports = []
+    def fit(self, spec, name, resume=None):
+        import dataclasses
+        import shutil
 
-    def keep(metrics, path):
-        copy = storage / "kept" / name / f"step{metrics[M.STEP]}-{len(reports)}"
-        shutil.copytree(path, copy)
-        reports.append((metrics, str(copy)))
+        from tune_jobs.space import trial_hparams
+        from tune_jobs.warm import run_on_group
 
-    fit_forwarding(plan, {**trial_hparams(spec, {}), **hp_overrides}, name, resume, name, keep)
-    return reports
+        plan = dataclasses.replace(self.plan, spec=spec)
+        reports = []
+        for metrics, uri in run_on_group(self.group, plan, trial_hparams(spec, {}), name, resume):
+            copy = self.storage / "kept" / name / f"step{metrics[M.STEP]}-{len(reports)}"
+            shutil.copytree(uri, copy)
+            reports.append((metrics, str(copy)))
+        return reports
+
+    def close(self) -> None:
+        self.group.close()
 
 
 @pytest.fixture(scope="module")
 def runs(cluster):
-    """Uninterrupted 8-step runs: DDP and ZeRO-1/2/3."""
-    out = {"ddp": fit(cluster, _spec("ddp"), "ddp")}
-    for stage in (1, 2, 3):
-        out[f"zero{stage}"] = fit(cluster, _spec("deepspeed", stage), f"zero{stage}")
+    """Uninterrupted 8-step trials (DDP and ZeRO-1/2/3) and, on the same warm group right
+    after each ZeRO trial, a second trial that resumes its step-4 checkpoint."""
+    out = {}
+    for key, spec in [("ddp", _spec("ddp"))] + [
+        (f"zero{stage}", _spec("deepspeed", stage)) for stage in (1, 2, 3)
+    ]:
+        trials = Trials(cluster, spec)
+        try:
+            out[key] = trials.fit(spec, key)
+            if key != "ddp":
+                at_four = out[key][0][1]
+                out[f"{key}-resume"] = trials.fit(spec, f"{key}-resume", resume=at_four)
+        finally:
+            trials.close()
     return out
 
 
@@ -109,14 +129,14 @@ def test_zero2_and_ddp_loss_curves_agree(runs):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_checkpoint_resumes_at_the_same_step_with_the_same_loss(cluster, runs, stage):
-    full = runs[f"zero{stage}"]
-    (_, at_four), (last, _) = full
-    resumed = fit(cluster, _spec("deepspeed", stage), f"zero{stage}-resume", resume=at_four)
+def test_zero_checkpoint_resumes_at_the_same_step_with_the_same_loss(runs, stage):
+    """Restored on the warm group that had just trained it: exactly where it left off."""
+    (_, _), (last, _) = runs[f"zero{stage}"]
+    resumed = runs[f"zero{stage}-resume"]
     assert [m[M.STEP] for m, _ in resumed] == [LAST]
     metrics = resumed[0][0]
     assert metrics[M.RESTORED_FROM_STEP] == EVERY
-    assert metrics[M.RESTORED_WEIGHTS] == full[0][0][M.WEIGHTS]
+    assert metrics[M.RESTORED_WEIGHTS] == runs[f"zero{stage}"][0][0][M.WEIGHTS]
     assert metrics[M.TRAIN_LOSS] == pytest.approx(last[M.TRAIN_LOSS], abs=1e-5)
     assert metrics[M.EVAL_LOSS] == pytest.approx(last[M.EVAL_LOSS], abs=1e-5)
     assert metrics[M.WEIGHTS] == last[M.WEIGHTS]
@@ -147,7 +167,14 @@ def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(
     from trainers.model import build_model, resolve_model_path
 
     spec = _spec("deepspeed", 2, unfreeze_depth=1)
-    frozen = fit(cluster, spec, "zero2-depth1")
+    trials = Trials(cluster, spec)
+    try:
+        frozen = trials.fit(spec, "zero2-depth1")
+        deeper = trials.fit(
+            _spec("deepspeed", 2, unfreeze_depth=6), "zero2-depth6", resume=frozen[0][1]
+        )
+    finally:
+        trials.close()
     assert frozen[-1][0][M.UNFREEZE_DEPTH] == 1
     materialize(frozen[-1][1], str(tmp_path / "model"))
     from transformers import AutoModelForSequenceClassification
@@ -164,9 +191,6 @@ def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(
         base["bert.encoder.layer.5.output.dense.weight"],
     )
 
-    deeper = fit(
-        cluster, _spec("deepspeed", 2, unfreeze_depth=6), "zero2-depth6", resume=frozen[0][1]
-    )
     assert [m[M.STEP] for m, _ in deeper] == [LAST]
     assert deeper[0][0][M.RESTORED_WEIGHTS] == frozen[0][0][M.WEIGHTS]
     assert deeper[0][0][M.TRAINABLE_PARAMS] > frozen[0][0][M.TRAINABLE_PARAMS]

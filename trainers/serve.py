@@ -1,0 +1,178 @@
+"""A warm worker: one Ray Train worker that serves trial after trial, on command.
+
+A warm worker group is one long-lived ``TorchTrainer`` run whose workers run
+``serve`` instead of a single trial's loop (``tune_jobs.warm`` drives it). Each
+worker builds what a trial would build every time (``trainers.loop.Worker``:
+torch and transformers imported, the tokenizer, its tokenized shards, the base
+model in memory) once, then takes commands from a mailbox actor:
+
+    Start(cfg)        a trial's state: the base model, or ``cfg.resume_from``
+    Interval(prefix)  train to the next evaluation, evaluate, write the
+                      checkpoint under ``prefix`` (in storage), reply with the
+                      report (rank 0)
+    End()             drop the trial's state (the base stays)
+    Exit()            leave the loop: the Train run ends
+
+Every rank takes every command in the same order; rank 0 replies. A command
+that raises on a worker ends the Train run (the driver sees it and rebuilds
+the group for the next trial); the error's text reaches the driver first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from trainers.config import WorkerConfig
+from trainers.loop import TrialRun, Worker
+from trainers.report import RayTrainContext
+
+#: Seconds a worker waits for a command in one poll (it polls again; an idle group
+#: costs one small actor call per worker per poll).
+POLL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Start:
+    cfg: WorkerConfig  # the trial's config; ``resume_from`` is the checkpoint to restore
+
+
+@dataclass(frozen=True)
+class Interval:
+    prefix: str  # storage path under which ``checkpoint_<step>`` is written
+
+
+@dataclass(frozen=True)
+class End:
+    pass
+
+
+@dataclass(frozen=True)
+class Exit:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What rank 0 replies when a command raised on it (the run then ends)."""
+
+    error: str
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder of the checkpoint taken at ``step`` (under an ``Interval``'s prefix)."""
+    return f"checkpoint_{step:06d}"
+
+
+class WarmContext(RayTrainContext):
+    """``WorkerContext`` of a warm worker: checkpoints go to storage, reports to the mailbox."""
+
+    def __init__(self, mailbox: Any, filesystem: Any) -> None:
+        super().__init__(resume_from=None)
+        self.mailbox, self.filesystem = mailbox, filesystem
+        self.seq: int = -1  # the command being served
+        self.prefix: str | None = None
+        self.reply: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, uri: str | None) -> Iterator[str | None]:
+        """A local copy of the checkpoint at ``uri`` (a path in the group's filesystem)."""
+        if not uri:
+            yield None
+            return
+        import ray.train
+
+        with ray.train.Checkpoint(uri, filesystem=self.filesystem).as_directory() as folder:
+            yield folder
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Upload this rank's part of the checkpoint; rank 0 replies once every rank has."""
+        import pyarrow.fs
+        import torch.distributed as dist
+
+        from trainers import metrics as M
+
+        uri = None
+        started = time.perf_counter()
+        if checkpoint_dir and self.prefix:
+            uri = f"{self.prefix}/{checkpoint_name(int(metrics[M.STEP]))}"
+            self.filesystem.create_dir(uri, recursive=True)
+            pyarrow.fs.copy_files(
+                checkpoint_dir,
+                uri,
+                source_filesystem=pyarrow.fs.LocalFileSystem(),
+                destination_filesystem=self.filesystem,
+            )
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank's shards are in storage before the driver hears of them
+        if M.CHECKPOINT_SECONDS in metrics:  # the upload is part of writing it
+            metrics[M.CHECKPOINT_SECONDS] += time.perf_counter() - started
+        if self.rank == 0:
+            self.reply = {
+                "metrics": {**metrics, M.WORKER_NODES: self.node_ids},
+                "checkpoint": uri,
+            }
+
+
+def serve(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of a warm group: serve commands until ``Exit``."""
+    import ray
+
+    mailbox = config["mailbox"]
+    base = WorkerConfig.from_dict(config["worker"])
+    ctx = WarmContext(mailbox, config["filesystem"])
+    worker = Worker(base, ctx)
+    run: TrialRun | None = None
+    for seq in itertools.count():
+        command = None
+        while command is None:
+            command = ray.get(mailbox.command.remote(seq, POLL_S))
+        try:
+            if isinstance(command, Exit):
+                return
+            result: Any = None
+            if isinstance(command, Start):
+                run = None
+                gc.collect()
+                cfg = command.cfg
+                _same_group(base, cfg)
+                with ctx.checkpoint_dir(cfg.resume_from) as folder:
+                    run = worker.start(cfg, folder)
+                result = {
+                    "step": run.state.step,
+                    "last_step": run.state.last_step,
+                    "pid": os.getpid(),  # rank 0's process (tests kill it to fake a crash)
+                }
+            elif isinstance(command, Interval):
+                if run is None:
+                    raise RuntimeError("Interval before Start")
+                ctx.prefix, ctx.reply = command.prefix, None
+                run.train_to_next_evaluation()
+                run.evaluate_and_report()
+                result = {**(ctx.reply or {}), "done": run.done}
+            elif isinstance(command, End):
+                run = None
+                gc.collect()
+            if ctx.rank == 0:
+                ray.get(mailbox.reply.remote(seq, result))
+        except BaseException:
+            if ctx.rank == 0:
+                ray.get(mailbox.reply.remote(seq, Failed(traceback.format_exc(limit=8))))
+            raise
+
+
+def _same_group(base: WorkerConfig, cfg: WorkerConfig) -> None:
+    """A trial must fit the group it is sent to: same model, data, seed, threads, strategy."""
+    for key in ("model", "max_length", "seed", "threads", "distributed"):
+        if getattr(base, key) != getattr(cfg, key):
+            raise ValueError(
+                f"warm group: trial {cfg.name} has {key}={getattr(cfg, key)!r}, the group "
+                f"{getattr(base, key)!r}"
+            )

@@ -1,0 +1,324 @@
+"""Warm worker groups: one Ray Train worker group serves trial after trial.
+
+A cold trial starts a Train run of its own: a controller, a synchronization
+actor, a placement-group cleaner and the workers, each a fresh process that
+imports torch and transformers, loads the model and tokenizes the data; a PBT
+exploit starts all of that again. Here a trial is a Tune class ``Trainable``
+(``WarmTrial``) that owns a ``WarmGroup``: one long-lived ``TorchTrainer`` run
+whose workers run ``trainers.serve.serve`` and take commands through a
+``Mailbox`` actor. With ``reuse_actors`` Tune hands the trainable, and so its
+group, to the next trial (``reset_config``) and to exploits (``reset_config``
+then ``load_checkpoint``): the base model and the tokenized data are loaded
+once per worker per sweep.
+
+    Tune --step()--> WarmTrial --Interval--> Mailbox <--poll-- workers (serve)
+         <--metrics--          <--reply---          --reply--> (rank 0)
+
+Checkpoints: the workers write each evaluation's checkpoint straight to
+storage (``<train_storage>/<trial>/start<k>/checkpoint_<step>``); Tune holds a
+pointer of a few bytes to it (``tune_jobs.trial.POINTER_FILE``). The trainable
+keeps the trial's checkpoints by the same rule Ray Train applied to a cold
+trial's run (``checkpoint_retention``), with Ray Train's own checkpoint manager.
+
+A group whose workers died (an error in a command, a killed process) is
+closed and a new one is built for the next command; the failing trial errors
+as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from typing import Any
+
+import ray
+from ray import train, tune
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
+from ray.tune.result import DONE, SHOULD_CHECKPOINT
+
+from cluster import storage
+from trainers import metrics as M
+from trainers.serve import End, Exit, Failed, Interval, Start, serve
+from tune_jobs.space import trial_hparams
+from tune_jobs.trial import (
+    POINTER_FILE,
+    TrialPlan,
+    checkpoint_retention,
+    loop_config,
+    read_pointer,
+)
+
+#: Seconds between the driver's checks that the group is still alive while it waits.
+WAIT_POLL_S = 5.0
+
+
+class WorkerGroupError(RuntimeError):
+    """The group's workers failed while serving a command (the message holds their error)."""
+
+
+@ray.remote(num_cpus=0)
+class Mailbox:
+    """Commands to a warm group's workers, and rank 0's replies, in order (an async actor)."""
+
+    def __init__(self) -> None:
+        self.commands: list[Any] = []
+        self.replies: dict[int, Any] = {}
+        self.changed = asyncio.Condition()
+
+    async def send(self, command: Any) -> int:
+        async with self.changed:
+            self.commands.append(command)
+            self.changed.notify_all()
+            return len(self.commands) - 1
+
+    async def command(self, seq: int, timeout: float) -> Any:
+        """Command ``seq`` once it is sent, or ``None`` after ``timeout`` seconds."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: len(self.commands) > seq), timeout
+                )
+            except TimeoutError:
+                return None
+            return self.commands[seq]
+
+    async def reply(self, seq: int, result: Any) -> None:
+        async with self.changed:
+            self.replies[seq] = result
+            self.changed.notify_all()
+
+    async def result(self, seq: int, timeout: float) -> tuple[bool, Any]:
+        """``(True, reply)`` to command ``seq``, or ``(False, None)`` after ``timeout`` seconds."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: seq in self.replies), timeout)
+            except TimeoutError:
+                return False, None
+            return True, self.replies.pop(seq)
+
+
+class WarmGroup:
+    """One long-lived Train run serving commands; ``call`` sends one and waits for the reply."""
+
+    def __init__(self, plan: TrialPlan, name: str) -> None:
+        spec, res = plan.spec, plan.resources
+        self.name = next_numbered(plan.train_storage, name)
+        self.filesystem, _ = storage.resolve(plan.train_storage)
+        self.mailbox = Mailbox.remote()
+        base = loop_config(spec, trial_hparams(spec, {}), plan.data_ref, res, self.name)
+        trainer = TorchTrainer(
+            serve,
+            train_loop_config={
+                "worker": base.to_dict(),
+                "mailbox": self.mailbox,
+                "filesystem": self.filesystem,
+            },
+            scaling_config=train.ScalingConfig(
+                num_workers=res.num_workers,
+                use_gpu=res.gpus_per_worker > 0,
+                resources_per_worker=res.worker_bundle(),
+                placement_strategy=res.placement_strategy,
+            ),
+            run_config=train.RunConfig(
+                name=self.name,
+                **storage.ray_storage(plan.train_storage),
+                failure_config=train.FailureConfig(max_failures=0),
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True)
+        self.thread.start()
+
+    def _fit(self, trainer: TorchTrainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - reported by call()
+            self.failure = exc
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def call(self, command: Any) -> Any:
+        """Send ``command`` to every worker; rank 0's reply (raises if the group failed)."""
+        seq = ray.get(self.mailbox.send.remote(command))
+        while True:
+            ready, reply = ray.get(self.mailbox.result.remote(seq, WAIT_POLL_S))
+            if ready:
+                if isinstance(reply, Failed):
+                    self.thread.join(timeout=60)  # the run ends: its workers raised
+                    raise WorkerGroupError(f"warm group {self.name}: {reply.error}")
+                return reply
+            if not self.alive:
+                raise WorkerGroupError(
+                    f"warm group {self.name} ended while serving {type(command).__name__}: "
+                    f"{self.failure or 'its Train run returned'}"
+                )
+
+    def close(self) -> None:
+        """Let the workers leave their loop and the run end; then drop the mailbox."""
+        with contextlib.suppress(Exception):  # a mailbox already gone: nothing to tell
+            if self.alive:
+                ray.get(self.mailbox.send.remote(Exit()))
+                self.thread.join(timeout=120)
+            ray.kill(self.mailbox)
+
+
+class WarmTrial(tune.Trainable):
+    """A Tune trial that runs on a warm worker group (kept across trials by actor reuse)."""
+
+    def setup(self, config: dict[str, Any], plan: TrialPlan) -> None:
+        self.plan = plan
+        self.group: WarmGroup | None = None
+        self._begin(config)
+
+    def _begin(self, config: dict[str, Any]) -> None:
+        """A new trial on this actor: nothing is sent until its first step."""
+        from ray.train import CheckpointConfig
+        from ray.train._internal.checkpoint_manager import _CheckpointManager
+
+        self.hp = trial_hparams(self.plan.spec, config)
+        self.resume: str | None = None  # a checkpoint to start from (load_checkpoint)
+        self.started = False
+        if getattr(self, "trial", None) != self.trial_name:  # a new trial, not an exploit
+            self.trial = self.trial_name
+            self.latest: tuple[str, dict[str, Any]] | None = None  # (URI, metrics), last checkpoint
+            # Ray Train's own manager, with the rule a cold trial's Train run applied.
+            retention = CheckpointConfig(**checkpoint_retention(self.plan.spec))
+            self.kept = _CheckpointManager(retention)
+            self.registered: set[str] = set()
+
+    def _group(self) -> WarmGroup:
+        """This actor's group, rebuilt if its workers died."""
+        if self.group is not None and not self.group.alive:
+            print(f"[{self.trial_name}] warm group {self.group.name} died; starting a new one")
+            self.group.close()
+            self.group, self.started = None, False
+        if self.group is None:
+            self.group = WarmGroup(self.plan, "group")
+        return self.group
+
+    def step(self) -> dict[str, Any]:
+        group = self._group()
+        plan = self.plan
+        if not self.started:
+            cfg = loop_config(
+                plan.spec,
+                self.hp,
+                plan.data_ref,
+                plan.resources,
+                self.trial_name,
+                plan.schedule_hparams(),
+                self.resume,
+            )
+            self.worker_pid = group.call(Start(cfg))["pid"]
+            self.started = True
+            trial_dir = storage.join(plan.train_storage, self.trial_name)
+            self.start_dir = storage.join(trial_dir, next_numbered(trial_dir, "start"))
+        _, prefix = storage.resolve(self.start_dir)
+        reply = group.call(Interval(prefix))
+        metrics = dict(reply["metrics"])
+        metrics["train_run"] = group.name  # the warm group that served this report
+        metrics["trial_start"] = os.path.basename(self.start_dir)  # start<k> of this trial
+        metrics["worker_pid"] = self.worker_pid  # rank 0's process
+        if reply.get("checkpoint"):
+            uri = storage.uri_of(group.filesystem, reply["checkpoint"], like=plan.train_storage)
+            self.latest = (uri, metrics)
+            metrics[SHOULD_CHECKPOINT] = True
+        if reply["done"]:
+            metrics[DONE] = True
+        return metrics
+
+    def save_checkpoint(self, checkpoint_dir: str) -> str:
+        """A pointer to the workers' latest checkpoint (which they wrote to storage)."""
+        import json
+
+        from ray.train._internal.session import _TrainingResult
+
+        if self.latest is None:
+            raise RuntimeError(f"{self.trial_name}: nothing to checkpoint yet")
+        uri, metrics = self.latest
+        with open(os.path.join(checkpoint_dir, POINTER_FILE), "w") as fh:
+            json.dump({"uri": uri, "train_run": metrics["train_run"], "step": metrics[M.STEP]}, fh)
+        if uri not in self.registered:  # PBT may save the same result twice
+            self.registered.add(uri)
+            fs, path = storage.resolve(uri)
+            self.kept.register_checkpoint(
+                _TrainingResult(checkpoint=train.Checkpoint(path, filesystem=fs), metrics=metrics)
+            )
+        return checkpoint_dir
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        """Restore (a fault restore, or a PBT donor's checkpoint): the next step starts from it."""
+        uri = read_pointer(checkpoint_dir)["uri"]
+        if not storage.exists(uri):
+            # The donor's files are gone (deleted run folder): start this trial's
+            # hyperparameters from scratch rather than fail the whole population.
+            print(f"[{self.trial_name}] checkpoint {uri} no longer exists; starting from step 0")
+            uri = None
+        self.resume, self.started = uri, False
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        """The next trial (or an exploit's new hyperparameters) on this actor and its group."""
+        if self.group is not None and self.group.alive and self.started:
+            self.group.call(End())
+        self._begin(new_config)
+        return True
+
+    def cleanup(self) -> None:
+        if self.group is not None:
+            self.group.close()
+
+
+def next_numbered(folder: str, prefix: str) -> str:
+    """``<prefix><k>``, k the count of names under ``folder`` that start with ``prefix``:
+    deterministic names for groups (``group<k>``) and a trial's starts (``start<k>``)."""
+    taken = [n for n in storage.list_names(folder) if n.startswith(prefix)]
+    return f"{prefix}{len(taken)}"
+
+
+def run_on_group(
+    group: WarmGroup, plan: TrialPlan, hp: dict[str, Any], name: str, resume: str | None = None
+) -> list[tuple[dict[str, Any], str | None]]:
+    """One trial on ``group``, outside Tune (the smoke pass's restore check, benchmarks,
+    tests): every report, with the URI of its checkpoint (all are kept)."""
+    cfg = loop_config(
+        plan.spec, hp, plan.data_ref, plan.resources, name, plan.schedule_hparams(), resume
+    )
+    group.call(Start(cfg))
+    trial_dir = storage.join(plan.train_storage, name)
+    _, prefix = storage.resolve(storage.join(trial_dir, next_numbered(trial_dir, "start")))
+    reports = []
+    while True:
+        reply = group.call(Interval(prefix))
+        uri = reply.get("checkpoint")
+        if uri:
+            uri = storage.uri_of(group.filesystem, uri, like=plan.train_storage)
+        reports.append((reply["metrics"], uri))
+        if reply["done"]:
+            group.call(End())
+            return reports
+
+
+def resume_check(plan: TrialPlan, hp: dict[str, Any], uri: str, extra_steps: int) -> list[int]:
+    """Restore a checkpoint on a new group for ``extra_steps`` more steps; the steps it reports.
+
+    Run from the driver (outside Tune) by the smoke pass: proves that a
+    checkpoint holds what is needed to continue.
+    """
+    import json
+
+    from trainers.checkpoint import MANIFEST
+
+    step = int(json.loads(storage.read_text(storage.join(uri, MANIFEST)))["step"])
+    hp = {**hp, "max_steps": step + extra_steps, "eval_steps": extra_steps}
+    group = WarmGroup(plan, "resume-check")
+    try:
+        reports = run_on_group(group, plan, hp, "resume-check", uri)
+    finally:
+        group.close()
+    return [int(metrics[M.STEP]) for metrics, _ in reports]
