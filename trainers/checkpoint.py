@@ -58,11 +58,13 @@ def save_checkpoint(
     base_model: str | None = None,
     label_names: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    weights_only: bool = False,
 ) -> int:
     """Write everything needed to continue training; return the bytes written.
 
     ``trained`` names the parameters that differ from ``base_model`` (used by the
-    ``trained`` layout, recorded by both).
+    ``trained`` layout, recorded by both). ``weights_only`` leaves ``trainer_state.pt``
+    (optimizer, RNG) out: an export candidate, not a point to resume from exactly.
     """
     os.makedirs(path, exist_ok=True)
     trained = sorted(set(trained))
@@ -80,24 +82,15 @@ def save_checkpoint(
             {n: params[n].detach().contiguous().cpu().clone() for n in trained},
             os.path.join(path, TRAINED_WEIGHTS),
         )
-    torch.save(
-        {
-            # AdamW state keyed by parameter name, so a restore with another
-            # trainable set (a new unfreeze depth) keeps what still applies.
-            "optimizer_by_name": {}
-            if layout == "deepspeed"
-            else optimizer_state_by_name(optimizer),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        },
-        os.path.join(path, STATE_FILE),
-    )
+    if not weights_only:
+        _save_trainer_state(path, optimizer, layout)
     with open(os.path.join(path, MANIFEST), "w") as fh:
         json.dump(
             {
                 "step": step,
                 "epoch": epoch,
                 "weights": layout,
+                "resumable": not weights_only,
                 "base_model": base_model,
                 "label_names": label_names,
                 "trained_params": trained,
@@ -110,6 +103,21 @@ def save_checkpoint(
             default=str,
         )
     return folder_bytes(path)
+
+
+def _save_trainer_state(path: str, optimizer: torch.optim.Optimizer, layout: str) -> None:
+    torch.save(
+        {
+            # AdamW state keyed by parameter name, so a restore with another
+            # trainable set (a new unfreeze depth) keeps what still applies.
+            "optimizer_by_name": {}
+            if layout == "deepspeed"
+            else optimizer_state_by_name(optimizer),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+        os.path.join(path, STATE_FILE),
+    )
 
 
 def folder_bytes(path: str) -> int:

@@ -18,6 +18,7 @@ step, never engine state.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from trainers import ds_engine
-from trainers.checkpoint import load_trainer_state, save_checkpoint
+from trainers.checkpoint import STATE_FILE, load_trainer_state, save_checkpoint
 from trainers.config import HParams, WorkerConfig
 from trainers.model import unwrap
 from trainers.report import WorkerContext
@@ -43,6 +44,7 @@ class CheckpointMeta:
     trained: frozenset[str]  # parameters that differ from the base model
     base_model: str
     label_names: list[str]
+    weights_only: bool = False  # no optimizer or RNG state: an export, not a resume point
 
 
 class Engine(Protocol):
@@ -121,9 +123,12 @@ class DDPEngine:
             trained=meta.trained,
             base_model=meta.base_model,
             label_names=meta.label_names,
+            weights_only=meta.weights_only,
         )
 
     def load(self, folder: str) -> str:
+        if not os.path.exists(os.path.join(folder, STATE_FILE)):
+            return "weights only (an export checkpoint): the optimizer starts fresh"
         kept, fresh = load_trainer_state(folder, self.optimizer)  # and the RNG state
         return f"optimizer state kept for {kept} tensors, {fresh} start fresh"
 

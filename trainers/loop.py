@@ -39,6 +39,7 @@ import torch
 from trainers import ds_engine
 from trainers import metrics as M
 from trainers.checkpoint import (
+    folder_bytes,
     load_optimizer_state_by_name,
     load_weights,
     optimizer_state_by_name,
@@ -553,7 +554,13 @@ class TrialRun:
                 self._switch()
 
     def evaluate_and_report(self) -> None:
-        """Evaluate, decide on early stopping, and report (with a checkpoint)."""
+        """Evaluate, decide on early stopping, and report with a checkpoint."""
+        report = self.evaluate()
+        report_with_checkpoint(self.worker, self.cfg, self.state, report)
+        self.progress.since = time.perf_counter()  # the report is not training time
+
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluate, decide on early stopping (``self.stopped``); the report, logged by rank 0."""
         self._report_at_end = False
         s, cfg, ctx, data = self.state, self.cfg, self.worker.ctx, self.worker.data
         train_loss, rate = self.progress.take_interval()
@@ -608,8 +615,7 @@ class TrialRun:
                 else ""
             ),
         )
-        report_with_checkpoint(self.worker, cfg, s, report)
-        self.progress.since = time.perf_counter()  # the report is not training time
+        return report
 
 
 def evaluate(
@@ -669,34 +675,53 @@ def report_with_checkpoint(
     Rank 0 writes it; under DeepSpeed every rank writes its shards and reports the
     folder (Ray Train gathers them into one checkpoint). Other ranks report metrics only.
     """
-    ctx, engine = worker.ctx, state.engine
-    if not state.hp.save_checkpoints or (ctx.rank != 0 and not engine.every_rank_saves):
+    ctx = worker.ctx
+    if not state.hp.save_checkpoints or (ctx.rank != 0 and not state.engine.every_rank_saves):
         ctx.report(report, None)
         return
     tmp = tempfile.mkdtemp(prefix=f"tunefleet-step{state.step}-")
-    started = time.perf_counter()
     try:
-        engine.save(
-            tmp,
-            CheckpointMeta(
-                tokenizer=worker.tokenizer,
-                step=state.step,
-                epoch=report[M.EPOCH],
-                hp=state.hp,
-                metrics=report,
-                trained=frozenset(state.trained),
-                base_model=cfg.model,
-                label_names=worker.data.label_names,
-            ),
-        )
-        if ctx.rank == 0:
-            from trainers.checkpoint import folder_bytes
-
-            report[M.CHECKPOINT_MB] = folder_bytes(tmp) / 2**20
-        report[M.CHECKPOINT_SECONDS] = time.perf_counter() - started
+        report.update(save_state(tmp, worker, cfg, state, report))
         ctx.report(report, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_state(
+    folder: str,
+    worker: Worker,
+    cfg: WorkerConfig,
+    state: TrainState,
+    report: dict[str, Any],
+    weights_only: bool = False,
+) -> dict[str, float]:
+    """This rank's part of a checkpoint of ``state`` into ``folder`` (every rank calls it under
+    DeepSpeed, rank 0 alone otherwise); rank 0 gets its size and time back.
+
+    ``weights_only`` leaves the optimizer and RNG state out: enough for an export, not
+    for an exact resume (DeepSpeed writes its engine's checkpoint either way).
+    """
+    started = time.perf_counter()
+    state.engine.save(
+        folder,
+        CheckpointMeta(
+            tokenizer=worker.tokenizer,
+            step=state.step,
+            epoch=report[M.EPOCH],
+            hp=state.hp,
+            metrics=report,
+            trained=frozenset(state.trained),
+            base_model=cfg.model,
+            label_names=worker.data.label_names,
+            weights_only=weights_only,
+        ),
+    )
+    if worker.ctx.rank != 0:
+        return {}
+    return {
+        M.CHECKPOINT_MB: folder_bytes(folder) / 2**20,
+        M.CHECKPOINT_SECONDS: time.perf_counter() - started,
+    }
 
 
 def _fingerprint(model: Any) -> str:

@@ -7,9 +7,12 @@ torch and transformers imported, the tokenizer, its tokenized shards, the base
 model in memory) once, then takes commands from a mailbox actor:
 
     Start(cfg)        a trial's state: the base model, or ``cfg.resume_from``
-    Interval(prefix)  train to the next evaluation, evaluate, write the
-                      checkpoint under ``prefix`` (in storage), reply with the
+    Interval()        train to the next evaluation, evaluate, reply with the
                       report (rank 0)
+    Save(prefix, weights_only)
+                      write the state as it is now (just evaluated) under
+                      ``prefix`` in storage: the driver decides which
+                      evaluations are worth their bytes
     End()             drop the trial's state (the base stays)
     Exit()            leave the loop: the Train run ends
 
@@ -24,6 +27,7 @@ import contextlib
 import gc
 import itertools
 import os
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainers.config import WorkerConfig
-from trainers.loop import TrialRun, Worker
+from trainers.loop import TrialRun, Worker, save_state
 from trainers.report import RayTrainContext
 
 #: Seconds a worker waits for a command in one poll (it polls again; an idle group
@@ -46,7 +50,13 @@ class Start:
 
 @dataclass(frozen=True)
 class Interval:
-    prefix: str  # storage path under which ``checkpoint_<step>`` is written
+    pass
+
+
+@dataclass(frozen=True)
+class Save:
+    prefix: str  # storage path (in the group's filesystem) for ``checkpoint_<step>``
+    weights_only: bool = False  # an export candidate: no optimizer or RNG state
 
 
 @dataclass(frozen=True)
@@ -72,14 +82,11 @@ def checkpoint_name(step: int) -> str:
 
 
 class WarmContext(RayTrainContext):
-    """``WorkerContext`` of a warm worker: checkpoints go to storage, reports to the mailbox."""
+    """``WorkerContext`` of a warm worker: checkpoints are read from and written to storage."""
 
-    def __init__(self, mailbox: Any, filesystem: Any) -> None:
+    def __init__(self, filesystem: Any) -> None:
         super().__init__(resume_from=None)
-        self.mailbox, self.filesystem = mailbox, filesystem
-        self.seq: int = -1  # the command being served
-        self.prefix: str | None = None
-        self.reply: dict[str, Any] | None = None
+        self.filesystem = filesystem
 
     @contextlib.contextmanager
     def checkpoint_dir(self, uri: str | None) -> Iterator[str | None]:
@@ -92,44 +99,48 @@ class WarmContext(RayTrainContext):
         with ray.train.Checkpoint(uri, filesystem=self.filesystem).as_directory() as folder:
             yield folder
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        """Upload this rank's part of the checkpoint; rank 0 replies once every rank has."""
+    def save(self, run: TrialRun, report: dict[str, Any], command: Save) -> dict[str, Any] | None:
+        """Write the trial's state now and upload this rank's part; rank 0's reply once
+        every rank's part is in storage."""
         import pyarrow.fs
         import torch.distributed as dist
 
         from trainers import metrics as M
 
-        uri = None
+        s = run.state
+        uri = f"{command.prefix}/{checkpoint_name(s.step)}"
+        figures: dict[str, float] = {}
         started = time.perf_counter()
-        if checkpoint_dir and self.prefix:
-            uri = f"{self.prefix}/{checkpoint_name(int(metrics[M.STEP]))}"
-            self.filesystem.create_dir(uri, recursive=True)
-            pyarrow.fs.copy_files(
-                checkpoint_dir,
-                uri,
-                source_filesystem=pyarrow.fs.LocalFileSystem(),
-                destination_filesystem=self.filesystem,
-            )
+        if self.rank == 0 or s.engine.every_rank_saves:
+            with tempfile.TemporaryDirectory(prefix=f"tunefleet-step{s.step}-") as tmp:
+                figures = save_state(tmp, run.worker, run.cfg, s, report, command.weights_only)
+                self.filesystem.create_dir(uri, recursive=True)
+                pyarrow.fs.copy_files(
+                    tmp,
+                    uri,
+                    source_filesystem=pyarrow.fs.LocalFileSystem(),
+                    destination_filesystem=self.filesystem,
+                )
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's shards are in storage before the driver hears of them
-        if M.CHECKPOINT_SECONDS in metrics:  # the upload is part of writing it
-            metrics[M.CHECKPOINT_SECONDS] += time.perf_counter() - started
-        if self.rank == 0:
-            self.reply = {
-                "metrics": {**metrics, M.WORKER_NODES: self.node_ids},
-                "checkpoint": uri,
-            }
+        if self.rank != 0:
+            return None
+        figures[M.CHECKPOINT_SECONDS] = time.perf_counter() - started  # upload included
+        return {"checkpoint": uri, **figures}
 
 
 def serve(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of a warm group: serve commands until ``Exit``."""
     import ray
 
+    from trainers import metrics as M
+
     mailbox = config["mailbox"]
     base = WorkerConfig.from_dict(config["worker"])
-    ctx = WarmContext(mailbox, config["filesystem"])
+    ctx = WarmContext(config["filesystem"])
     worker = Worker(base, ctx)
     run: TrialRun | None = None
+    report: dict[str, Any] = {}
     for seq in itertools.count():
         command = None
         while command is None:
@@ -151,12 +162,17 @@ def serve(config: dict[str, Any]) -> None:
                     "pid": os.getpid(),  # rank 0's process (tests kill it to fake a crash)
                 }
             elif isinstance(command, Interval):
-                if run is None:
-                    raise RuntimeError("Interval before Start")
-                ctx.prefix, ctx.reply = command.prefix, None
+                run = _running(run)
                 run.train_to_next_evaluation()
-                run.evaluate_and_report()
-                result = {**(ctx.reply or {}), "done": run.done}
+                report = run.evaluate()
+                result = {
+                    "metrics": {**report, M.WORKER_NODES: ctx.node_ids},
+                    "done": run.done,
+                }
+                run.progress.since = time.perf_counter()  # waiting for commands is not training
+            elif isinstance(command, Save):
+                result = ctx.save(_running(run), report, command)
+                run.progress.since = time.perf_counter()
             elif isinstance(command, End):
                 run = None
                 gc.collect()
@@ -166,6 +182,12 @@ def serve(config: dict[str, Any]) -> None:
             if ctx.rank == 0:
                 ray.get(mailbox.reply.remote(seq, Failed(traceback.format_exc(limit=8))))
             raise
+
+
+def _running(run: TrialRun | None) -> TrialRun:
+    if run is None:
+        raise RuntimeError("warm group: a training command before Start")
+    return run
 
 
 def _same_group(base: WorkerConfig, cfg: WorkerConfig) -> None:

@@ -124,6 +124,18 @@ def best_checkpoint_uri(
     raise RuntimeError(f"trial {result.path}: no checkpoint with files left to export")
 
 
+def prune_train_runs(
+    train_storage: str, trials: list[TrialSummary], best: TrialSummary | None
+) -> None:
+    """Once the sweep is over and exported, a finished trial's checkpoints serve nothing:
+    delete them, except the best trial's. A trial that errored keeps its own (a resumed
+    run retries it from there)."""
+    keep = {best.trial} if best else set()
+    for trial in trials:
+        if trial.status != "ERROR" and trial.trial not in keep:
+            storage.delete_dir(storage.join(train_storage, trial.trial))
+
+
 def reload_export(model_dir: str, texts: list[str], max_length: int) -> tuple[Any, list, int]:
     """An exported folder reloaded with ``from_pretrained``: (model, token ids of ``texts``,
     pad id)."""

@@ -176,21 +176,22 @@ def build_tuner(
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
-    from tune_jobs.warm import WarmTrial
+    from tune_jobs.warm import Leaderboard, WarmTrial
 
     set_trial_environment()
     run_dir = storage.join(storage_root, run_name)
     res = trial_resources(spec)
+    # Multi-worker trials run on warm worker groups (tune_jobs.warm), which Tune hands
+    # from trial to trial and to exploits by reusing the trial actor that owns them.
+    warm = spec.resources.trial_mode == "train"
     plan = TrialPlan(
         spec=spec,
         data_ref=splits_ref,
         train_storage=storage.join(run_dir, "train_runs"),
         resources=res,
         hp_schedule=hp_schedule,
+        leaderboard=Leaderboard.remote(spec.search.resolved_mode) if warm else None,
     )
-    # Multi-worker trials run on warm worker groups (tune_jobs.warm), which Tune hands
-    # from trial to trial and to exploits by reusing the trial actor that owns them.
-    warm = spec.resources.trial_mode == "train"
     trainable = tune.with_resources(
         tune.with_parameters(WarmTrial if warm else run_trial, plan=plan), res.trial_bundle()
     )
@@ -394,6 +395,8 @@ def run_job(
                 export = results.export_best(
                     uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
                 )
+        if spec.resources.trial_mode == "train":
+            results.prune_train_runs(storage.join(run_dir, "train_runs"), trials, best)
         defaults_trial = results.find_defaults_trial(trials, defaults)
         summary = results.build_summary(
             spec,

@@ -46,7 +46,10 @@ def smoke_spec(spec: JobSpec) -> JobSpec:
         max_test_samples=cap(spec.data.max_test_samples, sm.max_eval_samples),
     )
     raw["training"].update(
-        max_steps=sm.max_steps, eval_strategy="steps", eval_steps=sm.max_steps // 2
+        max_steps=sm.max_steps,
+        eval_strategy="steps",
+        eval_steps=sm.max_steps // 2,
+        checkpoint_every_s=0,  # every evaluation resumable: the restore check needs one
     )
     # grids would multiply the trials: sample from their values instead; budgets are fixed by max_steps
     space = {

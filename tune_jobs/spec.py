@@ -238,7 +238,16 @@ class TrainingSpec(_Section):
         0.0, ge=0, description="Smallest change of search.metric that counts as a gain."
     )
     save_checkpoints: bool = Field(
-        True, description="Checkpoint at every evaluation (needed to export the best model)."
+        True, description="Write checkpoints (needed to export the best model and to resume)."
+    )
+    checkpoint_every_s: float = Field(
+        900,
+        ge=0,
+        description="Multi-worker (warm-group) trials under asha/hyperband/fifo write what a resume "
+        "needs (weights and optimizer) at most this often per trial, in seconds of training; "
+        "between those, an evaluation is written (weights only) just when it is the best of the "
+        "sweep so far, which is what the export needs. 0 = a full checkpoint at every "
+        "evaluation. pbt/pb2 always checkpoint every interval (exploits copy them).",
     )
     checkpoint_weights: Literal["auto", "full", "trained"] = Field(
         "auto",

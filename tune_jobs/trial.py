@@ -40,6 +40,8 @@ class TrialPlan:
     resources: TrialResources
     #: ``(from_step, config)`` switches of hyperparameters within each trial (a PBT replay)
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = ()
+    #: the sweep's best metric so far (a ``tune_jobs.warm.Leaderboard`` actor), or None
+    leaderboard: Any = None
 
     def schedule_hparams(self) -> list[tuple[int, dict[str, Any]]]:
         """The schedule as full hyperparameters for the worker loop."""

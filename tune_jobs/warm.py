@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from typing import Any
 
 import ray
@@ -41,7 +42,7 @@ from ray.tune.result import DONE, SHOULD_CHECKPOINT
 
 from cluster import storage
 from trainers import metrics as M
-from trainers.serve import End, Exit, Failed, Interval, Start, serve
+from trainers.serve import End, Exit, Failed, Interval, Save, Start, serve
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
     POINTER_FILE,
@@ -154,9 +155,20 @@ class WarmGroup:
                     raise WorkerGroupError(f"warm group {self.name}: {reply.error}")
                 return reply
             if not self.alive:
+                cause = [
+                    x
+                    for x in str(self.failure or "its Train run returned").splitlines()
+                    if x.strip()
+                ]
+                # the last line is what a trial's summary shows: say where, and the cause
                 raise WorkerGroupError(
-                    f"warm group {self.name} ended while serving {type(command).__name__}: "
-                    f"{self.failure or 'its Train run returned'}"
+                    "\n".join(
+                        cause[:-1]
+                        + [
+                            f"warm group {self.name} died while serving "
+                            f"{type(command).__name__}: {cause[-1].strip()[:300]}"
+                        ]
+                    )
                 )
 
     def close(self) -> None:
@@ -168,12 +180,38 @@ class WarmGroup:
             ray.kill(self.mailbox)
 
 
+@ray.remote(num_cpus=0)
+class Leaderboard:
+    """The sweep's best value of the searched metric so far (one per run, shared by trials)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.best = mode, None
+
+    def offer(self, value: float) -> bool:
+        """Record ``value`` if it beats the best so far; did it?"""
+        if value is None or value != value:  # None or NaN never leads
+            return False
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best = value
+            return True
+        return False
+
+
 class WarmTrial(tune.Trainable):
-    """A Tune trial that runs on a warm worker group (kept across trials by actor reuse)."""
+    """A Tune trial that runs on a warm worker group (kept across trials by actor reuse).
+
+    What gets written (``training.checkpoint_every_s``): under pbt/pb2 a full checkpoint
+    every interval (exploits copy them). Otherwise a full checkpoint (weights, optimizer,
+    RNG: an exact resume) at most every ``checkpoint_every_s`` seconds, and in between,
+    the weights alone of an evaluation that is the best of the sweep so far (the only
+    ones an export can pick). Whenever Tune itself asks for a checkpoint (a pause), the
+    state is written in full then.
+    """
 
     def setup(self, config: dict[str, Any], plan: TrialPlan) -> None:
         self.plan = plan
         self.group: WarmGroup | None = None
+        self.pbt = plan.spec.scheduler.type in ("pbt", "pb2")
         self._begin(config)
 
     def _begin(self, config: dict[str, Any]) -> None:
@@ -184,13 +222,15 @@ class WarmTrial(tune.Trainable):
         self.hp = trial_hparams(self.plan.spec, config)
         self.resume: str | None = None  # a checkpoint to start from (load_checkpoint)
         self.started = False
+        self.step_now = -1  # the step of the last report
         if getattr(self, "trial", None) != self.trial_name:  # a new trial, not an exploit
             self.trial = self.trial_name
-            self.latest: tuple[str, dict[str, Any]] | None = None  # (URI, metrics), last checkpoint
-            # Ray Train's own manager, with the rule a cold trial's Train run applied.
+            self.latest: tuple[str, dict[str, Any]] | None = None  # (URI, metrics) last written
+            self.full: str | None = None  # the latest checkpoint to resume from exactly
+            self.records: set[str] = set()  # weights of sweep-best evaluations (export)
+            # pbt/pb2: Ray Train's own manager, with the rule a cold trial's run applied
             retention = CheckpointConfig(**checkpoint_retention(self.plan.spec))
             self.kept = _CheckpointManager(retention)
-            self.registered: set[str] = set()
 
     def _group(self) -> WarmGroup:
         """This actor's group, rebuilt if its workers died."""
@@ -217,35 +257,71 @@ class WarmTrial(tune.Trainable):
             )
             self.worker_pid = group.call(Start(cfg))["pid"]
             self.started = True
+            self.full_at = time.monotonic()
             trial_dir = storage.join(plan.train_storage, self.trial_name)
             self.start_dir = storage.join(trial_dir, next_numbered(trial_dir, "start"))
-        _, prefix = storage.resolve(self.start_dir)
-        reply = group.call(Interval(prefix))
+        reply = group.call(Interval())
         metrics = dict(reply["metrics"])
         metrics["train_run"] = group.name  # the warm group that served this report
         metrics["trial_start"] = os.path.basename(self.start_dir)  # start<k> of this trial
         metrics["worker_pid"] = self.worker_pid  # rank 0's process
-        if reply.get("checkpoint"):
-            uri = storage.uri_of(group.filesystem, reply["checkpoint"], like=plan.train_storage)
-            self.latest = (uri, metrics)
+        self.step_now = int(metrics[M.STEP])
+        if self.hp["save_checkpoints"] and self._write(metrics):
             metrics[SHOULD_CHECKPOINT] = True
         if reply["done"]:
             metrics[DONE] = True
         return metrics
 
+    def _write(self, metrics: dict[str, Any]) -> bool:
+        """Write what this evaluation is worth (see the class); was anything written?"""
+        every = self.plan.spec.training.checkpoint_every_s
+        full = self.pbt or every == 0 or time.monotonic() - self.full_at >= every
+        leaderboard = self.plan.leaderboard
+        value = metrics.get(self.plan.spec.search.metric)
+        record = not self.pbt and (leaderboard is None or ray.get(leaderboard.offer.remote(value)))
+        if not (full or record):
+            return False
+        self._save(metrics, full=full, record=record)
+        return True
+
+    def _save(self, metrics: dict[str, Any], full: bool, record: bool = False) -> str:
+        """Have the workers write the state as it is now; keep what is still needed."""
+        group = self.group
+        _, prefix = storage.resolve(self.start_dir)
+        reply = group.call(Save(prefix, weights_only=not full))
+        uri = storage.uri_of(group.filesystem, reply["checkpoint"], like=self.plan.train_storage)
+        metrics.update({k: v for k, v in reply.items() if k != "checkpoint"})
+        self.latest = (uri, dict(metrics))
+        if record:
+            self.records.add(uri)
+        if full:
+            self.full_at = time.monotonic()
+            previous, self.full = self.full, uri
+            if not self.pbt and previous and previous != uri and previous not in self.records:
+                storage.delete_dir(previous)  # superseded: only the latest resumes
+        return uri
+
     def save_checkpoint(self, checkpoint_dir: str) -> str:
-        """A pointer to the workers' latest checkpoint (which they wrote to storage)."""
+        """A pointer to what the workers wrote for this report (written in full now, if
+        Tune asks for a report that wrote nothing: a pause)."""
         import json
 
         from ray.train._internal.session import _TrainingResult
 
-        if self.latest is None:
-            raise RuntimeError(f"{self.trial_name}: nothing to checkpoint yet")
+        if self.latest is None or int(self.latest[1][M.STEP]) != self.step_now:
+            if self.group is None or not self.started:
+                raise RuntimeError(f"{self.trial_name}: nothing to checkpoint yet")
+            self._save(dict(self._last_result or {}), full=True)
         uri, metrics = self.latest
+        pointer = {
+            "uri": uri,
+            "resume": self.full,
+            "train_run": metrics.get("train_run"),
+            "step": metrics[M.STEP],
+        }
         with open(os.path.join(checkpoint_dir, POINTER_FILE), "w") as fh:
-            json.dump({"uri": uri, "train_run": metrics["train_run"], "step": metrics[M.STEP]}, fh)
-        if uri not in self.registered:  # PBT may save the same result twice
-            self.registered.add(uri)
+            json.dump(pointer, fh)
+        if self.pbt and uri == self.full:
             fs, path = storage.resolve(uri)
             self.kept.register_checkpoint(
                 _TrainingResult(checkpoint=train.Checkpoint(path, filesystem=fs), metrics=metrics)
@@ -253,12 +329,14 @@ class WarmTrial(tune.Trainable):
         return checkpoint_dir
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
-        """Restore (a fault restore, or a PBT donor's checkpoint): the next step starts from it."""
-        uri = read_pointer(checkpoint_dir)["uri"]
-        if not storage.exists(uri):
-            # The donor's files are gone (deleted run folder): start this trial's
-            # hyperparameters from scratch rather than fail the whole population.
-            print(f"[{self.trial_name}] checkpoint {uri} no longer exists; starting from step 0")
+        """Restore (a fault restore, a resumed run, or a PBT donor's checkpoint): the next step
+        starts from the pointer's resumable checkpoint; with none left, from step 0."""
+        pointer = read_pointer(checkpoint_dir)
+        uri = pointer.get("resume", pointer["uri"])
+        if uri is None or not storage.exists(uri):
+            # No resumable state (a weights-only report, or files deleted): start this
+            # trial's hyperparameters from scratch rather than fail the whole run.
+            print(f"[{self.trial_name}] no checkpoint to resume at {uri}; starting from step 0")
             uri = None
         self.resume, self.started = uri, False
 
@@ -285,7 +363,8 @@ def run_on_group(
     group: WarmGroup, plan: TrialPlan, hp: dict[str, Any], name: str, resume: str | None = None
 ) -> list[tuple[dict[str, Any], str | None]]:
     """One trial on ``group``, outside Tune (the smoke pass's restore check, benchmarks,
-    tests): every report, with the URI of its checkpoint (all are kept)."""
+    tests): every report, with the URI of its checkpoint (a full one at every evaluation,
+    all kept; none with ``save_checkpoints`` off)."""
     cfg = loop_config(
         plan.spec, hp, plan.data_ref, plan.resources, name, plan.schedule_hparams(), resume
     )
@@ -294,11 +373,13 @@ def run_on_group(
     _, prefix = storage.resolve(storage.join(trial_dir, next_numbered(trial_dir, "start")))
     reports = []
     while True:
-        reply = group.call(Interval(prefix))
-        uri = reply.get("checkpoint")
-        if uri:
-            uri = storage.uri_of(group.filesystem, uri, like=plan.train_storage)
-        reports.append((reply["metrics"], uri))
+        reply = group.call(Interval())
+        metrics, uri = dict(reply["metrics"]), None
+        if hp["save_checkpoints"]:
+            saved = group.call(Save(prefix))
+            uri = storage.uri_of(group.filesystem, saved.pop("checkpoint"), like=plan.train_storage)
+            metrics.update(saved)
+        reports.append((metrics, uri))
         if reply["done"]:
             group.call(End())
             return reports
