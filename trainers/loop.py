@@ -730,6 +730,36 @@ def save_state(
     }
 
 
+def save_held(folder: str, run: TrialRun, held: Any) -> dict[str, float]:
+    """Write a held copy of a trial's weights (``trainers.serve.Held``) as a weights-only
+    checkpoint: the base model with the trial's dropout, the copy loaded over it."""
+    from trainers.checkpoint import save_checkpoint
+
+    started = time.perf_counter()
+    worker, cfg, hp = run.worker, run.cfg, run.state.hp
+    model = worker.models.fresh(hp)
+    model.load_state_dict(held.state)
+    save_checkpoint(
+        folder,
+        model=model,
+        tokenizer=worker.tokenizer,
+        optimizer=None,
+        step=held.step,
+        epoch=held.report[M.EPOCH],
+        hparams=hp.to_dict(),
+        metrics=held.report,
+        layout="trained" if cfg.checkpoint_weights == "trained" else "full",
+        trained=run.state.trained,
+        base_model=cfg.model,
+        label_names=worker.data.label_names,
+        weights_only=True,
+    )
+    return {
+        M.CHECKPOINT_MB: folder_bytes(folder) / 2**20,
+        M.CHECKPOINT_SECONDS: time.perf_counter() - started,
+    }
+
+
 def _fingerprint(model: Any) -> str:
     bare = unwrap(model)
     params = dict(bare.named_parameters())

@@ -13,7 +13,10 @@ model in memory) once, then takes commands from a mailbox actor:
                       write the state as it is now (just evaluated) under
                       ``prefix`` in storage: the driver decides which
                       evaluations are worth their bytes
-    End()             drop the trial's state (the base stays)
+    Hold()            keep a CPU copy of the weights as they are now (just
+                      evaluated: the trial's best so far), replacing the last one
+    SaveHeld(prefix)  write that copy, weights only (DDP groups)
+    End()             drop the trial's state and its held copy (the base stays)
     Exit()            leave the loop: the Train run ends
 
 Every rank takes every command in the same order; rank 0 replies. A command
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainers.config import WorkerConfig
-from trainers.loop import TrialRun, Worker, save_state
+from trainers.loop import TrialRun, Worker, save_held, save_state
 from trainers.report import RayTrainContext
 
 #: Seconds a worker waits for a command in one poll (it polls again; an idle group
@@ -60,8 +63,28 @@ class Save:
 
 
 @dataclass(frozen=True)
+class Hold:
+    pass
+
+
+@dataclass(frozen=True)
+class SaveHeld:
+    prefix: str  # storage path (in the group's filesystem) for ``checkpoint_<step>``
+
+
+@dataclass(frozen=True)
 class End:
     pass
+
+
+@dataclass
+class Held:
+    """A trial's best evaluation so far, kept in memory until the driver decides it is worth
+    writing (rank 0 only: DDP replicas are identical)."""
+
+    state: dict[str, Any]  # the bare model's state dict, on the CPU
+    report: dict[str, Any]
+    step: int
 
 
 @dataclass(frozen=True)
@@ -99,21 +122,27 @@ class WarmContext(RayTrainContext):
         with ray.train.Checkpoint(uri, filesystem=self.filesystem).as_directory() as folder:
             yield folder
 
-    def save(self, run: TrialRun, report: dict[str, Any], command: Save) -> dict[str, Any] | None:
-        """Write the trial's state now and upload this rank's part; rank 0's reply once
-        every rank's part is in storage."""
+    def save(
+        self, run: TrialRun, report: dict[str, Any], command: Save, held: Held | None = None
+    ) -> dict[str, Any] | None:
+        """Write the trial's state now (or its ``held`` copy, weights only) and upload this
+        rank's part; rank 0's reply once every rank's part is in storage."""
         import pyarrow.fs
         import torch.distributed as dist
 
         from trainers import metrics as M
 
         s = run.state
-        uri = f"{command.prefix}/{checkpoint_name(s.step)}"
+        step = held.step if held else s.step
+        uri = f"{command.prefix}/{checkpoint_name(step)}"
         figures: dict[str, float] = {}
         started = time.perf_counter()
-        if self.rank == 0 or s.engine.every_rank_saves:
-            with tempfile.TemporaryDirectory(prefix=f"tunefleet-step{s.step}-") as tmp:
-                figures = save_state(tmp, run.worker, run.cfg, s, report, command.weights_only)
+        if self.rank == 0 or (s.engine.every_rank_saves and held is None):
+            with tempfile.TemporaryDirectory(prefix=f"tunefleet-step{step}-") as tmp:
+                if held is None:
+                    figures = save_state(tmp, run.worker, run.cfg, s, report, command.weights_only)
+                else:
+                    figures = save_held(tmp, run, held)
                 self.filesystem.create_dir(uri, recursive=True)
                 pyarrow.fs.copy_files(
                     tmp,
@@ -141,6 +170,7 @@ def serve(config: dict[str, Any]) -> None:
     worker = Worker(base, ctx)
     run: TrialRun | None = None
     report: dict[str, Any] = {}
+    held: Held | None = None
     for seq in itertools.count():
         command = None
         while command is None:
@@ -150,7 +180,7 @@ def serve(config: dict[str, Any]) -> None:
                 return
             result: Any = None
             if isinstance(command, Start):
-                run = None
+                run, held = None, None
                 gc.collect()
                 cfg = command.cfg
                 _same_group(base, cfg)
@@ -173,8 +203,19 @@ def serve(config: dict[str, Any]) -> None:
             elif isinstance(command, Save):
                 result = ctx.save(_running(run), report, command)
                 run.progress.since = time.perf_counter()
+            elif isinstance(command, Hold):
+                if ctx.rank == 0:
+                    bare = _running(run).state.model
+                    state = {
+                        k: v.detach().to("cpu", copy=True) for k, v in bare.state_dict().items()
+                    }
+                    held = Held(state, dict(report), run.state.step)
+            elif isinstance(command, SaveHeld):
+                if ctx.rank == 0 and held is None:
+                    raise RuntimeError("warm group: SaveHeld without Hold")
+                result = ctx.save(_running(run), report, Save(command.prefix), held)
             elif isinstance(command, End):
-                run = None
+                run, held = None, None
                 gc.collect()
             if ctx.rank == 0:
                 ray.get(mailbox.reply.remote(seq, result))

@@ -22,6 +22,7 @@ from tune_jobs.trial import checkpoint_layout, checkpoint_location
 
 SUMMARY_FILE = "summary.json"
 EXPORT_DIR = "best_model"
+LEADER_FILE = "leader.json"  # the best checkpoint warm-group trials wrote
 EXPORT_SPEC = "job_spec.yaml"
 EXPORT_METRICS = "metrics.json"
 
@@ -124,13 +125,19 @@ def best_checkpoint_uri(
     raise RuntimeError(f"trial {result.path}: no checkpoint with files left to export")
 
 
-def prune_train_runs(
-    train_storage: str, trials: list[TrialSummary], best: TrialSummary | None
-) -> None:
+def read_leader(run_dir: str) -> dict[str, Any] | None:
+    """The best checkpoint warm-group trials wrote (``tune_jobs.warm.Leaderboard``), if any."""
+    path = storage.join(run_dir, LEADER_FILE)
+    if not storage.exists(path):
+        return None
+    leader = json.loads(storage.read_text(path))
+    return leader if storage.exists(storage.join(leader["uri"], MANIFEST)) else None
+
+
+def prune_train_runs(train_storage: str, trials: list[TrialSummary], keep: set[str]) -> None:
     """Once the sweep is over and exported, a finished trial's checkpoints serve nothing:
-    delete them, except the best trial's. A trial that errored keeps its own (a resumed
-    run retries it from there)."""
-    keep = {best.trial} if best else set()
+    delete them, except those of the trials in ``keep`` (the best, the exported). A trial
+    that errored keeps its own (a resumed run retries it from there)."""
     for trial in trials:
         if trial.status != "ERROR" and trial.trial not in keep:
             storage.delete_dir(storage.join(train_storage, trial.trial))

@@ -193,7 +193,11 @@ def build_tuner(
         train_storage=storage.join(run_dir, "train_runs"),
         resources=res,
         hp_schedule=hp_schedule,
-        leaderboard=Leaderboard.remote(spec.search.resolved_mode) if warm else None,
+        leaderboard=Leaderboard.remote(
+            spec.search.resolved_mode, storage.join(run_dir, results.LEADER_FILE)
+        )
+        if warm
+        else None,
     )
     trainable = tune.with_resources(
         tune.with_parameters(WarmTrial if warm else run_trial, plan=plan), res.trial_bundle()
@@ -387,11 +391,24 @@ def run_job(
         finished = [t for t in trials if t.best.get(metric) is not None]
         best = None
         export = None
+        leader = None
         if finished:
             sign = 1 if mode == "max" else -1
             best = max(finished, key=lambda t: sign * t.best[metric])
             best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
-            if spec.training.save_checkpoints:
+            leader = results.read_leader(run_dir) if spec.training.save_checkpoints else None
+            if leader is not None:
+                # warm-group trials: the best checkpoint written (tune_jobs.warm.WarmTrial)
+                uri, ckpt_metrics = leader["uri"], leader["metrics"]
+                if leader["trial"] != best.trial:
+                    echo(
+                        f"note: {best.trial} reported the best {metric} but its checkpoint "
+                        f"was never written (it failed?); exporting {leader['trial']}'s"
+                    )
+                export = results.export_best(
+                    uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
+                )
+            elif spec.training.save_checkpoints:
                 uri, ckpt_metrics = results.best_checkpoint_uri(
                     best_result, metric, mode, storage_root
                 )
@@ -399,7 +416,8 @@ def run_job(
                     uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
                 )
         if spec.resources.trial_mode == "train":
-            results.prune_train_runs(storage.join(run_dir, "train_runs"), trials, best)
+            keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
+            results.prune_train_runs(storage.join(run_dir, "train_runs"), trials, keep)
         defaults_trial = results.find_defaults_trial(trials, defaults)
         summary = results.build_summary(
             spec,

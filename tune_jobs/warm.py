@@ -42,7 +42,7 @@ from ray.tune.result import DONE, SHOULD_CHECKPOINT
 
 from cluster import storage
 from trainers import metrics as M
-from trainers.serve import End, Exit, Failed, Interval, Save, Start, serve
+from trainers.serve import End, Exit, Failed, Hold, Interval, Save, SaveHeld, Start, serve
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
     POINTER_FILE,
@@ -182,19 +182,45 @@ class WarmGroup:
 
 @ray.remote(num_cpus=0)
 class Leaderboard:
-    """The sweep's best value of the searched metric so far (one per run, shared by trials)."""
+    """What the sweep's export needs, in one place (one per run, shared by the trials).
 
-    def __init__(self, mode: str) -> None:
-        self.mode, self.best = mode, None
+    ``offer``: the best value of the searched metric reported so far (DeepSpeed trials
+    write an evaluation that leads at once). ``improves`` / ``written``: the best
+    checkpoint written so far; ``written`` also records it in ``<run>/leader.json``,
+    which the export reads.
+    """
+
+    def __init__(self, mode: str, path: str | None = None) -> None:
+        import json
+
+        self.mode, self.path = mode, path
+        self.best = None  # best value reported
+        self.leader: dict[str, Any] | None = None  # best checkpoint written
+        if path and storage.exists(path):  # a resumed run: what it wrote before still counts
+            self.leader = json.loads(storage.read_text(path))
+            if not storage.exists(self.leader["uri"]):
+                self.leader = None
 
     def offer(self, value: float) -> bool:
-        """Record ``value`` if it beats the best so far; did it?"""
-        if value is None or value != value:  # None or NaN never leads
-            return False
-        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+        """Record ``value`` if it beats every value reported so far; did it?"""
+        if _better(value, self.best, self.mode):
             self.best = value
             return True
         return False
+
+    def improves(self, value: float) -> bool:
+        """Would a checkpoint with ``value`` beat every checkpoint written so far?"""
+        return _better(value, self.leader["value"] if self.leader else None, self.mode)
+
+    def written(self, trial: str, uri: str, value: float, metrics: dict[str, Any]) -> None:
+        """A checkpoint was written; the best one is the export's."""
+        import json
+
+        if not self.improves(value):
+            return
+        self.leader = {"trial": trial, "uri": uri, "value": value, "metrics": metrics}
+        if self.path:
+            storage.write_text(self.path, json.dumps(self.leader, indent=2, default=str))
 
 
 class WarmTrial(tune.Trainable):
@@ -202,10 +228,12 @@ class WarmTrial(tune.Trainable):
 
     What gets written (``training.checkpoint_every_s``): under pbt/pb2 a full checkpoint
     every interval (exploits copy them). Otherwise a full checkpoint (weights, optimizer,
-    RNG: an exact resume) at most every ``checkpoint_every_s`` seconds, and in between,
-    the weights alone of an evaluation that is the best of the sweep so far (the only
-    ones an export can pick). Whenever Tune itself asks for a checkpoint (a pause), the
-    state is written in full then.
+    RNG: an exact resume) at most every ``checkpoint_every_s`` seconds; and the weights
+    of the trial's best evaluation, held in the workers' memory while it trains and
+    written when the trial ends, only if they beat every checkpoint written before
+    (the export takes the best written: ``<run>/leader.json``). DeepSpeed trials write an
+    evaluation that leads the sweep at once instead. Whenever Tune itself asks for a
+    checkpoint (a pause), the state is written in full then.
     """
 
     def setup(self, config: dict[str, Any], plan: TrialPlan) -> None:
@@ -227,7 +255,8 @@ class WarmTrial(tune.Trainable):
             self.trial = self.trial_name
             self.latest: tuple[str, dict[str, Any]] | None = None  # (URI, metrics) last written
             self.full: str | None = None  # the latest checkpoint to resume from exactly
-            self.records: set[str] = set()  # weights of sweep-best evaluations (export)
+            self.records: set[str] = set()  # written because they led (export candidates)
+            self.held: dict[str, Any] | None = None  # the trial's best report, in memory
             # pbt/pb2: Ray Train's own manager, with the rule a cold trial's run applied
             retention = CheckpointConfig(**checkpoint_retention(self.plan.spec))
             self.kept = _CheckpointManager(retention)
@@ -269,20 +298,56 @@ class WarmTrial(tune.Trainable):
         if self.hp["save_checkpoints"] and self._write(metrics):
             metrics[SHOULD_CHECKPOINT] = True
         if reply["done"]:
+            self._release()
             metrics[DONE] = True
         return metrics
 
     def _write(self, metrics: dict[str, Any]) -> bool:
-        """Write what this evaluation is worth (see the class); was anything written?"""
-        every = self.plan.spec.training.checkpoint_every_s
+        """Write (or hold) what this evaluation is worth (see the class); written now?"""
+        spec = self.plan.spec
+        every = spec.training.checkpoint_every_s
         full = self.pbt or every == 0 or time.monotonic() - self.full_at >= every
         leaderboard = self.plan.leaderboard
-        value = metrics.get(self.plan.spec.search.metric)
-        record = not self.pbt and (leaderboard is None or ray.get(leaderboard.offer.remote(value)))
-        if not (full or record):
-            return False
-        self._save(metrics, full=full, record=record)
-        return True
+        value = metrics.get(spec.search.metric)
+        mode = spec.search.resolved_mode
+        if not self.pbt and spec.distributed.strategy == "deepspeed":
+            # a ZeRO engine's weights are sharded: no held copy; write a leader at once
+            record = leaderboard is None or ray.get(leaderboard.offer.remote(value))
+            if not (full or record):
+                return False
+            uri = self._save(metrics, full=full, record=record)
+            if leaderboard is not None and record:
+                ray.get(leaderboard.written.remote(self.trial_name, uri, value, metrics))
+            return True
+        best = not self.pbt and _better(value, self.held["value"] if self.held else None, mode)
+        uri = self._save(metrics, full=True, record=best) if full else None
+        if best:
+            if uri is None:
+                self.group.call(Hold())  # kept in memory, written at the end if it leads
+            self.held = {"value": value, "metrics": dict(metrics), "uri": uri}
+        return full
+
+    def _release(self) -> None:
+        """The trial is over: write its held best if it beats every checkpoint written."""
+        held, self.held = getattr(self, "held", None), None
+        leaderboard = self.plan.leaderboard
+        if held is None or leaderboard is None or self.group is None or not self.group.alive:
+            return
+        if not self.started or not ray.get(leaderboard.improves.remote(held["value"])):
+            return
+        if held["uri"]:  # written in full when it was evaluated
+            ray.get(
+                leaderboard.written.remote(self.trial, held["uri"], held["value"], held["metrics"])
+            )
+            return
+        _, prefix = storage.resolve(self.start_dir)
+        reply = self.group.call(SaveHeld(prefix))
+        uri = storage.uri_of(
+            self.group.filesystem, reply["checkpoint"], like=self.plan.train_storage
+        )
+        self.records.add(uri)
+        metrics = {**held["metrics"], **{k: v for k, v in reply.items() if k != "checkpoint"}}
+        ray.get(leaderboard.written.remote(self.trial, uri, held["value"], metrics))
 
     def _save(self, metrics: dict[str, Any], full: bool, record: bool = False) -> str:
         """Have the workers write the state as it is now; keep what is still needed."""
@@ -342,14 +407,26 @@ class WarmTrial(tune.Trainable):
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         """The next trial (or an exploit's new hyperparameters) on this actor and its group."""
+        if getattr(self, "trial", None) != self.trial_name:  # the last trial is over
+            self._release()
         if self.group is not None and self.group.alive and self.started:
             self.group.call(End())
         self._begin(new_config)
         return True
 
     def cleanup(self) -> None:
-        if self.group is not None:
-            self.group.close()
+        try:
+            self._release()  # a trial stopped (by the scheduler) as the actor goes
+        finally:
+            if self.group is not None:
+                self.group.close()
+
+
+def _better(value: Any, than: Any, mode: str) -> bool:
+    """Does ``value`` beat ``than`` (None: nothing yet) in ``mode``? None or NaN never does."""
+    if value is None or value != value:
+        return False
+    return than is None or (value > than if mode == "max" else value < than)
 
 
 def next_numbered(folder: str, prefix: str) -> str:
