@@ -69,6 +69,33 @@ class Engine(Protocol):
         is built (``trainers.loop.build_state``). Returns a line for the log."""
 
 
+def write_checkpoint(
+    folder: str,
+    meta: CheckpointMeta,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    layout: str,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """``trainers.checkpoint.save_checkpoint`` with what the loop knows (``meta``)."""
+    save_checkpoint(
+        folder,
+        model=unwrap(model),
+        tokenizer=meta.tokenizer,
+        optimizer=optimizer,
+        step=meta.step,
+        epoch=meta.epoch,
+        hparams=meta.hp.to_dict(),
+        metrics=meta.metrics,
+        layout=layout,
+        trained=meta.trained,
+        base_model=meta.base_model,
+        label_names=meta.label_names,
+        extra=extra,
+        weights_only=meta.weights_only and layout != "deepspeed",
+    )
+
+
 def requires_grad_names(model: Any) -> list[str]:
     """Names of the parameters that train now, sorted."""
     return sorted(n for n, p in unwrap(model).named_parameters() if p.requires_grad)
@@ -110,21 +137,8 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, folder: str, meta: CheckpointMeta) -> None:
-        save_checkpoint(
-            folder,
-            model=unwrap(self.model),
-            tokenizer=meta.tokenizer,
-            optimizer=self.optimizer,
-            step=meta.step,
-            epoch=meta.epoch,
-            hparams=meta.hp.to_dict(),
-            metrics=meta.metrics,
-            layout="trained" if self.layout == "trained" else "full",
-            trained=meta.trained,
-            base_model=meta.base_model,
-            label_names=meta.label_names,
-            weights_only=meta.weights_only,
-        )
+        layout = "trained" if self.layout == "trained" else "full"
+        write_checkpoint(folder, meta, self.model, self.optimizer, layout)
 
     def load(self, folder: str) -> str:
         if not os.path.exists(os.path.join(folder, STATE_FILE)):
@@ -183,25 +197,12 @@ class DeepSpeedEngine:
         ds_engine.save(self.model, folder)  # a collective: every rank writes its shards
         if self.rank != 0:
             return
-        save_checkpoint(
-            folder,
-            model=unwrap(self.model),
-            tokenizer=meta.tokenizer,
-            optimizer=self.optimizer,
-            step=meta.step,
-            epoch=meta.epoch,
-            hparams=meta.hp.to_dict(),
-            metrics=meta.metrics,
-            layout="deepspeed",
-            trained=meta.trained,
-            base_model=meta.base_model,
-            label_names=meta.label_names,
-            extra={
-                "world_size": self.world_size,
-                "zero_stage": self.settings.zero_stage,
-                "trainable": requires_grad_names(self.model),
-            },
-        )
+        extra = {
+            "world_size": self.world_size,
+            "zero_stage": self.settings.zero_stage,
+            "trainable": requires_grad_names(self.model),
+        }
+        write_checkpoint(folder, meta, self.model, self.optimizer, "deepspeed", extra)
 
     def load(self, folder: str) -> str:
         ds_engine.load(self.model, folder)
