@@ -232,10 +232,19 @@ def load_trainer_state(path: str, optimizer: torch.optim.Optimizer) -> tuple[int
     """
     state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
     kept, fresh = load_optimizer_state_by_name(optimizer, state["optimizer_by_name"])
+    _set_rng(state)
+    return kept, fresh
+
+
+def restore_rng(path: str) -> None:
+    """The RNG state of a checkpoint's ``trainer_state.pt`` (its optimizer state left alone)."""
+    _set_rng(torch.load(os.path.join(path, STATE_FILE), weights_only=False))
+
+
+def _set_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
-    return kept, fresh
 
 
 def materialize(path: str, dest: str) -> None:

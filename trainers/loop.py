@@ -1,8 +1,9 @@
 """The training loop, in parts a newcomer can read one at a time.
 
-``train_loop_per_worker`` is what a Ray Train ``TorchTrainer`` runs on each
-worker; ``train_loop`` is the same loop for any ``WorkerContext`` (a plain
-process in tests). The config is a ``trainers.config.WorkerConfig``.
+``train_loop`` runs one trial for any ``WorkerContext`` (a plain process in
+tests, a single-process Tune trial); a warm worker group's workers
+(``trainers.serve``) call the same parts for trial after trial. The config is a
+``trainers.config.WorkerConfig``.
 
 The parts, in the order a trial meets them:
 
@@ -17,16 +18,12 @@ The parts, in the order a trial meets them:
                     function of the step, ``trainers.optim.lr_at``)
     TrialRun.evaluate_and_report
                     evaluation, early stopping, the report and its checkpoint
-
-``train_loop`` strings them together in a few lines; a warm worker group
-(``tune_jobs.warm``) calls the same parts for trial after trial.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -44,12 +41,19 @@ from trainers.checkpoint import (
     load_weights,
     optimizer_state_by_name,
     read_manifest,
+    restore_rng,
     trained_params,
     weights_fingerprint,
 )
 from trainers.config import HParams, WorkerConfig
 from trainers.data import Splits, batches, length_grouped_order, shard, tokenize
-from trainers.engine import CheckpointMeta, DeepSpeedEngine, Engine, build_engine
+from trainers.engine import (
+    CheckpointMeta,
+    DeepSpeedEngine,
+    Engine,
+    build_engine,
+    write_checkpoint,
+)
 from trainers.model import (
     LayerMap,
     ModelError,
@@ -61,13 +65,7 @@ from trainers.model import (
     unwrap,
 )
 from trainers.optim import build_optimizer, lr_at, lr_scale_by_name, set_lr
-from trainers.report import LocalContext, RayTrainContext, WorkerContext
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point for a Ray Train worker."""
-    cfg = WorkerConfig.from_dict(config)
-    train_loop(cfg, RayTrainContext(resume_from=cfg.resume_from))
+from trainers.report import LocalContext, WorkerContext
 
 
 def train_loop(config: WorkerConfig | dict[str, Any], ctx: WorkerContext) -> None:
@@ -330,17 +328,18 @@ def build_state(
     manifest: dict[str, Any] | None = None,
     live: TrainState | None = None,
 ) -> tuple[TrainState, str]:
-    """The training state for ``hp`` at ``step``, and a line for the log on what it kept, from one of three sources of weights:
+    """The training state for ``hp`` at ``step``, and a line for the log on what it kept.
 
-        - the base model (a new trial);
-        - ``restore``, a checkpoint folder (a fault restore, a PBT exploit, a resume);
-        - ``live``, the state training now (a replay switch, a gradual-unfreeze step):
-          its weights and AdamW moments carry over, by parameter name.
+    The weights come from one of three sources:
+
+    - the base model (a new trial);
+    - ``restore``, a checkpoint folder (a fault restore, a PBT exploit, a resume);
+    - ``live``, the state training now (a replay switch, a gradual-unfreeze step):
+      its weights and AdamW moments carry over, by parameter name.
 
     The weights are loaded before the engine is built (a DeepSpeed engine copies
-    them into its partitions); the engine then loads its own state.
-
-        The LR needs nothing restored: it is ``lr_at(hp, step)``, written on every step.
+    them into its partitions); the engine then loads its own state. The LR needs
+    nothing restored: it is ``lr_at(hp, step)``, written on every step.
     """
     ctx = worker.ctx
     moments: dict[str, Any] = {}
@@ -402,10 +401,7 @@ def build_state(
 
 def _rng_only(restore: str) -> str:
     """A DeepSpeed restore into an engine of another shape: the RNG state, and say so."""
-    from trainers.checkpoint import STATE_FILE
-
-    saved = torch.load(os.path.join(restore, STATE_FILE), weights_only=False)
-    torch.set_rng_state(saved["torch_rng"])
+    restore_rng(restore)
     return (
         "module weights only (the trainable set, world size, ZeRO stage or strategy changed): "
         "the DeepSpeed optimizer was rebuilt and starts fresh"
@@ -708,52 +704,47 @@ def save_state(
     for an exact resume (DeepSpeed writes its engine's checkpoint either way).
     """
     started = time.perf_counter()
-    state.engine.save(
-        folder,
-        CheckpointMeta(
-            tokenizer=worker.tokenizer,
-            step=state.step,
-            epoch=report[M.EPOCH],
-            hp=state.hp,
-            metrics=report,
-            trained=frozenset(state.trained),
-            base_model=cfg.model,
-            label_names=worker.data.label_names,
-            weights_only=weights_only,
-        ),
-    )
-    if worker.ctx.rank != 0:
-        return {}
-    return {
-        M.CHECKPOINT_MB: folder_bytes(folder) / 2**20,
-        M.CHECKPOINT_SECONDS: time.perf_counter() - started,
-    }
+    meta = _checkpoint_meta(worker, cfg, state, report, state.step, weights_only)
+    state.engine.save(folder, meta)
+    return _written(folder, started) if worker.ctx.rank == 0 else {}
 
 
 def save_held(folder: str, run: TrialRun, held: Any) -> dict[str, float]:
     """Write a held copy of a trial's weights (``trainers.serve.Held``) as a weights-only
     checkpoint: the base model with the trial's dropout, the copy loaded over it."""
-    from trainers.checkpoint import save_checkpoint
-
     started = time.perf_counter()
-    worker, cfg, hp = run.worker, run.cfg, run.state.hp
-    model = worker.models.fresh(hp)
+    worker, state = run.worker, run.state
+    model = worker.models.fresh(state.hp)
     model.load_state_dict(held.state)
-    save_checkpoint(
-        folder,
-        model=model,
+    layout = "trained" if run.cfg.checkpoint_weights == "trained" else "full"
+    meta = _checkpoint_meta(worker, run.cfg, state, held.report, held.step, weights_only=True)
+    write_checkpoint(folder, meta, model, None, layout)
+    return _written(folder, started)
+
+
+def _checkpoint_meta(
+    worker: Worker,
+    cfg: WorkerConfig,
+    state: TrainState,
+    report: dict[str, Any],
+    step: int,
+    weights_only: bool,
+) -> CheckpointMeta:
+    return CheckpointMeta(
         tokenizer=worker.tokenizer,
-        optimizer=None,
-        step=held.step,
-        epoch=held.report[M.EPOCH],
-        hparams=hp.to_dict(),
-        metrics=held.report,
-        layout="trained" if cfg.checkpoint_weights == "trained" else "full",
-        trained=run.state.trained,
+        step=step,
+        epoch=report[M.EPOCH],
+        hp=state.hp,
+        metrics=report,
+        trained=frozenset(state.trained),
         base_model=cfg.model,
         label_names=worker.data.label_names,
-        weights_only=True,
+        weights_only=weights_only,
     )
+
+
+def _written(folder: str, started: float) -> dict[str, float]:
+    """The size of a checkpoint just written, and the seconds it took (for its report)."""
     return {
         M.CHECKPOINT_MB: folder_bytes(folder) / 2**20,
         M.CHECKPOINT_SECONDS: time.perf_counter() - started,

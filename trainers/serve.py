@@ -199,10 +199,8 @@ def serve(config: dict[str, Any]) -> None:
                     "metrics": {**report, M.WORKER_NODES: ctx.node_ids},
                     "done": run.done,
                 }
-                run.progress.since = time.perf_counter()  # waiting for commands is not training
             elif isinstance(command, Save):
                 result = ctx.save(_running(run), report, command)
-                run.progress.since = time.perf_counter()
             elif isinstance(command, Hold):
                 if ctx.rank == 0:
                     bare = _running(run).state.model
@@ -219,6 +217,8 @@ def serve(config: dict[str, Any]) -> None:
                 gc.collect()
             if ctx.rank == 0:
                 ray.get(mailbox.reply.remote(seq, result))
+            if run is not None:  # serving and awaiting commands is not training time
+                run.progress.since = time.perf_counter()
         except BaseException:
             if ctx.rank == 0:
                 ray.get(mailbox.reply.remote(seq, Failed(traceback.format_exc(limit=8))))

@@ -53,7 +53,8 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k in keep}
 
 
-def _better(a: float, b: float, mode: str) -> bool:
+def better(a: float, b: float | None, mode: str) -> bool:
+    """Does ``a`` beat ``b`` in ``mode`` (a missing or NaN ``b`` is beaten by anything)?"""
     if b is None or (isinstance(b, float) and math.isnan(b)):
         return True
     return a > b if mode == "max" else a < b
@@ -79,7 +80,7 @@ def summarize_trial(
     rows = [r for r in rows if metric in r]
     best: dict[str, Any] = {}
     for row in rows:
-        if row.get(metric) is not None and _better(row[metric], best.get(metric), mode):
+        if row.get(metric) is not None and better(row[metric], best.get(metric), mode):
             best = row
     last = rows[-1] if rows else {}
     step, total = last.get(M.STEP), last.get(M.TOTAL_STEPS)

@@ -193,11 +193,7 @@ def build_tuner(
         train_storage=storage.join(run_dir, "train_runs"),
         resources=res,
         hp_schedule=hp_schedule,
-        leaderboard=Leaderboard.remote(
-            spec.search.resolved_mode, storage.join(run_dir, results.LEADER_FILE)
-        )
-        if warm
-        else None,
+        leaderboard=Leaderboard.remote(spec.search.resolved_mode, run_dir) if warm else None,
     )
     trainable = tune.with_resources(
         tune.with_parameters(WarmTrial if warm else run_trial, plan=plan), res.trial_bundle()
@@ -405,13 +401,11 @@ def run_job(
                         f"note: {best.trial} reported the best {metric} but its checkpoint "
                         f"was never written (it failed?); exporting {leader['trial']}'s"
                     )
-                export = results.export_best(
-                    uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
-                )
             elif spec.training.save_checkpoints:
                 uri, ckpt_metrics = results.best_checkpoint_uri(
                     best_result, metric, mode, storage_root
                 )
+            if spec.training.save_checkpoints:
                 export = results.export_best(
                     uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
                 )

@@ -80,17 +80,6 @@ def checkpoint_layout(spec: JobSpec) -> str:
     return spec.training.checkpoint_weights
 
 
-def train_run_name(train_storage: str, trial_name: str) -> str:
-    """A fresh Train run name for this start of the trial.
-
-    A Train run whose (storage, name) exists is resumed by Ray, so every start
-    (first start, fault restore, PBT exploit) needs its own name; counting the
-    earlier ones keeps the name deterministic.
-    """
-    taken = [n for n in storage.list_names(train_storage) if n.startswith(f"{trial_name}-start")]
-    return f"{trial_name}-start{len(taken)}"
-
-
 def read_pointer(checkpoint_dir: str) -> dict[str, Any]:
     """The pointer a Tune checkpoint holds (``uri`` of the Train checkpoint, ``step``, ...)."""
     with open(os.path.join(checkpoint_dir, POINTER_FILE)) as fh:

@@ -14,11 +14,10 @@ once per worker per sweep.
     Tune --step()--> WarmTrial --Interval--> Mailbox <--poll-- workers (serve)
          <--metrics--          <--reply---          --reply--> (rank 0)
 
-Checkpoints: the workers write each evaluation's checkpoint straight to
-storage (``<train_storage>/<trial>/start<k>/checkpoint_<step>``); Tune holds a
-pointer of a few bytes to it (``tune_jobs.trial.POINTER_FILE``). The trainable
-keeps the trial's checkpoints by the same rule Ray Train applied to a cold
-trial's run (``checkpoint_retention``), with Ray Train's own checkpoint manager.
+Checkpoints: the trainable decides what each evaluation is worth (see
+``WarmTrial``); the workers write it straight to storage
+(``<train_storage>/<trial>/start<k>/checkpoint_<step>``) and Tune holds a
+pointer of a few bytes to it (``tune_jobs.trial.POINTER_FILE``).
 
 A group whose workers died (an error in a command, a killed process) is
 closed and a new one is built for the next command; the failing trial errors
@@ -43,6 +42,7 @@ from ray.tune.result import DONE, SHOULD_CHECKPOINT
 from cluster import storage
 from trainers import metrics as M
 from trainers.serve import End, Exit, Failed, Hold, Interval, Save, SaveHeld, Start, serve
+from tune_jobs.results import LEADER_FILE, better, read_leader
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
     POINTER_FILE,
@@ -190,16 +190,12 @@ class Leaderboard:
     which the export reads.
     """
 
-    def __init__(self, mode: str, path: str | None = None) -> None:
-        import json
-
-        self.mode, self.path = mode, path
+    def __init__(self, mode: str, run_dir: str | None = None) -> None:
+        self.mode = mode
+        self.path = storage.join(run_dir, LEADER_FILE) if run_dir else None
         self.best = None  # best value reported
-        self.leader: dict[str, Any] | None = None  # best checkpoint written
-        if path and storage.exists(path):  # a resumed run: what it wrote before still counts
-            self.leader = json.loads(storage.read_text(path))
-            if not storage.exists(self.leader["uri"]):
-                self.leader = None
+        # best checkpoint written; a resumed run's earlier one still counts
+        self.leader: dict[str, Any] | None = read_leader(run_dir) if run_dir else None
 
     def offer(self, value: float) -> bool:
         """Record ``value`` if it beats every value reported so far; did it?"""
@@ -345,7 +341,6 @@ class WarmTrial(tune.Trainable):
         uri = storage.uri_of(
             self.group.filesystem, reply["checkpoint"], like=self.plan.train_storage
         )
-        self.records.add(uri)
         metrics = {**held["metrics"], **{k: v for k, v in reply.items() if k != "checkpoint"}}
         ray.get(leaderboard.written.remote(self.trial, uri, held["value"], metrics))
 
@@ -424,9 +419,7 @@ class WarmTrial(tune.Trainable):
 
 def _better(value: Any, than: Any, mode: str) -> bool:
     """Does ``value`` beat ``than`` (None: nothing yet) in ``mode``? None or NaN never does."""
-    if value is None or value != value:
-        return False
-    return than is None or (value > than if mode == "max" else value < than)
+    return value is not None and value == value and better(value, than, mode)
 
 
 def next_numbered(folder: str, prefix: str) -> str:
