@@ -40,6 +40,7 @@ from trainers.model import build_tokenizer  # noqa: E402
 HP = {**LOOP_HP, "save_checkpoints": False}  # the loop check's hyperparameters
 ZERO2_BF16 = {
     "strategy": "deepspeed",
+    "precision": "auto",
     "activation_checkpointing": False,
     "deepspeed": {
         "zero_stage": 2,

@@ -115,6 +115,7 @@ class Distributed:
     """How the workers train together (``distributed`` of the spec)."""
 
     strategy: Literal["ddp", "deepspeed"]
+    precision: Literal["auto", "bf16", "fp32"]  # DDP and single-process (trainers.precision)
     activation_checkpointing: bool
     deepspeed: DeepSpeedSettings
 

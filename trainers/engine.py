@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from trainers import ds_engine
+from trainers import ds_engine, precision
 from trainers.checkpoint import STATE_FILE, load_trainer_state, save_checkpoint
 from trainers.config import HParams, WorkerConfig
 from trainers.model import unwrap
@@ -53,6 +53,9 @@ class Engine(Protocol):
     model: Any  # what the forward pass runs on (DDP wrapper, DeepSpeed engine, bare model)
     optimizer: torch.optim.Optimizer  # tunefleet's AdamW (the LR is written on its groups)
     every_rank_saves: bool  # does every rank write part of a checkpoint?
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context every forward pass runs in, evaluation included (the precision)."""
 
     def backward(self, batch: Mapping[str, torch.Tensor], divisor: int, last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; ``last`` closes the accumulation group.
@@ -113,19 +116,25 @@ class DDPEngine:
         cfg: WorkerConfig,
         hp: HParams,
         ctx: WorkerContext,
+        arithmetic: precision.Precision = "fp32",
     ) -> None:
         self.model = ctx.prepare_model(model)  # to the device; DDP when world_size > 1
         self.model.train()
         self.optimizer = optimizer
         self.max_grad_norm = hp.max_grad_norm
         self.layout = cfg.checkpoint_weights
+        self.arithmetic, self.device = arithmetic, ctx.device
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return precision.autocast(self.arithmetic, self.device)
 
     def backward(self, batch: Mapping[str, torch.Tensor], divisor: int, last: bool) -> torch.Tensor:
         # Gradients are all-reduced only on the group's last micro-batch.
         sync = last or not hasattr(self.model, "no_sync")
         with torch.enable_grad(), contextlib.nullcontext() if sync else self.model.no_sync():
-            loss = self.model(**batch).loss / divisor
+            with self.autocast():  # the forward only: backward follows the forward's dtypes
+                loss = self.model(**batch).loss / divisor
             loss.backward()
         return loss.detach()
 
@@ -159,7 +168,9 @@ class DeepSpeedEngine:
         cfg: WorkerConfig,
         hp: HParams,
         ctx: WorkerContext,
+        arithmetic: precision.Precision = "fp32",
     ) -> None:
+        del arithmetic  # the engine's own bf16/fp16 config (distributed.deepspeed.precision)
         self.settings = cfg.distributed.deepspeed
         self.world_size = ctx.world_size
         self.rank = ctx.rank
@@ -168,6 +179,9 @@ class DeepSpeedEngine:
             model, optimizer, hp.to_dict(), self.settings.to_dict(), ctx.world_size, ctx.device
         )
         self.model.train()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # the engine casts its weights itself
 
     @staticmethod
     def resumes(
@@ -215,7 +229,9 @@ def build_engine(
     cfg: WorkerConfig,
     hp: HParams,
     ctx: WorkerContext,
+    arithmetic: precision.Precision = "fp32",
 ) -> Engine:
-    """The engine ``distributed.strategy`` names, over a model that holds its weights."""
+    """The engine ``distributed.strategy`` names, over a model that holds its weights;
+    ``arithmetic``: the resolved ``distributed.precision`` (DDP only)."""
     cls = DeepSpeedEngine if cfg.deepspeed else DDPEngine
-    return cls(model, optimizer, cfg, hp, ctx)
+    return cls(model, optimizer, cfg, hp, ctx, arithmetic)

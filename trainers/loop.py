@@ -22,18 +22,21 @@ The parts, in the order a trial meets them:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trainers import ds_engine
+from trainers import ds_engine, precision
 from trainers import metrics as M
 from trainers.checkpoint import (
     folder_bytes,
@@ -241,6 +244,15 @@ class Worker:
         self.models = BaseModels(self.model_path, self.data.label_names, cfg.seed)
         if cfg.deepspeed:
             ds_engine.use_cpu_accelerator(ctx.device)
+        # DDP's arithmetic, resolved on this worker's own device (auto: bf16 where native)
+        self.precision = precision.resolve(cfg.distributed.precision, ctx.device)
+        if not cfg.deepspeed:
+            _log(
+                ctx,
+                cfg,
+                f"precision {self.precision} (distributed.precision: "
+                f"{cfg.distributed.precision}, device {ctx.device})",
+            )
 
     def start(self, cfg: WorkerConfig, restore: str | None) -> TrialRun:
         """A trial's first state: the base model at step 0, or a checkpoint's step."""
@@ -373,7 +385,7 @@ def build_state(
         load_weights(restore, model)
     optimizer = build_optimizer(model, hp, lr_scale)
     kept, fresh = load_optimizer_state_by_name(optimizer, moments)
-    engine = build_engine(model, optimizer, cfg, hp, ctx)
+    engine = build_engine(model, optimizer, cfg, hp, ctx, worker.precision)
     note = f"optimizer state kept for {kept} tensors, {fresh} start fresh"
     if restore:
         note = engine.load(restore) if whole or not cfg.deepspeed else _rng_only(restore)
@@ -575,6 +587,7 @@ class TrialRun:
             s.hp.per_device_eval_batch_size,
             data.pad_id,
             ctx.device,
+            s.engine.autocast,
         )
         report = {
             M.TRAIN_LOSS: train_loss,
@@ -628,15 +641,18 @@ def evaluate(
     batch_size: int,
     pad_id: int,
     device: Any = "cpu",
+    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro F1 on this rank's rows, all-reduced across ranks."""
+    """Loss, accuracy and macro F1 on this rank's rows, all-reduced across ranks; the
+    forward passes run in ``autocast()`` (the engine's precision)."""
     model.eval()
     confusion = torch.zeros((n_labels, n_labels), dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
         for cpu_batch in batches(ids, labels, range(len(ids)), batch_size, pad_id):
             batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            logits = model(**batch).logits.float()
+            with autocast():
+                logits = model(**batch).logits.float()
             loss_sum += torch.nn.functional.cross_entropy(
                 logits, batch["labels"], reduction="sum"
             ).double()

@@ -483,6 +483,13 @@ class DistributedSpec(_Section):
         description="ddp: PyTorch DistributedDataParallel; deepspeed: a DeepSpeed engine "
         "(ZeRO), configured from the trial's hyperparameters.",
     )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Arithmetic of ddp trials (and single_process ones): bf16 autocast (fp32 "
+        "weights and optimizer, bf16 matrix products) or fp32. auto: bf16 where the device "
+        "does bf16 natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), else "
+        "fp32. DeepSpeed trials use distributed.deepspeed.precision instead.",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Recompute activations in the backward pass (less memory, about a third "
@@ -827,6 +834,15 @@ def _check_deepspeed(
     from trainers.ds_config import CONTROLLED, conflicts, flatten, generated_config
 
     ds, problems = dist.deepspeed, []
+    if dist.precision != "auto":
+        problems.append(
+            Problem(
+                "distributed.precision",
+                dist.precision,
+                "applies to ddp trials; a DeepSpeed engine keeps its own precision: set "
+                f"distributed.deepspeed.precision: {dist.precision} and leave this key out",
+            )
+        )
     if isinstance(res, ResourcesSpec) and res.trial_mode == "single_process":
         problems.append(
             Problem(

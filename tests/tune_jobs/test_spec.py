@@ -274,6 +274,11 @@ DEEPSPEED_BROKEN = [
     ),
     (_ds(precision="fp16"), "distributed.deepspeed.precision", "use bf16 or fp32"),
     (
+        {"distributed": {**DS["distributed"], "precision": "bf16"}},
+        "distributed.precision",
+        "distributed.deepspeed.precision: bf16",
+    ),
+    (
         {**DS, "resources": {"trial_mode": "single_process"}},
         "distributed.strategy",
         "trial_mode: train",
