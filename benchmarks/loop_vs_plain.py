@@ -2,13 +2,19 @@
 
 Issue 11's target: training throughput inside a trial at least 0.95x a plain loop
 on the same threads. Both train all-MiniLM-L6-v2 on the same Rotten Tomatoes rows,
-in the same order of rows, batch 16, max length 64, fp32, fused AdamW, gradient
-clipping at 1.0, a linear schedule with 10% warmup, in this one process:
+in the same order of rows, batch 16, max length 64, fused AdamW, gradient
+clipping at 1.0, a linear schedule with 10% warmup, in this one process, at both
+precisions (the arithmetic is the same on both sides of each comparison):
 
 * plain: nanoGPT's shape; the tokenizer pads each batch; ``lr`` set every step;
+  fp32, or its forward under ``torch.autocast(bfloat16)``;
 * tunefleet: ``trainers.loop.run_local`` with the config a trial gets
-  (``tune_jobs.trial.loop_config``), evaluating on 64 rows twice and, with
-  ``--checkpoints``, saving a checkpoint at each evaluation as a trial does.
+  (``tune_jobs.trial.loop_config``), ``distributed.precision`` fp32 or bf16,
+  evaluating on 64 rows twice and, with ``--checkpoints``, saving a checkpoint at
+  each evaluation as a trial does.
+
+bf16 is measured where the CPU does it natively (``trainers.precision``), which is
+where tunefleet's default (``auto``) picks it.
 
 Printed for each: training samples/s over the last ``steps/2`` steps (warm-up
 excluded; tunefleet's own figure for its second evaluation window, which leaves
@@ -33,7 +39,7 @@ from trainers import metrics as M
 BATCH, LENGTH, LR = 16, 64, 5e-5
 
 
-def spec_for(steps: int, checkpoints: bool):
+def spec_for(steps: int, checkpoints: bool, precision: str = "fp32"):
     from tune_jobs.spec import parse_spec
 
     return parse_spec(
@@ -53,12 +59,13 @@ def spec_for(steps: int, checkpoints: bool):
             },
             "scheduler": {"type": "fifo", "time_attr": "step"},
             "resources": {"trial_mode": "single_process"},
+            "distributed": {"precision": precision},
             "run": {"name": "loop-vs-plain"},
         }
     )
 
 
-def plain_loop(splits, model_path: str, steps: int, seed: int) -> float:
+def plain_loop(splits, model_path: str, steps: int, seed: int, precision: str = "fp32") -> float:
     """Training samples/s of the plain loop over its last steps/2 steps."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -92,7 +99,8 @@ def plain_loop(splits, model_path: str, steps: int, seed: int) -> float:
         batch["labels"] = torch.tensor([labels[i] for i in rows])
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step)
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
@@ -132,17 +140,24 @@ def main() -> None:
     from trainers.model import resolve_model_path
 
     torch.set_num_threads(args.threads)
-    spec = spec_for(args.steps, args.checkpoints)
-    splits = load_splits(spec.data.model_dump(), seed=0)
-    path = resolve_model_path(spec.model.name_or_path)
+    from trainers.precision import native_bf16
+
+    torch.set_num_threads(args.threads)
+    precisions = ["fp32"] + (["bf16"] if native_bf16("cpu") else [])
+    specs = {p: spec_for(args.steps, args.checkpoints, p) for p in precisions}
+    splits = load_splits(specs["fp32"].data.model_dump(), seed=0)
+    path = resolve_model_path(specs["fp32"].model.name_or_path)
     # Alternated, best of --rounds each: this machine's speed drifts within minutes.
-    plains, windows, wholes = [], [], []
+    runs: dict[str, dict[str, list[float]]] = {
+        p: {"plain": [], "tunefleet": [], "whole": []} for p in precisions
+    }
     for _ in range(args.rounds):
-        plains.append(plain_loop(splits, path, args.steps, 0))
-        window, whole = tunefleet_loop(spec, splits, args.threads)
-        windows.append(window)
-        wholes.append(whole)
-    plain, window, whole = max(plains), max(windows), max(wholes)
+        for p in precisions:
+            runs[p]["plain"].append(plain_loop(splits, path, args.steps, 0, p))
+            window, whole = tunefleet_loop(specs[p], splits, args.threads)
+            runs[p]["tunefleet"].append(window)
+            runs[p]["whole"].append(whole)
+    best = {p: {k: max(v) for k, v in r.items()} for p, r in runs.items()}
     figures = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
         "torch": torch.__version__,
@@ -150,20 +165,32 @@ def main() -> None:
         "steps": args.steps,
         "threads": args.threads,
         "checkpoints": args.checkpoints,
-        "plain_samples_s": round(plain, 1),
-        "tunefleet_samples_s": round(window, 1),
-        "tunefleet_whole_call_samples_s": round(whole, 1),
-        "ratio": round(window / plain, 3),
-        "rounds": {"plain": plains, "tunefleet": windows},
+        **{
+            p: {
+                "plain_samples_s": round(b["plain"], 1),
+                "tunefleet_samples_s": round(b["tunefleet"], 1),
+                "tunefleet_whole_call_samples_s": round(b["whole"], 1),
+                "ratio": round(b["tunefleet"] / b["plain"], 3),
+                "rounds": runs[p],
+            }
+            for p, b in best.items()
+        },
     }
     print(
-        f"MiniLM-L6, batch {BATCH}, max length {LENGTH}, fp32, {args.threads} threads, "
-        f"{args.steps} steps; training samples/s over the last {args.steps - args.steps // 2}:\n"
-        f"  plain PyTorch loop   {plain:7.1f}\n"
-        f"  tunefleet loop       {window:7.1f}  ({window / plain:.2f}x plain)\n"
-        f"  tunefleet, whole run_local call (set-up, evaluations"
-        f"{', checkpoints' if args.checkpoints else ''} included): {whole:.1f}"
+        f"MiniLM-L6, batch {BATCH}, max length {LENGTH}, {args.threads} threads, "
+        f"{args.steps} steps; training samples/s over the last {args.steps - args.steps // 2}:"
     )
+    for p, b in best.items():
+        print(
+            f"  {p}: plain PyTorch loop {b['plain']:7.1f}   tunefleet loop {b['tunefleet']:7.1f}"
+            f"  ({b['tunefleet'] / b['plain']:.2f}x plain)   whole run_local call (set-up, "
+            f"evaluations{', checkpoints' if args.checkpoints else ''}): {b['whole']:.1f}"
+        )
+    if "bf16" in best:
+        print(
+            f"  tunefleet's default here (auto = bf16) vs the plain fp32 loop: "
+            f"{best['bf16']['tunefleet'] / best['fp32']['plain']:.2f}x"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(figures, fh, indent=2)

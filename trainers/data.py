@@ -336,23 +336,6 @@ def shard(indices: Sequence[int], rank: int, world_size: int, equal: bool) -> li
     return items[rank::world_size]
 
 
-def length_grouped_order(lengths: Sequence[int], batch_size: int, generator: Any) -> list[int]:
-    """A shuffled order whose batches hold rows of similar length (less padding).
-
-    As transformers' ``group_by_length``: shuffle, cut into mega-batches of 50
-    batches, sort each by length (longest first), then shuffle the batches.
-    """
-    import torch
-
-    perm = torch.randperm(len(lengths), generator=generator).tolist()
-    mega = batch_size * 50
-    ordered = []
-    for start in range(0, len(perm), mega):
-        ordered += sorted(perm[start : start + mega], key=lambda i: -lengths[i])
-    chunks = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    return [i for k in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[k]]
-
-
 def batches(
     ids: Sequence[Sequence[int]],
     labels: Sequence[int],

@@ -49,7 +49,7 @@ from trainers.checkpoint import (
     weights_fingerprint,
 )
 from trainers.config import HParams, WorkerConfig
-from trainers.data import Splits, batches, length_grouped_order, shard, tokenize
+from trainers.data import Splits, batches, shard, tokenize
 from trainers.engine import (
     CheckpointMeta,
     DeepSpeedEngine,
@@ -475,7 +475,13 @@ def epoch_micro_batches(
     generator = torch.Generator().manual_seed(seed + epoch)
     micro = hp.per_device_train_batch_size
     if hp.group_by_length:
-        order = length_grouped_order([len(x) for x in data.train_ids], micro, generator)
+        # transformers' own grouping (the Trainer's group_by_length): shuffled mega-batches
+        # of up to 50 batches, each sorted by length, the longest batch first
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = get_length_grouped_indices(
+            [len(x) for x in data.train_ids], micro, generator=generator
+        )
     else:
         order = torch.randperm(len(data.train_ids), generator=generator).tolist()
     return list(batches(data.train_ids, data.train_labels, order, micro, data.pad_id))

@@ -46,8 +46,8 @@ def build_model(path: str, label_names: list[str], hp: dict[str, Any] | None = N
     """A sequence-classification model with a fresh head for ``label_names``.
 
     The trial's dropout is written into the config before the model is built.
-    fp32 weights: on CPU workers bf16 matmuls are slow and the optimizer needs
-    fp32 master weights anyway.
+    fp32 weights: AdamW needs fp32 master weights at fine-tuning learning rates; bf16
+    arithmetic, where used, is autocast around the forward (``trainers.precision``).
     """
     from transformers import AutoModelForSequenceClassification
 

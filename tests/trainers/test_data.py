@@ -143,25 +143,35 @@ def test_batches_pad_to_the_longest_row():
     assert batch["input_ids"][1].tolist() == [4, 0, 0]
 
 
-def test_length_grouped_order_is_a_permutation_with_less_padding():
+def test_an_epochs_batches_hold_every_row_once_with_less_padding_when_grouped():
+    """group_by_length (transformers' get_length_grouped_indices): the same rows, the same
+    order for the same seed and epoch (every rank), a new order next epoch, less padding."""
     import random
 
-    import torch
-
-    from trainers.data import length_grouped_order
+    from tests.conftest import worker_config
+    from trainers.config import HParams
+    from trainers.loop import WorkerData, epoch_micro_batches
 
     rng = random.Random(0)
-    lengths = [rng.randint(5, 60) for _ in range(640)]
-    order = length_grouped_order(lengths, 16, torch.Generator().manual_seed(0))
-    assert sorted(order) == list(range(640))
-    again = length_grouped_order(lengths, 16, torch.Generator().manual_seed(0))
-    assert order == again  # same seed, same order on every rank
+    ids = [[7] * rng.randint(5, 60) for _ in range(640)]
+    data = WorkerData(ids, list(range(640)), [], [], 640, ["a", "b"], 0)
+    hp = {**worker_config(None)["hp"], "per_device_train_batch_size": 16}
 
-    def padded(o):
-        return sum(16 * max(lengths[i] for i in o[k : k + 16]) for k in range(0, len(o), 16))
+    def epoch(grouped, seed=0, n=0):
+        h = HParams.from_dict({**hp, "group_by_length": grouped})
+        return epoch_micro_batches(data, h, seed, n)
 
-    shuffled = torch.randperm(640, generator=torch.Generator().manual_seed(0)).tolist()
-    assert padded(order) < 0.8 * padded(shuffled)
+    def rows(batches):
+        return [int(r) for b in batches for r in b["labels"]]  # the label is the row index
+
+    def padded(batches):
+        return sum(b["input_ids"].numel() for b in batches)
+
+    grouped = epoch(True)
+    assert sorted(rows(grouped)) == list(range(640))
+    assert rows(epoch(True)) == rows(grouped)  # same seed and epoch: same order
+    assert rows(epoch(True, n=1)) != rows(grouped)
+    assert padded(grouped) < 0.8 * padded(epoch(False))
 
 
 def test_users_own_validation_and_test_files_are_used_as_given(tmp_path):
