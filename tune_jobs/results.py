@@ -160,13 +160,41 @@ def reload_export(model_dir: str, texts: list[str], max_length: int) -> tuple[An
 
 
 def score_model(
-    model_dir: str, split: Split, label_names: list[str], max_length: int, batch_size: int = 64
+    model_dir: str,
+    split: Split,
+    label_names: list[str],
+    max_length: int,
+    batch_size: int = 64,
+    arithmetic: str = "fp32",
 ) -> dict[str, float]:
-    """Reload an exported folder with ``from_pretrained`` and score it on ``split``."""
+    """Reload an exported folder with ``from_pretrained`` and score it on ``split`` (on this
+    process's CPU, in ``arithmetic``: the trials' precision, so the scores compare)."""
+    from trainers import precision
     from trainers.loop import evaluate
 
     model, ids, pad = reload_export(model_dir, split.texts, max_length)
-    return evaluate(model, ids, split.labels, len(label_names), batch_size, pad)
+    # shortest first, as the workers evaluate: less padding, and the metrics are order-free
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return evaluate(
+        model,
+        [ids[i] for i in order],
+        [split.labels[i] for i in order],
+        len(label_names),
+        batch_size,
+        pad,
+        "cpu",
+        lambda: precision.autocast(arithmetic, "cpu"),  # type: ignore[arg-type]
+    )
+
+
+def export_arithmetic(spec: JobSpec) -> str:
+    """The precision the export is scored in: the ddp trials' (``distributed.precision``, as
+    resolved on this CPU), fp32 for DeepSpeed (its export is merged to fp32 weights)."""
+    from trainers import precision
+
+    if spec.distributed.strategy == "deepspeed":
+        return "fp32"
+    return precision.resolve(spec.distributed.precision, "cpu")
 
 
 def export_best(
@@ -194,11 +222,18 @@ def export_best(
         materialize(checkpoint, local)
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
+        arithmetic = export_arithmetic(spec)
         validation = score_model(
-            local, splits.validation, splits.label_names, spec.model.max_length
+            local,
+            splits.validation,
+            splits.label_names,
+            spec.model.max_length,
+            arithmetic=arithmetic,
         )
         test = (
-            score_model(local, splits.test, splits.label_names, spec.model.max_length)
+            score_model(
+                local, splits.test, splits.label_names, spec.model.max_length, arithmetic=arithmetic
+            )
             if len(splits.test)
             else {}
         )
@@ -207,6 +242,7 @@ def export_best(
             "reported": _clean(metrics),
             "reloaded_validation": validation,
             "test": test,
+            "scored_in": arithmetic,
             "label_names": splits.label_names,
         }
         with open(os.path.join(local, EXPORT_METRICS), "w") as fh:
