@@ -44,6 +44,8 @@ def _spec(strategy: str, stage: int = 2, **training):
         "training": {**BASE["training"], **training},
         "distributed": {
             "strategy": strategy,
+            # fp32 on both sides, so DDP and ZeRO compare to 7 decimals
+            **({"precision": "fp32"} if strategy == "ddp" else {}),
             "deepspeed": {"zero_stage": stage, "precision": "fp32"},
         },
     }
