@@ -14,9 +14,12 @@ every joined path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import posixpath
+import shutil
+import tempfile
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -101,15 +104,6 @@ def delete_dir(path: str) -> None:
         fs.delete_dir(p)
 
 
-def upload_dir(local_dir: str, dest: str) -> None:
-    """Copy a local folder to ``dest`` (local path or URI)."""
-    fs, p = resolve(dest)
-    fs.create_dir(p, recursive=True)
-    pafs.copy_files(
-        local_dir, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
-    )
-
-
 def download_dir(src: str, local_dir: str) -> None:
     """Copy folder ``src`` (local path or URI) to a local folder."""
     fs, p = resolve(src)
@@ -129,17 +123,71 @@ def download_file(src: str, local_path: str) -> None:
 
 
 def write_text(dest: str, text: str) -> None:
-    """Write a text file atomically where the filesystem allows (local: tmp + rename)."""
+    """Write a text file atomically: a reader (or a crash) sees the old file or the new one,
+    never half of one. Local: a uniquely named temporary file beside it, flushed to disk,
+    then renamed over it. A URI: one object PUT, which S3 applies whole."""
     if not is_uri(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.tmp"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, dest)
+        folder = os.path.dirname(dest) or "."
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return
     fs, p = resolve(dest)
     with fs.open_output_stream(p) as out:
         out.write(text.encode())
+
+
+def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
+    """Put a local folder at ``dest`` in place of whatever is there, without a moment where
+    a crash leaves neither the old folder nor the new one.
+
+    Local: copied beside ``dest`` under a temporary name, then swapped in by two renames
+    (the old folder goes only once the new one is in place). A URI has no rename: each
+    file is one whole PUT, ``last`` (a file in ``local_dir``, the marker that the folder
+    is complete) is written after all others, and files the new folder lacks go at the end.
+    """
+    if not is_uri(dest):
+        parent = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(parent, exist_ok=True)
+        staged = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.new-", dir=parent)
+        old = f"{staged.replace('.new-', '.old-')}"
+        try:
+            shutil.copytree(local_dir, staged, dirs_exist_ok=True)
+            if os.path.exists(dest):
+                os.replace(dest, old)
+            os.replace(staged, dest)
+        except BaseException:
+            if os.path.exists(old) and not os.path.exists(dest):
+                os.replace(old, dest)  # put the old folder back
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    fs, p = resolve(dest)
+    fs.create_dir(p, recursive=True)
+    names = sorted(
+        os.path.relpath(os.path.join(root, f), local_dir)
+        for root, _, files in os.walk(local_dir)
+        for f in files
+    )
+    for name in sorted(names, key=lambda n: n == last):
+        with open(os.path.join(local_dir, name), "rb") as fh:
+            data = fh.read()
+        with fs.open_output_stream(posixpath.join(p, name.replace(os.sep, "/"))) as out:
+            out.write(data)
+    keep = {posixpath.join(p, n.replace(os.sep, "/")) for n in names}
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if info.type == pafs.FileType.File and info.path not in keep:
+            fs.delete_file(info.path)
 
 
 def read_text(src: str) -> str:

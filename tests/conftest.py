@@ -48,3 +48,45 @@ def rt_small():
     return load_splits(
         data_cfg(max_train_samples=160, max_eval_samples=80, max_test_samples=80), seed=0
     )
+
+
+# --- no test writes into the repository ------------------------------------------------
+
+#: what Python and the tools write by themselves (not a test's doing)
+_TOOL_FILES = ("__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".venv", ".egg-info")
+
+
+def _repo_files() -> set[str] | None:
+    """Untracked and ignored paths in the checkout (``git status``), tool caches left out;
+    ``None`` outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    paths = {line[3:] for line in out.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(t in p for t in _TOOL_FILES)}
+
+
+def pytest_sessionstart(session):
+    session.config._repo_files_before = _repo_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if the tests left new files in the repository."""
+    before = getattr(session.config, "_repo_files_before", None)
+    after = _repo_files()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        print(f"\ntests wrote into the repository (write under tmp_path instead): {new}")
+        session.exitstatus = 1

@@ -20,6 +20,12 @@ Two layouts, named in the manifest's ``weights`` field:
     trainer_state.pt            RNG state
     tunefleet_checkpoint.json   ... plus world_size, zero_stage, trainable (names)
 
+Every manifest lists the files written beside it with their size and SHA-256
+(``files``); ``verify`` checks them before anything is loaded, so a truncated or
+corrupted checkpoint is refused with the file named, never half-loaded. (Under
+DeepSpeed the list holds rank 0's files: the other ranks' shards are written by
+their own processes.)
+
 Frozen blocks still hold the pretrained weights, so a ``trained`` checkpoint is
 the base model plus a delta: a restore builds the base model and loads the
 delta over it. A parameter that trained once and is frozen now (PBT lowered the
@@ -41,6 +47,62 @@ STATE_FILE = "trainer_state.pt"
 MANIFEST = "tunefleet_checkpoint.json"
 
 Layout = Literal["full", "trained", "deepspeed"]
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint whose files do not match its manifest (truncated, changed, missing)."""
+
+
+def file_digests(path: str) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``path`` but the manifest, by relative path."""
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if rel == MANIFEST:
+                continue
+            out[rel] = {"bytes": os.path.getsize(full), "sha256": sha256_of(full)}
+    return out
+
+
+def verify(path: str, parts: Iterable[str] | None = None) -> dict[str, Any]:
+    """The manifest, once every file it lists (under ``parts``, relative paths or folders;
+    default all) is there with its size and SHA-256; else ``CorruptCheckpoint`` naming the
+    file. A manifest that does not parse is corrupt too."""
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"checkpoint {path}: its manifest does not read ({exc})") from exc
+    wanted = None if parts is None else tuple(parts)
+    for rel, want in (manifest.get("files") or {}).items():
+        if wanted is not None and not any(
+            rel == p or rel.startswith(p.rstrip("/") + "/") for p in wanted
+        ):
+            continue
+        full = os.path.join(path, rel)
+        if not os.path.exists(full):
+            raise CorruptCheckpoint(f"checkpoint {path}: {rel} is missing")
+        size = os.path.getsize(full)
+        if size != want["bytes"]:
+            raise CorruptCheckpoint(
+                f"checkpoint {path}: {rel} has {size} bytes, the manifest says {want['bytes']} "
+                "(truncated?)"
+            )
+        if sha256_of(full) != want["sha256"]:
+            raise CorruptCheckpoint(f"checkpoint {path}: {rel} does not match its SHA-256")
+    return manifest
+
+
+def sha256_of(full: str) -> str:
+    """The SHA-256 of one file, read in 4 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(full, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_checkpoint(
@@ -96,6 +158,7 @@ def save_checkpoint(
                 "trained_params": trained,
                 "hparams": dict(hparams),
                 "metrics": dict(metrics),
+                "files": file_digests(path),  # checked by verify() before any load
                 **dict(extra or {}),
             },
             fh,
@@ -230,7 +293,7 @@ def load_trainer_state(path: str, optimizer: torch.optim.Optimizer) -> tuple[int
 
     Returns (tensors whose state was restored, tensors that start fresh).
     """
-    state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+    state = torch.load(os.path.join(path, STATE_FILE), weights_only=True)  # no pickle
     kept, fresh = load_optimizer_state_by_name(optimizer, state["optimizer_by_name"])
     _set_rng(state)
     return kept, fresh
@@ -238,7 +301,7 @@ def load_trainer_state(path: str, optimizer: torch.optim.Optimizer) -> tuple[int
 
 def restore_rng(path: str) -> None:
     """The RNG state of a checkpoint's ``trainer_state.pt`` (its optimizer state left alone)."""
-    _set_rng(torch.load(os.path.join(path, STATE_FILE), weights_only=False))
+    _set_rng(torch.load(os.path.join(path, STATE_FILE), weights_only=True))
 
 
 def _set_rng(state: Mapping[str, Any]) -> None:
@@ -256,8 +319,13 @@ def materialize(path: str, dest: str) -> None:
     """
     import shutil
 
-    manifest = read_manifest(path)
-    layout = manifest.get("weights", "full")
+    layout = read_manifest(path).get("weights", "full")
+    from trainers.ds_engine import DS_DIR
+
+    # never export a corrupt checkpoint: the weights' files, checked against the manifest
+    manifest = verify(
+        path, {"full": [MODEL_DIR], "trained": [TRAINED_WEIGHTS]}.get(layout, [DS_DIR])
+    )
     if layout == "full":
         shutil.copytree(os.path.join(path, MODEL_DIR), dest, dirs_exist_ok=True)
         return

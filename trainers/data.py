@@ -108,6 +108,8 @@ def _read_file(source: str, path: str, key: str = "data.path") -> Any:
 
     if not os.path.exists(path):
         raise DataError(key, f"file not found: {path!r}")
+    if os.path.isdir(path):
+        raise DataError(key, f"{path!r} is a directory; give the {source} file itself")
     if os.path.getsize(path) == 0:
         raise DataError(key, f"{path!r} is empty (0 bytes)")
     try:
@@ -119,6 +121,12 @@ def _read_file(source: str, path: str, key: str = "data.path") -> Any:
     except (ValueError, pd.errors.ParserError, OSError) as exc:
         if isinstance(exc, pd.errors.EmptyDataError):
             raise DataError(key, f"{path!r} has no rows") from exc
+        if isinstance(exc, UnicodeDecodeError):
+            raise DataError(
+                key,
+                f"{path!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}); save it as UTF-8, e.g. iconv -f latin1 -t utf-8",
+            ) from exc
         raise DataError(key, f"cannot read {path!r} as {source}: {exc}") from exc
 
 
@@ -165,14 +173,51 @@ def load_frame(cfg: Mapping[str, Any], part: str = "train") -> tuple[Any, list[s
     if len(frame) == 0:
         raise DataError("data.path", "the data has no rows")
     out = frame[[text_col, label_col]].rename(columns={text_col: "text", label_col: "label"})
-    out = out.dropna()
-    out = out[out["text"].astype(str).str.strip() != ""]
+    check_labels(out["label"], label_key)
+    # Rows without text are dropped (a blank review carries no signal); if none are
+    # left, that is an error that says so.
+    out = out[out["text"].notna() & (out["text"].astype(str).str.strip() != "")]
+    if len(out) == 0:
+        raise DataError(
+            text_key,
+            f"every one of the {len(frame)} rows has an empty text (rows with empty text are "
+            f"dropped, so none are left); is {text_col!r} the text column?",
+        )
     out["text"] = out["text"].astype(str)
+    out["label"] = _as_class_labels(out["label"])
     if cfg.get("drop_duplicates", True):
         out = out.drop_duplicates(subset="text", keep="first")
-    if len(out) == 0:
-        raise DataError("data.path", "no usable rows (all texts empty or missing)")
     return out.reset_index(drop=True), label_names
+
+
+def check_labels(labels: Any, key: str) -> None:
+    """Every row needs a class label: a missing one, or a continuous (non-integer) value,
+    is an error naming the first row (a classifier cannot guess either)."""
+    import pandas as pd
+
+    missing = labels.isna().to_numpy().nonzero()[0]
+    if len(missing):
+        raise DataError(
+            key,
+            f"{len(missing)} row(s) have no label (first: data row {int(missing[0]) + 1}); "
+            "label every row, or remove the unlabelled ones",
+        )
+    if pd.api.types.is_float_dtype(labels):
+        fractional = labels[labels != labels.round()]
+        if len(fractional):
+            raise DataError(
+                key,
+                f"labels look continuous ({float(fractional.iloc[0]):g} in data row "
+                f"{int(fractional.index[0]) + 1}); tunefleet trains classifiers: use integer "
+                "or string class labels",
+            )
+
+
+def _as_class_labels(labels: Any) -> Any:
+    """Whole-number floats (a CSV column pandas read as float) as ints: 1.0 -> 1."""
+    import pandas as pd
+
+    return labels.astype(int) if pd.api.types.is_float_dtype(labels) else labels
 
 
 def encode_labels(
@@ -188,7 +233,8 @@ def encode_labels(
     if unknown:
         raise DataError(
             "data.label_names",
-            f"labels {unknown[:5]} are not in label_names {label_names}",
+            f"labels {unknown[:5]} are not in label_names {label_names}; list every label "
+            f"the data has (it has {sorted(set(raw))[:10]}), or leave label_names out",
         )
     if len(label_names) < 2:
         raise DataError(

@@ -39,13 +39,14 @@ import torch
 from trainers import ds_engine, precision
 from trainers import metrics as M
 from trainers.checkpoint import (
+    CorruptCheckpoint,
     folder_bytes,
     load_optimizer_state_by_name,
     load_weights,
     optimizer_state_by_name,
-    read_manifest,
     restore_rng,
     trained_params,
+    verify,
     weights_fingerprint,
 )
 from trainers.config import HParams, WorkerConfig
@@ -54,6 +55,7 @@ from trainers.engine import (
     CheckpointMeta,
     DeepSpeedEngine,
     Engine,
+    TrainingDiverged,
     build_engine,
     write_checkpoint,
 )
@@ -261,7 +263,13 @@ class Worker:
         torch.manual_seed(cfg.seed)  # every trial starts from the same RNG state
         self.models.load(cfg.hp)
         torch.set_rng_state(self.models.rng_after_load)
-        manifest = read_manifest(restore) if restore else {"step": 0, "hparams": {}}
+        manifest: dict[str, Any] = {"step": 0, "hparams": {}}
+        if restore:
+            try:
+                manifest = verify(restore)  # every file against its size and SHA-256
+            except CorruptCheckpoint as exc:
+                _log(self.ctx, cfg, f"{exc}: not loaded; the trial starts again from step 0")
+                restore = None
         step = int(manifest["step"])
         # A replayed schedule resumed mid-way starts with the hyperparameters in force there.
         hp, segment = cfg.hp, 0
@@ -561,12 +569,23 @@ class TrialRun:
             micro = self._micro_batches(s.step // s.steps_per_epoch)
             k = (s.step % s.steps_per_epoch) * accum  # where in the epoch this step starts
             group = micro[k : k + accum]
+            step_loss = None
             for i, cpu_batch in enumerate(group):
                 batch = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
                 loss = engine.backward(batch, len(group), last=i == len(group) - 1)
+                step_loss = loss if step_loss is None else step_loss + loss
                 self.progress.add(loss * len(group), len(cpu_batch["labels"]) * world_size)
-            set_lr(engine.optimizer, lr_at(hp, s.step, s.last_step))
-            engine.step()
+            lr = lr_at(hp, s.step, s.last_step)
+            try:
+                if not bool(torch.isfinite(step_loss)):  # every step, not only at evaluations
+                    raise TrainingDiverged(f"the training loss is {float(step_loss)}")
+                set_lr(engine.optimizer, lr)
+                engine.step()
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(
+                    f"{exc} at step {s.step + 1} (learning rate {lr:.3g}): the trial stops; "
+                    "lower training.learning_rate or keep training.max_grad_norm > 0"
+                ) from None
             s.step += 1
             if depth_at(s.step, hp, s.steps_per_epoch, s.n_blocks) != s.depth:
                 self._unfreeze()

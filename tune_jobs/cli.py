@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="dotted overrides, e.g. search.num_samples=8",
         )
         if name == "validate":
-            p.add_argument("--no-data", action="store_true", help="skip loading the data")
+            p.add_argument(
+                "--no-data",
+                action="store_true",
+                help="skip loading the data and the model (check the spec and storage only)",
+            )
             p.add_argument(
                 "--retrain", action="store_true", help="also check what tunefleet retrain needs"
             )
@@ -181,7 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     which plain argparse refuses once an option has ended the ``key=value`` list."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    # after an option, a bare word is an override (its missing "=" is reported by the spec)
+    late = [x for x in extra if not x.startswith("-")]
     if late and hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *late]
         extra = [x for x in extra if x not in late]
@@ -224,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
                 from tune_jobs.retrain import check_retrain_spec
 
                 check_retrain_spec(spec)
-            if not args.no_data:
-                splits = load_splits(spec.data.model_dump(), spec.run.seed)
+            from tune_jobs.preflight import preflight
+
+            splits = None if args.no_data else load_splits(spec.data.model_dump(), spec.run.seed)
+            preflight(spec, splits, model=not args.no_data)
+            if splits is not None:
                 print(
                     f"data ok: train {len(splits.train)} / validation {len(splits.validation)} / test {len(splits.test)}"
                 )
+                print(f"model ok: {spec.model.name_or_path}")
             print(f"{args.config}: valid")
             return 0
         from tune_jobs.run import run_job

@@ -32,8 +32,8 @@ SPEC_FILE = "job_spec.yaml"
 SCHEDULE_FILE = "replay_schedule.json"
 
 
-def replay_spec(spec: JobSpec, trial: str, schedule: Schedule) -> JobSpec:
-    """One trial of the same job with the schedule's first config, no search, no smoke pass."""
+def check_replayable(spec: JobSpec) -> None:
+    """A run whose trials can be replayed (DDP: the loop switches hyperparameters in place)."""
     if spec.distributed.strategy == "deepspeed":
         raise SpecError(
             [
@@ -45,6 +45,11 @@ def replay_spec(spec: JobSpec, trial: str, schedule: Schedule) -> JobSpec:
                 )
             ]
         )
+
+
+def replay_spec(spec: JobSpec, trial: str, schedule: Schedule) -> JobSpec:
+    """One trial of the same job with the schedule's first config, no search, no smoke pass."""
+    check_replayable(spec)
     raw = spec.to_dict()
     raw["search"].update(
         num_samples=1,
@@ -86,15 +91,17 @@ def replay(run_dir: str, trial: str, echo: Callable[[str], None] = print) -> Run
         raise SpecError(
             [Problem("RUN_DIR", run_dir, f"no {SPEC_FILE}: not a tunefleet run folder")]
         )
-    schedule = load_schedule(run_dir, trial)
     work = tempfile.mkdtemp(prefix="tunefleet-replay-")
     try:
         local_spec = os.path.join(work, SPEC_FILE)
         with open(local_spec, "w") as fh:
             fh.write(storage.read_text(spec_file))
-        spec = replay_spec(load_spec(local_spec), trial, schedule)
+        run_spec = load_spec(local_spec)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    check_replayable(run_spec)  # before reading the reports: the spec alone decides
+    schedule = load_schedule(run_dir, trial)
+    spec = replay_spec(run_spec, trial, schedule)
     echo(f"replaying {trial}: from step 0 {schedule.root_config} (as {schedule.root_trial})")
     for step, config, owner in schedule.switches:
         echo(f"  from step {step}: {config} (as {owner})")

@@ -13,7 +13,14 @@ from typing import Any
 
 from cluster import storage
 from trainers import metrics as M
-from trainers.checkpoint import MANIFEST, MODEL_DIR, TRAINED_WEIGHTS, materialize, read_manifest
+from trainers.checkpoint import (
+    MANIFEST,
+    MODEL_DIR,
+    TRAINED_WEIGHTS,
+    CorruptCheckpoint,
+    materialize,
+    read_manifest,
+)
 from trainers.data import Split, Splits
 from trainers.ds_engine import DS_DIR
 from tune_jobs.lineage import read_lineage
@@ -126,6 +133,25 @@ def best_checkpoint_uri(
     raise RuntimeError(f"trial {result.path}: no checkpoint with files left to export")
 
 
+def written_checkpoints(run_dir: str, metric: str, mode: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every checkpoint warm-group trials left under ``<run>/train_runs``, best first by
+    the metric its manifest records: (uri, metrics). What the export falls back on."""
+    found = []
+    root = storage.join(run_dir, "train_runs")
+    for trial in storage.list_names(root) if storage.exists(root) else []:
+        for start in storage.list_names(storage.join(root, trial)):
+            for name in storage.list_names(storage.join(root, trial, start)):
+                uri = storage.join(root, trial, start, name)
+                if not name.startswith("checkpoint_") or not storage.exists(
+                    storage.join(uri, MANIFEST)
+                ):
+                    continue
+                metrics = json.loads(storage.read_text(storage.join(uri, MANIFEST)))["metrics"]
+                if metrics.get(metric) is not None:
+                    found.append((uri, metrics))
+    return sorted(found, key=lambda c: c[1][metric], reverse=mode == "max")
+
+
 def read_leader(run_dir: str) -> dict[str, Any] | None:
     """The best checkpoint warm-group trials wrote (``tune_jobs.warm.Leaderboard``), if any."""
     path = storage.join(run_dir, LEADER_FILE)
@@ -219,7 +245,10 @@ def export_best(
             storage.download_file(
                 storage.join(uri, TRAINED_WEIGHTS), os.path.join(checkpoint, TRAINED_WEIGHTS)
             )
-        materialize(checkpoint, local)
+        try:
+            materialize(checkpoint, local)
+        except CorruptCheckpoint as exc:  # name the stored checkpoint, not the download
+            raise CorruptCheckpoint(str(exc).replace(checkpoint, uri)) from None
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
         arithmetic = export_arithmetic(spec)
@@ -247,8 +276,9 @@ def export_best(
         }
         with open(os.path.join(local, EXPORT_METRICS), "w") as fh:
             json.dump(record, fh, indent=2)
-        storage.delete_dir(dest)
-        storage.upload_dir(local, dest)
+        # the reloaded, re-scored folder replaces the old export in one step (metrics.json,
+        # the mark of a complete export, written last where there is no rename)
+        storage.replace_dir(local, dest, last=EXPORT_METRICS)
         return record
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,10 +20,12 @@ from cluster.resources import (
     max_concurrent_trials,
 )
 from trainers import metrics as M
+from trainers.checkpoint import CorruptCheckpoint
 from trainers.data import Splits, load_splits
 from tune_jobs import results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
+from tune_jobs.preflight import preflight
 from tune_jobs.report import leaderboard
 from tune_jobs.report_log import ReportLog, read_all_reports
 from tune_jobs.spec import JobSpec, Problem, SpecError
@@ -307,6 +309,36 @@ def check_storage_reachable(spec: JobSpec, storage_root: str, capacity: ClusterC
         )
 
 
+def export_verified(
+    spec: JobSpec,
+    run_dir: str,
+    uri: str,
+    metrics: dict[str, Any],
+    splits: Splits,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Export ``uri``; if its files fail their checksums, the best other checkpoint written
+    that passes (the log says which and why). A corrupt checkpoint is never exported."""
+    dest = storage.join(run_dir, results.EXPORT_DIR)
+    try:
+        return results.export_best(uri, dest, spec, metrics, splits)
+    except CorruptCheckpoint as exc:
+        echo(f"export: {exc}: not exported")
+        failure = exc
+    metric, mode = spec.search.metric, spec.search.resolved_mode
+    for other, other_metrics in results.written_checkpoints(run_dir, metric, mode):
+        if other == uri:
+            continue
+        try:
+            record = results.export_best(other, dest, spec, other_metrics, splits)
+        except CorruptCheckpoint as exc:
+            echo(f"export: {exc}: not exported")
+            continue
+        echo(f"export: exported {other} instead ({metric} {other_metrics[metric]:.4f})")
+        return record
+    raise RunFailed(f"no checkpoint that passes its checksums is left to export ({failure})")
+
+
 def run_job(
     spec: JobSpec,
     echo: Callable[[str], None] = print,
@@ -326,6 +358,7 @@ def run_job(
     storage_root = storage.normalize(spec.run.storage_path)
     if splits is None:
         splits = load_splits(spec.data.model_dump(), spec.run.seed)  # bad data fails here
+    preflight(spec, splits)  # the model, the storage folder, the batch sizes: before Ray
     echo(
         f"data: {splits.source_rows} rows -> train {len(splits.train)} / validation "
         f"{len(splits.validation)} / test {len(splits.test)}; labels {splits.label_names}; "
@@ -406,9 +439,7 @@ def run_job(
                     best_result, metric, mode, storage_root
                 )
             if spec.training.save_checkpoints:
-                export = results.export_best(
-                    uri, storage.join(run_dir, results.EXPORT_DIR), spec, ckpt_metrics, splits
-                )
+                export = export_verified(spec, run_dir, uri, ckpt_metrics, splits, echo)
         if spec.resources.trial_mode == "train":
             keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
             results.prune_train_runs(storage.join(run_dir, "train_runs"), trials, keep)

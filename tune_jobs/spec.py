@@ -934,6 +934,16 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
                     f"not a reported metric; one of {sorted(M.OBJECTIVES)}",
                 )
             )
+        elif search.mode and search.mode != M.OBJECTIVES[search.metric]:
+            natural = M.OBJECTIVES[search.metric]
+            problems.append(
+                Problem(
+                    "search.mode",
+                    search.mode,
+                    f"{search.metric} is better {'higher' if natural == 'max' else 'lower'}: "
+                    f"use mode: {natural}, or leave mode out (it follows the metric)",
+                )
+            )
         problems += _check_space(search)
     res = s.get("resources")
     if (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -55,3 +56,68 @@ def test_uri_of_a_path_ray_returns_takes_the_roots_form():
 @pytest.mark.parametrize("path", ["/tmp/x", "./results", "~/r"])
 def test_normalize_makes_local_paths_absolute(path):
     assert storage.normalize(path).startswith("/")
+
+
+def test_write_text_killed_mid_write_leaves_the_old_file_whole(tmp_path):
+    """A writer SIGKILLed (by its pid) while it writes 400 MB: the file is the old one or the
+    new one, never part of the new one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    dest = tmp_path / "summary.json"
+    dest.write_text("old\n")
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from cluster import storage; text = 'x' * 400_000_000; "
+            "print('ready', flush=True); storage.write_text(sys.argv[1], text)",
+            str(dest),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).parents[2]),
+    )
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    assert child.poll() is None, "the writer finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    size = dest.stat().st_size
+    assert size in (4, 400_000_000), size
+    if size == 4:
+        assert dest.read_text() == "old\n"
+
+
+def test_replace_dir_failing_mid_copy_keeps_the_old_folder(tmp_path, monkeypatch):
+    import shutil
+
+    dest = tmp_path / "best_model"
+    dest.mkdir()
+    (dest / "model.safetensors").write_text("old weights")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "model.safetensors").write_text("new weights")
+    (new / "metrics.json").write_text("{}")
+
+    real_copytree = shutil.copytree
+
+    def copy_then_fail(src, dst, **kw):
+        real_copytree(src, dst, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        storage.replace_dir(str(new), str(dest))
+    assert (dest / "model.safetensors").read_text() == "old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best_model",
+        "new",
+    ]  # nothing staged left
+
+    monkeypatch.setattr(shutil, "copytree", real_copytree)
+    storage.replace_dir(str(new), str(dest))
+    assert (dest / "model.safetensors").read_text() == "new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model", "new"]

@@ -52,6 +52,13 @@ def run_population(root: Path, spec: dict[str, Any]) -> tuple[Path, dict, dict, 
     return run_dir, summary, rows, proc.stdout
 
 
+def exploits_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's exploits; none is a failure (every check over them would pass vacuously)."""
+    found = summary["exploits"]
+    assert found, "no exploit in the run: the population checks would prove nothing"
+    return found
+
+
 def after_exploit(rows: dict[str, list[dict]], exploit: dict[str, Any]) -> dict[str, Any]:
     """The recipient's first report after this exploit (its config is the new one)."""
     return next(

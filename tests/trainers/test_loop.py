@@ -46,14 +46,18 @@ def test_reports_every_metric_and_follows_the_schedule(rt_small, tmp_path):
 
 
 def test_resume_continues_at_the_checkpointed_step(rt_small, tmp_path):
-    cfg = _config(rt_small, per_device_train_batch_size=16, max_steps=10)
+    cfg = {
+        **_config(rt_small, per_device_train_batch_size=16, max_steps=10),
+        "fingerprint_weights": True,
+    }
     first = run_local(cfg, checkpoint_root=str(tmp_path / "a"))
     resumed = run_local(cfg, checkpoint_root=str(tmp_path / "b"), resume_from=first.checkpoints[0])
     assert [r[M.STEP] for r in resumed.reports] == [10]
-    # same data order and state: the resumed run ends where the uninterrupted one did
-    assert resumed.reports[-1][M.EVAL_LOSS] == pytest.approx(
-        first.reports[-1][M.EVAL_LOSS], rel=1e-4
-    )
+    # same data order, optimizer and RNG state: the resumed run ends on the very weights of
+    # the uninterrupted one (SHA-256), and they moved from the checkpoint's
+    assert resumed.reports[0][M.RESTORED_WEIGHTS] == first.reports[0][M.WEIGHTS]
+    assert resumed.reports[-1][M.WEIGHTS] == first.reports[-1][M.WEIGHTS]
+    assert first.reports[-1][M.WEIGHTS] != first.reports[0][M.WEIGHTS]
 
 
 def test_total_steps_after_sharding():
@@ -364,3 +368,69 @@ def test_build_state_turns_on_gradient_checkpointing(rt_small):
     state_off, _ = build_state(worker, off, off.hp, 0)
     assert state_on.model.is_activation_checkpointing
     assert not state_off.model.is_activation_checkpointing
+
+
+def test_a_nan_loss_stops_the_trial_at_that_step_not_at_the_evaluation(rt_small, tmp_path):
+    """lr 1e5 sends the loss to NaN within a few steps: the loop raises at that step (the
+    evaluation is at step 20), names it and the learning rate, and writes nothing."""
+    from trainers.engine import TrainingDiverged
+
+    cfg = _config(rt_small, max_steps=20, learning_rate=1e5, eval_steps=20)
+    with pytest.raises(TrainingDiverged, match=r"is nan at step (\d+) \(learning rate") as info:
+        run_local(cfg, checkpoint_root=str(tmp_path))
+    step = int(str(info.value).split("at step ")[1].split()[0])
+    assert 1 <= step < 20
+    assert not list(tmp_path.iterdir())  # no evaluation, no checkpoint
+
+
+def test_a_non_finite_gradient_is_refused_before_the_optimizer_step(rt_small):
+    """The engine checks the gradient norm before stepping: the weights stay as they were."""
+    from trainers.engine import TrainingDiverged
+    from trainers.loop import Worker, build_state
+    from trainers.report import LocalContext
+
+    cfg = WorkerConfig.from_dict(_config(rt_small, max_steps=4))
+    worker = Worker(cfg, LocalContext(device="cpu"))
+    state, _ = build_state(worker, cfg, cfg.hp, 0)
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[3].grad.view(-1)[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="gradient norm is inf"):
+        state.engine.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+def _checkpoints(rt_small, tmp_path):
+    cfg = _config(rt_small, per_device_train_batch_size=16, max_steps=10)
+    return cfg, run_local(cfg, checkpoint_root=str(tmp_path / "a")).checkpoints
+
+
+def test_a_corrupt_checkpoint_is_never_loaded_and_the_trial_starts_again(
+    rt_small, tmp_path, capsys
+):
+    """The manifest lists every file's size and SHA-256: a truncated weights file and a
+    flipped byte are both refused by name; a resume from such a checkpoint says so and
+    starts the trial again from step 0 instead of loading half a model."""
+    from trainers.checkpoint import CorruptCheckpoint, verify
+
+    cfg, (at5, at10) = _checkpoints(rt_small, tmp_path)
+    weights = Path(at5) / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CorruptCheckpoint, match=r"model/model.safetensors has \d+ bytes.*truncated"
+    ):
+        verify(at5)
+    state = Path(at10) / "trainer_state.pt"
+    flipped = bytearray(state.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    state.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptCheckpoint, match="trainer_state.pt does not match its SHA-256"):
+        verify(at10)
+
+    resumed = run_local(cfg, checkpoint_root=str(tmp_path / "b"), resume_from=at5)
+    assert "not loaded; the trial starts again from step 0" in capsys.readouterr().out
+    assert [r[M.STEP] for r in resumed.reports] == [5, 10]
+    assert resumed.reports[0][M.RESTORED_FROM_STEP] == -1

