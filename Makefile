@@ -1,6 +1,6 @@
 # One way to run everything. Each target installs what it needs first.
 #   make debug   - install, then run the local debug job (tune_jobs/configs/debug-local.yaml)
-#   make test    - install, then run the test suite
+#   make test    - install, then the unit tests, then (only if they pass) the end-to-end ones
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
@@ -24,7 +24,8 @@ debug: install
 	$(VENV)/bin/tunefleet run debug-local
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=tests/e2e --durations=10
+	$(PY) -m pytest tests/e2e --durations=20
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
