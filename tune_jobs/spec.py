@@ -922,6 +922,43 @@ def budget_in(
     return None
 
 
+#: query keys of storage URIs that carry a secret (pyarrow's S3 options, and the usual others)
+_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "password", "token", "sig")
+
+
+def _check_no_credentials(uri: str, key: str) -> list[Problem]:
+    """Keys belong in the environment (or a Kubernetes Secret), never in the spec: the spec is
+    copied into the run folder, the export and the job's logs. The problem shows the URI
+    with the secret masked."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "://" not in uri:
+        return []
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secret_keys = [k for k, _ in query if k.lower() in _SECRET_QUERY_KEYS]
+    if not parts.username and not parts.password and not secret_keys:
+        return []
+    host = parts.hostname or ""
+    masked_query = "&".join(f"{k}={'***' if k in secret_keys else v}" for k, v in query)
+    masked = (
+        f"{parts.scheme}://***@{host}{parts.path}"
+        if parts.username
+        else (f"{parts.scheme}://{parts.netloc}{parts.path}")
+    )
+    if masked_query:
+        masked += f"?{masked_query}"
+    return [
+        Problem(
+            key,
+            masked,
+            "holds credentials: give them through the environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; on Kubernetes a Secret), never in the "
+            "spec, which is copied into the run folder and the export",
+        )
+    ]
+
+
 def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
     problems: list[Problem] = []
     search, sched, training = s.get("search"), s.get("scheduler"), s.get("training")
@@ -960,6 +997,9 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
         )
     if isinstance(sched, SchedulerSpec) and sched.type in ("pbt", "pb2"):
         problems += _check_population(sched, search, training)
+    run = s.get("run")
+    if isinstance(run, RunSpec):
+        problems += _check_no_credentials(run.storage_path, "run.storage_path")
     dist = s.get("distributed")
     if isinstance(dist, DistributedSpec) and dist.strategy == "deepspeed":
         problems += _check_deepspeed(dist, training, search, sched, res)

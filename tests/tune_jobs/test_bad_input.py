@@ -256,6 +256,18 @@ CASES = [
         "is a file",
     ),
     (
+        "storage-uri-with-credentials",
+        ["run.storage_path=s3://AKIAFAKEKEY:fake-secret-123@bucket/runs"],
+        "run.storage_path",
+        "through the environment",
+    ),
+    (
+        "storage-uri-with-secret-query",
+        ["run.storage_path=s3://bucket/runs?endpoint_override=h:9&secret_key=fake-secret-123"],
+        "run.storage_path",
+        "secret_key=***",
+    ),
+    (
         "precision-with-deepspeed",
         ["distributed.strategy=deepspeed", "distributed.precision=bf16"],
         "distributed.precision",
@@ -313,6 +325,7 @@ def test_bad_input_exits_2_naming_the_key_before_ray(
     assert code == 2, err
     assert key in err and hint in err, err
     assert len(err.splitlines()) <= 12, err  # one screen
+    assert "fake-secret-123" not in err and "AKIAFAKEKEY" not in err  # never echoed
     assert not ray.is_initialized()
     assert not storage.exists()  # nothing written
     assert not [n for n in os.listdir(files["dir"]) if n.startswith(".tunefleet-probe-")]
