@@ -23,8 +23,10 @@ install: $(VENV)/.installed
 debug: install
 	$(VENV)/bin/tunefleet run debug-local
 
+UNIT_TESTS = tests/test_layers.py tests/cluster tests/k8s tests/tune_jobs tests/trainers
+
 test: install
-	$(PY) -m pytest --ignore=tests/e2e --durations=10
+	$(PY) -m pytest $(UNIT_TESTS) --durations=10
 	$(PY) -m pytest tests/e2e --durations=20
 
 lint: install
