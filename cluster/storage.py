@@ -180,10 +180,10 @@ def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
         for f in files
     )
     for name in sorted(names, key=lambda n: n == last):
-        with open(os.path.join(local_dir, name), "rb") as fh:
-            data = fh.read()
-        with fs.open_output_stream(posixpath.join(p, name.replace(os.sep, "/"))) as out:
-            out.write(data)
+        target = posixpath.join(p, name.replace(os.sep, "/"))
+        with open(os.path.join(local_dir, name), "rb") as fh, fs.open_output_stream(target) as out:
+            while chunk := fh.read(1 << 22):  # streamed: a model's weights can be GBs
+                out.write(chunk)
     keep = {posixpath.join(p, n.replace(os.sep, "/")) for n in names}
     for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
         if info.type == pafs.FileType.File and info.path not in keep:

@@ -50,7 +50,7 @@ from trainers.checkpoint import (
     weights_fingerprint,
 )
 from trainers.config import HParams, WorkerConfig
-from trainers.data import Splits, batches, shard, tokenize
+from trainers.data import Splits, batches, shard, shortest_first, tokenize
 from trainers.engine import (
     CheckpointMeta,
     DeepSpeedEngine,
@@ -178,17 +178,15 @@ def build_data(splits: Splits, tokenizer: Any, max_length: int, ctx: WorkerConte
     """Tokenize this rank's shards, once per worker."""
     train_rows = shard(range(len(splits.train)), ctx.rank, ctx.world_size, equal=True)
     val_rows = shard(range(len(splits.validation)), ctx.rank, ctx.world_size, equal=False)
-    val_ids = tokenize(tokenizer, [splits.validation.texts[i] for i in val_rows], max_length)
-    val_labels = [splits.validation.labels[i] for i in val_rows]
-    # Evaluated shortest first: the metrics do not depend on the order, and batches of
-    # similar lengths carry little padding (1,000 Rotten Tomatoes rows, one thread:
-    # 16.1 s in the split's order, 8.5 s sorted).
-    by_length = sorted(range(len(val_ids)), key=lambda i: len(val_ids[i]))
+    val_ids, val_labels = shortest_first(
+        tokenize(tokenizer, [splits.validation.texts[i] for i in val_rows], max_length),
+        [splits.validation.labels[i] for i in val_rows],
+    )
     return WorkerData(
         train_ids=tokenize(tokenizer, [splits.train.texts[i] for i in train_rows], max_length),
         train_labels=[splits.train.labels[i] for i in train_rows],
-        val_ids=[val_ids[i] for i in by_length],
-        val_labels=[val_labels[i] for i in by_length],
+        val_ids=val_ids,
+        val_labels=val_labels,
         n_train=len(splits.train),
         label_names=list(splits.label_names),
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,

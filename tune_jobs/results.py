@@ -196,15 +196,15 @@ def score_model(
     """Reload an exported folder with ``from_pretrained`` and score it on ``split`` (on this
     process's CPU, in ``arithmetic``: the trials' precision, so the scores compare)."""
     from trainers import precision
+    from trainers.data import shortest_first
     from trainers.loop import evaluate
 
     model, ids, pad = reload_export(model_dir, split.texts, max_length)
-    # shortest first, as the workers evaluate: less padding, and the metrics are order-free
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    ids, labels = shortest_first(ids, split.labels)  # as the workers evaluate
     return evaluate(
         model,
-        [ids[i] for i in order],
-        [split.labels[i] for i in order],
+        ids,
+        labels,
         len(label_names),
         batch_size,
         pad,
