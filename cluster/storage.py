@@ -16,13 +16,93 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import posixpath
+import random
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+
+T = TypeVar("T")
+log = logging.getLogger("tunefleet")
+
+#: How long an operation on remote storage (a URI) keeps being retried while the storage
+#: does not answer (connection refused or reset, timeouts, 5xx, throttling), with
+#: exponential backoff from ``RETRY_FIRST_S`` up to ``RETRY_MAX_S`` between tries; then
+#: ``StorageUnavailable``. The S3 client's own few quick retries come first.
+RETRY_S = float(os.environ.get("TUNEFLEET_STORAGE_RETRY_S", "300"))
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 20.0
+
+#: What the text of an error of an unreachable (not a refusing) storage contains:
+#: pyarrow's AWS SDK errors, botocore's, and the OS's.
+_UNREACHABLE = (
+    "NETWORK_CONNECTION",
+    "Connection refused",
+    "Connection reset",
+    "Could not connect",
+    "Failed to connect",
+    "timed out",
+    "Timeout",
+    "SERVICE_UNAVAILABLE",
+    "SLOW_DOWN",
+    "INTERNAL_FAILURE",
+    "Service Unavailable",
+    "InternalError",
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "Broken pipe",
+    "Couldn't connect",
+)
+
+
+class StorageUnavailable(OSError):
+    """Remote storage did not answer within ``RETRY_S`` seconds of retries."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Is ``exc`` storage that did not answer (worth retrying), not one that said no?"""
+    if isinstance(exc, (FileNotFoundError, PermissionError, StorageUnavailable)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in _UNREACHABLE)
+
+
+def retrying(what: str, path: str, op: Callable[[], T], budget_s: float | None = None) -> T:
+    """``op()``, retried with backoff while the storage at ``path`` does not answer; a
+    local path is tried once. ``StorageUnavailable`` (naming the path and how long it was
+    tried) once ``budget_s`` (default ``RETRY_S``) is spent. Each retry repeats the whole
+    operation, which must be idempotent (a PUT of the same bytes, a read, a listing)."""
+    if not is_uri(path):
+        return op()
+    budget = RETRY_S if budget_s is None else budget_s
+    started, delay, tries = time.monotonic(), RETRY_FIRST_S, 0
+    while True:
+        tries += 1
+        try:
+            return op()
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            waited = time.monotonic() - started
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            if waited + delay > budget:
+                raise StorageUnavailable(
+                    f"storage: {what} {path} failed: the storage did not answer for {waited:.0f} "
+                    f"s ({tries} tries, TUNEFLEET_STORAGE_RETRY_S={budget:g}): {cause}. Check "
+                    "the endpoint (AWS_ENDPOINT_URL or the URI's endpoint_override) and the "
+                    "network; what was written before is untouched"
+                ) from exc
+            log.warning("storage: %s %s: %s; retry %d in %.1f s", what, path, cause, tries, delay)
+            time.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, RETRY_MAX_S)
 
 
 def is_uri(path: str) -> bool:
@@ -37,7 +117,7 @@ def normalize(storage_path: str) -> str:
     )
 
 
-def _split_query(uri: str) -> tuple[str, str]:
+def split_query(uri: str) -> tuple[str, str]:
     """``s3://b/p?x=1`` -> (``s3://b/p``, ``?x=1``)."""
     base, sep, query = uri.partition("?")
     return base, (sep + query if sep else "")
@@ -47,7 +127,7 @@ def join(base: str, *parts: str) -> str:
     """Join path parts for local paths and URIs alike; a URI's query string stays at the end."""
     if not is_uri(base):
         return os.path.join(base, *parts)
-    head, query = _split_query(base)
+    head, query = split_query(base)
     return posixpath.join(head, *parts) + query
 
 
@@ -62,7 +142,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path on it for a local path or a URI."""
     if not is_uri(path):
         return pafs.LocalFileSystem(), path
-    head, query = _split_query(path)
+    head, query = split_query(path)
     parts = urlsplit(head)
     fs = _filesystem(f"{parts.scheme}://{parts.netloc}{query}")
     return fs, f"{parts.netloc}{parts.path}".rstrip("/")
@@ -80,36 +160,48 @@ def uri_of(fs: pafs.FileSystem, path: str, like: str) -> str:
     """A path Ray gave on ``fs`` as a URI in the form of storage root ``like`` (with its query)."""
     if isinstance(fs, pafs.LocalFileSystem) or not is_uri(like):
         return path
-    return f"{urlsplit(like).scheme}://{path.lstrip('/')}" + _split_query(like)[1]
+    return f"{urlsplit(like).scheme}://{path.lstrip('/')}" + split_query(like)[1]
 
 
 def exists(path: str) -> bool:
     """Does a file or folder exist at ``path``?"""
     fs, p = resolve(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return retrying("look up", path, lambda: fs.get_file_info(p).type != pafs.FileType.NotFound)
 
 
 def list_names(path: str) -> list[str]:
     """Names directly under folder ``path`` (empty if it does not exist)."""
     fs, p = resolve(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        return []
-    return [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))]
+
+    def names() -> list[str]:
+        if fs.get_file_info(p).type == pafs.FileType.NotFound:
+            return []
+        return [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))]
+
+    return retrying("list", path, names)
 
 
 def delete_dir(path: str) -> None:
     """Remove folder ``path`` and everything under it (no-op if missing)."""
     fs, p = resolve(path)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
-        fs.delete_dir(p)
+
+    def delete() -> None:
+        if fs.get_file_info(p).type != pafs.FileType.NotFound:
+            fs.delete_dir(p)
+
+    retrying("delete", path, delete)
 
 
 def download_dir(src: str, local_dir: str) -> None:
     """Copy folder ``src`` (local path or URI) to a local folder."""
     fs, p = resolve(src)
     os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(
-        p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    retrying(
+        "download",
+        src,
+        lambda: pafs.copy_files(
+            p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        ),
     )
 
 
@@ -117,9 +209,13 @@ def download_file(src: str, local_path: str) -> None:
     """Copy one file ``src`` (local path or URI) to a local path."""
     fs, p = resolve(src)
     os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-    with fs.open_input_stream(p) as fh, open(local_path, "wb") as out:
-        while chunk := fh.read(1 << 20):
-            out.write(chunk)
+
+    def download() -> None:
+        with fs.open_input_stream(p) as fh, open(local_path, "wb") as out:
+            while chunk := fh.read(1 << 20):
+                out.write(chunk)
+
+    retrying("download", src, download)
 
 
 def write_text(dest: str, text: str) -> None:
@@ -142,8 +238,12 @@ def write_text(dest: str, text: str) -> None:
             raise
         return
     fs, p = resolve(dest)
-    with fs.open_output_stream(p) as out:
-        out.write(text.encode())
+
+    def put() -> None:
+        with fs.open_output_stream(p) as out:
+            out.write(text.encode())
+
+    retrying("write", dest, put)
 
 
 def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
@@ -173,7 +273,7 @@ def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
         return
     fs, p = resolve(dest)
-    fs.create_dir(p, recursive=True)
+    retrying("create", dest, lambda: fs.create_dir(p, recursive=True))
     names = sorted(
         os.path.relpath(os.path.join(root, f), local_dir)
         for root, _, files in os.walk(local_dir)
@@ -181,20 +281,48 @@ def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
     )
     for name in sorted(names, key=lambda n: n == last):
         target = posixpath.join(p, name.replace(os.sep, "/"))
-        with open(os.path.join(local_dir, name), "rb") as fh, fs.open_output_stream(target) as out:
-            while chunk := fh.read(1 << 22):  # streamed: a model's weights can be GBs
-                out.write(chunk)
+        retrying("write", join(dest, name), lambda n=name, t=target: _put_file(local_dir, n, fs, t))
     keep = {posixpath.join(p, n.replace(os.sep, "/")) for n in names}
-    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
-        if info.type == pafs.FileType.File and info.path not in keep:
-            fs.delete_file(info.path)
+
+    def prune() -> None:
+        for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+            if info.type == pafs.FileType.File and info.path not in keep:
+                fs.delete_file(info.path)
+
+    retrying("clean up", dest, prune)
+
+
+def _put_file(local_dir: str, name: str, fs: pafs.FileSystem, target: str) -> None:
+    """One file, streamed in one PUT (a model's weights can be GBs)."""
+    with open(os.path.join(local_dir, name), "rb") as fh, fs.open_output_stream(target) as out:
+        while chunk := fh.read(1 << 22):
+            out.write(chunk)
+
+
+def upload_files(local_dir: str, fs: pafs.FileSystem, path: str) -> None:
+    """Copy a local folder to ``path`` on ``fs``, retried like every storage operation (the
+    warm workers' checkpoint uploads: ``trainers.serve`` is handed this function)."""
+
+    def upload() -> None:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(
+            local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        return upload()
+    return retrying("upload to", f"{fs.type_name}://{path}", upload)
 
 
 def read_text(src: str) -> str:
     """Read a text file from a local path or URI."""
     fs, p = resolve(src)
-    with fs.open_input_stream(p) as fh:
-        return fh.read().decode()
+
+    def read() -> str:
+        with fs.open_input_stream(p) as fh:
+            return fh.read().decode()
+
+    return retrying("read", src, read)
 
 
 def next_free_name(base: str, name: str) -> str:
@@ -211,14 +339,18 @@ def next_free_name(base: str, name: str) -> str:
 def total_bytes(path: str) -> tuple[int, int]:
     """(files, bytes) under folder ``path``."""
     fs, p = resolve(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        return 0, 0
-    files = [
-        i
-        for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
-        if i.type == pafs.FileType.File
-    ]
-    return len(files), sum(i.size or 0 for i in files)
+
+    def count() -> tuple[int, int]:
+        if fs.get_file_info(p).type == pafs.FileType.NotFound:
+            return 0, 0
+        files = [
+            i
+            for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+            if i.type == pafs.FileType.File
+        ]
+        return len(files), sum(i.size or 0 for i in files)
+
+    return retrying("measure", path, count)
 
 
 class Exists(RuntimeError):
@@ -232,7 +364,7 @@ def _s3_client(uri: str):
 
     import boto3
 
-    query = parse_qs(_split_query(uri)[1].lstrip("?"))
+    query = parse_qs(split_query(uri)[1].lstrip("?"))
     endpoint = None
     if "endpoint_override" in query:
         scheme = query.get("scheme", ["https"])[0]
@@ -268,8 +400,13 @@ def create_exclusive(path: str, text: str) -> None:
     import botocore.exceptions
 
     bucket, key = _bucket_key(path)
+    client = _s3_client(path)
     try:
-        _s3_client(path).put_object(Bucket=bucket, Key=key, Body=text.encode(), IfNoneMatch="*")
+        retrying(
+            "create",
+            path,
+            lambda: client.put_object(Bucket=bucket, Key=key, Body=text.encode(), IfNoneMatch="*"),
+        )
     except botocore.exceptions.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in (
             "PreconditionFailed",
@@ -304,10 +441,16 @@ def replace_unchanged(path: str, text: str, expected: str) -> None:
     bucket, key = _bucket_key(path)
     client = _s3_client(path)
     try:
-        head = client.get_object(Bucket=bucket, Key=key)
+        head = retrying("read", path, lambda: client.get_object(Bucket=bucket, Key=key))
         if head["Body"].read().decode() != expected:
             raise Exists(path)
-        client.put_object(Bucket=bucket, Key=key, Body=text.encode(), IfMatch=head["ETag"])
+        retrying(
+            "write",
+            path,
+            lambda: client.put_object(
+                Bucket=bucket, Key=key, Body=text.encode(), IfMatch=head["ETag"]
+            ),
+        )
     except botocore.exceptions.ClientError as exc:
         raise Exists(path) from exc
 
@@ -315,5 +458,9 @@ def replace_unchanged(path: str, text: str, expected: str) -> None:
 def delete_file(path: str) -> None:
     """Remove one file (no-op if missing)."""
     fs, p = resolve(path)
-    if fs.get_file_info(p).type != pafs.FileType.NotFound:
-        fs.delete_file(p)
+
+    def delete() -> None:
+        if fs.get_file_info(p).type != pafs.FileType.NotFound:
+            fs.delete_file(p)
+
+    retrying("delete", path, delete)

@@ -1,4 +1,4 @@
-"""Command line: ``tunefleet run|validate CONFIG [key=value ...]``.
+"""Command line: ``tunefleet run|validate CONFIG [key=value ...]``, ``tunefleet resume RUN_DIR``, ...
 
 Bad input (spec, data, resources) prints one screen naming the key and exits 2.
 """
@@ -170,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="make an earlier promoted model the champion again: RUN's, or (no RUN) the one "
         "promoted before the current champion; recorded in the history, under the lock",
     )
+    resume = sub.add_parser(
+        "resume",
+        help="continue a run whose driver died (killed, preempted): finished trials are kept, "
+        "unfinished ones continue from their checkpoints",
+        description="continue the run in RUN_DIR (Tune's restore; the spec is the run's own "
+        "job_spec.yaml, its name and storage taken from the folder); trials that finished are "
+        "not re-run, unfinished ones continue from their last checkpoints",
+    )
+    resume.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holds job_spec.yaml)")
+    resume.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides of the run's spec, e.g. resources.max_concurrent_trials=2",
+    )
     replay = sub.add_parser(
         "replay",
         help="retrain a PBT trial from scratch following the schedule of hyperparameters PBT found",
@@ -198,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunefleet`` console script."""
     args = parse_args(argv)
-    if args.command in ("run", "smoke", "retrain"):
+    if args.command in ("run", "smoke", "retrain", "resume"):
         # Kubernetes stops a pod with SIGTERM: unwind (release the retrain lock, shut the
         # local Ray down) instead of dying on the spot. ray.init installs the same.
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
@@ -221,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             return job_command(args)
         if args.command == "registry":
             return registry_command(args.root, args.rollback)
+        if args.command == "resume":
+            from tune_jobs.run import resume_spec, run_job
+
+            run_job(resume_spec(args.run_dir, args.overrides))
+            return 0
         spec = load_config(args.config, args.overrides)
         if args.command == "submit":
             return submit_command(args, spec)

@@ -178,6 +178,7 @@ def build_tuner(
     """
     from ray import tune
 
+    from tune_jobs.faults import PopulationGuard, failures_dir
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
@@ -196,6 +197,7 @@ def build_tuner(
         resources=res,
         hp_schedule=hp_schedule,
         leaderboard=Leaderboard.remote(spec.search.resolved_mode, run_dir) if warm else None,
+        failures_dir=failures_dir(run_dir),
     )
     trainable = tune.with_resources(
         tune.with_parameters(WarmTrial if warm else run_trial, plan=plan), res.trial_bundle()
@@ -209,6 +211,8 @@ def build_tuner(
             storage_filesystem=fs.get("storage_filesystem"),
         )
     metric, mode = spec.search.metric, spec.search.resolved_mode
+    synch = spec.scheduler.type in ("pbt", "pb2") and spec.scheduler.synch
+    guard = PopulationGuard() if synch else None
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
@@ -226,13 +230,11 @@ def build_tuner(
             name=run_name,
             **storage.ray_storage(storage_root),
             checkpoint_config=tune_checkpoint_config(spec),
-            # A synch PBT population waits for every member at each interval: one that
-            # errored would leave the rest paused forever (seen), so the run stops instead.
-            failure_config=tune.FailureConfig(
-                max_failures=0,
-                fail_fast=spec.scheduler.type in ("pbt", "pb2") and spec.scheduler.synch,
-            ),
-            callbacks=[ReportLog(run_dir)],
+            # a failed trial restarts from its last checkpoint (tune_jobs.faults: not when
+            # its own code raised); a synch population stops once a member is past retries
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            stop=guard,
+            callbacks=[ReportLog(run_dir), *([guard] if guard else [])],
             progress_reporter=tune.CLIReporter(
                 metric_columns=[metric, M.EVAL_LOSS, M.STEP, M.EPOCH],
                 parameter_columns=list(spec.search.space),
@@ -339,6 +341,45 @@ def export_verified(
     raise RunFailed(f"no checkpoint that passes its checksums is left to export ({failure})")
 
 
+#: what ``run_job`` writes first into a run folder (a resume and a replay read it back)
+SPEC_FILE = "job_spec.yaml"
+
+
+def resume_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """The spec to continue the run in ``run_dir`` with: its own ``job_spec.yaml``, named
+    and stored as the folder says, ``if_exists: resume``, no smoke pass; ``SpecError``
+    naming RUN_DIR when the folder holds no run."""
+    from tune_jobs.spec import load_spec_text
+
+    run_dir = storage.normalize(run_dir.rstrip("/"))
+    path = storage.join(run_dir, SPEC_FILE)
+    if not storage.exists(path):
+        raise SpecError(
+            [Problem("RUN_DIR", run_dir, f"no {SPEC_FILE}: not a tunefleet run folder")]
+        )
+    head, _, name = storage.split_query(run_dir)[0].rpartition("/")
+    parent = head + storage.split_query(run_dir)[1]
+    fixed = [f"run.storage_path={parent}", f"run.name={name}", "run.if_exists=resume"]
+    for text in overrides:
+        if text.split("=", 1)[0].strip() in ("run.storage_path", "run.name", "run.if_exists"):
+            raise SpecError(
+                [Problem(text.split("=", 1)[0], text, "set by RUN_DIR; resume another folder")]
+            )
+    spec = load_spec_text(storage.read_text(path), [*overrides, *fixed], source=path)
+    if not storage.exists(storage.join(run_dir, "tuner.pkl")):
+        raise SpecError(
+            [
+                Problem(
+                    "RUN_DIR",
+                    run_dir,
+                    "the run never started its sweep (no tuner.pkl): start it again with "
+                    "tunefleet run",
+                )
+            ]
+        )
+    return spec.model_copy(update={"smoke": spec.smoke.model_copy(update={"enabled": False})})
+
+
 def run_job(
     spec: JobSpec,
     echo: Callable[[str], None] = print,
@@ -389,7 +430,7 @@ def run_job(
         # Written only once every check has passed: a refused run leaves nothing behind.
         if spec.run.if_exists == "overwrite":
             storage.delete_dir(run_dir)
-        storage.write_text(storage.join(run_dir, "job_spec.yaml"), spec.to_yaml())  # replay, audits
+        storage.write_text(storage.join(run_dir, SPEC_FILE), spec.to_yaml())  # resume, replay
         defaults = defaults_points(spec)
         if defaults:
             echo(

@@ -441,6 +441,14 @@ class ResourcesSpec(_Section):
     local_num_cpus: int | None = Field(
         None, ge=1, description="CPUs of a local debug cluster; default: this machine's."
     )
+    max_failures: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="How often a trial is restarted from its last checkpoint after the cluster "
+        "failed it (a worker process or node lost, storage down past its retries). An error of "
+        "the trial's own code (NaN loss, out of memory) is not retried: it would fail again.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
         description="How a trial's workers are placed on nodes (Ray placement group): PACK "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from cluster import storage
 from cluster.resources import TrialResources
 from trainers import metrics as M
 from trainers.config import Distributed, HParams, WorkerConfig
+from tune_jobs import faults
 from tune_jobs.space import trial_hparams
 from tune_jobs.spec import JobSpec
 
@@ -42,6 +44,9 @@ class TrialPlan:
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = ()
     #: the sweep's best metric so far (a ``tune_jobs.warm.Leaderboard`` actor), or None
     leaderboard: Any = None
+    #: where trials record a failure of their own code, which is then not retried
+    #: (``tune_jobs.faults``); None: nothing recorded
+    failures_dir: str | None = None
 
     def schedule_hparams(self) -> list[tuple[int, dict[str, Any]]]:
         """The schedule as full hyperparameters for the worker loop."""
@@ -165,6 +170,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
     hp = trial_hparams(plan.spec, config)
     trial_name = tune.get_context().get_trial_name()
+    faults.refuse_if_failed(plan.failures_dir, trial_name)
     resume = None
     incoming = tune.get_checkpoint()  # a fault restore, or a PBT donor's checkpoint
     if incoming is not None:
@@ -180,4 +186,9 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     cfg = loop_config(
         plan.spec, hp, plan.data_ref, plan.resources, trial_name, plan.schedule_hparams(), resume
     )
-    train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))
+    try:
+        train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))
+    except Exception:  # raised here, in the trial's own code (a killed process never is)
+        if not faults.is_transient(traceback.format_exc()):
+            faults.record(plan.failures_dir, trial_name, traceback.format_exc(limit=8))
+        raise

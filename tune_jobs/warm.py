@@ -42,6 +42,7 @@ from ray.tune.result import DONE, SHOULD_CHECKPOINT
 from cluster import storage
 from trainers import metrics as M
 from trainers.serve import End, Exit, Failed, Hold, Interval, Save, SaveHeld, Start, serve
+from tune_jobs import faults
 from tune_jobs.results import LEADER_FILE, better, read_leader
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
@@ -57,7 +58,15 @@ WAIT_POLL_S = 5.0
 
 
 class WorkerGroupError(RuntimeError):
-    """The group's workers failed while serving a command (the message holds their error)."""
+    """The group's workers failed while serving a command (the message holds their error).
+
+    ``transient``: the cluster failed (a worker died, a collective was cut), not the
+    trial's code; Tune's retry from the last checkpoint may then succeed.
+    """
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @ray.remote(num_cpus=0)
@@ -116,6 +125,7 @@ class WarmGroup:
                 "worker": base.to_dict(),
                 "mailbox": self.mailbox,
                 "filesystem": self.filesystem,
+                "upload": storage.upload_files,  # retries while the storage is down
             },
             scaling_config=train.ScalingConfig(
                 num_workers=res.num_workers,
@@ -152,7 +162,9 @@ class WarmGroup:
             if ready:
                 if isinstance(reply, Failed):
                     self.thread.join(timeout=60)  # the run ends: its workers raised
-                    raise WorkerGroupError(f"warm group {self.name}: {reply.error}")
+                    raise WorkerGroupError(
+                        f"warm group {self.name}: {reply.error}", faults.is_transient(reply.error)
+                    )
                 return reply
             if not self.alive:
                 cause = [
@@ -168,7 +180,8 @@ class WarmGroup:
                             f"warm group {self.name} died while serving "
                             f"{type(command).__name__}: {cause[-1].strip()[:300]}"
                         ]
-                    )
+                    ),
+                    transient=True,  # its processes died without a word: the cluster's doing
                 )
 
     def close(self) -> None:
@@ -268,6 +281,16 @@ class WarmTrial(tune.Trainable):
         return self.group
 
     def step(self) -> dict[str, Any]:
+        if not self.started:  # a retry of a trial whose own code failed fails at once
+            faults.refuse_if_failed(self.plan.failures_dir, self.trial_name)
+        try:
+            return self._step()
+        except WorkerGroupError as exc:
+            if not exc.transient:
+                faults.record(self.plan.failures_dir, self.trial_name, exc)
+            raise
+
+    def _step(self) -> dict[str, Any]:
         group = self._group()
         plan = self.plan
         if not self.started:
@@ -398,6 +421,11 @@ class WarmTrial(tune.Trainable):
             # trial's hyperparameters from scratch rather than fail the whole run.
             print(f"[{self.trial_name}] no checkpoint to resume at {uri}; starting from step 0")
             uri = None
+        else:
+            print(
+                f"[{self.trial_name}] restoring {uri} (reported at step {pointer['step']})",
+                flush=True,
+            )
         self.resume, self.started = uri, False
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:

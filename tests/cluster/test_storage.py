@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -121,3 +124,97 @@ def test_replace_dir_failing_mid_copy_keeps_the_old_folder(tmp_path, monkeypatch
     storage.replace_dir(str(new), str(dest))
     assert (dest / "model.safetensors").read_text() == "new weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model", "new"]
+
+
+# --- storage that stops answering for a while (a real S3 server behind a cut link) -------
+
+
+@pytest.fixture(scope="module")
+def s3_behind_link(tmp_path_factory):
+    """``(root URI, link)``: a bucket on a moto server reached through an ``Outage`` link
+    (credentials in the environment, the endpoint in the URI's query)."""
+    import boto3
+
+    from tests.e2e.cluster_procs import Outage, S3Server
+
+    server = S3Server()
+    server.start(str(tmp_path_factory.mktemp("s3") / "s3.log"))
+    env = {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    link = Outage(server.port)
+    link.restore()
+    try:
+        boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="outage")
+        yield f"s3://outage/runs?endpoint_override={link.endpoint}&scheme=http", link
+    finally:
+        link.cut()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def _restore_after(link, seconds: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), link.restore()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_writes_wait_out_a_storage_outage_with_backoff(s3_behind_link, tmp_path, caplog):
+    root, link = s3_behind_link
+    storage.write_text(storage.join(root, "before.json"), '{"kept": 1}')
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(os.urandom(1 << 20))
+    (folder / "metrics.json").write_text("{}")
+    link.cut()
+    # longer than the S3 client's own retries (about 6 s): tunefleet's backoff takes over
+    restored = _restore_after(link, 10.0)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="tunefleet"):
+        storage.write_text(storage.join(root, "during.json"), '{"written": 2}')
+        storage.replace_dir(str(folder), storage.join(root, "model"), last="metrics.json")
+    waited = time.monotonic() - started
+    restored.join()
+    assert waited >= 9.5  # it waited for the link, rather than failing at once
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert retries and "during.json" in retries[0], retries  # logged, with backoff
+    assert storage.read_text(storage.join(root, "during.json")) == '{"written": 2}'
+    assert storage.read_text(storage.join(root, "before.json")) == '{"kept": 1}'
+    local = tmp_path / "back"
+    storage.download_dir(storage.join(root, "model"), str(local))
+    assert (local / "weights.bin").read_bytes() == (folder / "weights.bin").read_bytes()
+
+
+def test_an_outage_past_the_budget_is_a_clear_error_and_loses_nothing(s3_behind_link, monkeypatch):
+    root, link = s3_behind_link
+    target = storage.join(root, "summary.json")
+    storage.write_text(target, "good")
+    monkeypatch.setattr(storage, "RETRY_S", 3.0)
+    link.cut()
+    try:
+        started = time.monotonic()
+        with pytest.raises(storage.StorageUnavailable) as err:
+            storage.write_text(target, "new")
+        assert time.monotonic() - started < 30
+    finally:
+        link.restore()
+    message = str(err.value)
+    assert "summary.json" in message and "did not answer" in message
+    assert "TUNEFLEET_STORAGE_RETRY_S" in message and "AWS_ENDPOINT_URL" in message
+    assert storage.read_text(target) == "good"  # the file that was there is whole
+
+
+def test_a_refusal_is_not_retried(s3_behind_link):
+    root, _ = s3_behind_link
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        storage.read_text(storage.join(root, "no-such-file.json"))
+    assert time.monotonic() - started < 5

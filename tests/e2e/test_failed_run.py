@@ -38,6 +38,13 @@ def test_every_trial_failed_exits_1_with_the_causes(tmp_path):
     summary = json.loads((tmp_path / "results" / "doomed" / "summary.json").read_text())
     assert summary["best"] is None
     assert set(summary["failed_trials"]) == {"trial_00000", "trial_00001"}
+    failures = tmp_path / "results" / "doomed" / "failures"
+    for trial in ("trial_00000", "trial_00001"):
+        # the trial's own code failed: recorded, and Tune's retries (max_failures: 2) were
+        # refused at once, before a model was built again
+        recorded = json.loads((failures / f"{trial}.json").read_text())
+        assert "model.safetensors" in recorded["error"] or "weights" in recorded["error"]
+    assert proc.stdout.count("not retried: its own code failed before") >= 2, proc.stdout[-3000:]
     for trial, cause in summary["failed_trials"].items():
         # the cause, not Ray's wrapper line ("ray::ImplicitFunc.train() ...")
         assert "ray::" not in cause and cause, (trial, cause)

@@ -1,0 +1,196 @@
+"""Faults injected into one real sweep (local Ray, real CLI, model and data).
+
+Three trials of the same configuration run one after another on warm worker
+groups, each evaluating and writing a full checkpoint every 4 steps
+(``training.checkpoint_every_s: 0``), each reporting the SHA-256 of its weights:
+
+1. trial_00000's worker process is SIGKILLed (by its pid, as an OOM killer
+   would) after its first report. Tune restarts the trial
+   (``resources.max_failures``) from its last checkpoint.
+2. Once trial_00000 has finished and trial_00001 has reported, the driver
+   itself is SIGKILLed, and its Ray processes after it (by pid).
+3. ``tunefleet resume RUN_DIR`` continues the sweep.
+
+Every trial must end with the weights of an undisturbed run: the same SHA-256
+for all three (same seed, same data order, restored exactly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.e2e.conftest import tunefleet
+from tune_jobs.report_log import read_reports
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MAX_STEPS, EVAL_STEPS = 40, 4
+SPEC = {
+    "model": {"max_length": 32},
+    "data": {"max_train_samples": 256, "max_eval_samples": 32, "max_test_samples": 16},
+    "training": {
+        "max_steps": MAX_STEPS,
+        "per_device_train_batch_size": 8,
+        "eval_steps": EVAL_STEPS,
+        "checkpoint_every_s": 0,
+    },
+    "search": {
+        "num_samples": 3,
+        "start_with_defaults": False,
+        "space": {"learning_rate": {"choice": [5.0e-5]}},
+    },
+    "scheduler": {"type": "fifo", "time_attr": "step"},
+    "resources": {"num_workers": 1, "cpus_per_worker": 0.99, "max_concurrent_trials": 1},
+    "run": {"name": "faults", "seed": 0, "fingerprint_weights": True},
+}
+
+
+def _wait(what: str, check, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert proc.poll() is None, f"the driver ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s:.0f} s"
+        time.sleep(0.3)
+
+
+def _finished(run_dir: str, trial: str) -> bool:
+    """Tune's saved experiment state (what a resume reads) has ``trial`` TERMINATED."""
+    for path in glob.glob(os.path.join(run_dir, "experiment_state-*.json")):
+        with contextlib.suppress(OSError, ValueError), open(path) as fh:
+            for entry in json.load(fh).get("trial_data", []):
+                state = json.loads(entry[0])
+                if state.get("trial_id", "").endswith(trial[-5:]) and (
+                    state.get("status") == "TERMINATED"
+                ):
+                    return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def faulted_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "job.yaml").write_text(yaml.safe_dump(SPEC))
+    run_dir = str(tmp / "faults")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tune_jobs",
+            "run",
+            str(tmp / "job.yaml"),
+            f"run.storage_path={tmp}",
+        ],
+        cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    ray_procs: list[psutil.Process] = []
+    try:
+        _wait("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
+        killed_worker = read_reports(run_dir, "trial_00000")[0]["worker_pid"]
+        os.kill(killed_worker, signal.SIGKILL)
+        _wait(
+            "trial_00000 finished and a trial_00001 report",
+            lambda: _finished(run_dir, "trial_00000") and read_reports(run_dir, "trial_00001"),
+            proc,
+            timeout_s=600,
+        )
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-sweep
+        proc.wait(timeout=60)
+        before_resume = {t: read_reports(run_dir, t) for t in ("trial_00000", "trial_00001")}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        for child in ray_procs:  # its local Ray cluster, by pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(ray_procs, timeout=30)
+        log.close()
+    driver_log = (tmp / "driver.log").read_text()
+    resumed = tunefleet("resume", run_dir, timeout=900)
+    return {
+        "run_dir": run_dir,
+        "killed_worker": killed_worker,
+        "before_resume": before_resume,
+        "driver_log": driver_log,
+        "resumed": resumed,
+    }
+
+
+def _starts(reports: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in reports:
+        out.setdefault(r["trial_start"], []).append(r)
+    return out
+
+
+def test_the_resumed_sweep_ends_with_every_trial_once(faulted_run):
+    resumed = faulted_run["resumed"]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    with open(os.path.join(faulted_run["run_dir"], "summary.json")) as fh:
+        summary = json.load(fh)
+    assert sorted(t["trial"] for t in summary["trials"]) == [
+        "trial_00000",
+        "trial_00001",
+        "trial_00002",
+    ]
+    assert {t["status"] for t in summary["trials"]} == {"TERMINATED"}, summary["trials"]
+    assert summary["failed_trials"] == {}
+
+
+def test_a_killed_worker_costs_at_most_one_interval(faulted_run):
+    run_dir = faulted_run["run_dir"]
+    starts = _starts(read_reports(run_dir, "trial_00000"))
+    assert sorted(starts) == ["start0", "start1"], starts.keys()  # one restart
+    before, after = starts["start0"], starts["start1"]
+    last_reported = before[-1]["step"]
+    # restored from the checkpoint of the last evaluation before the kill: what was lost is
+    # the training since then, less than one evaluation interval
+    assert after[0]["restored_from_step"] == last_reported
+    assert after[0]["step"] == last_reported + EVAL_STEPS
+    assert after[-1]["step"] == MAX_STEPS
+    assert faulted_run["killed_worker"] not in {r["worker_pid"] for r in after}
+    assert "restoring" in faulted_run["driver_log"]
+
+
+def test_the_killed_driver_is_resumed_without_rerunning_finished_trials(faulted_run):
+    run_dir = faulted_run["run_dir"]
+    first = read_reports(run_dir, "trial_00000")
+    assert first == faulted_run["before_resume"]["trial_00000"]  # finished: not re-run
+    second = _starts(read_reports(run_dir, "trial_00001"))
+    assert len(second) == 2, second.keys()  # continued once, after the resume
+    cut = faulted_run["before_resume"]["trial_00001"][-1]["step"]
+    resumed = second[sorted(second)[-1]]
+    assert 0 < resumed[0]["restored_from_step"] <= cut  # from its checkpoint, not step 0
+    assert resumed[-1]["step"] == MAX_STEPS
+    third = read_reports(run_dir, "trial_00002")
+    assert [r["step"] for r in third] == list(range(EVAL_STEPS, MAX_STEPS + 1, EVAL_STEPS))
+
+
+def test_every_trial_ends_with_the_undisturbed_weights(faulted_run):
+    run_dir = faulted_run["run_dir"]
+    finals = {
+        t: read_reports(run_dir, t)[-1] for t in ("trial_00000", "trial_00001", "trial_00002")
+    }
+    assert {r["step"] for r in finals.values()} == {MAX_STEPS}
+    # trial_00002 ran undisturbed; the other two were restored from checkpoints
+    shas = {t: r["weights_sha256"] for t, r in finals.items()}
+    assert len(set(shas.values())) == 1, shas
