@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +39,34 @@ class TrainingDiverged(RuntimeError):
     raises it at the same step: the gradients are all-reduced, so a NaN on one rank makes
     the norm NaN on all of them.
     """
+
+
+class OutOfMemory(RuntimeError):
+    """The worker's device could not allocate what a batch needs: at this batch size and
+    sequence length the trial cannot go on (retrying it would fail the same way)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory, or the CPU allocator refusing (``can't allocate memory``)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "CUDA out of memory" in text
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(what: str, device: Any, shape: str, advice: str) -> Iterator[None]:
+    """Turn the device running out of memory inside the block into ``OutOfMemory`` that
+    says what ran out (``what``, on ``device``, for a batch of ``shape``) and what to do."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise OutOfMemory(
+            f"out of memory in {what} on {device} (a batch of {shape}): {advice} ({first})"
+        ) from None
 
 
 @dataclass(frozen=True)

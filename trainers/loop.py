@@ -57,6 +57,7 @@ from trainers.engine import (
     Engine,
     TrainingDiverged,
     build_engine,
+    out_of_memory_as_error,
     write_checkpoint,
 )
 from trainers.model import (
@@ -569,8 +570,16 @@ class TrialRun:
             group = micro[k : k + accum]
             step_loss = None
             for i, cpu_batch in enumerate(group):
-                batch = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
-                loss = engine.backward(batch, len(group), last=i == len(group) - 1)
+                with out_of_memory_as_error(
+                    f"training step {s.step + 1}",
+                    device,
+                    "x".join(map(str, cpu_batch["input_ids"].shape)) + " tokens",
+                    "lower training.per_device_train_batch_size (raise "
+                    "gradient_accumulation_steps to keep the batch) or model.max_length, or "
+                    "turn on distributed.activation_checkpointing",
+                ):
+                    batch = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
+                    loss = engine.backward(batch, len(group), last=i == len(group) - 1)
                 step_loss = loss if step_loss is None else step_loss + loss
                 self.progress.add(loss * len(group), len(cpu_batch["labels"]) * world_size)
             lr = lr_at(hp, s.step, s.last_step)
@@ -602,16 +611,22 @@ class TrialRun:
         s, cfg, ctx, data = self.state, self.cfg, self.worker.ctx, self.worker.data
         train_loss, rate = self.progress.take_interval()
         started = time.perf_counter()
-        scores = evaluate(
-            s.engine.model,
-            data.val_ids,
-            data.val_labels,
-            len(data.label_names),
-            s.hp.per_device_eval_batch_size,
-            data.pad_id,
+        with out_of_memory_as_error(
+            f"the evaluation at step {s.step}",
             ctx.device,
-            s.engine.autocast,
-        )
+            f"{s.hp.per_device_eval_batch_size} rows",
+            "lower training.per_device_eval_batch_size or model.max_length",
+        ):
+            scores = evaluate(
+                s.engine.model,
+                data.val_ids,
+                data.val_labels,
+                len(data.label_names),
+                s.hp.per_device_eval_batch_size,
+                data.pad_id,
+                ctx.device,
+                s.engine.autocast,
+            )
         report = {
             M.TRAIN_LOSS: train_loss,
             **scores,

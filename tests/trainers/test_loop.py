@@ -434,3 +434,49 @@ def test_a_corrupt_checkpoint_is_never_loaded_and_the_trial_starts_again(
     assert "not loaded; the trial starts again from step 0" in capsys.readouterr().out
     assert [r[M.STEP] for r in resumed.reports] == [5, 10]
     assert resumed.reports[0][M.RESTORED_FROM_STEP] == -1
+
+
+_OOM_SCRIPT = """
+import json, resource, sys
+import psutil
+from tests.conftest import data_cfg, worker_config
+from trainers.config import WorkerConfig
+from trainers.data import load_splits
+from trainers.loop import Worker
+from trainers.report import LocalContext
+
+splits = load_splits(data_cfg(max_train_samples=160, max_eval_samples=80, max_test_samples=80), 0)
+hp = {"per_device_train_batch_size": 160, "max_steps": 2, "eval_steps": 2}
+cfg = WorkerConfig.from_dict({**worker_config(splits, **hp), "threads": 1})
+run = Worker(cfg, LocalContext(device="cpu")).start(cfg, None)
+# the worker's memory is capped 150 MiB above what the loaded model and data use
+cap = psutil.Process().memory_info().vms + 150 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
+try:
+    run.train_to_next_evaluation()
+    print(json.dumps({"type": None}))
+except Exception as exc:
+    print(json.dumps({"type": type(exc).__name__, "error": str(exc)}))
+"""
+
+
+def test_running_out_of_memory_stops_the_trial_naming_the_batch():
+    """A real allocation failure: a worker whose memory is capped (as a container limit or a
+    small GPU would) cannot run a batch of 160 rows. The loop raises ``OutOfMemory``, which
+    names the step, the batch's shape and the keys to lower (the trial then fails, and is
+    not retried: ``tune_jobs.faults``)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _OOM_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcome["type"] == "OutOfMemory", (outcome, proc.stderr[-2000:])
+    message = outcome["error"]
+    assert "training step 1" in message and "160x" in message
+    assert "training.per_device_train_batch_size" in message
+    assert "can't allocate memory" in message  # the allocator's own words, kept
