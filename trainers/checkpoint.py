@@ -310,7 +310,7 @@ def _set_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"])
 
 
-def materialize(path: str, dest: str) -> None:
+def materialize(path: str, dest: str, trust_remote_code: bool = False) -> None:
     """Write a loadable Hugging Face model folder (weights, config, tokenizer) for a checkpoint.
 
     A ``full`` checkpoint's ``model/`` is that folder already; a ``trained`` one is
@@ -332,10 +332,10 @@ def materialize(path: str, dest: str) -> None:
     from trainers.model import build_model, build_tokenizer, resolve_model_path
 
     base = resolve_model_path(manifest["base_model"])
-    model = build_model(base, manifest["label_names"], manifest["hparams"])
+    model = build_model(base, manifest["label_names"], manifest["hparams"], trust_remote_code)
     load_weights(path, model)
     model.save_pretrained(dest)
-    build_tokenizer(base).save_pretrained(dest)
+    build_tokenizer(base, trust_remote_code).save_pretrained(dest)
 
 
 def load_deepspeed_weights(path: str, manifest: Mapping[str, Any], model: Any) -> None:

@@ -149,6 +149,7 @@ class WorkerConfig:
     #: ``(from_step, hp)`` switches of hyperparameters within the trial (a PBT replay)
     hp_schedule: tuple[tuple[int, HParams], ...] = ()
     resume_from: str | None = None  # a checkpoint path or URI to start from
+    trust_remote_code: bool = False  # model.trust_remote_code: run the model's own code
 
     def __post_init__(self) -> None:
         steps = [s for s, _ in self.hp_schedule]

@@ -208,8 +208,11 @@ class BaseModels:
 
     KEEP = 2  # dropout settings held in memory (PBT may mutate dropout)
 
-    def __init__(self, path: str, label_names: list[str], seed: int) -> None:
+    def __init__(
+        self, path: str, label_names: list[str], seed: int, trust_remote_code: bool = False
+    ) -> None:
         self.path, self.label_names, self.seed = path, label_names, seed
+        self.trust_remote_code = trust_remote_code
         self._models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.rng_after_load: torch.Tensor | None = None
 
@@ -223,7 +226,9 @@ class BaseModels:
         if key not in self._models:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                self._models[key] = build_model(self.path, self.label_names, hp.to_dict())
+                self._models[key] = build_model(
+                    self.path, self.label_names, hp.to_dict(), self.trust_remote_code
+                )
                 if self.rng_after_load is None:
                     self.rng_after_load = torch.get_rng_state()
             while len(self._models) > self.KEEP:
@@ -240,9 +245,11 @@ class Worker:
         self.ctx = ctx
         self.model_name = cfg.model
         self.model_path = resolve_model_path(cfg.model)
-        self.tokenizer = build_tokenizer(self.model_path)
+        self.tokenizer = build_tokenizer(self.model_path, cfg.trust_remote_code)
         self.data = build_data(resolve_data(cfg.data), self.tokenizer, cfg.max_length, ctx)
-        self.models = BaseModels(self.model_path, self.data.label_names, cfg.seed)
+        self.models = BaseModels(
+            self.model_path, self.data.label_names, cfg.seed, cfg.trust_remote_code
+        )
         if cfg.deepspeed:
             ds_engine.use_cpu_accelerator(ctx.device)
         # DDP's arithmetic, resolved on this worker's own device (auto: bf16 where native)

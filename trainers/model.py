@@ -35,14 +35,19 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(module.get_model_path())
 
 
-def build_tokenizer(path: str) -> Any:
+def build_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """The model's fast tokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def build_model(path: str, label_names: list[str], hp: dict[str, Any] | None = None) -> Any:
+def build_model(
+    path: str,
+    label_names: list[str],
+    hp: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
     """A sequence-classification model with a fresh head for ``label_names``.
 
     The trial's dropout is written into the config before the model is built.
@@ -52,7 +57,10 @@ def build_model(path: str, label_names: list[str], hp: dict[str, Any] | None = N
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(
-        path, config=build_config(path, label_names, hp), dtype=torch.float32
+        path,
+        config=build_config(path, label_names, hp, trust_remote_code),
+        dtype=torch.float32,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -144,12 +152,18 @@ def dropout_overrides(model_type: str, model_class: str, hp: dict[str, Any]) -> 
     return out
 
 
-def build_config(path: str, label_names: list[str], hp: dict[str, Any] | None = None) -> Any:
+def build_config(
+    path: str,
+    label_names: list[str],
+    hp: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
     """The model config with labels and the trial's dropout written in (before the model is built)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(
         path,
+        trust_remote_code=trust_remote_code,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},

@@ -117,12 +117,13 @@ def family_of(model_type: str) -> str:
 
 
 def model_type_of(name_or_path: str) -> str:
-    """``config.model_type`` of a model (reads only its config)."""
-    from transformers import AutoConfig
+    """``config.model_type`` of a model (reads only its config.json: runs none of its code)."""
+    from transformers import PretrainedConfig
 
     from trainers.model import resolve_model_path
 
-    return AutoConfig.from_pretrained(resolve_model_path(name_or_path)).model_type
+    config, _ = PretrainedConfig.get_config_dict(resolve_model_path(name_or_path))
+    return str(config.get("model_type", ""))
 
 
 def defaults_point(space: dict[str, Any], model_type: str, in_domain: bool) -> dict[str, Any]:

@@ -43,6 +43,19 @@ def _looks_local(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
 
 
+def _remote_code(path: str) -> str:
+    """The code a model folder (or hub name) asks to run (its config's ``auto_map``), as
+    text; empty if none, or if its config cannot be read (reported by the caller)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path)
+    except (OSError, ValueError):
+        return ""
+    auto_map = config.get("auto_map") or {}
+    return ", ".join(f"{k}: {v}" for k, v in sorted(auto_map.items()))
+
+
 def check_model(spec: JobSpec) -> list[Problem]:
     """The model folder (or hub name) loads, has a classification head and enough positions."""
     from transformers import AutoConfig, AutoTokenizer
@@ -78,8 +91,21 @@ def check_model(spec: JobSpec) -> list[Problem]:
                     "transformers model (save one with save_pretrained)",
                 )
             ]
+    trust = spec.model.trust_remote_code
+    if not trust:
+        code = _remote_code(path)
+        if code:
+            return [
+                Problem(
+                    "model.trust_remote_code",
+                    False,
+                    f"{name} ships its own Python code ({code}), which runs when it loads; "
+                    "read it, then set model.trust_remote_code: true to run it (on the driver "
+                    "and every worker), or use a model that transformers implements itself",
+                )
+            ]
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         return [
@@ -92,7 +118,8 @@ def check_model(spec: JobSpec) -> list[Problem]:
         ]
     problems = []
     kind = getattr(config, "model_type", None)
-    if kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    own_head = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
+    if kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not own_head:
         problems.append(
             Problem(
                 MODEL_KEY,
@@ -112,7 +139,7 @@ def check_model(spec: JobSpec) -> list[Problem]:
             )
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         problems.append(Problem(MODEL_KEY, name, f"its tokenizer does not load: {first}"))

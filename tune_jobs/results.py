@@ -170,17 +170,21 @@ def prune_train_runs(train_storage: str, trials: list[TrialSummary], keep: set[s
             storage.delete_dir(storage.join(train_storage, trial.trial))
 
 
-def reload_export(model_dir: str, texts: list[str], max_length: int) -> tuple[Any, list, int]:
+def reload_export(
+    model_dir: str, texts: list[str], max_length: int, trust_remote_code: bool = False
+) -> tuple[Any, list, int]:
     """An exported folder reloaded with ``from_pretrained``: (model, token ids of ``texts``,
-    pad id)."""
+    pad id). ``trust_remote_code`` comes from the spec being run, never from the folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
 
     from trainers.data import tokenize
 
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, trust_remote_code=trust_remote_code
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model, tokenize(tokenizer, texts, max_length), pad
 
@@ -192,6 +196,7 @@ def score_model(
     max_length: int,
     batch_size: int = 64,
     arithmetic: str = "fp32",
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
     """Reload an exported folder with ``from_pretrained`` and score it on ``split`` (on this
     process's CPU, in ``arithmetic``: the trials' precision, so the scores compare)."""
@@ -199,7 +204,7 @@ def score_model(
     from trainers.data import shortest_first
     from trainers.loop import evaluate
 
-    model, ids, pad = reload_export(model_dir, split.texts, max_length)
+    model, ids, pad = reload_export(model_dir, split.texts, max_length, trust_remote_code)
     ids, labels = shortest_first(ids, split.labels)  # as the workers evaluate
     return evaluate(
         model,
@@ -246,22 +251,29 @@ def export_best(
                 storage.join(uri, TRAINED_WEIGHTS), os.path.join(checkpoint, TRAINED_WEIGHTS)
             )
         try:
-            materialize(checkpoint, local)
+            materialize(checkpoint, local, spec.model.trust_remote_code)
         except CorruptCheckpoint as exc:  # name the stored checkpoint, not the download
             raise CorruptCheckpoint(str(exc).replace(checkpoint, uri)) from None
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
         arithmetic = export_arithmetic(spec)
+        trust = spec.model.trust_remote_code
         validation = score_model(
             local,
             splits.validation,
             splits.label_names,
             spec.model.max_length,
             arithmetic=arithmetic,
+            trust_remote_code=trust,
         )
         test = (
             score_model(
-                local, splits.test, splits.label_names, spec.model.max_length, arithmetic=arithmetic
+                local,
+                splits.test,
+                splits.label_names,
+                spec.model.max_length,
+                arithmetic=arithmetic,
+                trust_remote_code=trust,
             )
             if len(splits.test)
             else {}

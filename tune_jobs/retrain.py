@@ -124,19 +124,27 @@ def warm_start_points(
     return unique_points([fit_to_space(space, c, in_domain) for c in configs])
 
 
-def predict_labels(model_dir: str, split: Split, max_length: int) -> list[str]:
+def predict_labels(
+    model_dir: str, split: Split, max_length: int, trust_remote_code: bool = False
+) -> list[str]:
     """Reload an exported folder with ``from_pretrained``; its predicted label name per row."""
     from trainers.loop import predict
 
     with open(os.path.join(model_dir, results.EXPORT_METRICS)) as fh:
         names = json.load(fh)["label_names"]  # the model's own class order
-    model, ids, pad = results.reload_export(model_dir, split.texts, max_length)
+    model, ids, pad = results.reload_export(model_dir, split.texts, max_length, trust_remote_code)
     return [names[i] for i in predict(model, ids, 64, pad)]
 
 
-def score(model_dir: str, split: Split, label_names: list[str], max_length: int) -> Score:
+def score(
+    model_dir: str,
+    split: Split,
+    label_names: list[str],
+    max_length: int,
+    trust_remote_code: bool = False,
+) -> Score:
     """Accuracy on ``split`` (labels by name, so a model with another class order still scores)."""
-    predicted = predict_labels(model_dir, split, max_length)
+    predicted = predict_labels(model_dir, split, max_length, trust_remote_code)
     truth = [label_names[y] for y in split.labels]
     correct = [p == t for p, t in zip(predicted, truth, strict=True)]
     return Score(sum(correct) / len(correct), correct)
@@ -250,10 +258,15 @@ def _decide(
     work = tempfile.mkdtemp(prefix="tunefleet-retrain-")
     try:
         # Reloaded from where it now lives: proves the export is whole before any promotion.
-        challenger = score(fetch(best["export_dir"], work, "challenger"), rows, names, length)
+        trust = spec.model.trust_remote_code  # the spec's, never the stored folder's
+        challenger = score(
+            fetch(best["export_dir"], work, "challenger"), rows, names, length, trust
+        )
         held = None
         if champion is not None:
-            held = score(fetch(champion["export_dir"], work, "champion"), rows, names, length)
+            held = score(
+                fetch(champion["export_dir"], work, "champion"), rows, names, length, trust
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     p_value = mcnemar_p(held.correct, challenger.correct) if held is not None else None

@@ -45,6 +45,12 @@ class ModelSpec(_Section):
         "package that ships a model and a get_model_path() function.",
     )
     max_length: int = Field(64, ge=8, le=8192, description="Tokens per text after truncation.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code that ships with the model (its config's auto_map) when it "
+        "loads. Off: such a model is refused before Ray starts. Turn it on only for a model "
+        "whose code you have read: it runs on the driver and on every worker.",
+    )
 
 
 class DataSpec(_Section):

