@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import os
 import posixpath
@@ -24,9 +25,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 T = TypeVar("T")
@@ -75,14 +77,14 @@ def unreachable(exc: BaseException) -> bool:
     return any(marker in text for marker in _UNREACHABLE)
 
 
-def retrying(what: str, path: str, op: Callable[[], T], budget_s: float | None = None) -> T:
+def retrying(what: str, path: str, op: Callable[[], T]) -> T:
     """``op()``, retried with backoff while the storage at ``path`` does not answer; a
     local path is tried once. ``StorageUnavailable`` (naming the path and how long it was
-    tried) once ``budget_s`` (default ``RETRY_S``) is spent. Each retry repeats the whole
+    tried) once ``RETRY_S`` seconds are spent. Each retry repeats the whole
     operation, which must be idempotent (a PUT of the same bytes, a read, a listing)."""
     if not is_uri(path):
         return op()
-    budget = RETRY_S if budget_s is None else budget_s
+    budget = RETRY_S
     started, delay, tries = time.monotonic(), RETRY_FIRST_S, 0
     while True:
         tries += 1
@@ -135,7 +137,144 @@ def join(base: str, *parts: str) -> str:
 def _filesystem(root: str) -> pafs.FileSystem:
     # One filesystem per scheme, bucket and query: building an S3 client resolves
     # credentials and the endpoint, which is too slow to repeat for every file.
-    return pafs.FileSystem.from_uri(root)[0]
+    return pafs.PyFileSystem(RetryingHandler(_remote_filesystem(root), root))
+
+
+def _remote_filesystem(root: str) -> pafs.FileSystem:
+    """The filesystem of a URI; for S3, without background writes: the retrying wrapper's
+    streams are written from pyarrow's IO threads (``copy_files``), and a background
+    write waits for a thread of that same pool (with every thread in a wrapper's
+    ``close``, a deadlock: seen with Tune's syncer)."""
+    fs = pafs.FileSystem.from_uri(root)[0]
+    if isinstance(fs, pafs.S3FileSystem):
+        _, (options,) = fs.__reduce__()
+        fs = pafs.S3FileSystem._reconstruct({**options, "background_writes": False})
+    return fs
+
+
+#: Files up to this size are buffered in memory on their way to or from remote storage;
+#: larger ones in a temporary file.
+SPOOL_BYTES = 64 << 20
+CHUNK_BYTES = 8 << 20
+
+
+class RetryingHandler(pafs.FileSystemHandler):
+    """A remote filesystem (S3, GCS, ...) whose every operation is ``retrying``: wrapped
+    around the filesystem of every URI, so Ray Tune's and Ray Train's own reads and writes
+    (experiment state, checkpoints) wait out an outage as tunefleet's do.
+
+    A write is buffered and sent whole when the stream closes, and sent again whole if
+    the storage did not answer (S3 applies a PUT whole, so a retry never leaves half a
+    file); a read fetches the whole file before the first byte is handed out.
+    """
+
+    def __init__(self, inner: pafs.FileSystem, root: str) -> None:
+        self.inner = inner
+        self.scheme = urlsplit(root).scheme
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RetryingHandler) and self.inner.equals(other.inner)
+
+    def __hash__(self) -> int:
+        return hash(self.inner.type_name)
+
+    def _do(self, what: str, path: str, op: Callable[[], T]) -> T:
+        return retrying(what, f"{self.scheme}://{path}", op)
+
+    def get_type_name(self) -> str:
+        return f"retrying+{self.inner.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.inner.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._do(
+            "look up", paths[0] if paths else "", lambda: self.inner.get_file_info(paths)
+        )
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._do("list", selector.base_dir, lambda: self.inner.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._do("create", path, lambda: self.inner.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._do("delete", path, lambda: self.inner.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._do(
+            "delete",
+            path,
+            lambda: self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok),
+        )
+
+    def delete_root_dir_contents(self) -> None:
+        self._do("delete", "/", lambda: self.inner.delete_dir_contents("/", accept_root_dir=True))
+
+    def delete_file(self, path: str) -> None:
+        self._do("delete", path, lambda: self.inner.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._do("move", src, lambda: self.inner.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._do("copy", src, lambda: self.inner.copy_file(src, dest))
+
+    def _fetch(self, path: str) -> Any:
+        def fetch() -> Any:
+            buf = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - handed out
+            with self.inner.open_input_stream(path) as fh:
+                while chunk := fh.read(CHUNK_BYTES):
+                    buf.write(chunk)
+            buf.seek(0)
+            return buf
+
+        return pa.PythonFile(self._do("read", path, fetch), mode="r")
+
+    def open_input_stream(self, path: str) -> Any:
+        return self._fetch(path)
+
+    def open_input_file(self, path: str) -> Any:
+        return self._fetch(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        return pa.PythonFile(_Upload(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        return self.inner.open_append_stream(path, metadata=metadata)
+
+
+class _Upload(io.RawIOBase):
+    """An output stream that buffers, then PUTs the whole file on close, retried."""
+
+    def __init__(self, handler: RetryingHandler, path: str, metadata: Any) -> None:
+        super().__init__()
+        self.handler, self.path, self.metadata = handler, path, metadata
+        self.buf = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed in close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self.buf.write(data)
+
+    def tell(self) -> int:
+        return self.buf.tell()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.handler._do("write", self.path, self._put)
+        finally:
+            self.buf.close()
+            super().close()
+
+    def _put(self) -> None:
+        self.buf.seek(0)
+        with self.handler.inner.open_output_stream(self.path, metadata=self.metadata) as out:
+            while chunk := self.buf.read(CHUNK_BYTES):
+                out.write(chunk)
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -166,42 +305,30 @@ def uri_of(fs: pafs.FileSystem, path: str, like: str) -> str:
 def exists(path: str) -> bool:
     """Does a file or folder exist at ``path``?"""
     fs, p = resolve(path)
-    return retrying("look up", path, lambda: fs.get_file_info(p).type != pafs.FileType.NotFound)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def list_names(path: str) -> list[str]:
     """Names directly under folder ``path`` (empty if it does not exist)."""
     fs, p = resolve(path)
-
-    def names() -> list[str]:
-        if fs.get_file_info(p).type == pafs.FileType.NotFound:
-            return []
-        return [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))]
-
-    return retrying("list", path, names)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    return [posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p))]
 
 
 def delete_dir(path: str) -> None:
     """Remove folder ``path`` and everything under it (no-op if missing)."""
     fs, p = resolve(path)
-
-    def delete() -> None:
-        if fs.get_file_info(p).type != pafs.FileType.NotFound:
-            fs.delete_dir(p)
-
-    retrying("delete", path, delete)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
 
 
 def download_dir(src: str, local_dir: str) -> None:
     """Copy folder ``src`` (local path or URI) to a local folder."""
     fs, p = resolve(src)
     os.makedirs(local_dir, exist_ok=True)
-    retrying(
-        "download",
-        src,
-        lambda: pafs.copy_files(
-            p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        ),
+    pafs.copy_files(
+        p, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
     )
 
 
@@ -209,13 +336,9 @@ def download_file(src: str, local_path: str) -> None:
     """Copy one file ``src`` (local path or URI) to a local path."""
     fs, p = resolve(src)
     os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-
-    def download() -> None:
-        with fs.open_input_stream(p) as fh, open(local_path, "wb") as out:
-            while chunk := fh.read(1 << 20):
-                out.write(chunk)
-
-    retrying("download", src, download)
+    with fs.open_input_stream(p) as fh, open(local_path, "wb") as out:
+        while chunk := fh.read(1 << 20):
+            out.write(chunk)
 
 
 def write_text(dest: str, text: str) -> None:
@@ -238,12 +361,8 @@ def write_text(dest: str, text: str) -> None:
             raise
         return
     fs, p = resolve(dest)
-
-    def put() -> None:
-        with fs.open_output_stream(p) as out:
-            out.write(text.encode())
-
-    retrying("write", dest, put)
+    with fs.open_output_stream(p) as out:
+        out.write(text.encode())
 
 
 def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
@@ -273,7 +392,7 @@ def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
         return
     fs, p = resolve(dest)
-    retrying("create", dest, lambda: fs.create_dir(p, recursive=True))
+    fs.create_dir(p, recursive=True)
     names = sorted(
         os.path.relpath(os.path.join(root, f), local_dir)
         for root, _, files in os.walk(local_dir)
@@ -281,48 +400,20 @@ def replace_dir(local_dir: str, dest: str, last: str | None = None) -> None:
     )
     for name in sorted(names, key=lambda n: n == last):
         target = posixpath.join(p, name.replace(os.sep, "/"))
-        retrying("write", join(dest, name), lambda n=name, t=target: _put_file(local_dir, n, fs, t))
+        with open(os.path.join(local_dir, name), "rb") as fh, fs.open_output_stream(target) as out:
+            while chunk := fh.read(1 << 22):  # streamed: a model's weights can be GBs
+                out.write(chunk)
     keep = {posixpath.join(p, n.replace(os.sep, "/")) for n in names}
-
-    def prune() -> None:
-        for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
-            if info.type == pafs.FileType.File and info.path not in keep:
-                fs.delete_file(info.path)
-
-    retrying("clean up", dest, prune)
-
-
-def _put_file(local_dir: str, name: str, fs: pafs.FileSystem, target: str) -> None:
-    """One file, streamed in one PUT (a model's weights can be GBs)."""
-    with open(os.path.join(local_dir, name), "rb") as fh, fs.open_output_stream(target) as out:
-        while chunk := fh.read(1 << 22):
-            out.write(chunk)
-
-
-def upload_files(local_dir: str, fs: pafs.FileSystem, path: str) -> None:
-    """Copy a local folder to ``path`` on ``fs``, retried like every storage operation (the
-    warm workers' checkpoint uploads: ``trainers.serve`` is handed this function)."""
-
-    def upload() -> None:
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(
-            local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
-        )
-
-    if isinstance(fs, pafs.LocalFileSystem):
-        return upload()
-    return retrying("upload to", f"{fs.type_name}://{path}", upload)
+    for info in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if info.type == pafs.FileType.File and info.path not in keep:
+            fs.delete_file(info.path)
 
 
 def read_text(src: str) -> str:
     """Read a text file from a local path or URI."""
     fs, p = resolve(src)
-
-    def read() -> str:
-        with fs.open_input_stream(p) as fh:
-            return fh.read().decode()
-
-    return retrying("read", src, read)
+    with fs.open_input_stream(p) as fh:
+        return fh.read().decode()
 
 
 def next_free_name(base: str, name: str) -> str:
@@ -339,18 +430,14 @@ def next_free_name(base: str, name: str) -> str:
 def total_bytes(path: str) -> tuple[int, int]:
     """(files, bytes) under folder ``path``."""
     fs, p = resolve(path)
-
-    def count() -> tuple[int, int]:
-        if fs.get_file_info(p).type == pafs.FileType.NotFound:
-            return 0, 0
-        files = [
-            i
-            for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
-            if i.type == pafs.FileType.File
-        ]
-        return len(files), sum(i.size or 0 for i in files)
-
-    return retrying("measure", path, count)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return 0, 0
+    files = [
+        i
+        for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+        if i.type == pafs.FileType.File
+    ]
+    return len(files), sum(i.size or 0 for i in files)
 
 
 class Exists(RuntimeError):
@@ -458,9 +545,5 @@ def replace_unchanged(path: str, text: str, expected: str) -> None:
 def delete_file(path: str) -> None:
     """Remove one file (no-op if missing)."""
     fs, p = resolve(path)
-
-    def delete() -> None:
-        if fs.get_file_info(p).type != pafs.FileType.NotFound:
-            fs.delete_file(p)
-
-    retrying("delete", path, delete)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_file(p)

@@ -33,7 +33,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,10 +107,9 @@ def checkpoint_name(step: int) -> str:
 class WarmContext(RayTrainContext):
     """``WorkerContext`` of a warm worker: checkpoints are read from and written to storage."""
 
-    def __init__(self, filesystem: Any, upload: Callable[[str, Any, str], None]) -> None:
+    def __init__(self, filesystem: Any) -> None:
         super().__init__(resume_from=None)
         self.filesystem = filesystem
-        self.upload = upload  # (local folder, filesystem, path): copies, retrying while down
 
     @contextlib.contextmanager
     def checkpoint_dir(self, uri: str | None) -> Iterator[str | None]:
@@ -128,6 +127,7 @@ class WarmContext(RayTrainContext):
     ) -> dict[str, Any] | None:
         """Write the trial's state now (or its ``held`` copy, weights only) and upload this
         rank's part; rank 0's reply once every rank's part is in storage."""
+        import pyarrow.fs
         import torch.distributed as dist
 
         from trainers import metrics as M
@@ -143,7 +143,13 @@ class WarmContext(RayTrainContext):
                     figures = save_state(tmp, run.worker, run.cfg, s, report, command.weights_only)
                 else:
                     figures = save_held(tmp, run, held)
-                self.upload(tmp, self.filesystem, uri)
+                self.filesystem.create_dir(uri, recursive=True)
+                pyarrow.fs.copy_files(
+                    tmp,
+                    uri,
+                    source_filesystem=pyarrow.fs.LocalFileSystem(),
+                    destination_filesystem=self.filesystem,
+                )
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's shards are in storage before the driver hears of them
         if self.rank != 0:
@@ -160,7 +166,7 @@ def serve(config: dict[str, Any]) -> None:
 
     mailbox = config["mailbox"]
     base = WorkerConfig.from_dict(config["worker"])
-    ctx = WarmContext(config["filesystem"], config["upload"])
+    ctx = WarmContext(config["filesystem"])
     worker = Worker(base, ctx)
     run: TrialRun | None = None
     report: dict[str, Any] = {}

@@ -257,26 +257,18 @@ def export_best(
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
         arithmetic = export_arithmetic(spec)
-        trust = spec.model.trust_remote_code
-        validation = score_model(
-            local,
-            splits.validation,
-            splits.label_names,
-            spec.model.max_length,
-            arithmetic=arithmetic,
-            trust_remote_code=trust,
-        )
-        test = (
+        validation, test = (
             score_model(
                 local,
-                splits.test,
+                split,
                 splits.label_names,
                 spec.model.max_length,
                 arithmetic=arithmetic,
-                trust_remote_code=trust,
+                trust_remote_code=spec.model.trust_remote_code,
             )
-            if len(splits.test)
+            if len(split)
             else {}
+            for split in (splits.validation, splits.test)
         )
         record = {
             "checkpoint": uri,

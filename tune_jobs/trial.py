@@ -190,6 +190,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     try:
         train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))
     except Exception:  # raised here, in the trial's own code (a killed process never is)
-        if not faults.is_transient(traceback.format_exc()):
-            faults.record(plan.failures_dir, trial_name, traceback.format_exc(limit=8))
+        trace = traceback.format_exc(limit=8)
+        if not faults.is_transient(trace):
+            faults.record(plan.failures_dir, trial_name, trace)
         raise

@@ -64,8 +64,8 @@ class WorkerGroupError(RuntimeError):
     trial's code; Tune's retry from the last checkpoint may then succeed.
     """
 
-    def __init__(self, message: str, transient: bool) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)  # args: the message only (Ray rebuilds it from them)
         self.transient = transient
 
 
@@ -125,7 +125,6 @@ class WarmGroup:
                 "worker": base.to_dict(),
                 "mailbox": self.mailbox,
                 "filesystem": self.filesystem,
-                "upload": storage.upload_files,  # retries while the storage is down
             },
             scaling_config=train.ScalingConfig(
                 num_workers=res.num_workers,
@@ -149,6 +148,11 @@ class WarmGroup:
             trainer.fit()
         except BaseException as exc:  # noqa: BLE001 - reported by call()
             self.failure = exc
+
+    @staticmethod
+    def path_of(uri: str | None) -> str | None:
+        """A checkpoint's URI as a path in the group's filesystem (what its workers read)."""
+        return storage.resolve(uri)[1] if uri else None
 
     @property
     def alive(self) -> bool:
@@ -301,17 +305,18 @@ class WarmTrial(tune.Trainable):
                 plan.resources,
                 self.trial_name,
                 plan.schedule_hparams(),
-                self.resume,
+                group.path_of(self.resume),
             )
             self.worker_pid = group.call(Start(cfg))["pid"]
             self.started = True
             self.full_at = time.monotonic()
             trial_dir = storage.join(plan.train_storage, self.trial_name)
-            self.start_dir = storage.join(trial_dir, next_numbered(trial_dir, "start"))
+            self.start_name = next_numbered(trial_dir, "start")
+            self.start_dir = storage.join(trial_dir, self.start_name)
         reply = group.call(Interval())
         metrics = dict(reply["metrics"])
         metrics["train_run"] = group.name  # the warm group that served this report
-        metrics["trial_start"] = os.path.basename(self.start_dir)  # start<k> of this trial
+        metrics["trial_start"] = self.start_name  # start<k> of this trial
         metrics["worker_pid"] = self.worker_pid  # rank 0's process
         self.step_now = int(metrics[M.STEP])
         if self.hp["save_checkpoints"] and self._write(metrics):
@@ -416,6 +421,16 @@ class WarmTrial(tune.Trainable):
         starts from the pointer's resumable checkpoint; with none left, from step 0."""
         pointer = read_pointer(checkpoint_dir)
         uri = pointer.get("resume", pointer["uri"])
+        own = f"/{self.trial_name}/start" in pointer["uri"]  # not a PBT donor's
+        if own and (uri is None or not storage.exists(uri)):
+            # Tune's saved state lags the run by up to its snapshot period, and a
+            # superseded full checkpoint is deleted at once: after a driver crash the
+            # pointer may name one that is gone. The trial's newest resumable one is then
+            # the place to go on from (it is also the furthest along).
+            newest = latest_resumable(storage.join(self.plan.train_storage, self.trial_name))
+            if newest is not None:
+                print(f"[{self.trial_name}] {uri} is gone; its newest checkpoint is {newest}")
+                uri = newest
         if uri is None or not storage.exists(uri):
             # No resumable state (a weights-only report, or files deleted): start this
             # trial's hyperparameters from scratch rather than fail the whole run.
@@ -450,6 +465,29 @@ def _better(value: Any, than: Any, mode: str) -> bool:
     return value is not None and value == value and better(value, than, mode)
 
 
+def latest_resumable(trial_dir: str) -> str | None:
+    """The newest checkpoint of a trial (over all its starts) that it can continue from:
+    ``resumable`` in its manifest (not a weights-only export candidate); None if none."""
+    import json
+
+    from trainers.checkpoint import MANIFEST
+
+    found = []
+    for start in storage.list_names(trial_dir):
+        if not start.startswith("start"):
+            continue
+        for name in storage.list_names(storage.join(trial_dir, start)):
+            if name.startswith("checkpoint_") and name.split("_")[-1].isdigit():
+                step = int(name.split("_")[-1])
+                found.append((step, int(start.removeprefix("start") or 0), start, name))
+    for _, _, start, name in sorted(found, reverse=True):
+        uri = storage.join(trial_dir, start, name)
+        manifest = storage.join(uri, MANIFEST)
+        if storage.exists(manifest) and json.loads(storage.read_text(manifest)).get("resumable"):
+            return uri
+    return None
+
+
 def next_numbered(folder: str, prefix: str) -> str:
     """``<prefix><k>``, k the count of names under ``folder`` that start with ``prefix``:
     deterministic names for groups (``group<k>``) and a trial's starts (``start<k>``)."""
@@ -464,7 +502,13 @@ def run_on_group(
     tests): every report, with the URI of its checkpoint (a full one at every evaluation,
     all kept; none with ``save_checkpoints`` off)."""
     cfg = loop_config(
-        plan.spec, hp, plan.data_ref, plan.resources, name, plan.schedule_hparams(), resume
+        plan.spec,
+        hp,
+        plan.data_ref,
+        plan.resources,
+        name,
+        plan.schedule_hparams(),
+        group.path_of(resume),
     )
     group.call(Start(cfg))
     trial_dir = storage.join(plan.train_storage, name)

@@ -30,13 +30,17 @@ def test_resolve_strips_scheme_and_query_and_reuses_the_filesystem(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     fs1, path1 = storage.resolve("s3://bucket/runs/a?endpoint_override=127.0.0.1:9&scheme=http")
     fs2, path2 = storage.resolve("s3://bucket/runs/b?endpoint_override=127.0.0.1:9&scheme=http")
-    assert isinstance(fs1, pafs.S3FileSystem) and fs1 is fs2
+    assert fs1 is fs2
+    # S3, behind the retrying handler every URI's filesystem has (Ray's reads and writes too)
+    assert isinstance(fs1.handler, storage.RetryingHandler)
+    assert isinstance(fs1.handler.inner, pafs.S3FileSystem)
     assert (path1, path2) == ("bucket/runs/a", "bucket/runs/b")
     # what Ray is handed: the filesystem object and a prefix-stripped path
     cfg = storage.ray_storage("s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http")
     assert cfg["storage_path"] == "bucket/runs" and cfg["storage_filesystem"] is fs1
     # a pickled filesystem (shipped to every trial and worker) carries no credentials
     assert b"planted-unit-secret" not in pickle.dumps(fs1)
+    assert pickle.loads(pickle.dumps(fs1)).equals(fs1)
 
 
 def test_local_paths_stay_local(tmp_path):
@@ -135,29 +139,18 @@ def s3_behind_link(tmp_path_factory):
     (credentials in the environment, the endpoint in the URI's query)."""
     import boto3
 
-    from tests.e2e.cluster_procs import Outage, S3Server
+    from tests.e2e.cluster_procs import S3_TEST_KEYS, Outage, S3Server, environment
 
     server = S3Server()
     server.start(str(tmp_path_factory.mktemp("s3") / "s3.log"))
-    env = {
-        "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     link = Outage(server.port)
     link.restore()
     try:
-        boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="outage")
-        yield f"s3://outage/runs?endpoint_override={link.endpoint}&scheme=http", link
+        with environment(**S3_TEST_KEYS):
+            boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="outage")
+            yield f"s3://outage/runs?endpoint_override={link.endpoint}&scheme=http", link
     finally:
         link.cut()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 

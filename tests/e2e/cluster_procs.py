@@ -186,6 +186,29 @@ class S3Server:
             stop_tree([self.proc], None)
 
 
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """These environment variables set for the block, then put back as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+#: what the tests' S3 clients present to moto (it accepts any)
+S3_TEST_KEYS = {
+    "AWS_ACCESS_KEY_ID": "k",
+    "AWS_SECRET_ACCESS_KEY": "s",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
 def s3_objects(client, bucket: str) -> Iterator[tuple[str, bytes]]:
     """Every (key, body) in ``bucket``."""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):

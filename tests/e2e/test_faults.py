@@ -11,6 +11,11 @@ groups, each evaluating and writing a full checkpoint every 4 steps
    itself is SIGKILLed, and its Ray processes after it (by pid).
 3. ``tunefleet resume RUN_DIR`` continues the sweep.
 
+The run lives in a bucket on a real S3-compatible server (moto) reached through a
+link that the test cuts for 12 s while trial_00001 trains (longer than the S3
+client's own retries): storage must wait it out, the trial must go on without a
+restart, and nothing written is lost.
+
 Every trial must end with the weights of an undisturbed run: the same SHA-256
 for all three (same seed, same data order, restored exactly).
 
@@ -21,7 +26,6 @@ their environment; no file the run or its Ray cluster writes may hold them.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import secrets
@@ -36,13 +40,17 @@ import psutil
 import pytest
 import yaml
 
+from cluster import storage
 from tests.conftest import REPO
+from tests.e2e.cluster_procs import Outage, S3Server, s3_objects
 from tests.e2e.conftest import tunefleet
 from tune_jobs.report_log import read_reports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MAX_STEPS, EVAL_STEPS = 40, 4
+OUTAGE_S = 12.0
+BUCKET = "faults"
 TOKEN = "hf_planted" + secrets.token_hex(12)  # found nowhere a run writes, or the test fails
 KEY = "planted/" + secrets.token_hex(16)
 PLANTED = {"HF_TOKEN": TOKEN, "AWS_ACCESS_KEY_ID": "AKIAPLANTED", "AWS_SECRET_ACCESS_KEY": KEY}
@@ -54,6 +62,10 @@ SPEC = {
         "per_device_train_batch_size": 8,
         "eval_steps": EVAL_STEPS,
         "checkpoint_every_s": 0,
+        # the top block and the head train; each checkpoint holds just those (7 MiB, not
+        # 261): what a restore needs, at a twelfth of the bytes through the S3 server
+        "unfreeze_depth": 1,
+        "checkpoint_weights": "trained",
     },
     "search": {
         "num_samples": 3,
@@ -74,26 +86,54 @@ def _wait(what: str, check, proc: subprocess.Popen, timeout_s: float = 300) -> N
         time.sleep(0.3)
 
 
-def _finished(run_dir: str, trial: str) -> bool:
-    """Tune's saved experiment state (what a resume reads) has ``trial`` TERMINATED."""
-    for path in glob.glob(os.path.join(run_dir, "experiment_state-*.json")):
-        with contextlib.suppress(OSError, ValueError), open(path) as fh:
-            for entry in json.load(fh).get("trial_data", []):
-                state = json.loads(entry[0])
-                if state.get("trial_id", "").endswith(trial[-5:]) and (
-                    state.get("status") == "TERMINATED"
-                ):
-                    return True
-    return False
+def _saved(run_dir: str, trial: str) -> tuple[str | None, int]:
+    """``trial``'s status and last step in Tune's saved experiment state (what a resume
+    reads): ``(None, -1)`` before it is there."""
+    for name in storage.list_names(run_dir):
+        if not name.startswith("experiment_state-"):
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            for state, meta in json.loads(storage.read_text(storage.join(run_dir, name)))[
+                "trial_data"
+            ]:
+                state, meta = json.loads(state), json.loads(meta)
+                if state["trial_id"].endswith(trial[-5:]):
+                    return state["status"], int((meta.get("last_result") or {}).get("step", -1))
+    return None, -1
 
 
 @pytest.fixture(scope="module")
-def faulted_run(tmp_path_factory):
+def bucket(tmp_path_factory):
+    """``(storage root, link, S3 client)``: a bucket on moto behind an ``Outage`` link."""
+    import boto3
+
+    server = S3Server()
+    server.start(str(tmp_path_factory.mktemp("s3") / "s3.log"))
+    link = Outage(server.port)
+    link.restore()
+    client = boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=PLANTED["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=KEY,
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield f"s3://{BUCKET}/runs?endpoint_override={link.endpoint}&scheme=http", link, client
+    finally:
+        link.cut()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def faulted_run(tmp_path_factory, bucket):
+    root, link, client = bucket
     tmp = tmp_path_factory.mktemp("faults")
     (tmp / "job.yaml").write_text(yaml.safe_dump(SPEC))
-    run_dir = str(tmp / "faults")
+    run_dir = storage.join(root, "faults")
     ray_tmp = tempfile.mkdtemp(prefix="tf-faults-")  # short: Ray's socket paths are limited
-    planted = {**PLANTED, "RAY_TMPDIR": ray_tmp}
+    planted = {**PLANTED, "AWS_DEFAULT_REGION": "us-east-1", "RAY_TMPDIR": ray_tmp}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | planted
     log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
     proc = subprocess.Popen(
@@ -103,10 +143,17 @@ def faulted_run(tmp_path_factory):
             "tune_jobs",
             "run",
             str(tmp / "job.yaml"),
-            f"run.storage_path={tmp}",
+            f"run.storage_path={root}",
         ],
         cwd=REPO,
-        env={**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        # Tune saves its experiment state every 2 s (default: at least 10 s), so the test
+        # knows sooner what a resume will find
+        env={
+            **env,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TUNE_GLOBAL_CHECKPOINT_S": "2",
+        },
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -118,10 +165,19 @@ def faulted_run(tmp_path_factory):
         os.kill(killed_worker, signal.SIGKILL)
         _wait(
             "trial_00000 finished and a trial_00001 report",
-            lambda: _finished(run_dir, "trial_00000") and read_reports(run_dir, "trial_00001"),
+            lambda: (
+                _saved(run_dir, "trial_00000")[0] == "TERMINATED"
+                and read_reports(run_dir, "trial_00001")
+            ),
             proc,
             timeout_s=600,
         )
+        link.cut()  # the storage goes away while trial_00001 trains
+        time.sleep(OUTAGE_S)
+        link.restore()
+        # the driver dies once Tune's saved state holds two more of trial_00001's evaluations
+        # (and so a checkpoint to continue from)
+        _wait("trial_00001 at step 12", lambda: _saved(run_dir, "trial_00001")[1] >= 12, proc)
         ray_procs = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-sweep
         proc.wait(timeout=60)
@@ -137,7 +193,13 @@ def faulted_run(tmp_path_factory):
         log.close()
     driver_log = (tmp / "driver.log").read_text()
     resumed = tunefleet("resume", run_dir, timeout=900, env=planted)
+    (tmp / "resume.log").write_text(resumed.stdout + resumed.stderr)
     leaks = _files_holding((TOKEN, KEY), [str(tmp), ray_tmp])
+    leaks += [
+        f"s3://{BUCKET}/{key}"
+        for key, body in s3_objects(client, BUCKET)
+        if TOKEN.encode() in body or KEY.encode() in body
+    ]
     shutil.rmtree(ray_tmp, ignore_errors=True)
     return {
         "leaks": leaks,
@@ -174,8 +236,7 @@ def _starts(reports: list[dict]) -> dict[str, list[dict]]:
 def test_the_resumed_sweep_ends_with_every_trial_once(faulted_run):
     resumed = faulted_run["resumed"]
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    with open(os.path.join(faulted_run["run_dir"], "summary.json")) as fh:
-        summary = json.load(fh)
+    summary = json.loads(storage.read_text(storage.join(faulted_run["run_dir"], "summary.json")))
     assert sorted(t["trial"] for t in summary["trials"]) == [
         "trial_00000",
         "trial_00001",
@@ -208,7 +269,10 @@ def test_the_killed_driver_is_resumed_without_rerunning_finished_trials(faulted_
     assert len(second) == 2, second.keys()  # continued once, after the resume
     cut = faulted_run["before_resume"]["trial_00001"][-1]["step"]
     resumed = second[sorted(second)[-1]]
-    assert 0 < resumed[0]["restored_from_step"] <= cut  # from its checkpoint, not step 0
+    restored = resumed[0]["restored_from_step"]
+    assert 0 < restored <= cut, [  # from its checkpoint, not step 0
+        line for line in faulted_run["resumed"].stdout.splitlines() if "trial_00001]" in line
+    ][:5]
     assert resumed[-1]["step"] == MAX_STEPS
     third = read_reports(run_dir, "trial_00002")
     assert [r["step"] for r in third] == list(range(EVAL_STEPS, MAX_STEPS + 1, EVAL_STEPS))
@@ -226,10 +290,28 @@ def test_every_trial_ends_with_the_undisturbed_weights(faulted_run):
 
 
 def test_no_planted_secret_in_anything_the_run_wrote(faulted_run):
-    """The run folder (spec, summary, reports, lineage, checkpoints, export), the driver's
+    """Every object in the bucket (spec, summary, reports, checkpoints, export), the driver's
     output and the local Ray cluster's own folder (session logs, runtime-env logs)."""
     assert faulted_run["leaks"] == []
     resumed = faulted_run["resumed"]
     for needle in (TOKEN, KEY):
         assert needle not in resumed.stdout + resumed.stderr
         assert needle not in faulted_run["driver_log"]
+
+
+def test_the_outage_was_waited_out_and_nothing_written_was_lost(faulted_run):
+    """The link was cut for longer than the S3 client's own retries: the run's storage
+    calls waited it out (logged retries), trial_00001 trained through it without a restart
+    (one start, every evaluation in order), and what the run wrote is whole."""
+    assert "retry" in faulted_run["driver_log"]
+    before = faulted_run["before_resume"]["trial_00001"]
+    assert {r["trial_start"] for r in before} == {"start0"}
+    assert [r["step"] for r in before] == list(
+        range(EVAL_STEPS, before[-1]["step"] + 1, EVAL_STEPS)
+    )
+    run_dir = faulted_run["run_dir"]
+    summary = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))
+    export = storage.join(run_dir, "best_model")
+    assert summary["best"]["export_dir"] == export
+    assert json.loads(storage.read_text(storage.join(export, "metrics.json")))
+    assert storage.exists(storage.join(export, "model.safetensors"))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from tests.e2e.cluster_procs import S3Server
+from tests.e2e.cluster_procs import S3_TEST_KEYS, S3Server, environment
 from tune_jobs.registry import LOCK_FILE, REGISTRY_DIR, Registry, RegistryError, RegistryLocked
 
 BUCKET = "tunefleet-registry"
@@ -20,23 +19,11 @@ def s3_root(tmp_path_factory):
 
     server = S3Server()
     server.start(str(tmp_path_factory.mktemp("s3") / "s3.log"))
-    env = {
-        "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": server.endpoint,
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}/retrain"
+        with environment(**S3_TEST_KEYS, AWS_ENDPOINT_URL=server.endpoint):
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            yield f"s3://{BUCKET}/retrain"
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 
