@@ -380,6 +380,32 @@ def resume_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> Jo
     return spec.model_copy(update={"smoke": spec.smoke.model_copy(update={"enabled": False})})
 
 
+def check_same_training(spec: JobSpec, run_dir: str) -> None:
+    """A resumed run's checkpoints must fit the spec it resumes with: the same model and
+    strategy (a checkpoint from another model would load as garbage, or not at all)."""
+    path = storage.join(run_dir, SPEC_FILE)
+    if not storage.exists(path):
+        return
+    from tune_jobs.spec import load_spec_text
+
+    before = load_spec_text(storage.read_text(path), source=path)
+    problems = [
+        Problem(
+            key,
+            now,
+            f"the run in {run_dir} was trained with {key}: {was!r}, and its checkpoints only "
+            f"continue with that; resume with {was!r}, or start a new run (run.if_exists: new)",
+        )
+        for key, was, now in (
+            ("model.name_or_path", before.model.name_or_path, spec.model.name_or_path),
+            ("distributed.strategy", before.distributed.strategy, spec.distributed.strategy),
+        )
+        if was != now
+    ]
+    if problems:
+        raise SpecError(problems)
+
+
 def run_job(
     spec: JobSpec,
     echo: Callable[[str], None] = print,
@@ -412,6 +438,8 @@ def run_job(
     run_name = resolve_run_name(spec, storage_root)
     run_dir = storage.join(storage_root, run_name)
     restore = spec.run.if_exists == "resume" and storage.exists(run_dir)
+    if restore:
+        check_same_training(spec, run_dir)
 
     conn = connect(spec.run.address, spec.resources.local_num_cpus)
     try:

@@ -73,6 +73,7 @@ def files(tmp_path_factory):
         "remote_code_ran": str(d / "remote-code-ran"),
         "deepspeed_run": _run_folder(d, "ds-run", {"distributed": {"strategy": "deepspeed"}}),
         "ddp_run": _run_folder(d, "ddp-run", {}),
+        "roberta_run": _run_folder(d, "roberta-run", {"model": {"name_or_path": "/m/roberta"}}),
     }
 
 
@@ -310,6 +311,22 @@ CASES = [
         ["distributed.strategy=deepspeed", "distributed.precision=bf16"],
         "distributed.precision",
         "distributed.deepspeed.precision: bf16",
+    ),
+    (
+        "metric-never-reported",
+        ["search.metric=eval_bleu"],
+        "search.metric",
+        "one of ['eval_accuracy'",
+    ),
+    (
+        "checkpoints-from-another-model",
+        lambda f: [
+            f"run.storage_path={f['dir']}",
+            "run.name=roberta-run",
+            "run.if_exists=resume",
+        ],
+        "model.name_or_path",
+        "resume with '/m/roberta'",
     ),
     (
         "max-failures-negative",
