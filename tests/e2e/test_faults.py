@@ -315,3 +315,70 @@ def test_the_outage_was_waited_out_and_nothing_written_was_lost(faulted_run):
     assert summary["best"]["export_dir"] == export
     assert json.loads(storage.read_text(storage.join(export, "metrics.json")))
     assert storage.exists(storage.join(export, "model.safetensors"))
+
+
+# --- single-process trials: the trial's own process is the worker ------------------------
+
+SINGLE = {
+    **SPEC,
+    "data": {"max_train_samples": 128, "max_eval_samples": 32, "max_test_samples": 16},
+    "training": {**SPEC["training"], "max_steps": 24},
+    "search": {**SPEC["search"], "num_samples": 2},
+    "resources": {"trial_mode": "single_process", "cpus_per_worker": 0.99},
+    "run": {**SPEC["run"], "name": "single"},
+}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """Two trials of the same config side by side; trial_00000's process (its worker loop)
+    is SIGKILLed by pid after its first report."""
+    tmp = tmp_path_factory.mktemp("single")
+    (tmp / "job.yaml").write_text(yaml.safe_dump(SINGLE))
+    run_dir = str(tmp / "single")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tune_jobs",
+            "run",
+            str(tmp / "job.yaml"),
+            f"run.storage_path={tmp}",
+        ],
+        cwd=REPO,
+        env={**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
+        killed = read_reports(run_dir, "trial_00000")[0]["pid"]
+        os.kill(killed, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    return run_dir, killed, proc.returncode, out
+
+
+def test_a_killed_single_process_trial_restarts_from_its_checkpoint(single_process_run):
+    run_dir, killed, code, out = single_process_run
+    assert code == 0, out[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        summary = json.load(fh)
+    assert {t["trial"]: t["status"] for t in summary["trials"]} == {
+        "trial_00000": "TERMINATED",
+        "trial_00001": "TERMINATED",
+    }
+    reports = read_reports(run_dir, "trial_00000")
+    before = [r for r in reports if r["pid"] == killed]
+    after = [r for r in reports if r["pid"] != killed]
+    assert before and after, reports
+    assert after[0]["restored_from_step"] == before[-1]["step"]  # at most an interval lost
+    assert after[-1]["step"] == 24
+    undisturbed = read_reports(run_dir, "trial_00001")[-1]
+    assert after[-1]["weights_sha256"] == undisturbed["weights_sha256"]
