@@ -78,6 +78,27 @@ SPEC = {
 }
 
 
+def _driver(spec_path, storage_path: str, stdout, env: dict[str, str] | None = None):
+    """``tunefleet run`` in its own session (a local Ray of its own), output to ``stdout``."""
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tune_jobs",
+            "run",
+            str(spec_path),
+            f"run.storage_path={storage_path}",
+        ],
+        cwd=REPO,
+        env={**base, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def _wait(what: str, check, proc: subprocess.Popen, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -134,30 +155,10 @@ def faulted_run(tmp_path_factory, bucket):
     run_dir = storage.join(root, "faults")
     ray_tmp = tempfile.mkdtemp(prefix="tf-faults-")  # short: Ray's socket paths are limited
     planted = {**PLANTED, "AWS_DEFAULT_REGION": "us-east-1", "RAY_TMPDIR": ray_tmp}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | planted
     log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tune_jobs",
-            "run",
-            str(tmp / "job.yaml"),
-            f"run.storage_path={root}",
-        ],
-        cwd=REPO,
-        # Tune saves its experiment state every 2 s (default: at least 10 s), so the test
-        # knows sooner what a resume will find
-        env={
-            **env,
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            "TUNE_GLOBAL_CHECKPOINT_S": "2",
-        },
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # Tune saves its experiment state every 2 s (default: at least 10 s), so the test knows
+    # sooner what a resume will find
+    proc = _driver(tmp / "job.yaml", root, log, {**planted, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
     ray_procs: list[psutil.Process] = []
     try:
         _wait("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
@@ -336,23 +337,7 @@ def single_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     (tmp / "job.yaml").write_text(yaml.safe_dump(SINGLE))
     run_dir = str(tmp / "single")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tune_jobs",
-            "run",
-            str(tmp / "job.yaml"),
-            f"run.storage_path={tmp}",
-        ],
-        cwd=REPO,
-        env={**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _driver(tmp / "job.yaml", str(tmp), subprocess.PIPE)
     try:
         _wait("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
         killed = read_reports(run_dir, "trial_00000")[0]["pid"]
