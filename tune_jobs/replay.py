@@ -17,18 +17,14 @@ the next checkpoint over the one restored and end the trial one iteration later
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 from cluster import storage
 from tune_jobs.lineage import LineageError, Schedule, trial_schedule
 from tune_jobs.report_log import read_all_reports
-from tune_jobs.run import RunOutcome, run_job
-from tune_jobs.spec import JobSpec, Problem, SpecError, load_spec, parse_spec
+from tune_jobs.run import RunOutcome, run_job, run_spec
+from tune_jobs.spec import JobSpec, Problem, SpecError, parse_spec
 
-SPEC_FILE = "job_spec.yaml"
 SCHEDULE_FILE = "replay_schedule.json"
 
 
@@ -86,22 +82,10 @@ def load_schedule(run_dir: str, trial: str) -> Schedule:
 def replay(run_dir: str, trial: str, echo: Callable[[str], None] = print) -> RunOutcome:
     """Retrain ``trial`` of the run in ``run_dir`` from scratch along its PBT schedule."""
     run_dir = storage.normalize(run_dir)
-    spec_file = storage.join(run_dir, SPEC_FILE)
-    if not storage.exists(spec_file):
-        raise SpecError(
-            [Problem("RUN_DIR", run_dir, f"no {SPEC_FILE}: not a tunefleet run folder")]
-        )
-    work = tempfile.mkdtemp(prefix="tunefleet-replay-")
-    try:
-        local_spec = os.path.join(work, SPEC_FILE)
-        with open(local_spec, "w") as fh:
-            fh.write(storage.read_text(spec_file))
-        run_spec = load_spec(local_spec)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    check_replayable(run_spec)  # before reading the reports: the spec alone decides
+    source = run_spec(run_dir)
+    check_replayable(source)  # before reading the reports: the spec alone decides
     schedule = load_schedule(run_dir, trial)
-    spec = replay_spec(run_spec, trial, schedule)
+    spec = replay_spec(source, trial, schedule)
     echo(f"replaying {trial}: from step 0 {schedule.root_config} (as {schedule.root_trial})")
     for step, config, owner in schedule.switches:
         echo(f"  from step {step}: {config} (as {owner})")

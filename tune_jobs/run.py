@@ -345,27 +345,33 @@ def export_verified(
 SPEC_FILE = "job_spec.yaml"
 
 
-def resume_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """The spec to continue the run in ``run_dir`` with: its own ``job_spec.yaml``, named
-    and stored as the folder says, ``if_exists: resume``, no smoke pass; ``SpecError``
-    naming RUN_DIR when the folder holds no run."""
+def run_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """The spec the run in ``run_dir`` was started with (its ``job_spec.yaml``), with
+    ``overrides``; ``SpecError`` naming RUN_DIR when the folder holds no run."""
     from tune_jobs.spec import load_spec_text
 
-    run_dir = storage.normalize(run_dir.rstrip("/"))
     path = storage.join(run_dir, SPEC_FILE)
     if not storage.exists(path):
         raise SpecError(
             [Problem("RUN_DIR", run_dir, f"no {SPEC_FILE}: not a tunefleet run folder")]
         )
-    head, _, name = storage.split_query(run_dir)[0].rpartition("/")
-    parent = head + storage.split_query(run_dir)[1]
-    fixed = [f"run.storage_path={parent}", f"run.name={name}", "run.if_exists=resume"]
+    return load_spec_text(storage.read_text(path), overrides, source=path)
+
+
+def resume_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """The spec to continue the run in ``run_dir`` with: its own ``job_spec.yaml``, named
+    and stored as the folder says, ``if_exists: resume``, no smoke pass; ``SpecError``
+    naming RUN_DIR when the folder holds no run."""
+    run_dir = storage.normalize(run_dir.rstrip("/"))
+    base, query = storage.split_query(run_dir)
+    head, _, name = base.rpartition("/")
+    fixed = [f"run.storage_path={head + query}", f"run.name={name}", "run.if_exists=resume"]
     for text in overrides:
         if text.split("=", 1)[0].strip() in ("run.storage_path", "run.name", "run.if_exists"):
             raise SpecError(
                 [Problem(text.split("=", 1)[0], text, "set by RUN_DIR; resume another folder")]
             )
-    spec = load_spec_text(storage.read_text(path), [*overrides, *fixed], source=path)
+    spec = run_spec(run_dir, [*overrides, *fixed])
     if not storage.exists(storage.join(run_dir, "tuner.pkl")):
         raise SpecError(
             [
