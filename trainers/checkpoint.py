@@ -45,6 +45,7 @@ MODEL_DIR = "model"
 TRAINED_WEIGHTS = "trained_weights.safetensors"
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "tunefleet_checkpoint.json"
+ADAPTER_DIR = "adapter"  # in an export of a LoRA trial: the adapter alone (peft's folder)
 
 Layout = Literal["full", "trained", "deepspeed"]
 
@@ -121,6 +122,7 @@ def save_checkpoint(
     label_names: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     weights_only: bool = False,
+    task: str = "sequence_classification",
 ) -> int:
     """Write everything needed to continue training; return the bytes written.
 
@@ -154,6 +156,7 @@ def save_checkpoint(
                 "weights": layout,
                 "resumable": not weights_only,
                 "base_model": base_model,
+                "task": task,
                 "label_names": label_names,
                 "trained_params": trained,
                 "hparams": dict(hparams),
@@ -329,12 +332,20 @@ def materialize(path: str, dest: str, trust_remote_code: bool = False) -> None:
     if layout == "full":
         shutil.copytree(os.path.join(path, MODEL_DIR), dest, dirs_exist_ok=True)
         return
+    from trainers import adapters
     from trainers.model import build_model, build_tokenizer, resolve_model_path
 
     base = resolve_model_path(manifest["base_model"])
-    model = build_model(base, manifest["label_names"], manifest["hparams"], trust_remote_code)
-    load_weights(path, model)
-    model.save_pretrained(dest)
+    hparams = manifest["hparams"]
+    task = manifest.get("task") or "sequence_classification"
+    model = build_model(base, manifest["label_names"], hparams, trust_remote_code, task)
+    if adapters.enabled(hparams.get("adapter")):
+        model = adapters.attach(model, hparams["adapter"])
+        load_weights(path, model)
+        adapters.export(model, dest, os.path.join(dest, ADAPTER_DIR))
+    else:
+        load_weights(path, model)
+        model.save_pretrained(dest)
     build_tokenizer(base, trust_remote_code).save_pretrained(dest)
 
 

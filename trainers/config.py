@@ -73,6 +73,8 @@ class HParams:
     early_stopping_min_delta: float
     save_checkpoints: bool
     group_by_length: bool
+    #: the ``adapter`` section as this trial has it (searched keys sampled); None: no adapter
+    adapter: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, hp: Mapping[str, Any]) -> HParams:
@@ -150,6 +152,8 @@ class WorkerConfig:
     hp_schedule: tuple[tuple[int, HParams], ...] = ()
     resume_from: str | None = None  # a checkpoint path or URI to start from
     trust_remote_code: bool = False  # model.trust_remote_code: run the model's own code
+    #: model.task (``trainers.tasks``); the spec's default too, for hand-written configs
+    task: str = "sequence_classification"
 
     def __post_init__(self) -> None:
         steps = [s for s, _ in self.hp_schedule]

@@ -1,4 +1,10 @@
-"""Text-classification data: sources, a seeded split, tokenization, batches.
+"""Data: sources, a seeded split, tokenization, batches.
+
+Rows are ``(text, label)`` pairs whatever the task: a text and its class index for
+classification; for a causal LM (``Splits.format``) a prompt and its response
+(``instruction``), a conversation before its last turn as JSON and that turn
+(``chat``), or a document and nothing (``text``). How a task turns rows into
+tokens lives in its module (``trainers.tasks``).
 
 The driver loads and splits once per run (``load_splits``) so bad data fails
 before Ray starts; each worker tokenizes its own shard once per trial
@@ -8,10 +14,12 @@ before Ray starts; each worker tokenizes its own shard once per trial
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import hashlib
 import importlib.util
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +46,20 @@ class DataError(ValueError):
         self.problem = message
 
 
+#: Row formats (``data.format``): classification's text and label, and a causal LM's
+TEXT_LABEL, INSTRUCTION, CHAT, TEXT = "text_label", "instruction", "chat", "text"
+FORMATS = (TEXT_LABEL, INSTRUCTION, CHAT, TEXT)
+#: Responses drawn from at most this many distinct values make an answer set (scored by
+#: answer accuracy); more than that are free text (scored by loss alone).
+MAX_ANSWERS = 16
+
+
 @dataclass(frozen=True)
 class Split:
-    """One split: raw texts and integer labels, in a fixed order."""
+    """One split: raw texts and their labels (class indices, or responses), in a fixed order."""
 
     texts: list[str]
-    labels: list[int]
+    labels: list[Any]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -51,7 +67,8 @@ class Split:
 
 @dataclass(frozen=True)
 class Splits:
-    """Train / validation / test splits plus the label vocabulary."""
+    """Train / validation / test splits plus the label vocabulary (for a causal LM: the
+    answer set, empty when the responses are free text)."""
 
     train: Split
     validation: Split
@@ -64,14 +81,24 @@ class Splits:
     #: SHA-256 over every cleaned row's id and label (before caps), order-free: the same
     #: data gives the same hash however its file is ordered
     sha256: str = ""
+    format: str = TEXT_LABEL  # how a row reads (FORMATS)
+    template: str = "auto"  # causal LM: data.chat_template (auto | plain)
+    #: causal LM: rows dropped per split because prompt + response exceed model.max_length
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def majority_baseline(self, split: str = "validation") -> float:
-        """Accuracy of always predicting the training split's most common label."""
+        """Accuracy of always predicting the training split's most common label (the
+        first of the label order on a tie)."""
         labels = getattr(self, split).labels
-        if not labels:
+        if not labels or not self.train.labels:
             return math.nan
-        majority = int(np.bincount(self.train.labels, minlength=len(self.label_names)).argmax())
-        return float(np.mean(np.asarray(labels) == majority))
+        counts = Counter(self.train.labels)
+        rank = {v: i for i, v in enumerate(self.label_names)}
+        order = {
+            v: v if isinstance(v, (int, np.integer)) else rank.get(v, len(rank)) for v in counts
+        }
+        majority = max(counts, key=lambda v: (counts[v], -order[v]))
+        return float(np.mean([y == majority for y in labels]))
 
 
 def rotten_tomatoes_path() -> str:
@@ -143,6 +170,19 @@ def _read_hub(cfg: Mapping[str, Any], split: str | None = None) -> Any:
     return ds.to_pandas()
 
 
+def data_format(cfg: Mapping[str, Any]) -> str:
+    """``data.format``, with its default: text and label (classification)."""
+    return cfg.get("format") or TEXT_LABEL
+
+
+def read_format(cfg: Mapping[str, Any]) -> str:
+    """How the source's rows read: labelled texts for the built-in corpus and wherever
+    ``data.instruction_template`` turns labelled texts into instructions."""
+    if cfg["source"] == ROTTEN_TOMATOES or cfg.get("instruction_template"):
+        return TEXT_LABEL
+    return data_format(cfg)
+
+
 def load_frame(cfg: Mapping[str, Any], part: str = "train") -> tuple[Any, list[str] | None]:
     """Read the configured source into a two-column frame (``text``, ``label``).
 
@@ -150,7 +190,7 @@ def load_frame(cfg: Mapping[str, Any], part: str = "train") -> tuple[Any, list[s
     instead of the main one. Returns the frame and the source's own label order
     (``None`` when the labels are to be derived from the data).
     """
-    source = cfg["source"]
+    source, fmt = cfg["source"], read_format(cfg)
     label_names = cfg.get("label_names")
     if source == ROTTEN_TOMATOES:
         frame, text_col, label_col, builtin_labels = _read_rotten_tomatoes()
@@ -162,18 +202,26 @@ def load_frame(cfg: Mapping[str, Any], part: str = "train") -> tuple[Any, list[s
         else:
             key = "path" if part == "train" else f"{part}_path"
             frame = _read_file(source, cfg[key], f"data.{key}")
-        text_col, label_col = cfg["text_column"], cfg["label_column"]
-        text_key, label_key = "data.text_column", "data.label_column"
+        text_col, label_col, text_key, label_key = _columns(cfg, fmt)
     columns = [str(c) for c in frame.columns]
     for key, col in ((text_key, text_col), (label_key, label_col)):
-        if col not in frame.columns:
+        if col is not None and col not in frame.columns:
             raise DataError(
                 key, f"column {col!r} not found; the data has columns: {', '.join(columns)}"
             )
     if len(frame) == 0:
         raise DataError("data.path", "the data has no rows")
-    out = frame[[text_col, label_col]].rename(columns={text_col: "text", label_col: "label"})
-    check_labels(out["label"], label_key)
+    if fmt == CHAT:
+        return _chat_rows(frame, text_col), None
+    if fmt == TEXT:
+        out = frame[[text_col]].rename(columns={text_col: "text"})
+        out["label"] = ""
+    else:
+        out = frame[[text_col, label_col]].rename(columns={text_col: "text", label_col: "label"})
+        if fmt == TEXT_LABEL:
+            check_labels(out["label"], label_key)
+        else:
+            _check_responses(out["label"], label_key)
     # Rows without text are dropped (a blank review carries no signal); if none are
     # left, that is an error that says so.
     out = out[out["text"].notna() & (out["text"].astype(str).str.strip() != "")]
@@ -184,10 +232,94 @@ def load_frame(cfg: Mapping[str, Any], part: str = "train") -> tuple[Any, list[s
             f"dropped, so none are left); is {text_col!r} the text column?",
         )
     out["text"] = out["text"].astype(str)
-    out["label"] = _as_class_labels(out["label"])
+    out["label"] = _as_class_labels(out["label"]) if fmt == TEXT_LABEL else out["label"].astype(str)
     if cfg.get("drop_duplicates", True):
         out = out.drop_duplicates(subset="text", keep="first")
     return out.reset_index(drop=True), label_names
+
+
+def _columns(cfg: Mapping[str, Any], fmt: str) -> tuple[str, str | None, str, str]:
+    """(text column, label column, the keys that name them) for a row format."""
+    if fmt == INSTRUCTION:
+        return (
+            cfg["prompt_column"],
+            cfg["response_column"],
+            "data.prompt_column",
+            "data.response_column",
+        )
+    if fmt == CHAT:
+        return cfg["messages_column"], None, "data.messages_column", "data.messages_column"
+    if fmt == TEXT:
+        return cfg["text_column"], None, "data.text_column", "data.text_column"
+    return cfg["text_column"], cfg["label_column"], "data.text_column", "data.label_column"
+
+
+def _check_responses(responses: Any, key: str) -> None:
+    """Every instruction needs a response: a missing one is an error naming the first row."""
+    missing = (responses.isna() | (responses.astype(str).str.strip() == "")).to_numpy().nonzero()[0]
+    if len(missing):
+        raise DataError(
+            key,
+            f"{len(missing)} row(s) have no response (first: data row {int(missing[0]) + 1}); "
+            "every instruction needs its answer to train on",
+        )
+
+
+def _chat_rows(frame: Any, column: str) -> Any:
+    """Conversations as (the turns before the last, as JSON; the last turn's text). The last
+    turn must be the assistant's: it is what the model learns to say."""
+    import json
+
+    import pandas as pd
+
+    texts, labels = [], []
+    for n, value in enumerate(frame[column].tolist(), start=1):
+        turns = json.loads(value) if isinstance(value, str) else list(value)
+        turns = [dict(t) for t in turns]
+        if (
+            len(turns) < 2
+            or any(not {"role", "content"} <= set(t) for t in turns)
+            or turns[-1]["role"] != "assistant"
+        ):
+            raise DataError(
+                "data.messages_column",
+                f"data row {n}: a conversation is a list of {{role, content}} turns of which "
+                "there are at least two and the last is the assistant's (the answer to learn)",
+            )
+        texts.append(json.dumps([{"role": t["role"], "content": t["content"]} for t in turns[:-1]]))
+        labels.append(str(turns[-1]["content"]))
+    out = pd.DataFrame({"text": texts, "label": labels})
+    return out.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
+
+
+def answer_set(cfg: Mapping[str, Any], frames: Sequence[Any]) -> list[str]:
+    """The causal LM's answer set: ``data.answer_choices``, or the distinct responses when
+    there are at most ``MAX_ANSWERS`` of them (none for free text)."""
+    if cfg.get("answer_choices") is not None:
+        return [str(a) for a in cfg["answer_choices"]]
+    values = sorted({str(v) for f in frames for v in f["label"].tolist()})
+    return values if 2 <= len(values) <= MAX_ANSWERS else []
+
+
+def as_instructions(splits: Splits, template: str) -> Splits:
+    """Labelled texts as instruction pairs: the prompt is ``template`` around the text
+    (``{text}``), the response the label's name; the label names become the answer set.
+    The rows stay the same rows, in the same splits."""
+
+    def convert(split: Split) -> Split:
+        return Split(
+            [template.format(text=t) for t in split.texts],
+            [splits.label_names[y] for y in split.labels],
+        )
+
+    return dataclasses.replace(
+        splits,
+        train=convert(splits.train),
+        validation=convert(splits.validation),
+        test=convert(splits.test),
+        promotion=convert(splits.promotion),
+        format=INSTRUCTION,
+    )
 
 
 def check_labels(labels: Any, key: str) -> None:
@@ -295,12 +427,16 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
     """
     frame, label_names = load_frame(cfg)
     given = {part: load_frame(cfg, part)[0] for part in given_parts(cfg)}
-    if label_names is None:  # one label order across all parts
+    labelled = read_format(cfg) == TEXT_LABEL
+    encode = encode_labels if labelled else _responses
+    if not labelled:  # a causal LM's responses: the answer set, if they come from one
+        label_names = answer_set(cfg, [frame, *given.values()])
+    elif label_names is None:  # one label order across all parts
         values = [v for f in (frame, *given.values()) for v in f["label"].tolist()]
         label_names = encode_labels(values, None)[1]
     sha256 = data_sha256([frame, *given.values()])
-    frame, promotion = _hold_out_promotion(frame, cfg, label_names)
-    labels, label_names = encode_labels(frame["label"].tolist(), label_names)
+    frame, promotion = _hold_out_promotion(frame, cfg, label_names, encode)
+    labels, label_names = encode(frame["label"].tolist(), label_names)
     texts = frame["text"].tolist()
     train_idx, val_idx, test_idx = split_indices(
         len(texts),
@@ -315,7 +451,7 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
 
     def own(part: str, cap: int | None) -> Split:
         part_frame = given[part]
-        part_labels, _ = encode_labels(part_frame["label"].tolist(), label_names)
+        part_labels, _ = encode(part_frame["label"].tolist(), label_names)
         part_texts = part_frame["text"].tolist()
         n = len(part_texts) if cap is None else min(cap, len(part_texts))
         return Split(part_texts[:n], part_labels[:n])
@@ -332,7 +468,11 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
         source_rows=len(texts) + len(promotion) + sum(len(f) for f in given.values()),
         promotion=promotion,
         sha256=sha256,
+        format=read_format(cfg),
+        template=cfg.get("chat_template") or "auto",
     )
+    if cfg.get("instruction_template"):
+        splits = as_instructions(splits, cfg["instruction_template"])
     if len(splits.train) == 0 or len(splits.validation) == 0:
         raise DataError(
             "data.validation_fraction",
@@ -342,8 +482,16 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> Splits:
     return splits
 
 
+def _responses(values: Sequence[Any], label_names: list[str]) -> tuple[list[str], list[str]]:
+    """A causal LM's labels are its responses, as text (``encode_labels``'s counterpart)."""
+    return [str(v) for v in values], label_names
+
+
 def _hold_out_promotion(
-    frame: Any, cfg: Mapping[str, Any], label_names: list[str]
+    frame: Any,
+    cfg: Mapping[str, Any],
+    label_names: list[str],
+    encode: Any = encode_labels,
 ) -> tuple[Any, Split]:
     """Take the promotion rows out of ``frame`` before anything else is split from it.
 
@@ -359,7 +507,7 @@ def _hold_out_promotion(
         held, keep = frame[chosen], ~chosen
     else:
         return frame, Split([], [])
-    labels, _ = encode_labels(held["label"].tolist(), label_names)
+    labels, _ = encode(held["label"].tolist(), label_names)
     return frame[keep].reset_index(drop=True), Split(held["text"].tolist(), labels)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from trainers import ds_engine, precision
+from trainers import adapters, ds_engine, precision
 from trainers.checkpoint import STATE_FILE, load_trainer_state, save_checkpoint
 from trainers.config import HParams, WorkerConfig
 from trainers.model import unwrap
@@ -82,6 +82,7 @@ class CheckpointMeta:
     base_model: str
     label_names: list[str]
     weights_only: bool = False  # no optimizer or RNG state: an export, not a resume point
+    task: str = "sequence_classification"  # model.task: how the export rebuilds the model
 
 
 class Engine(Protocol):
@@ -133,6 +134,7 @@ def write_checkpoint(
         label_names=meta.label_names,
         extra=extra,
         weights_only=meta.weights_only and layout != "deepspeed",
+        task=meta.task,
     )
 
 
@@ -159,7 +161,8 @@ class DDPEngine:
         self.model.train()
         self.optimizer = optimizer
         self.max_grad_norm = hp.max_grad_norm
-        self.layout = cfg.checkpoint_weights
+        # under LoRA a checkpoint holds the adapter (the trained tensors) whatever was asked
+        self.layout = "trained" if adapters.enabled(hp.adapter) else cfg.checkpoint_weights
         self.arithmetic, self.device = arithmetic, ctx.device
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from trainers import ds_engine, precision
+from trainers import adapters, ds_engine, precision
 from trainers import metrics as M
 from trainers.checkpoint import (
     CorruptCheckpoint,
@@ -50,7 +50,7 @@ from trainers.checkpoint import (
     weights_fingerprint,
 )
 from trainers.config import HParams, WorkerConfig
-from trainers.data import Splits, batches, shard, shortest_first, tokenize
+from trainers.data import Splits, shard
 from trainers.engine import (
     CheckpointMeta,
     DeepSpeedEngine,
@@ -72,6 +72,7 @@ from trainers.model import (
 )
 from trainers.optim import build_optimizer, lr_at, lr_scale_by_name, set_lr
 from trainers.report import LocalContext, WorkerContext
+from trainers.tasks import Rows, get_task
 
 
 def train_loop(config: WorkerConfig | dict[str, Any], ctx: WorkerContext) -> None:
@@ -163,72 +164,104 @@ def resolve_data(data: Any) -> Splits:
 
 @dataclass(frozen=True)
 class WorkerData:
-    """This rank's tokenized shards: the training shard (equal sizes across ranks, so every
+    """This rank's tokenized shards: the training rows (equal counts across ranks, so every
     rank takes the same number of steps) and its part of the validation rows."""
 
-    train_ids: list[list[int]]
-    train_labels: list[int]
-    val_ids: list[list[int]]
-    val_labels: list[int]
-    n_train: int  # training rows of all ranks (the budget is computed from it)
-    label_names: list[str]
+    train: Rows
+    val: Rows
+    n_train: int  # training rows (or packed blocks) of all ranks: the budget's unit
+    label_names: list[str]  # the classes, or a causal LM's answer set
     pad_id: int
 
 
-def build_data(splits: Splits, tokenizer: Any, max_length: int, ctx: WorkerContext) -> WorkerData:
-    """Tokenize this rank's shards, once per worker."""
-    train_rows = shard(range(len(splits.train)), ctx.rank, ctx.world_size, equal=True)
+def build_data(
+    splits: Splits, tokenizer: Any, max_length: int, ctx: WorkerContext, task: Any = None
+) -> WorkerData:
+    """Tokenize this rank's shards the task's way, once per worker."""
+    task = task or get_task("sequence_classification")
+    train, n_train = task.encode_train(tokenizer, splits, max_length, ctx.rank, ctx.world_size)
     val_rows = shard(range(len(splits.validation)), ctx.rank, ctx.world_size, equal=False)
-    val_ids, val_labels = shortest_first(
-        tokenize(tokenizer, [splits.validation.texts[i] for i in val_rows], max_length),
-        [splits.validation.labels[i] for i in val_rows],
-    )
-    return WorkerData(
-        train_ids=tokenize(tokenizer, [splits.train.texts[i] for i in train_rows], max_length),
-        train_labels=[splits.train.labels[i] for i in train_rows],
-        val_ids=val_ids,
-        val_labels=val_labels,
-        n_train=len(splits.train),
-        label_names=list(splits.label_names),
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-    )
+    val = task.encode_eval(tokenizer, splits.validation, val_rows, max_length, splits)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return WorkerData(train, val, n_train, list(splits.label_names), pad)
 
 
 DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
 
 
-class BaseModels:
-    """The pristine base model (fresh head included), loaded once per worker and copied
-    for each trial, per dropout setting (dropout is fixed when a model is built).
+def build_key(hp: HParams) -> tuple[Any, ...]:
+    """What is fixed when a model is built: its dropout, and its adapter's settings."""
+    adapter = tuple(sorted((hp.adapter or {}).items())) if adapters.enabled(hp.adapter) else ()
+    return (*(getattr(hp, f) for f in DROPOUT_FIELDS), repr(adapter))
 
-    The first load draws the new head from the seeded RNG, exactly as a cold trial
-    would; ``rng_after_load`` is the RNG state right after it, which every trial
+
+class BaseModels:
+    """The base model a worker starts every trial from, per dropout setting (dropout is
+    fixed when a model is built), without one copy per trial where it can be helped:
+
+    - a classifier: the pristine model (its fresh head drawn from the seeded RNG, exactly
+      as a cold trial would) is kept and copied for each trial;
+    - a causal LM, fully fine-tuned: loaded again from its (memory-mapped) safetensors
+      folder for each trial: no pristine copy beside the trained one;
+    - under LoRA: one base, never trained, kept in ``base_dtype``; a trial attaches a
+      fresh adapter and the next one drops it (``trainers.adapters``): no copy at all.
+
+    ``rng_after_load`` is the RNG state right after the first load, which every trial
     starts from, so a trial on a warm worker trains exactly as on a fresh one.
     """
 
     KEEP = 2  # dropout settings held in memory (PBT may mutate dropout)
 
     def __init__(
-        self, path: str, label_names: list[str], seed: int, trust_remote_code: bool = False
+        self,
+        path: str,
+        label_names: list[str],
+        seed: int,
+        trust_remote_code: bool = False,
+        task: str = "sequence_classification",
+        lora_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.path, self.label_names, self.seed = path, label_names, seed
-        self.trust_remote_code = trust_remote_code
+        self.trust_remote_code, self.task, self.lora_dtype = trust_remote_code, task, lora_dtype
         self._models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.rng_after_load: torch.Tensor | None = None
 
     def fresh(self, hp: HParams) -> Any:
-        """A trainable copy of the base model with ``hp``'s dropout (no RNG drawn here)."""
+        """A trainable model for ``hp`` (its adapter's A matrices drawn from the RNG)."""
+        if adapters.enabled(hp.adapter):
+            key = self._key(hp)
+            base = adapters.detach(self.load(hp))  # the last trial's adapter dropped
+            self._models[key] = base
+            return adapters.attach(base, hp.adapter)
+        if self.task != "sequence_classification":
+            self.load(hp)  # records the RNG state a trial starts from
+            return self._build(hp, torch.float32)
         return copy.deepcopy(self.load(hp))
 
+    def _key(self, hp: HParams) -> tuple[Any, ...]:
+        return (*(getattr(hp, f) for f in DROPOUT_FIELDS), adapters.enabled(hp.adapter))
+
+    def _build(self, hp: HParams, dtype: torch.dtype) -> Any:
+        return build_model(
+            self.path, self.label_names, hp.to_dict(), self.trust_remote_code, self.task, dtype
+        )
+
     def load(self, hp: HParams) -> Any:
-        """The pristine model for ``hp``'s dropout (never trained: copy it to train)."""
-        key = tuple(getattr(hp, f) for f in DROPOUT_FIELDS)
+        """The pristine model for ``hp``'s dropout (never trained: copy it to train). A
+        fully fine-tuned causal LM keeps none (``None``): it is read again per trial."""
+        key = self._key(hp)
         if key not in self._models:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                self._models[key] = build_model(
-                    self.path, self.label_names, hp.to_dict(), self.trust_remote_code
-                )
+                lora = adapters.enabled(hp.adapter)
+                model = None  # a causal LM draws nothing when it loads: nothing to keep
+                if lora or self.task == "sequence_classification":
+                    model = self._build(hp, self.lora_dtype if lora else torch.float32)
+                if lora:
+                    model.requires_grad_(False)  # the base never trains
+                self._models[key] = model
                 if self.rng_after_load is None:
                     self.rng_after_load = torch.get_rng_state()
             while len(self._models) > self.KEEP:
@@ -246,14 +279,22 @@ class Worker:
         self.model_name = cfg.model
         self.model_path = resolve_model_path(cfg.model)
         self.tokenizer = build_tokenizer(self.model_path, cfg.trust_remote_code)
-        self.data = build_data(resolve_data(cfg.data), self.tokenizer, cfg.max_length, ctx)
-        self.models = BaseModels(
-            self.model_path, self.data.label_names, cfg.seed, cfg.trust_remote_code
+        self.task = get_task(cfg.task)
+        self.data = build_data(
+            resolve_data(cfg.data), self.tokenizer, cfg.max_length, ctx, self.task
         )
         if cfg.deepspeed:
             ds_engine.use_cpu_accelerator(ctx.device)
         # DDP's arithmetic, resolved on this worker's own device (auto: bf16 where native)
         self.precision = precision.resolve(cfg.distributed.precision, ctx.device)
+        self.models = BaseModels(
+            self.model_path,
+            self.data.label_names,
+            cfg.seed,
+            cfg.trust_remote_code,
+            cfg.task,
+            adapters.base_dtype("fp32" if cfg.deepspeed else self.precision),
+        )
         if not cfg.deepspeed:
             _log(
                 ctx,
@@ -330,10 +371,27 @@ def _try_layer_map(model: Any) -> LayerMap | None:
         return None
 
 
+def trained_state(model: Any, trained: set[str]) -> dict[str, torch.Tensor]:
+    """CPU copies of the parameters that differ from the base model (with the base, the
+    whole state): for a rebuild, or a held copy of a trial's best weights."""
+    return {
+        n: p.detach().to("cpu", copy=True)
+        for n, p in unwrap(model).named_parameters()
+        if n in trained
+    }
+
+
 def freeze(
     model: Any, lmap: LayerMap | None, hp: HParams, depth: int | None
 ) -> tuple[dict[str, float] | None, int]:
-    """Freeze to ``depth``; return the per-parameter LR scale (layer-wise decay) and trainable count."""
+    """Freeze to ``depth``; return the per-parameter LR scale (layer-wise decay) and trainable
+    count. Under LoRA only the adapter trains (in the top ``depth`` blocks)."""
+    if adapters.enabled(hp.adapter):
+        count = adapters.apply_freezing(model, lmap, depth)
+        if hp.layerwise_lr_decay == 1.0 or lmap is None:
+            return None, count
+        names = [n for n, _ in model.named_parameters()]
+        return lr_scale_by_name(names, lmap.blocks, lmap.embeddings, hp.layerwise_lr_decay), count
     if lmap is None or not hp.uses_layers:
         return None, sum(p.numel() for p in model.parameters())
     count = apply_freezing(model, lmap, depth, hp.train_embeddings)
@@ -371,10 +429,12 @@ def build_state(
     moments: dict[str, Any] = {}
     if live is not None:
         moments = optimizer_state_by_name(live.engine.optimizer)
-        same_build = all(getattr(hp, f) == getattr(live.hp, f) for f in DROPOUT_FIELDS)
-        model = live.model if same_build else worker.models.fresh(hp)
-        if not same_build:
-            model.load_state_dict(live.model.state_dict())
+        if build_key(hp) == build_key(live.hp):
+            model = live.model
+        else:  # rebuilt (new dropout or adapter settings): what trained carries over
+            carried = trained_state(live.model, live.trained)
+            model = worker.models.fresh(hp)
+            model.load_state_dict(carried, strict=False)
     else:
         model = worker.models.fresh(hp)
     if cfg.distributed.activation_checkpointing:  # non-reentrant: works with frozen lower blocks
@@ -479,13 +539,14 @@ def early_stop(progress: Progress, value: float, hp: HParams, mode: str) -> bool
 
 
 def epoch_micro_batches(
-    data: WorkerData, hp: HParams, seed: int, epoch: int
+    data: WorkerData, hp: HParams, seed: int, epoch: int, task: Any = None
 ) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of ``epoch``, in order.
 
     The same permutation on every rank (seed + epoch), so the shards stay disjoint
     and a resumed trial sees the batches an uninterrupted one would.
     """
+    task = task or get_task("sequence_classification")
     generator = torch.Generator().manual_seed(seed + epoch)
     micro = hp.per_device_train_batch_size
     if hp.group_by_length:
@@ -493,12 +554,10 @@ def epoch_micro_batches(
         # of up to 50 batches, each sorted by length, the longest batch first
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
-        order = get_length_grouped_indices(
-            [len(x) for x in data.train_ids], micro, generator=generator
-        )
+        order = get_length_grouped_indices(data.train.lengths(), micro, generator=generator)
     else:
-        order = torch.randperm(len(data.train_ids), generator=generator).tolist()
-    return list(batches(data.train_ids, data.train_labels, order, micro, data.pad_id))
+        order = torch.randperm(len(data.train), generator=generator).tolist()
+    return list(task.batches(data.train, order, micro, data.pad_id))
 
 
 class TrialRun:
@@ -557,7 +616,10 @@ class TrialRun:
         hp = self.state.hp
         key = (epoch, hp.per_device_train_batch_size, hp.group_by_length)
         if self._epoch is None or self._epoch[0] != key:
-            self._epoch = (key, epoch_micro_batches(self.worker.data, hp, self.cfg.seed, epoch))
+            self._epoch = (
+                key,
+                epoch_micro_batches(self.worker.data, hp, self.cfg.seed, epoch, self.worker.task),
+            )
         return self._epoch[1]
 
     def train_to_next_evaluation(self) -> None:
@@ -588,7 +650,7 @@ class TrialRun:
                     batch = {n: t.to(device, non_blocking=True) for n, t in cpu_batch.items()}
                     loss = engine.backward(batch, len(group), last=i == len(group) - 1)
                 step_loss = loss if step_loss is None else step_loss + loss
-                self.progress.add(loss * len(group), len(cpu_batch["labels"]) * world_size)
+                self.progress.add(loss * len(group), len(cpu_batch["input_ids"]) * world_size)
             lr = lr_at(hp, s.step, s.last_step)
             try:
                 if not bool(torch.isfinite(step_loss)):  # every step, not only at evaluations
@@ -624,10 +686,9 @@ class TrialRun:
             f"{s.hp.per_device_eval_batch_size} rows",
             "lower training.per_device_eval_batch_size or model.max_length",
         ):
-            scores = evaluate(
+            scores = self.worker.task.evaluate(
                 s.engine.model,
-                data.val_ids,
-                data.val_labels,
+                data.val,
                 len(data.label_names),
                 s.hp.per_device_eval_batch_size,
                 data.pad_id,
@@ -666,7 +727,7 @@ class TrialRun:
             ctx,
             cfg,
             f"step {s.step}/{s.last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
-            f"eval_loss {report[M.EVAL_LOSS]:.4f} eval_accuracy {report[M.EVAL_ACCURACY]:.4f} "
+            f"{self.worker.task.headline(report)} "
             f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
             + (
                 f" | early stop: no {cfg.metric} gain > {s.hp.early_stopping_min_delta:g} "
@@ -676,58 +737,6 @@ class TrialRun:
             ),
         )
         return report
-
-
-def evaluate(
-    model: Any,
-    ids: list[list[int]],
-    labels: list[int],
-    n_labels: int,
-    batch_size: int,
-    pad_id: int,
-    device: Any = "cpu",
-    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
-) -> dict[str, float]:
-    """Loss, accuracy and macro F1 on this rank's rows, all-reduced across ranks; the
-    forward passes run in ``autocast()`` (the engine's precision)."""
-    model.eval()
-    confusion = torch.zeros((n_labels, n_labels), dtype=torch.float64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for cpu_batch in batches(ids, labels, range(len(ids)), batch_size, pad_id):
-            batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            with autocast():
-                logits = model(**batch).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(
-                logits, batch["labels"], reduction="sum"
-            ).double()
-            pairs = batch["labels"] * n_labels + logits.argmax(-1)  # (truth, prediction) cells
-            confusion += torch.bincount(pairs, minlength=n_labels * n_labels).view(
-                n_labels, n_labels
-            )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # One all-reduce of counts and loss; NCCL reduces only device tensors, gloo CPU ones.
-        on = device if torch.distributed.get_backend() == "nccl" else "cpu"
-        totals = torch.cat([confusion.flatten(), loss_sum.view(1)]).to(on)
-        torch.distributed.all_reduce(totals)
-        confusion, loss_sum = totals[:-1].view(n_labels, n_labels), totals[-1]
-    model.train()
-    confusion, loss_sum = confusion.cpu(), loss_sum.cpu()
-    return M.classification_metrics(confusion.tolist(), float(loss_sum), float(confusion.sum()))
-
-
-def predict(
-    model: Any, ids: list[list[int]], batch_size: int, pad_id: int, device: Any = "cpu"
-) -> list[int]:
-    """The predicted class of every row, in order (one process, no all-reduce)."""
-    model.eval()
-    out: list[int] = []
-    no_labels = [0] * len(ids)
-    with torch.no_grad():
-        for cpu_batch in batches(ids, no_labels, range(len(ids)), batch_size, pad_id):
-            inputs = {k: v.to(device) for k, v in cpu_batch.items() if k != "labels"}
-            out.extend(model(**inputs).logits.argmax(-1).tolist())
-    return out
 
 
 def report_with_checkpoint(
@@ -776,8 +785,9 @@ def save_held(folder: str, run: TrialRun, held: Any) -> dict[str, float]:
     started = time.perf_counter()
     worker, state = run.worker, run.state
     model = worker.models.fresh(state.hp)
-    model.load_state_dict(held.state)
-    layout = "trained" if run.cfg.checkpoint_weights == "trained" else "full"
+    model.load_state_dict(held.state, strict=False)  # the trained tensors, over the base
+    lora = adapters.enabled(state.hp.adapter)
+    layout = "trained" if run.cfg.checkpoint_weights == "trained" or lora else "full"
     meta = _checkpoint_meta(worker, run.cfg, state, held.report, held.step, weights_only=True)
     write_checkpoint(folder, meta, model, None, layout)
     return _written(folder, started)
@@ -801,6 +811,7 @@ def _checkpoint_meta(
         base_model=cfg.model,
         label_names=worker.data.label_names,
         weights_only=weights_only,
+        task=cfg.task,
     )
 
 

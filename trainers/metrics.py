@@ -13,6 +13,10 @@ TRAIN_LOSS = "train_loss"  # mean training loss since the previous report
 EVAL_LOSS = "eval_loss"  # mean cross-entropy on the validation split
 EVAL_ACCURACY = "eval_accuracy"  # fraction correct on the validation split
 EVAL_F1 = "eval_f1"  # macro-averaged F1 on the validation split
+EVAL_PERPLEXITY = "eval_perplexity"  # causal LM: exp(eval_loss), eval_loss per response token
+#: causal LM: share of validation rows whose reference answer has the highest log-likelihood
+#: among the answer set (lm-evaluation-harness's multiple-choice scoring)
+EVAL_ANSWER_ACCURACY = "eval_answer_accuracy"
 EPOCH = "epoch"  # fractional epochs done (optimizer steps / steps per epoch)
 STEP = "step"  # optimizer steps done
 LR = "lr"  # learning rate of the top parameter group at the last step
@@ -33,21 +37,30 @@ HP_SEGMENT = "hp_segment"  # which stretch of a replayed hyperparameter schedule
 EVAL_SECONDS = "eval_s"  # wall seconds of this report's evaluation
 CHECKPOINT_SECONDS = "checkpoint_s"  # wall seconds writing this report's checkpoint (and upload)
 
-#: Metrics a scheduler or search may watch, with the direction that is better.
-OBJECTIVES: dict[str, str] = {
-    EVAL_ACCURACY: "max",
-    EVAL_F1: "max",
-    EVAL_LOSS: "min",
-    TRAIN_LOSS: "min",
+#: Per task (``model.task``): the metrics a scheduler or search may watch, with the
+#: direction that is better.
+TASK_OBJECTIVES: dict[str, dict[str, str]] = {
+    "sequence_classification": {
+        EVAL_ACCURACY: "max",
+        EVAL_F1: "max",
+        EVAL_LOSS: "min",
+        TRAIN_LOSS: "min",
+    },
+    "causal_lm": {
+        EVAL_LOSS: "min",
+        EVAL_PERPLEXITY: "min",
+        EVAL_ANSWER_ACCURACY: "max",
+        TRAIN_LOSS: "min",
+    },
 }
+#: Every task's objectives, with the direction that is better.
+OBJECTIVES: dict[str, str] = {k: v for t in TASK_OBJECTIVES.values() for k, v in t.items()}
 
-#: Everything every evaluation report carries.
+#: Everything every evaluation report carries (besides its task's objectives).
 REPORTED: frozenset[str] = frozenset(
     {
         TRAIN_LOSS,
         EVAL_LOSS,
-        EVAL_ACCURACY,
-        EVAL_F1,
         EPOCH,
         STEP,
         LR,

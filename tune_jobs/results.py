@@ -49,14 +49,18 @@ class TrialSummary:
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
-    keep = M.REPORTED | {
-        M.CHECKPOINT_MB,
-        M.HP_SEGMENT,
-        M.WORKER_NODES,
-        "train_run",
-        "training_iteration",
-        "time_total_s",
-    }
+    keep = (
+        M.REPORTED
+        | set(M.OBJECTIVES)
+        | {
+            M.CHECKPOINT_MB,
+            M.HP_SEGMENT,
+            M.WORKER_NODES,
+            "train_run",
+            "training_iteration",
+            "time_total_s",
+        }
+    )
     return {k: v for k, v in metrics.items() if k in keep}
 
 
@@ -202,14 +206,14 @@ def score_model(
     process's CPU, in ``arithmetic``: the trials' precision, so the scores compare)."""
     from trainers import precision
     from trainers.data import shortest_first
-    from trainers.loop import evaluate
+    from trainers.tasks import Rows
+    from trainers.tasks.classification import evaluate
 
     model, ids, pad = reload_export(model_dir, split.texts, max_length, trust_remote_code)
     ids, labels = shortest_first(ids, split.labels)  # as the workers evaluate
     return evaluate(
         model,
-        ids,
-        labels,
+        Rows(ids, labels),
         len(label_names),
         batch_size,
         pad,

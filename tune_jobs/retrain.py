@@ -128,7 +128,7 @@ def predict_labels(
     model_dir: str, split: Split, max_length: int, trust_remote_code: bool = False
 ) -> list[str]:
     """Reload an exported folder with ``from_pretrained``; its predicted label name per row."""
-    from trainers.loop import predict
+    from trainers.tasks.classification import predict
 
     with open(os.path.join(model_dir, results.EXPORT_METRICS)) as fh:
         names = json.load(fh)["label_names"]  # the model's own class order

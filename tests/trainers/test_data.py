@@ -151,10 +151,11 @@ def test_an_epochs_batches_hold_every_row_once_with_less_padding_when_grouped():
     from tests.conftest import worker_config
     from trainers.config import HParams
     from trainers.loop import WorkerData, epoch_micro_batches
+    from trainers.tasks import Rows
 
     rng = random.Random(0)
     ids = [[7] * rng.randint(5, 60) for _ in range(640)]
-    data = WorkerData(ids, list(range(640)), [], [], 640, ["a", "b"], 0)
+    data = WorkerData(Rows(ids, list(range(640))), Rows([], []), 640, ["a", "b"], 0)
     hp = {**worker_config(None)["hp"], "per_device_train_batch_size": 16}
 
     def epoch(grouped, seed=0, n=0):

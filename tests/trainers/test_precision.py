@@ -13,7 +13,9 @@ from trainers import metrics as M
 from trainers import precision
 from trainers.config import WorkerConfig
 from trainers.data import batches
-from trainers.loop import Worker, build_state, evaluate, run_local
+from trainers.loop import Worker, build_state, run_local
+from trainers.tasks import Rows
+from trainers.tasks.classification import evaluate
 from trainers.report import LocalContext
 
 
@@ -45,13 +47,12 @@ def test_the_forward_runs_in_the_precision_and_the_state_stays_fp32(rt_small, se
     first = state.model.bert.encoder.layer[0].attention.self.query
     hook = first.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     try:
-        rows = worker.data.train_ids[:8]
-        batch = next(batches(rows, worker.data.train_labels[:8], range(8), 8, worker.data.pad_id))
+        rows = Rows(worker.data.train.ids[:8], worker.data.train.targets[:8])
+        batch = next(batches(rows.ids, rows.targets, range(8), 8, worker.data.pad_id))
         state.engine.backward(batch, 1, last=True)  # training forward
         evaluate(
             state.engine.model,
             rows,
-            worker.data.train_labels[:8],
             2,
             8,
             worker.data.pad_id,
