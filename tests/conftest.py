@@ -90,3 +90,31 @@ def pytest_sessionfinish(session, exitstatus):
     if new:
         print(f"\ntests wrote into the repository (write under tmp_path instead): {new}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (``tests/tiny_llama.py``)."""
+    from tests.tiny_llama import make_tiny_llama
+
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+#: The prompt the shipped LLM configs put around a Rotten Tomatoes review.
+RT_INSTRUCTION = "Is this movie review fresh or rotten? Answer with one word.\n\nReview: {text}"
+
+
+@pytest.fixture(scope="session")
+def rt_instructions():
+    """Rotten Tomatoes as instructions (answers fresh / rotten): 96 train / 32 validation."""
+    from trainers.data import load_splits
+
+    return load_splits(
+        data_cfg(
+            instruction_template=RT_INSTRUCTION,
+            max_train_samples=96,
+            max_eval_samples=32,
+            max_test_samples=32,
+        ),
+        seed=0,
+    )

@@ -22,15 +22,12 @@ The parts, in the order a trial meets them:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -125,8 +125,10 @@ def gguf_folder(path: str) -> str:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=torch.float32
             )
+            # de-quantized on load: plain fp32 weights now, saved as such
+            model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config  # de-quantized: plain weights now
+                del model.config.quantization_config
             model.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
             os.rename(tmp, dest)  # whole or not at all
@@ -344,9 +346,9 @@ def layer_map(model: torch.nn.Module) -> LayerMap:
     for name, _ in model.named_parameters():
         if name in block_of:
             per_block[block_of[name]].append(name)
-        elif name in tied:  # the output layer, whatever name the tie gave it
-            head.append(name)
-        elif base is not model and not name.startswith(base_prefix + "."):
+        elif (
+            name in tied or base is not model and not name.startswith(base_prefix + ".")
+        ):  # the output layer, whatever name the tie gave it
             head.append(name)
         elif any(
             part in name.rsplit(".", 1)[0].split(".")[-1].lower() or part in name.lower()

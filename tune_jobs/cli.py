@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     from cluster.resources import ResourceError
     from cluster.submit import SubmitError
-    from trainers.data import DataError, load_splits
+    from trainers.data import DataError
     from trainers.model import ModelError
     from tune_jobs.registry import RegistryError, RegistryLocked
     from tune_jobs.run import RunFailed
@@ -249,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                 from tune_jobs.retrain import check_retrain_spec
 
                 check_retrain_spec(spec)
-            from tune_jobs.preflight import preflight
+            from tune_jobs.preflight import load_data, preflight
 
-            splits = None if args.no_data else load_splits(spec.data.model_dump(), spec.run.seed)
+            splits = None if args.no_data else load_data(spec)
             preflight(spec, splits, model=not args.no_data)
             if splits is not None:
                 print(

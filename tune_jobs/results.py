@@ -14,6 +14,7 @@ from typing import Any
 from cluster import storage
 from trainers import metrics as M
 from trainers.checkpoint import (
+    ADAPTER_DIR,
     MANIFEST,
     MODEL_DIR,
     TRAINED_WEIGHTS,
@@ -23,6 +24,7 @@ from trainers.checkpoint import (
 )
 from trainers.data import Split, Splits
 from trainers.ds_engine import DS_DIR
+from trainers.model import resolve_model_path
 from tune_jobs.lineage import read_lineage
 from tune_jobs.spec import JobSpec
 from tune_jobs.trial import checkpoint_layout, checkpoint_location
@@ -201,25 +203,65 @@ def score_model(
     batch_size: int = 64,
     arithmetic: str = "fp32",
     trust_remote_code: bool = False,
+    splits: Splits | None = None,
+    task: str = "sequence_classification",
+    adapter_of: str | None = None,
 ) -> dict[str, float]:
-    """Reload an exported folder with ``from_pretrained`` and score it on ``split`` (on this
-    process's CPU, in ``arithmetic``: the trials' precision, so the scores compare)."""
-    from trainers import precision
-    from trainers.data import shortest_first
-    from trainers.tasks import Rows
-    from trainers.tasks.classification import evaluate
+    """Reload an exported folder with the task's ``from_pretrained`` and score it on ``split``
+    (on this process's CPU, in ``arithmetic``: the trials' precision, so the scores compare).
+    ``adapter_of``: score the adapter folder ``model_dir`` on this base model instead."""
+    from transformers import AutoTokenizer
+    from transformers import logging as hf_logging
 
-    model, ids, pad = reload_export(model_dir, split.texts, max_length, trust_remote_code)
-    ids, labels = shortest_first(ids, split.labels)  # as the workers evaluate
-    return evaluate(
+    from trainers import precision
+    from trainers.tasks import get_task
+
+    hf_logging.disable_progress_bar()
+    tasks = get_task(task)
+    folder = adapter_of or model_dir
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = tasks.load_export(folder, trust_remote_code)
+    if adapter_of:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_dir)
+    meta = splits if splits is not None else Splits(split, split, split, label_names)
+    rows = tasks.encode_eval(tokenizer, split, range(len(split)), max_length, meta)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return tasks.evaluate(
         model,
-        Rows(ids, labels),
+        rows,
         len(label_names),
         batch_size,
         pad,
         "cpu",
         lambda: precision.autocast(arithmetic, "cpu"),  # type: ignore[arg-type]
     )
+
+
+def generated_answers(
+    model_dir: str, split: Split, splits: Splits, rows: int, trust_remote_code: bool = False
+) -> dict[str, Any]:
+    """Greedy generation on the exported causal LM for the first ``rows`` rows of ``split``:
+    the share whose answer is exactly the reference, and the answers seen."""
+    from transformers import AutoTokenizer
+
+    from trainers.tasks import causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = causal_lm.load_export(model_dir, trust_remote_code)
+    prompts, refs = split.texts[:rows], split.labels[:rows]
+    answers = causal_lm.generate_answers(model, tokenizer, prompts, splits.format, splits.template)
+    return {
+        "rows": len(prompts),
+        "exact_match": sum(a == r for a, r in zip(answers, refs, strict=True))
+        / max(1, len(prompts)),
+        "answers": sorted(set(answers)),
+    }
+
+
+#: Rows of the test split the exported causal LM answers by greedy generation.
+GENERATED_ROWS = 64
 
 
 def export_arithmetic(spec: JobSpec) -> str:
@@ -261,18 +303,24 @@ def export_best(
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
         arithmetic = export_arithmetic(spec)
-        validation, test = (
-            score_model(
-                local,
+        trust = spec.model.trust_remote_code
+
+        def score(split: Split, adapter_of: str | None = None) -> dict[str, float]:
+            folder = os.path.join(local, ADAPTER_DIR) if adapter_of else local
+            return score_model(
+                folder,
                 split,
                 splits.label_names,
                 spec.model.max_length,
                 arithmetic=arithmetic,
-                trust_remote_code=spec.model.trust_remote_code,
+                trust_remote_code=trust,
+                splits=splits,
+                task=spec.model.task,
+                adapter_of=adapter_of,
             )
-            if len(split)
-            else {}
-            for split in (splits.validation, splits.test)
+
+        validation, test = (
+            score(split) if len(split) else {} for split in (splits.validation, splits.test)
         )
         record = {
             "checkpoint": uri,
@@ -281,7 +329,15 @@ def export_best(
             "test": test,
             "scored_in": arithmetic,
             "label_names": splits.label_names,
+            "task": spec.model.task,
         }
+        if os.path.isdir(os.path.join(local, ADAPTER_DIR)):  # LoRA: the adapter on its base
+            base = resolve_model_path(spec.model.name_or_path)
+            record["adapter_validation"] = score(splits.validation, adapter_of=base)
+        if spec.model.task == "causal_lm" and splits.label_names and len(splits.test):
+            record["generated_test"] = generated_answers(
+                local, splits.test, splits, GENERATED_ROWS, trust
+            )
         with open(os.path.join(local, EXPORT_METRICS), "w") as fh:
             json.dump(record, fh, indent=2)
         # the reloaded, re-scored folder replaces the old export in one step (metrics.json,
@@ -346,7 +402,9 @@ def build_summary(
             "validation": len(splits.validation),
             "test": len(splits.test),
             "label_names": splits.label_names,
+            "dropped_too_long": {k: v for k, v in splits.dropped.items() if v},
         },
+        "task": spec.model.task,
         "majority_baseline": {
             "validation_accuracy": splits.majority_baseline("validation"),
             "test_accuracy": splits.majority_baseline("test") if len(splits.test) else None,

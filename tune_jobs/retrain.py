@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import storage
-from trainers.data import Split, Splits, example_id, load_splits
+from trainers.data import Split, Splits, example_id
 from tune_jobs import results
 from tune_jobs.defaults import fit_to_space
+from tune_jobs.preflight import load_data
 from tune_jobs.promotion import Decision, decide, mcnemar_p
 from tune_jobs.registry import Registry
 from tune_jobs.run import RunFailed, RunOutcome, run_job, unique_points
@@ -176,7 +177,7 @@ def retrain(
     """One retrain (see the module docstring); ``before_sweep`` runs under the lock, before
     the sweep (the smoke pass)."""
     check_retrain_spec(spec)
-    splits = load_splits(spec.data.model_dump(), spec.run.seed)  # bad data: exit 2, no lock
+    splits = load_data(spec)  # bad data: exit 2, no lock
     root = storage.normalize(spec.run.storage_path)
     registry = Registry(root)
     with registry.lock(spec.retrain.lock_ttl_s):

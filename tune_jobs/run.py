@@ -21,11 +21,11 @@ from cluster.resources import (
 )
 from trainers import metrics as M
 from trainers.checkpoint import CorruptCheckpoint
-from trainers.data import Splits, load_splits
+from trainers.data import Splits
 from tune_jobs import results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
-from tune_jobs.preflight import preflight
+from tune_jobs.preflight import load_data, preflight
 from tune_jobs.report import leaderboard
 from tune_jobs.report_log import ReportLog, read_all_reports
 from tune_jobs.spec import JobSpec, Problem, SpecError
@@ -77,6 +77,7 @@ def defaults_points(spec: JobSpec) -> list[dict[str, Any]]:
         spec.search.space,
         model_type_of(spec.model.name_or_path),
         in_domain=spec.search.algorithm != "random",
+        adapter=spec.adapter.type,
     )
     return [point] if point else []
 
@@ -430,12 +431,19 @@ def run_job(
     started = time.monotonic()
     storage_root = storage.normalize(spec.run.storage_path)
     if splits is None:
-        splits = load_splits(spec.data.model_dump(), spec.run.seed)  # bad data fails here
+        splits = load_data(spec)  # bad data fails here
     preflight(spec, splits)  # the model, the storage folder, the batch sizes: before Ray
+    dropped = {k: v for k, v in splits.dropped.items() if v}
     echo(
         f"data: {splits.source_rows} rows -> train {len(splits.train)} / validation "
-        f"{len(splits.validation)} / test {len(splits.test)}; labels {splits.label_names}; "
+        f"{len(splits.validation)} / test {len(splits.test)}; "
+        f"{'answers' if spec.model.task == 'causal_lm' else 'labels'} {splits.label_names}; "
         f"majority baseline (validation) {splits.majority_baseline():.4f}"
+        + (
+            f"; dropped as longer than model.max_length ({spec.model.max_length}): {dropped}"
+            if dropped
+            else ""
+        )
     )
     res = trial_resources(spec)
     target = spec.run.address or os.environ.get("RAY_ADDRESS")

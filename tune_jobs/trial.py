@@ -80,6 +80,8 @@ def checkpoint_layout(spec: JobSpec) -> str:
     A DeepSpeed engine writes its own (sharded) checkpoints."""
     if spec.distributed.strategy == "deepspeed":
         return "deepspeed"
+    if spec.adapter.type == "lora":
+        return "trained"  # the adapter alone: the base never changes
     if spec.training.checkpoint_weights == "auto":
         return "trained" if spec.scheduler.type in ("pbt", "pb2") else "full"
     return spec.training.checkpoint_weights
@@ -117,6 +119,7 @@ def loop_config(
         hp_schedule=tuple((step, HParams.from_dict(h)) for step, h in hp_schedule or ()),
         resume_from=resume_from,
         trust_remote_code=spec.model.trust_remote_code,
+        task=spec.model.task,
     )
 
 

@@ -14,9 +14,9 @@ from trainers import precision
 from trainers.config import WorkerConfig
 from trainers.data import batches
 from trainers.loop import Worker, build_state, run_local
+from trainers.report import LocalContext
 from trainers.tasks import Rows
 from trainers.tasks.classification import evaluate
-from trainers.report import LocalContext
 
 
 def test_auto_is_bf16_exactly_where_the_cpu_has_native_bf16():

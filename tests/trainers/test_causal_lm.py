@@ -1,0 +1,179 @@
+"""Causal-LM fine-tuning mechanics on a tiny random Llama with SmolLM2's tokenizer: the
+prompt is masked, packing loses nothing but the tail, packed documents stay apart, LoRA
+trains only its adapter, the merged export equals base + adapter, gradient checkpointing
+gives LoRA the same gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import worker_config
+from trainers.checkpoint import weights_fingerprint
+from trainers.loop import run_local
+from trainers.tasks import causal_lm
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _cfg(model, splits, adapter=None, **hp):
+    cfg = worker_config(splits, **{"eval_steps": 3, "max_steps": 6, "learning_rate": 1e-3, **hp})
+    cfg.update(model=model, task="causal_lm", max_length=160, metric="eval_loss", mode="min")
+    cfg["hp"]["per_device_train_batch_size"] = 8
+    cfg["hp"]["adapter"] = adapter
+    return cfg
+
+
+LORA = {"type": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def test_the_labels_mask_the_prompt_and_keep_the_response(tiny_llama, rt_instructions):
+    tok = _tokenizer(tiny_llama)
+    rows, n = causal_lm.encode_train(tok, rt_instructions, 256, rank=0, world_size=1)
+    assert n == len(rt_instructions.train)
+    for ids, labels, answer in zip(
+        rows.ids[:20], rows.targets[:20], rt_instructions.train.labels[:20], strict=False
+    ):
+        scored = [t for t in labels if t != causal_lm.IGNORE]
+        start = labels.index(scored[0])
+        assert all(t == causal_lm.IGNORE for t in labels[:start])  # the whole prompt masked
+        assert labels[start:] == ids[start:]  # the response scored, token for token
+        text = tok.decode(scored)
+        assert text.startswith(answer) and text.rstrip().endswith("<|im_end|>")
+        assert "Review:" in tok.decode(ids[:start])  # the prompt is in the input
+
+
+def test_packing_fills_every_block_and_drops_only_the_tail():
+    docs = [[1] * 5, [2] * 7, [3] * 3, [4] * 9]  # 24 tokens + 4 end-of-text = 28
+    blocks, positions = causal_lm.pack(docs, eos_id=0, block=8)
+    assert len(blocks) == 3 and all(len(b) == 8 for b in blocks)  # 28 // 8; 4 tokens dropped
+    stream = [t for d in docs for t in [*d, 0]]
+    assert [t for b in blocks for t in b] == stream[:24]
+    assert positions[0] == [0, 1, 2, 3, 4, 5, 0, 1]  # restart where document 2 starts
+    assert positions[1] == [0, 1, 2, 3, 4, 5, 0, 1]  # a block opening mid-document counts from 0
+
+
+def test_packed_documents_do_not_attend_to_each_other(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12, 13]
+    with torch.no_grad():
+        packed = model(
+            input_ids=torch.tensor([a + b]),
+            position_ids=torch.tensor([list(range(5)) + list(range(4))]),
+            use_cache=False,
+        ).logits[0, 5:]
+        alone = model(input_ids=torch.tensor([b]), use_cache=False).logits[0]
+        leaky = model(input_ids=torch.tensor([a + b]), use_cache=False).logits[0, 5:]
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(leaky, alone, atol=1e-3)  # the test can tell the difference
+
+
+def _sha(model):
+    params = dict(model.named_parameters())
+    return weights_fingerprint(params, list(params))
+
+
+def test_lora_trains_only_the_adapter_and_reports_llm_metrics(
+    tiny_llama, rt_instructions, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    before = _sha(base)
+    ctx = run_local(_cfg(tiny_llama, rt_instructions, LORA), checkpoint_root=str(tmp_path))
+    last = ctx.reports[-1]
+    assert last["step"] == 6
+    assert math.isclose(last["eval_perplexity"], math.exp(last["eval_loss"]), rel_tol=1e-9)
+    assert 0.0 <= last["eval_answer_accuracy"] <= 1.0
+    # 2 blocks x 7 linear layers, A and B each: nothing else trains
+    n_adapter = sum(p.numel() for n, p in _attached(base).named_parameters() if ".lora_" in n)
+    assert last["trainable_params"] == n_adapter
+    from trainers.checkpoint import read_manifest
+
+    manifest = read_manifest(ctx.checkpoints[-1])
+    assert manifest["weights"] == "trained"
+    assert manifest["trained_params"] and all(".lora_" in n for n in manifest["trained_params"])
+    assert _sha(AutoModelForCausalLM.from_pretrained(tiny_llama)) == before  # base untouched
+
+
+def _attached(model):
+    from trainers.adapters import attach
+
+    return attach(model, LORA)
+
+
+def test_the_merged_export_equals_base_plus_adapter(tiny_llama, rt_instructions, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.checkpoint import ADAPTER_DIR, materialize
+
+    ctx = run_local(_cfg(tiny_llama, rt_instructions, LORA), checkpoint_root=str(tmp_path / "c"))
+    dest = tmp_path / "export"
+    materialize(ctx.checkpoints[-1], str(dest))
+    merged = AutoModelForCausalLM.from_pretrained(dest).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with_adapter = PeftModel.from_pretrained(base, dest / ADAPTER_DIR).eval()
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        a, b = merged(input_ids=x).logits, with_adapter(input_ids=x).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=x).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, plain, atol=1e-4)  # the adapter did train
+
+
+def test_full_fine_tuning_trains_the_tied_head_under_partial_freezing(tiny_llama, rt_instructions):
+    ctx = run_local(_cfg(tiny_llama, rt_instructions, None, unfreeze_depth=1))
+    from transformers import AutoModelForCausalLM
+
+    from trainers.model import layer_map
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    lmap = layer_map(model)
+    assert lmap.head == ["model.embed_tokens.weight"]  # tied: one tensor, counted as the head
+    top_block = sum(p.numel() for n, p in model.named_parameters() if n in lmap.blocks[-1])
+    head = model.get_output_embeddings().weight.numel()
+    norm = sum(p.numel() for n, p in model.named_parameters() if n in lmap.top)
+    assert ctx.reports[-1]["trainable_params"] == top_block + head + norm
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_gives_lora_its_gradients(tiny_llama, checkpointing):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.adapters import apply_freezing, attach
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.requires_grad_(False)
+    model = attach(model, LORA)
+    apply_freezing(model, None, None)
+    if checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    model.train()
+    for n, p in model.named_parameters():  # B starts at zero: give it a value
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    model(input_ids=x, labels=x).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    test_gradient_checkpointing_gives_lora_its_gradients.seen[checkpointing] = grads
+    if len(test_gradient_checkpointing_gives_lora_its_gradients.seen) == 2:
+        off, on = (
+            test_gradient_checkpointing_gives_lora_its_gradients.seen[k] for k in (False, True)
+        )
+        assert all(torch.allclose(off[n], on[n], atol=1e-6) for n in off)
+
+
+test_gradient_checkpointing_gives_lora_its_gradients.seen = {}
