@@ -145,7 +145,7 @@ def check_adapter(spec: JobSpec, config: Any) -> list[Problem]:
     for value in [adapter.target_modules] + _searched_values(
         spec.search.space.get("adapter.target_modules")
     ):
-        wanted += [] if value == ALL_LINEAR else list(value)
+        wanted += [] if value in (None, ALL_LINEAR) else list(value)
     missing = sorted({m for m in wanted if m not in linear})
     if missing:
         return [

@@ -74,7 +74,11 @@ def registry_table(champion: dict[str, Any] | None, history: list[dict[str, Any]
 
 def leaderboard(summary: dict[str, Any]) -> str:
     """A table of every trial, best first, plus the baseline and the export."""
+    from trainers.tasks import get_task
+
     metric, mode = summary["metric"], summary["mode"]
+    task = get_task(summary.get("task") or "sequence_classification")
+    columns = [c for c in task.columns if c != metric]
     trials = summary["trials"]
     keys = sorted({k for t in trials for k in t["config"]})
     sign = -1 if mode == "max" else 1
@@ -87,7 +91,7 @@ def leaderboard(summary: dict[str, Any]) -> str:
         "trial",
         *keys,
         f"best {metric}",
-        M.EVAL_F1,
+        *columns,
         "steps",
         M.EPOCH,
         "stopped early",
@@ -103,7 +107,7 @@ def leaderboard(summary: dict[str, Any]) -> str:
                 t["trial"] + (" (defaults)" if is_defaults else ""),
                 *(_fmt(t["config"].get(k, "")) for k in keys),
                 _fmt(best.get(metric, "-")),
-                _fmt(best.get(M.EVAL_F1, "-")),
+                *(_fmt(best.get(c, "-")) for c in columns),
                 steps,
                 _fmt(last.get(M.EPOCH, "-")),
                 "yes" if t["stopped_early"] else "no",
@@ -113,7 +117,15 @@ def leaderboard(summary: dict[str, Any]) -> str:
     out = table(header, rows)
     base = summary["majority_baseline"]["validation_accuracy"]
     out.append("")
-    out.append(f"majority-class baseline (validation accuracy): {base:.4f}")
+    kind = "answer" if task.NAME == "causal_lm" else "class"
+    if base is not None and base == base:  # not NaN: free-text responses have none
+        out.append(f"majority-{kind} baseline (validation accuracy): {base:.4f}")
+    zero_shot = summary.get("zero_shot")
+    if zero_shot:
+        out.append(
+            "untuned base model (zero-shot, validation): "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in zero_shot.items())
+        )
     exploits = summary.get("exploits") or []
     if exploits:
         out.append(f"PBT exploits ({len(exploits)}):")
@@ -140,12 +152,23 @@ def leaderboard(summary: dict[str, Any]) -> str:
     best = summary.get("best")
     if best:
         out.append(f"best trial: {best['trial']}  {metric}={_fmt(best['metrics'].get(metric))}")
+
+        def said(scored: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {_fmt(scored[k])}" for k in task.scores if k in scored)
+
         if best.get("reloaded_validation"):
-            rv = best["reloaded_validation"]
-            out.append(f"exported model reloaded: validation accuracy {rv[M.EVAL_ACCURACY]:.4f}")
-        if best.get("test"):
+            out.append(f"exported model reloaded: validation {said(best['reloaded_validation'])}")
+        if best.get("adapter_validation"):
             out.append(
-                f"test accuracy (best model, scored once): {best['test'][M.EVAL_ACCURACY]:.4f}"
+                f"adapter reloaded on its base: validation {said(best['adapter_validation'])}"
+            )
+        if best.get("test"):
+            out.append(f"test (best model, scored once): {said(best['test'])}")
+        generated = best.get("generated_test")
+        if generated:
+            out.append(
+                f"greedy answers on {generated['rows']} test rows: exact match "
+                f"{generated['exact_match']:.4f} (answers seen: {', '.join(generated['answers'])})"
             )
         if best.get("export_dir"):
             out.append(f"best model: {best['export_dir']}")

@@ -264,6 +264,24 @@ def generated_answers(
 GENERATED_ROWS = 64
 
 
+def zero_shot(spec: JobSpec, splits: Splits) -> dict[str, float] | None:
+    """A causal LM's score before any tuning (the base model on the validation split, in the
+    trials' precision), to set beside the defaults trial; None for a classifier (its head
+    is untrained: chance)."""
+    if spec.model.task != "causal_lm":
+        return None
+    return score_model(
+        resolve_model_path(spec.model.name_or_path),
+        splits.validation,
+        splits.label_names,
+        spec.model.max_length,
+        arithmetic=export_arithmetic(spec),
+        trust_remote_code=spec.model.trust_remote_code,
+        splits=splits,
+        task=spec.model.task,
+    )
+
+
 def export_arithmetic(spec: JobSpec) -> str:
     """The precision the export is scored in: the ddp trials' (``distributed.precision``, as
     resolved on this CPU), fp32 for DeepSpeed (its export is merged to fp32 weights)."""
@@ -378,6 +396,7 @@ def build_summary(
     wall_time_s: float,
     defaults: TrialSummary | None = None,
     reports: Mapping[str, list[dict[str, Any]]] | None = None,
+    zero_shot: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The content of summary.json."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
@@ -419,7 +438,13 @@ def build_summary(
             "checkpoint": export["checkpoint"] if export else None,
             "reloaded_validation": export["reloaded_validation"] if export else None,
             "test": export["test"] if export else None,
+            **{
+                k: export[k]
+                for k in ("adapter_validation", "generated_test")
+                if k in (export or {})
+            },
         },
+        "zero_shot": zero_shot,
         "exploits": read_lineage(run_dir, reports or {}),
         "checkpoints": {
             "weights": checkpoint_layout(spec),

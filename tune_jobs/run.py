@@ -538,6 +538,7 @@ def run_job(
             time.monotonic() - started,
             defaults_trial,
             reports,
+            zero_shot=results.zero_shot(spec, splits) if defaults_trial or export else None,
         )
         path = results.write_summary(run_dir, summary)
         picture = write_lineage(

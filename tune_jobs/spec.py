@@ -1125,6 +1125,15 @@ def _check_task(task: str, data: Any, adapter: Any, res: Any) -> list[Problem]:
                     "model.task: causal_lm",
                 )
             )
+        if data.instruction_template and data.answer_choices is not None:
+            problems.append(
+                Problem(
+                    "data.answer_choices",
+                    data.answer_choices,
+                    "with data.instruction_template the answers are the label names; set "
+                    "data.label_names to rename or order them, and leave answer_choices out",
+                )
+            )
         if task == SEQUENCE_CLASSIFICATION and data.instruction_template:
             problems.append(
                 Problem(
@@ -1287,11 +1296,15 @@ def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
     return problems
 
 
+def _task(raw: Mapping[str, Any]) -> Any:
+    model = raw.get("model")
+    return model.get("task") if isinstance(model, Mapping) else None
+
+
 def _default_metric(model: Any) -> str:
     """What a search watches when the spec does not say: accuracy for a classifier, the
     validation loss for a causal LM."""
-    task = model.get("task") if isinstance(model, Mapping) else None
-    return M.EVAL_LOSS if task == CAUSAL_LM else M.EVAL_ACCURACY
+    return M.EVAL_LOSS if _task({"model": model}) == CAUSAL_LM else M.EVAL_ACCURACY
 
 
 def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobSpec:
@@ -1313,6 +1326,9 @@ def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobS
             continue
         if name == "search" and "metric" not in body:  # the task's own default metric
             body = {**body, "metric": _default_metric(raw.get("model"))}
+        if name == "data" and body.get("format") is None and _task(raw) == CAUSAL_LM:
+            # a causal LM reads instructions by default (labelled texts become them)
+            body = {**body, "format": "instruction"}
         try:
             sections[name] = cls.model_validate(dict(body))
         except ValidationError as exc:

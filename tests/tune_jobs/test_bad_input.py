@@ -390,12 +390,18 @@ def no_ray(monkeypatch):
 def test_bad_input_exits_2_naming_the_key_before_ray(
     case, given, key, hint, files, tmp_path, capsys, no_ray
 ):
+    argv = given(files) if callable(given) else list(given)
+    assert_refused(argv, key, hint, files["dir"], tmp_path, capsys)
+
+
+def assert_refused(argv, key, hint, inputs_dir, tmp_path, capsys, config="debug-local"):
+    """``tunefleet ARGV`` (``run CONFIG`` put in front of bare overrides) exits 2 with one
+    screen naming ``key`` and ``hint``, Ray never started and nothing written."""
     import ray
 
     storage = tmp_path / "results"
-    argv = given(files) if callable(given) else list(given)
     if argv[0] not in ("run", "replay", "resume"):
-        argv = ["run", "debug-local", *argv]
+        argv = ["run", config, *argv]
     if argv[0] == "run":
         argv = [argv[0], argv[1], "--no-smoke", *argv[2:]]
         if not any(a.startswith("run.storage_path=") for a in argv):
@@ -408,7 +414,7 @@ def test_bad_input_exits_2_naming_the_key_before_ray(
     assert "fake-secret-123" not in err and "AKIAFAKEKEY" not in err  # never echoed
     assert not ray.is_initialized()
     assert not storage.exists()  # nothing written
-    assert not [n for n in os.listdir(files["dir"]) if n.startswith(".tunefleet-probe-")]
+    assert not [n for n in os.listdir(inputs_dir) if n.startswith(".tunefleet-probe-")]
 
 
 def test_there_are_at_least_30_cases():

@@ -15,7 +15,8 @@ class. A task module answers:
     evaluate(model, rows, n_labels, batch_size, pad_id, device, autocast)
                         the task's metrics on this rank's rows, all-reduced across ranks
     objectives          reported metrics a search may watch, with their direction
-    headline(report)    the metrics the log line and the leaderboard show
+    headline(report)    the metrics of the log line
+    columns, scores     the leaderboard's metric columns; what the summary says of an export
     baseline(splits, split)
                         the score of the obvious guess (the majority class / most common answer)
     load_export(model_dir, trust_remote_code)

@@ -48,6 +48,10 @@ NAME = CAUSAL_LM
 AUTO_CLASS = "AutoModelForCausalLM"
 objectives = M.TASK_OBJECTIVES[NAME]
 default_metric = M.EVAL_LOSS
+#: the leaderboard's metric columns beside the searched one
+columns = (M.EVAL_LOSS, M.EVAL_PERPLEXITY, M.EVAL_ANSWER_ACCURACY)
+#: what the summary says of an exported model's scores
+scores = (M.EVAL_ANSWER_ACCURACY, M.EVAL_LOSS)
 
 IGNORE = -100  # the label of a token that is not scored (the prompt, padding)
 #: The prompt around an instruction when the tokenizer has no chat template (Alpaca's).

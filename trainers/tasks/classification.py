@@ -23,6 +23,10 @@ NAME = SEQUENCE_CLASSIFICATION
 AUTO_CLASS = "AutoModelForSequenceClassification"
 objectives = M.TASK_OBJECTIVES[NAME]
 default_metric = M.EVAL_ACCURACY
+#: the leaderboard's metric columns beside the searched one
+columns = (M.EVAL_F1,)
+#: what the summary says of an exported model's scores
+scores = (M.EVAL_ACCURACY,)
 
 
 def config_kwargs(label_names: list[str]) -> dict[str, Any]:
