@@ -219,14 +219,22 @@ class BaseModels:
         trust_remote_code: bool = False,
         task: str = "sequence_classification",
         lora_dtype: torch.dtype = torch.float32,
+        share_base: bool = True,
     ) -> None:
         self.path, self.label_names, self.seed = path, label_names, seed
         self.trust_remote_code, self.task, self.lora_dtype = trust_remote_code, task, lora_dtype
+        #: may trials share one base under LoRA? Not under ZeRO-3: its engine partitions the
+        #: module's parameters in place, so each trial's engine needs a base of its own
+        self.share_base = share_base
         self._models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.rng_after_load: torch.Tensor | None = None
 
     def fresh(self, hp: HParams) -> Any:
         """A trainable model for ``hp`` (its adapter's A matrices drawn from the RNG)."""
+        if adapters.enabled(hp.adapter) and not self.share_base:
+            self.load(hp)  # records the RNG state a trial starts from
+            base = self._build(hp, self.lora_dtype).requires_grad_(False)
+            return adapters.attach(base, hp.adapter)
         if adapters.enabled(hp.adapter):
             key = self._key(hp)
             base = adapters.detach(self.load(hp))  # the last trial's adapter dropped
@@ -254,9 +262,9 @@ class BaseModels:
                 torch.manual_seed(self.seed)
                 lora = adapters.enabled(hp.adapter)
                 model = None  # a causal LM draws nothing when it loads: nothing to keep
-                if lora or self.task == "sequence_classification":
+                if (lora and self.share_base) or self.task == "sequence_classification":
                     model = self._build(hp, self.lora_dtype if lora else torch.float32)
-                if lora:
+                if lora and model is not None:
                     model.requires_grad_(False)  # the base never trains
                 self._models[key] = model
                 if self.rng_after_load is None:
@@ -291,6 +299,7 @@ class Worker:
             cfg.trust_remote_code,
             cfg.task,
             adapters.base_dtype("fp32" if cfg.deepspeed else self.precision),
+            share_base=not (cfg.deepspeed and cfg.distributed.deepspeed.zero_stage == 3),
         )
         if not cfg.deepspeed:
             _log(

@@ -70,10 +70,12 @@ def param_groups(
     """
     scale_of = lr_scale or {}
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    seen: set[int] = set()  # a tied tensor (lm_head = embed_tokens) is stepped once
     for mod_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:
                 continue
+            seen.add(id(param))
             full = f"{mod_name}.{name}" if mod_name else name
             scale = scale_of.get(full, 1.0)
             no_decay = is_no_decay(name, module)

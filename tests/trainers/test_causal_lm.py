@@ -177,3 +177,22 @@ def test_gradient_checkpointing_gives_lora_its_gradients(tiny_llama, checkpointi
 
 
 test_gradient_checkpointing_gives_lora_its_gradients.seen = {}
+
+
+def test_a_tied_output_layer_is_one_tensor_in_the_optimizer(tiny_llama):
+    """lm_head and embed_tokens share one tensor: AdamW must hold (and step) it once, under
+    the name named_parameters gives it (DeepSpeed refuses duplicates; torch would step it
+    twice)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import HParams
+    from trainers.optim import param_groups
+    from tune_jobs.spec import TrainingSpec
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    groups = param_groups(model, HParams.from_dict(TrainingSpec().model_dump()))
+    params = [p for g in groups for p in g["params"]]
+    names = [n for g in groups for n in g["names"]]
+    assert len({id(p) for p in params}) == len(params)
+    assert names.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in names
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
