@@ -137,14 +137,39 @@ def predict_labels(
     return [names[i] for i in predict(model, ids, 64, pad)]
 
 
+def answers_right(
+    model_dir: str, split: Split, splits: Splits, max_length: int, trust_remote_code: bool = False
+) -> list[bool]:
+    """A causal LM reloaded from its export: per row, is the most likely answer of the
+    answer set the reference (log-likelihood scoring, as in the trials)?"""
+    from transformers import AutoTokenizer
+
+    from trainers.tasks import causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = causal_lm.load_export(model_dir, trust_remote_code)
+    rows = causal_lm.encode_eval(tokenizer, split, range(len(split)), max_length, splits)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    right = [False] * len(split)
+    scored = causal_lm.row_scores(model, rows, 16, pad)
+    for i, (correct, _, _) in zip(rows.index, scored, strict=True):
+        right[i] = bool(correct)  # back in the split's order (rows come sorted by length)
+    return right
+
+
 def score(
     model_dir: str,
     split: Split,
     label_names: list[str],
     max_length: int,
     trust_remote_code: bool = False,
+    splits: Splits | None = None,
 ) -> Score:
-    """Accuracy on ``split`` (labels by name, so a model with another class order still scores)."""
+    """Accuracy on ``split`` (labels by name, so a model with another class order still
+    scores); for a causal LM (``splits.format`` not text_label), answer accuracy."""
+    if splits is not None and splits.format != "text_label":
+        correct = answers_right(model_dir, split, splits, max_length, trust_remote_code)
+        return Score(sum(correct) / len(correct), correct)
     predicted = predict_labels(model_dir, split, max_length, trust_remote_code)
     truth = [label_names[y] for y in split.labels]
     correct = [p == t for p, t in zip(predicted, truth, strict=True)]
@@ -178,6 +203,18 @@ def retrain(
     the sweep (the smoke pass)."""
     check_retrain_spec(spec)
     splits = load_data(spec)  # bad data: exit 2, no lock
+    if spec.model.task == "causal_lm" and not splits.label_names:
+        raise SpecError(
+            [
+                Problem(
+                    "data.answer_choices",
+                    None,
+                    "a causal LM's retrain promotes on answer correctness (McNemar on the "
+                    "promotion rows), so its responses need an answer set: set answer_choices "
+                    "or data.instruction_template; free-text responses cannot be promoted yet",
+                )
+            ]
+        )
     root = storage.normalize(spec.run.storage_path)
     registry = Registry(root)
     with registry.lock(spec.retrain.lock_ttl_s):
@@ -261,12 +298,12 @@ def _decide(
         # Reloaded from where it now lives: proves the export is whole before any promotion.
         trust = spec.model.trust_remote_code  # the spec's, never the stored folder's
         challenger = score(
-            fetch(best["export_dir"], work, "challenger"), rows, names, length, trust
+            fetch(best["export_dir"], work, "challenger"), rows, names, length, trust, splits
         )
         held = None
         if champion is not None:
             held = score(
-                fetch(champion["export_dir"], work, "champion"), rows, names, length, trust
+                fetch(champion["export_dir"], work, "champion"), rows, names, length, trust, splits
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

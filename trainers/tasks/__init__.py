@@ -51,6 +51,8 @@ class Rows:
     gold: list[int] | None = None
     #: causal LM evaluation: does the row's reference answer come from the answer set?
     scored: list[bool] | None = None
+    #: causal LM evaluation: each row's place in the split it came from (rows are sorted)
+    index: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

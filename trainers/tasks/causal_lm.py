@@ -247,14 +247,14 @@ def encode_eval(
         )
         return Rows(blocks, blocks, pos)
     choices = choice_ids(tokenizer, label_names, fmt, template) if label_names else []
-    out: list[tuple[list[int], list[list[int]], int, bool]] = []
+    out: list[tuple[list[int], list[list[int]], int, bool, int]] = []
     for i in rows:
         prompt, response = split.texts[i], split.labels[i]
         p, r = encode_pair(tokenizer, prompt, response, fmt, template)
         if response in label_names:
-            out.append((p, choices, label_names.index(response), True))
+            out.append((p, choices, label_names.index(response), True, i))
         else:
-            out.append((p, [r], 0, False))
+            out.append((p, [r], 0, False, i))
     out.sort(key=lambda row: len(row[0]))
     return Rows(
         ids=[o[0] for o in out],
@@ -262,6 +262,7 @@ def encode_eval(
         candidates=[o[1] for o in out],
         gold=[o[2] for o in out],
         scored=[o[3] for o in out],
+        index=[o[4] for o in out],
     )
 
 
@@ -317,6 +318,33 @@ def evaluate(
     """Loss and perplexity on the reference answers' tokens, and answer accuracy over the
     rows whose reference is in the answer set; summed on this rank, all-reduced once."""
     del n_labels  # the answer set is in the rows
+    per_row = row_scores(model, rows, batch_size, pad_id, device, autocast)
+    loss_sum = sum(r[1] for r in per_row)
+    tokens = sum(r[2] for r in per_row)
+    asked = sum(r[0] is not None for r in per_row)
+    correct = sum(bool(r[0]) for r in per_row)
+    totals = all_reduce_sum(
+        torch.tensor([loss_sum, tokens, correct, asked], dtype=torch.float64), device
+    )
+    loss_sum, tokens, correct, asked = totals.tolist()
+    loss = loss_sum / tokens if tokens else math.nan
+    return {
+        M.EVAL_LOSS: loss,
+        M.EVAL_PERPLEXITY: math.exp(min(loss, 700.0)) if tokens else math.nan,
+        M.EVAL_ANSWER_ACCURACY: correct / asked if asked else math.nan,
+    }
+
+
+def row_scores(
+    model: Any,
+    rows: Rows,
+    batch_size: int,
+    pad_id: int,
+    device: Any = "cpu",
+    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> list[tuple[bool | None, float, float]]:
+    """Per row, in order: was the most likely answer the reference (None where the reference
+    is not in the answer set), the reference's summed loss, and its token count."""
     model.eval()
     # every (row, candidate) pair as one sequence
     pairs = [
@@ -356,28 +384,16 @@ def evaluate(
             counts[start : start + len(chunk)] = c.cpu()
             start += len(chunk)
     model.train()
-    loss_sum = tokens = correct = asked = 0.0
-    by_row: dict[int, list[float]] = {}
+    by_row: list[list[float]] = [[] for _ in range(len(rows))]
+    out: list[list[Any]] = [[None, 0.0, 0.0] for _ in range(len(rows))]
     for (r, k), s, c in zip(pairs, scores.tolist(), counts.tolist(), strict=True):
-        by_row.setdefault(r, []).append(s)
+        by_row[r].append(s)
         if rows.gold is None or k == rows.gold[r]:
-            loss_sum, tokens = loss_sum - s, tokens + c
-    for r, row_scores in by_row.items():
+            out[r][1], out[r][2] = -s, c
+    for r, candidates in enumerate(by_row):
         if rows.scored and rows.scored[r]:
-            asked += 1
-            correct += float(
-                max(range(len(row_scores)), key=row_scores.__getitem__) == rows.gold[r]
-            )
-    totals = all_reduce_sum(
-        torch.tensor([loss_sum, tokens, correct, asked], dtype=torch.float64), device
-    )
-    loss_sum, tokens, correct, asked = totals.tolist()
-    loss = loss_sum / tokens if tokens else math.nan
-    return {
-        M.EVAL_LOSS: loss,
-        M.EVAL_PERPLEXITY: math.exp(min(loss, 700.0)) if tokens else math.nan,
-        M.EVAL_ANSWER_ACCURACY: correct / asked if asked else math.nan,
-    }
+            out[r][0] = max(range(len(candidates)), key=candidates.__getitem__) == rows.gold[r]
+    return [tuple(o) for o in out]  # type: ignore[misc]
 
 
 def _answer(rows: Rows, r: int, k: int) -> list[int]:
