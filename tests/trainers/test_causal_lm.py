@@ -196,3 +196,88 @@ def test_a_tied_output_layer_is_one_tensor_in_the_optimizer(tiny_llama):
     assert len({id(p) for p in params}) == len(params)
     assert names.count("model.embed_tokens.weight") == 1 and "lm_head.weight" not in names
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_chat_rows_learn_the_last_assistant_turn(tiny_llama, tmp_path):
+    """format chat: the conversation before the last turn is the prompt (in the chat
+    template, turn by turn), the assistant's last turn is all that is scored."""
+    from tests.conftest import data_cfg
+    from trainers.data import load_splits
+
+    convo = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": f"Is {i} even?"},
+                {"role": "assistant", "content": "yes" if i % 2 == 0 else "no"},
+            ]
+        }
+        for i in range(40)
+    ]
+    splits = load_splits(
+        data_cfg(source="jsonl", path=_jsonl(tmp_path / "chat.jsonl", convo), format="chat"),
+        seed=0,
+    )
+    assert splits.format == "chat" and splits.label_names == ["no", "yes"]
+    tok = _tokenizer(tiny_llama)
+    rows, _ = causal_lm.encode_train(tok, splits, 256, 0, 1)
+    for ids, labels, answer in zip(rows.ids, rows.targets, splits.train.labels, strict=True):
+        start = next(i for i, t in enumerate(labels) if t != causal_lm.IGNORE)
+        prompt = tok.decode(ids[:start])
+        assert "Answer in one word." in prompt and "<|im_start|>assistant" in prompt
+        assert tok.decode(labels[start:]).startswith(answer + "<|im_end|>")
+    ctx = run_local(_cfg(tiny_llama, splits, LORA, max_steps=2, eval_steps=2))
+    assert 0 <= ctx.reports[-1]["eval_answer_accuracy"] <= 1
+
+
+def test_plain_text_is_packed_and_trained_on_every_token(tiny_llama, tmp_path):
+    from tests.conftest import data_cfg
+    from trainers.data import load_splits
+
+    docs = [{"text": f"Document number {i} says something about the weather."} for i in range(60)]
+    splits = load_splits(
+        data_cfg(source="jsonl", path=_jsonl(tmp_path / "docs.jsonl", docs), format="text"),
+        seed=0,
+    )
+    assert splits.format == "text" and splits.label_names == []
+    tok = _tokenizer(tiny_llama)
+    rows, n_blocks = causal_lm.encode_train(tok, splits, 32, 0, 1)
+    tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in splits.train.texts)
+    assert n_blocks == tokens // 32 and all(len(b) == 32 for b in rows.ids)
+    assert rows.targets == rows.ids  # every token is a target
+    cfg = _cfg(tiny_llama, splits, None, max_steps=2, eval_steps=2)
+    cfg["max_length"] = 32
+    last = run_local(cfg).reports[-1]
+    assert math.isnan(last["eval_answer_accuracy"]) and last["eval_loss"] > 0
+
+
+def test_a_users_own_validation_file_is_used_as_given(tiny_llama, tmp_path):
+    from tests.conftest import data_cfg
+    from trainers.data import load_splits
+
+    pairs = [{"prompt": f"Say {w}", "response": w} for w in ["red", "blue"] * 30]
+    pairs = [{**p, "prompt": f"{p['prompt']} ({i})"} for i, p in enumerate(pairs)]
+    own = [
+        {"prompt": f"Please say {w} ({i})", "response": w}
+        for i, w in enumerate(["blue", "red", "blue"])
+    ]
+    splits = load_splits(
+        data_cfg(
+            source="jsonl",
+            path=_jsonl(tmp_path / "train.jsonl", pairs),
+            validation_path=_jsonl(tmp_path / "val.jsonl", own),
+            format="instruction",
+        ),
+        seed=0,
+    )
+    assert splits.validation.texts == [r["prompt"] for r in own]
+    assert splits.validation.labels == ["blue", "red", "blue"]
+    assert splits.label_names == ["blue", "red"]
+    assert splits.majority_baseline("validation") in (1 / 3, 2 / 3)
