@@ -1,8 +1,9 @@
 """Causal-LM trials on 2-worker warm groups on the CPU (gloo; DeepSpeed with
 ``DS_ACCELERATOR=cpu``), on a tiny random Llama with SmolLM2's tokenizer, fp32:
 
-- full fine-tuning and LoRA under DDP, ZeRO-2 and ZeRO-3 take the same steps (the loss
-  curves agree: ZeRO partitions state, not the arithmetic);
+- LoRA under DDP, ZeRO-2 and ZeRO-3 takes the same steps (the loss curves agree: ZeRO
+  partitions state, not the arithmetic; full fine-tuning under ZeRO-3 agreed with DDP too
+  when measured, 2026-12-06, and is left out of CI for time);
 - a LoRA trial resumed from its step-4 checkpoint on the same group ends on exactly the
   uninterrupted trial's adapter (SHA-256), under DDP and ZeRO-3.
 """
@@ -69,7 +70,6 @@ def runs(tmp_path_factory, tiny_llama):
         out = {}
         for key, spec in [
             ("ddp", _spec(tiny_llama, "ddp")),
-            ("zero3", _spec(tiny_llama, "deepspeed", 3)),
             ("ddp-lora", _spec(tiny_llama, "ddp", adapter=LORA)),
             ("zero2-lora", _spec(tiny_llama, "deepspeed", 2, LORA)),
             ("zero3-lora", _spec(tiny_llama, "deepspeed", 3, LORA)),
@@ -86,9 +86,7 @@ def runs(tmp_path_factory, tiny_llama):
         disconnect()
 
 
-@pytest.mark.parametrize(
-    ("a", "b"), [("ddp", "zero3"), ("ddp-lora", "zero2-lora"), ("ddp-lora", "zero3-lora")]
-)
+@pytest.mark.parametrize(("a", "b"), [("ddp-lora", "zero2-lora"), ("ddp-lora", "zero3-lora")])
 def test_ddp_and_zero_take_the_same_steps(runs, a, b):
     first, second = runs[a], runs[b]
     assert [m[M.STEP] for m, _ in first] == [m[M.STEP] for m, _ in second] == [EVERY, LAST]
