@@ -7,8 +7,8 @@ tests, a single-process Tune trial); a warm worker group's workers
 
 The parts, in the order a trial meets them:
 
-    Worker          once per worker process: threads, tokenizer, this rank's
-                    tokenized shards, the pristine base model (kept in memory)
+    Worker          once per worker process: threads, tokenizer, the task, this rank's
+                    tokenized shards, the base model (``BaseModels``: what is kept)
     Worker.start    a trial's TrainState: from the base model or a checkpoint
     build_state     builds or rebuilds the training state (start, restore,
                     exploit, replay switch, gradual unfreeze): model, frozen set,

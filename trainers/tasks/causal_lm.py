@@ -361,25 +361,16 @@ def row_scores(
             keep = 1 + max(len(_answer(rows, *pairs[start])), 1)
             per_forward = max(1, min(batch_size, LOGITS_BUDGET // (keep * vocab)))
             chunk = pairs[start : start + per_forward]
-            if rows.candidates is None:  # packed text: the whole block is the answer
-                s, c = sequence_logprobs(
-                    model,
-                    [[] for _ in chunk],
-                    [rows.ids[r] for r, _ in chunk],
-                    pad_id,
-                    device,
-                    autocast,
-                    [rows.positions[r] for r, _ in chunk] if rows.positions else None,
-                )
-            else:
-                s, c = sequence_logprobs(
-                    model,
-                    [rows.ids[r] for r, _ in chunk],
-                    [rows.candidates[r][k] for r, k in chunk],
-                    pad_id,
-                    device,
-                    autocast,
-                )
+            packed = rows.candidates is None  # packed text: the whole block is the answer
+            s, c = sequence_logprobs(
+                model,
+                [[] if packed else rows.ids[r] for r, _ in chunk],
+                [_answer(rows, r, k) for r, k in chunk],
+                pad_id,
+                device,
+                autocast,
+                [rows.positions[r] for r, _ in chunk] if packed and rows.positions else None,
+            )
             scores[start : start + len(chunk)] = s.cpu()
             counts[start : start + len(chunk)] = c.cpu()
             start += len(chunk)
