@@ -172,24 +172,29 @@ def build_tuner(
     restore: bool,
     points: list[dict[str, Any]] | None = None,
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
-) -> Any:
-    """The ``ray.tune.Tuner`` for this run (new or restored); ``points`` are tried first.
+) -> tuple[Any, Any]:
+    """The ``ray.tune.Tuner`` for this run (new or restored), and the pool of warm worker
+    groups its trials lease (``tune_jobs.warm.GroupPool``; None for single-process
+    trials: the caller closes it after the sweep). ``points`` are tried first.
 
     ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay).
     """
+    import ray
     from ray import tune
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tune_jobs.faults import PopulationGuard, failures_dir
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
-    from tune_jobs.warm import Leaderboard, WarmTrial
+    from tune_jobs.warm import GroupPool, Leaderboard, WarmTrial
 
     set_trial_environment()
     run_dir = storage.join(storage_root, run_name)
     res = trial_resources(spec)
-    # Multi-worker trials run on warm worker groups (tune_jobs.warm), which Tune hands
-    # from trial to trial and to exploits by reusing the trial actor that owns them.
+    # Multi-worker trials run on warm worker groups (tune_jobs.warm) that the sweep's
+    # pool hosts and each trial actor leases; Tune also hands an actor (and its lease)
+    # from trial to trial and to exploits.
     warm = spec.resources.trial_mode == "train"
     plan = TrialPlan(
         spec=spec,
@@ -200,21 +205,31 @@ def build_tuner(
         leaderboard=Leaderboard.remote(spec.search.resolved_mode, run_dir) if warm else None,
         failures_dir=failures_dir(run_dir),
     )
+    pool = None
+    if warm:
+        pool = GroupPool.options(
+            # on the driver's node: it lives and dies with the driver (ray job submit: the head)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            )
+        ).remote(plan, max_concurrent)
+        plan = replace(plan, groups=pool)
     trainable = tune.with_resources(
         tune.with_parameters(WarmTrial if warm else run_trial, plan=plan), res.trial_bundle()
     )
     if restore:
         fs = storage.ray_storage(run_dir)
-        return tune.Tuner.restore(
+        restored = tune.Tuner.restore(
             fs["storage_path"],
             trainable,
             resume_errored=True,
             storage_filesystem=fs.get("storage_filesystem"),
         )
+        return restored, pool
     metric, mode = spec.search.metric, spec.search.resolved_mode
     synch = spec.scheduler.type in ("pbt", "pb2") and spec.scheduler.synch
     guard = PopulationGuard() if synch else None
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
@@ -245,6 +260,7 @@ def build_tuner(
             verbose=1,
         ),
     )
+    return tuner, pool
 
 
 class RunFailed(RuntimeError):
@@ -483,7 +499,7 @@ def run_job(
         # the list (warm-start points first, then the defaults trial).
         points = unique_points([*(warm_points or []), *defaults])[: spec.search.num_samples]
         data_ref = ray.put(splits)
-        tuner = build_tuner(
+        tuner, pool = build_tuner(
             spec,
             data_ref,
             storage_root,
@@ -493,7 +509,12 @@ def run_job(
             points,
             hp_schedule,
         )
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        finally:
+            if pool is not None:  # the groups' workers go before the export needs the CPUs
+                ray.get(pool.close_all.remote())
+                ray.kill(pool)
         metric, mode = spec.search.metric, spec.search.resolved_mode
         reports = read_all_reports(run_dir)  # once: the summary and the lineage read them
         trials = [

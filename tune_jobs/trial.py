@@ -44,6 +44,8 @@ class TrialPlan:
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = ()
     #: the sweep's best metric so far (a ``tune_jobs.warm.Leaderboard`` actor), or None
     leaderboard: Any = None
+    #: the sweep's warm groups (a ``tune_jobs.warm.GroupPool`` actor), or None
+    groups: Any = None
     #: where trials record a failure of their own code, which is then not retried
     #: (``tune_jobs.faults``); None: nothing recorded
     failures_dir: str | None = None

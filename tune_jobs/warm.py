@@ -8,8 +8,18 @@ exploit starts all of that again. Here a trial is a Tune class ``Trainable``
 whose workers run ``trainers.serve.serve`` and take commands through a
 ``Mailbox`` actor. With ``reuse_actors`` Tune hands the trainable, and so its
 group, to the next trial (``reset_config``) and to exploits (``reset_config``
-then ``load_checkpoint``): the base model and the tokenized data are loaded
-once per worker per sweep.
+then ``load_checkpoint``); a new trainable leases a group that another gave
+back: the base model and the tokenized data are loaded once per worker per
+sweep.
+
+The groups belong to the sweep, not to Tune's trial actors: a ``GroupPool``
+actor (one per run, owned by the driver) hosts them, and a trial actor leases
+one at its first step and gives it back when Tune stops the actor. Tune keeps a
+stopped trial's actor for the next trial only while its actor cache has room,
+which depends on the order of pauses and starts (measured: a synch PBT
+population of two started a third group when Tune stopped a paused member's
+actor and started a new one); the pool hands the next actor the group the
+stopped one gave back.
 
     Tune --step()--> WarmTrial --Interval--> Mailbox <--poll-- workers (serve)
          <--metrics--          <--reply---          --reply--> (rank 0)
@@ -110,12 +120,69 @@ class Mailbox:
             return True, self.replies.pop(seq)
 
 
-class WarmGroup:
-    """One long-lived Train run serving commands; ``call`` sends one and waits for the reply."""
+class GroupLink:
+    """A trial's side of a warm group: its name, storage and mailbox; ``call`` sends a
+    command and waits for rank 0's reply. Where the group's Train run is hosted, and so
+    whether it is alive, is the subclass's (``WarmGroup`` here, ``LeasedGroup`` in a pool)."""
 
-    def __init__(self, plan: TrialPlan, name: str) -> None:
+    name: str
+    filesystem: Any
+    mailbox: Any
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def failure_text(self) -> str:
+        """Why the group's Train run ended (its exception, or that it returned)."""
+        raise NotImplementedError
+
+    def wait_ended(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the group's Train run to end."""
+        raise NotImplementedError
+
+    @staticmethod
+    def path_of(uri: str | None) -> str | None:
+        """A checkpoint's URI as a path in the group's filesystem (what its workers read)."""
+        return storage.resolve(uri)[1] if uri else None
+
+    def call(self, command: Any) -> Any:
+        """Send ``command`` to every worker; rank 0's reply (raises if the group failed)."""
+        seq = ray.get(self.mailbox.send.remote(command))
+        while True:
+            ready, reply = ray.get(self.mailbox.result.remote(seq, WAIT_POLL_S))
+            if ready:
+                if isinstance(reply, Failed):
+                    self.wait_ended(60)  # the run ends: its workers raised
+                    raise WorkerGroupError(
+                        f"warm group {self.name}: {reply.error}", faults.is_transient(reply.error)
+                    )
+                return reply
+            if not self.alive:
+                cause = [x for x in self.failure_text().splitlines() if x.strip()]
+                # the last line is what a trial's summary shows: say where, and the cause
+                raise WorkerGroupError(
+                    "\n".join(
+                        cause[:-1]
+                        + [
+                            f"warm group {self.name} died while serving "
+                            f"{type(command).__name__}: {cause[-1].strip()[:300]}"
+                        ]
+                    ),
+                    transient=True,  # its processes died without a word: the cluster's doing
+                )
+
+
+class WarmGroup(GroupLink):
+    """One long-lived Train run serving commands, hosted by this process (a thread runs
+    ``TorchTrainer.fit``; the Train controller it starts is owned by this process)."""
+
+    def __init__(
+        self, plan: TrialPlan, name: str, taken: set[str] | frozenset[str] = frozenset()
+    ) -> None:
+        """``name``: a prefix, numbered over the run's groups and the names in ``taken``."""
         spec, res = plan.spec, plan.resources
-        self.name = next_numbered(plan.train_storage, name)
+        self.name = next_numbered(plan.train_storage, name, taken)
         self.filesystem, _ = storage.resolve(plan.train_storage)
         self.mailbox = Mailbox.remote()
         base = loop_config(spec, trial_hparams(spec, {}), plan.data_ref, res, self.name)
@@ -149,44 +216,15 @@ class WarmGroup:
         except BaseException as exc:  # noqa: BLE001 - reported by call()
             self.failure = exc
 
-    @staticmethod
-    def path_of(uri: str | None) -> str | None:
-        """A checkpoint's URI as a path in the group's filesystem (what its workers read)."""
-        return storage.resolve(uri)[1] if uri else None
-
     @property
     def alive(self) -> bool:
         return self.thread.is_alive()
 
-    def call(self, command: Any) -> Any:
-        """Send ``command`` to every worker; rank 0's reply (raises if the group failed)."""
-        seq = ray.get(self.mailbox.send.remote(command))
-        while True:
-            ready, reply = ray.get(self.mailbox.result.remote(seq, WAIT_POLL_S))
-            if ready:
-                if isinstance(reply, Failed):
-                    self.thread.join(timeout=60)  # the run ends: its workers raised
-                    raise WorkerGroupError(
-                        f"warm group {self.name}: {reply.error}", faults.is_transient(reply.error)
-                    )
-                return reply
-            if not self.alive:
-                cause = [
-                    x
-                    for x in str(self.failure or "its Train run returned").splitlines()
-                    if x.strip()
-                ]
-                # the last line is what a trial's summary shows: say where, and the cause
-                raise WorkerGroupError(
-                    "\n".join(
-                        cause[:-1]
-                        + [
-                            f"warm group {self.name} died while serving "
-                            f"{type(command).__name__}: {cause[-1].strip()[:300]}"
-                        ]
-                    ),
-                    transient=True,  # its processes died without a word: the cluster's doing
-                )
+    def failure_text(self) -> str:
+        return str(self.failure or "its Train run returned")
+
+    def wait_ended(self, timeout: float) -> None:
+        self.thread.join(timeout=timeout)
 
     def close(self) -> None:
         """Let the workers leave their loop and the run end; then drop the mailbox."""
@@ -195,6 +233,160 @@ class WarmGroup:
                 ray.get(self.mailbox.send.remote(Exit()))
                 self.thread.join(timeout=120)
             ray.kill(self.mailbox)
+
+
+#: Seconds a lease waits between looks for a group given back (or a lessee gone).
+LEASE_POLL_S = 2.0
+
+
+@ray.remote(num_cpus=0, max_concurrency=64)
+class GroupPool:
+    """The sweep's warm groups, hosted here so that they outlive the trial actors using them.
+
+    ``lease``: a trial actor takes an idle group, or a new one while fewer than ``size``
+    (the trials that run at once) exist; past that it waits for one given back rather
+    than start a group whose workers would wait for the resources an idle one holds.
+    ``give_back``: the actor is stopping; its group serves the next. ``renew``: the
+    lessee's group died; it is closed and a new one takes its place under the same
+    lease. A lessee that died without giving its group back (its process killed) is
+    found when a lease waits (a probe of the dead actor fails at once), and its group is
+    closed: it may be mid-command for a trial that is gone.
+
+    ``make_group(plan, name)`` builds a group (``WarmGroup``; tests pass a lighter one).
+    """
+
+    def __init__(self, plan: TrialPlan, size: int, make_group: Any = None) -> None:
+        self.plan, self.size = plan, max(1, size)
+        self.make_group = make_group or WarmGroup
+        self.groups: dict[str, Any] = {}
+        self.idle: list[str] = []
+        self.lessees: dict[str, Any] = {}  # group -> the trial actor holding it
+        self.probes: dict[str, Any] = {}  # group -> a pending liveness probe of its lessee
+        self.named: set[str] = set()  # every name given (a run's folder appears later)
+        self.changed = threading.Condition()
+
+    def lease(self, lessee: Any) -> tuple[str, Any, Any]:
+        """``(name, mailbox, filesystem)`` of a group for ``lessee`` (an actor handle)."""
+        waited = False
+        with self.changed:
+            while True:
+                self._drop_dead_idle()
+                if self.idle:
+                    name = self.idle.pop()
+                    break
+                if len(self.groups) < self.size:
+                    name = self._build()
+                    break
+                if not self._reclaim_from_dead_lessees():
+                    if not waited:
+                        print(f"warm groups: all {self.size} leased; waiting for one given back")
+                        waited = True
+                    self.changed.wait(LEASE_POLL_S)
+            self.lessees[name] = lessee
+            group = self.groups[name]
+            return name, group.mailbox, group.filesystem
+
+    def give_back(self, name: str) -> None:
+        with self.changed:
+            self.lessees.pop(name, None)
+            self.probes.pop(name, None)
+            if name in self.groups:
+                self.idle.append(name)
+            self.changed.notify_all()
+
+    def renew(self, name: str) -> tuple[str, Any, Any]:
+        """The lessee's group ``name`` died: close it; a new group under the same lease."""
+        with self.changed:
+            lessee = self.lessees.pop(name, None)
+            self.probes.pop(name, None)
+            group = self.groups.pop(name, None)
+        if group is not None:
+            group.close()
+        with self.changed:
+            new = self._build()
+            self.lessees[new] = lessee
+            return new, self.groups[new].mailbox, self.groups[new].filesystem
+
+    def alive(self, name: str) -> bool:
+        group = self.groups.get(name)
+        return group is not None and group.alive
+
+    def failure_text(self, name: str) -> str:
+        group = self.groups.get(name)
+        return group.failure_text() if group is not None else "closed by the pool"
+
+    def wait_ended(self, name: str, timeout: float) -> None:
+        group = self.groups.get(name)
+        if group is not None:
+            group.wait_ended(timeout)
+
+    def names(self) -> dict[str, list[str]]:
+        """Every group, and the idle ones (what the tests look at)."""
+        return {"all": sorted(self.groups), "idle": sorted(self.idle)}
+
+    def close_all(self) -> None:
+        """The sweep is over: every group's run ends (in parallel; each waits for its workers)."""
+        with self.changed:
+            groups, self.groups, self.idle = list(self.groups.values()), {}, []
+            self.lessees.clear()
+            self.probes.clear()
+        closers = [threading.Thread(target=g.close, daemon=True) for g in groups]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join()
+
+    def _build(self) -> str:
+        # under self.changed: names are taken one at a time (group<k>, k over the run)
+        group = self.make_group(self.plan, "group", frozenset(self.named))
+        self.groups[group.name] = group
+        self.named.add(group.name)
+        return group.name
+
+    def _drop_dead_idle(self) -> None:
+        for name in [n for n in self.idle if not self.groups[n].alive]:
+            self.idle.remove(name)
+            self.groups.pop(name).close()
+
+    def _reclaim_from_dead_lessees(self) -> bool:
+        """Close the groups of lessees that died; any closed? A busy lessee's probe waits in
+        its queue (it is alive); a dead one's fails at once."""
+        dead = []
+        for name, lessee in self.lessees.items():
+            probe = self.probes.get(name)
+            if probe is None:
+                probe = self.probes[name] = lessee.__ray_ready__.remote()
+            ready, _ = ray.wait([probe], timeout=0)
+            if not ready:
+                continue
+            del self.probes[name]
+            try:
+                ray.get(probe)
+            except ray.exceptions.RayActorError:
+                dead.append(name)
+        for name in dead:
+            print(f"warm groups: the trial actor holding {name} died; closing it")
+            del self.lessees[name]
+            self.groups.pop(name).close()
+        return bool(dead)
+
+
+class LeasedGroup(GroupLink):
+    """A group of the sweep's ``GroupPool``, seen from the trial actor that leased it."""
+
+    def __init__(self, pool: Any, lease: tuple[str, Any, Any]) -> None:
+        self.pool = pool
+        self.name, self.mailbox, self.filesystem = lease
+
+    @property
+    def alive(self) -> bool:
+        return ray.get(self.pool.alive.remote(self.name))
+
+    def failure_text(self) -> str:
+        return ray.get(self.pool.failure_text.remote(self.name))
+
+    def wait_ended(self, timeout: float) -> None:
+        ray.get(self.pool.wait_ended.remote(self.name, timeout))
 
 
 @ray.remote(num_cpus=0)
@@ -237,7 +429,8 @@ class Leaderboard:
 
 
 class WarmTrial(tune.Trainable):
-    """A Tune trial that runs on a warm worker group (kept across trials by actor reuse).
+    """A Tune trial that runs on a warm worker group, leased from the sweep's ``GroupPool``
+    for as long as this actor lives (Tune may hand the actor to further trials).
 
     What gets written (``training.checkpoint_every_s``): under pbt/pb2 a full checkpoint
     every interval (exploits copy them). Otherwise a full checkpoint (weights, optimizer,
@@ -251,7 +444,7 @@ class WarmTrial(tune.Trainable):
 
     def setup(self, config: dict[str, Any], plan: TrialPlan) -> None:
         self.plan = plan
-        self.group: WarmGroup | None = None
+        self.group: LeasedGroup | None = None
         self.pbt = plan.spec.scheduler.type in ("pbt", "pb2")
         self._begin(config)
 
@@ -274,14 +467,16 @@ class WarmTrial(tune.Trainable):
             retention = CheckpointConfig(**checkpoint_retention(self.plan.spec))
             self.kept = _CheckpointManager(retention)
 
-    def _group(self) -> WarmGroup:
-        """This actor's group, rebuilt if its workers died."""
+    def _group(self) -> LeasedGroup:
+        """The group this actor leased, leased at its first step; renewed if its workers died."""
+        pool = self.plan.groups
         if self.group is not None and not self.group.alive:
             print(f"[{self.trial_name}] warm group {self.group.name} died; starting a new one")
-            self.group.close()
-            self.group, self.started = None, False
+            self.group = LeasedGroup(pool, ray.get(pool.renew.remote(self.group.name)))
+            self.started = False
         if self.group is None:
-            self.group = WarmGroup(self.plan, "group")
+            lessee = ray.get_runtime_context().current_actor
+            self.group = LeasedGroup(pool, ray.get(pool.lease.remote(lessee)))
         return self.group
 
     def step(self) -> dict[str, Any]:
@@ -456,8 +651,12 @@ class WarmTrial(tune.Trainable):
         try:
             self._release()  # a trial stopped (by the scheduler) as the actor goes
         finally:
-            if self.group is not None:
-                self.group.close()
+            # a dead group (the pool sees it), or the pool closed at the sweep's end
+            with contextlib.suppress(WorkerGroupError, ray.exceptions.RayActorError):
+                if self.group is not None:
+                    if self.started and self.group.alive:
+                        self.group.call(End())  # the next lessee finds no trial loaded
+                    ray.get(self.plan.groups.give_back.remote(self.group.name))
 
 
 def _better(value: Any, than: Any, mode: str) -> bool:
@@ -488,11 +687,12 @@ def latest_resumable(trial_dir: str) -> str | None:
     return None
 
 
-def next_numbered(folder: str, prefix: str) -> str:
-    """``<prefix><k>``, k the count of names under ``folder`` that start with ``prefix``:
-    deterministic names for groups (``group<k>``) and a trial's starts (``start<k>``)."""
-    taken = [n for n in storage.list_names(folder) if n.startswith(prefix)]
-    return f"{prefix}{len(taken)}"
+def next_numbered(folder: str, prefix: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
+    """``<prefix><k>``, k the count of names under ``folder`` or in ``taken`` that start
+    with ``prefix``: deterministic names for groups (``group<k>``) and a trial's starts
+    (``start<k>``)."""
+    names = {n for n in [*storage.list_names(folder), *taken] if n.startswith(prefix)}
+    return f"{prefix}{len(names)}"
 
 
 def run_on_group(

@@ -1,0 +1,90 @@
+"""The sweep's pool of warm groups (``tune_jobs.warm.GroupPool``) on a real local Ray.
+
+The lessees are real Ray actors (one is killed, as an OOM killer would); the groups
+are light stand-ins for a Train run (a name and an open/closed flag): what is under
+test is who holds which group, not the Train runs, which the e2e PBT tests start.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from tune_jobs.warm import GroupPool, LeasedGroup
+
+
+class LightGroup:
+    """A group without workers: ``close`` ends it; ``alive`` until then."""
+
+    def __init__(self, plan, prefix, taken):
+        self.name = f"{prefix}{len(taken)}"
+        self.mailbox, self.filesystem, self.closed = None, None, False
+
+    @property
+    def alive(self):
+        return not self.closed
+
+    def close(self):
+        self.closed = True
+
+    def failure_text(self):
+        return "closed"
+
+    def wait_ended(self, timeout):
+        pass
+
+
+@ray.remote(num_cpus=0)
+class Lessee:
+    """Stands in for a ``WarmTrial`` actor: leases with its own handle, as it does."""
+
+    def lease(self, pool):
+        me = ray.get_runtime_context().current_actor
+        return ray.get(pool.lease.remote(me))[0]
+
+
+@pytest.fixture(scope="module")
+def lessees():
+    """Three live lessees, shared by the tests (each test makes its own pool)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield [Lessee.remote() for _ in range(3)]
+    ray.shutdown()
+
+
+def test_a_lease_past_the_size_waits_for_a_group_given_back(lessees):
+    pool = GroupPool.remote(None, 2, LightGroup)
+    a, b, c = lessees
+    first, second = ray.get([a.lease.remote(pool), b.lease.remote(pool)])
+    assert {first, second} == {"group0", "group1"}
+    waiting = c.lease.remote(pool)
+    ready, _ = ray.wait([waiting], timeout=3)
+    assert not ready, "a third group was started past the pool's size"
+    ray.get(pool.give_back.remote(first))
+    assert ray.get(waiting, timeout=30) == first  # the group given back, not a new one
+    assert ray.get(pool.names.remote()) == {"all": ["group0", "group1"], "idle": []}
+
+
+def test_a_dead_lessees_group_is_closed_and_replaced(lessees):
+    pool = GroupPool.remote(None, 2, LightGroup)
+    a, (b, c) = Lessee.remote(), lessees[1:]
+    held = ray.get(a.lease.remote(pool))
+    ray.get(b.lease.remote(pool))
+    ray.kill(a)  # dies without giving its group back
+    # the waiting lease finds the dead lessee: its group (maybe mid-command) is closed
+    new = ray.get(c.lease.remote(pool), timeout=60)
+    assert new == "group2"
+    names = ray.get(pool.names.remote())
+    assert held not in names["all"] and new in names["all"]
+
+
+def test_a_renewed_group_replaces_the_dead_one_under_the_same_lease(lessees):
+    pool = GroupPool.remote(None, 1, LightGroup)
+    a, b = lessees[:2]
+    link = LeasedGroup(pool, (ray.get(a.lease.remote(pool)), None, None))
+    assert link.alive
+    renewed = LeasedGroup(pool, ray.get(pool.renew.remote(link.name)))
+    assert not link.alive and renewed.alive
+    assert ray.get(pool.names.remote()) == {"all": [renewed.name], "idle": []}
+    # still one group, still a's: another lease waits (nothing was leaked or freed)
+    ready, _ = ray.wait([b.lease.remote(pool)], timeout=2)
+    assert not ready
