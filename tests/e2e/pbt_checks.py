@@ -18,7 +18,7 @@ EVERY = 4  # steps between evaluations, checkpoints and perturbations
 TWO_WORKER_POPULATION: dict[str, Any] = {
     "model": {"max_length": 48},
     "data": {"max_train_samples": 128, "max_eval_samples": 64, "max_test_samples": 64},
-    "training": {"max_steps": 12, "per_device_train_batch_size": 16, "eval_steps": EVERY},
+    "training": {"max_steps": 8, "per_device_train_batch_size": 16, "eval_steps": EVERY},
     "search": {
         "num_samples": 1,  # x the grid: a population of 2
         "start_with_defaults": False,

@@ -278,8 +278,10 @@ def test_local_storage_on_two_nodes_fails_the_job_with_exit_1(world):
     assert not (world["root"] / "local-results").exists()  # refused before writing anything
 
 
-def test_plain_ray_job_submit(world):
-    # The console script is not installed on a cluster by --working-dir: the module form is.
+def test_plain_ray_job_submit_of_an_llm_spec(world, tiny_llama):
+    """The module form (a --working-dir does not install the console script) of a LoRA
+    causal-LM job: the adapter checkpoints and the export (merged and adapter/) land in
+    the bucket. A tiny random Llama: what is under test is the path, not the learning."""
     env = {**submit_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": world["token_file"]}
     proc = subprocess.run(
         [
@@ -299,11 +301,19 @@ def test_plain_ray_job_submit(world):
             "run.name=plain",
             f"run.storage_path=s3://{BUCKET}/runs",
             "resources.trial_mode=single_process",
+            "model.task=causal_lm",
+            f"model.name_or_path={tiny_llama}",
+            "model.max_length=160",
+            "data.instruction_template=Fresh or rotten? {text}",
+            "adapter.type=lora",
+            "search.metric=eval_answer_accuracy",
             "search.num_samples=1",
+            "search.space={}",
             "data.max_train_samples=64",
             "data.max_eval_samples=32",
             "data.max_test_samples=32",
-            "training.num_train_epochs=1",
+            "training.max_steps=4",
+            "scheduler.type=fifo",
             "--no-smoke",
         ],
         cwd=REPO,
@@ -315,7 +325,15 @@ def test_plain_ray_job_submit(world):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "Ray cluster at" in proc.stdout  # the run says which cluster it uses
     summary = read_json(world, "runs/plain/summary.json")
+    assert summary["task"] == "causal_lm"
     assert summary["best"]["export_dir"] == f"s3://{BUCKET}/runs/plain/best_model"
+    keys = {k for k, _ in s3_objects(world["s3"], BUCKET) if k.startswith("runs/plain/")}
+    assert "runs/plain/best_model/adapter/adapter_config.json" in keys
+    assert "runs/plain/best_model/model.safetensors" in keys  # merged
+    # the trial's checkpoints hold the adapter, not the base model
+    trial_weights = [k for k in keys if "/checkpoint_" in k and k.endswith(".safetensors")]
+    assert trial_weights and not any(k.endswith("/model.safetensors") for k in trial_weights)
+    assert summary["best"]["adapter_validation"]["eval_answer_accuracy"] is not None
 
 
 def test_no_secret_in_any_object_or_file(world, submitted):

@@ -16,7 +16,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SPEC = {
     **TWO_WORKER_POPULATION,
-    "training": {**TWO_WORKER_POPULATION["training"], "max_steps": 8},
     "distributed": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2, "precision": "fp32"}},
     "run": {**TWO_WORKER_POPULATION["run"], "name": "ds-pbt"},
 }

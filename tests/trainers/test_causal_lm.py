@@ -281,3 +281,40 @@ def test_a_users_own_validation_file_is_used_as_given(tiny_llama, tmp_path):
     assert splits.validation.labels == ["blue", "red", "blue"]
     assert splits.label_names == ["blue", "red"]
     assert splits.majority_baseline("validation") in (1 / 3, 2 / 3)
+
+
+@pytest.mark.parametrize("adapter", [None, LORA], ids=["full", "lora"])
+def test_layerwise_lr_decay_counts_decoder_blocks_from_the_top(tiny_llama, adapter):
+    """Block k of n trains at decay**(n-1-k) of the LR, under LoRA its adapter too; the tied
+    output layer is the head (the full LR), never an embedding's decayed one."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.trainers.test_optim import _hp
+    from trainers.adapters import attach
+    from trainers.loop import freeze
+    from trainers.model import layer_map
+    from trainers.optim import build_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    if adapter:
+        model = attach(model, adapter)
+    hp = _hp(learning_rate=1e-3, layerwise_lr_decay=0.5, adapter=adapter)
+    lmap = layer_map(model)
+    scale, _ = freeze(model, lmap, hp, None)
+    optimizer = build_optimizer(model, hp, scale)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    n = lmap.num_blocks
+    assert n >= 2
+    for k, block in enumerate(lmap.blocks):
+        params = dict(model.named_parameters())
+        trained = [name for name in block if params[name].requires_grad]
+        assert trained, f"block {k}: nothing trains"
+        if adapter:
+            assert all("lora_" in name for name in trained)
+        for name in trained:
+            assert lr_of[id(params[name])] == pytest.approx(1e-3 * 0.5 ** (n - 1 - k)), name
+    head = model.get_output_embeddings().weight
+    if adapter:
+        assert id(head) not in lr_of  # LoRA: the base's head stays frozen
+    else:
+        assert lr_of[id(head)] == pytest.approx(1e-3)  # tied to the embeddings, yet the head
