@@ -91,8 +91,9 @@ def test_the_export_reloads_and_answers_with_a_word_of_the_answer_set(llm_sweep)
     export = run_dir / "best_model"
     metrics = json.loads((export / "metrics.json").read_text())
     assert (export / "adapter" / "adapter_config.json").exists()
-    # the merged model and the adapter on its base answer the same rows alike (their losses
-    # under bf16 autocast differ by up to 30%: an open question, see the note)
+    # the merged model and the adapter on its base answer the same rows alike (under bf16
+    # autocast their losses may differ: bf16(W + BA) rounds most of a small LoRA update
+    # away, DECISIONS 60; in fp32 they agree)
     merged, adapter = metrics["reloaded_validation"], metrics["adapter_validation"]
     assert merged["eval_answer_accuracy"] == pytest.approx(
         adapter["eval_answer_accuracy"], abs=0.07
