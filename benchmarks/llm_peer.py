@@ -423,15 +423,13 @@ def peer_main(job_path: str) -> None:
         (model_dir,) = glob.glob(os.path.join(checkpoint.path, "checkpoint-*"))
         trials = []
         for t in analysis.trials:
-            frame = analysis.trial_dataframes.get(t.path)
-            reports = 0 if frame is None else len(frame)
             last = t.last_result or {}
             trials.append(
                 {
                     "config": {k: t.config.get(k) for k in LORA_SPACE},
-                    "reports": reports,
+                    "reports": int(last.get("training_iteration", 0)),
                     "time_total_s": float(last.get("time_total_s", 0.0)),
-                    "best_objective": None if frame is None else float(frame["objective"].max()),
+                    "last_objective": last.get("objective"),
                 }
             )
         result = {

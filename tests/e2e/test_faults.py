@@ -21,6 +21,9 @@ for all three (same seed, same data order, restored exactly).
 
 The driver and the resume run with a fake hub token and cloud keys planted in
 their environment; no file the run or its Ray cluster writes may hold them.
+
+Then a LoRA causal-LM sweep (a tiny random Llama) of single-process trials: one trial's
+process is SIGKILLed, and it ends with the same base and adapter SHA-256 as its twin.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import pytest
 import yaml
 
 from cluster import storage
-from tests.conftest import REPO
+from tests.conftest import REPO, RT_INSTRUCTION
 from tests.e2e.cluster_procs import Outage, S3Server, s3_objects
 from tests.e2e.conftest import tunefleet
 from tune_jobs.report_log import read_reports
@@ -323,22 +326,40 @@ def test_the_outage_was_waited_out_and_nothing_written_was_lost(faulted_run):
 
 # --- single-process trials: the trial's own process is the worker ------------------------
 
+# A LoRA causal LM here (the warm-group sweep above is a classifier): a tiny random Llama
+# (about 0.5 s a step here, with SmolLM2's vocabulary); the kill lands after the first of
+# three evaluations
+SINGLE_STEPS = 60
 SINGLE = {
-    **SPEC,
-    "data": {"max_train_samples": 128, "max_eval_samples": 32, "max_test_samples": 16},
-    "training": {**SPEC["training"], "max_steps": 24},
-    "search": {**SPEC["search"], "num_samples": 2},
+    "model": {"task": "causal_lm", "max_length": 160},
+    "data": {
+        "instruction_template": RT_INSTRUCTION,
+        "max_train_samples": 128,
+        "max_eval_samples": 32,
+        "max_test_samples": 16,
+    },
+    "training": {
+        "max_steps": SINGLE_STEPS,
+        "per_device_train_batch_size": 8,
+        "eval_steps": 20,
+        "checkpoint_every_s": 0,
+    },
+    "adapter": {"type": "lora", "r": 4, "alpha": 8},
+    "search": {**SPEC["search"], "num_samples": 2, "space": {"learning_rate": {"choice": [1e-3]}}},
+    "scheduler": {"type": "fifo", "time_attr": "step"},
     "resources": {"trial_mode": "single_process", "cpus_per_worker": 0.99},
+    "smoke": {"enabled": False},
     "run": {**SPEC["run"], "name": "single"},
 }
 
 
 @pytest.fixture(scope="module")
-def single_process_run(tmp_path_factory):
-    """Two trials of the same config side by side; trial_00000's process (its worker loop)
-    is SIGKILLed by pid after its first report."""
+def single_process_run(tmp_path_factory, tiny_llama):
+    """Two LoRA trials of the same config side by side; trial_00000's process (its worker
+    loop) is SIGKILLed by pid after its first report."""
     tmp = tmp_path_factory.mktemp("single")
-    (tmp / "job.yaml").write_text(yaml.safe_dump(SINGLE))
+    spec = {**SINGLE, "model": {**SINGLE["model"], "name_or_path": tiny_llama}}
+    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
     run_dir = str(tmp / "single")
     proc = _driver(tmp / "job.yaml", str(tmp), subprocess.PIPE)
     try:
@@ -353,7 +374,7 @@ def single_process_run(tmp_path_factory):
     return run_dir, killed, proc.returncode, out
 
 
-def test_a_killed_single_process_trial_restarts_from_its_checkpoint(single_process_run):
+def test_a_killed_lora_trial_restarts_from_its_checkpoint_exactly(single_process_run):
     run_dir, killed, code, out = single_process_run
     assert code == 0, out[-3000:]
     with open(os.path.join(run_dir, "summary.json")) as fh:
@@ -367,6 +388,8 @@ def test_a_killed_single_process_trial_restarts_from_its_checkpoint(single_proce
     after = [r for r in reports if r["pid"] != killed]
     assert before and after, reports
     assert after[0]["restored_from_step"] == before[-1]["step"]  # at most an interval lost
-    assert after[-1]["step"] == 24
+    assert after[-1]["step"] == SINGLE_STEPS
+    # the base and the adapter, hashed: the same as the undisturbed trial's
     undisturbed = read_reports(run_dir, "trial_00001")[-1]
     assert after[-1]["weights_sha256"] == undisturbed["weights_sha256"]
+    assert summary["checkpoints"]["weights"] == "trained"  # adapter-only checkpoints
