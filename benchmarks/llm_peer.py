@@ -84,6 +84,26 @@ LORA_SPACE = {"learning_rate": {"loguniform": [1.0e-4, 2.0e-3]}, "adapter.r": {"
 FULL_SPACE = {"learning_rate": {"loguniform": [1.0e-5, 2.0e-4]}}
 
 
+def LLM_PATH() -> str:  # noqa: N802 - a constant, resolved (and converted) on first use
+    from trainers.model import resolve_model_path
+
+    return resolve_model_path(LLM)
+
+
+def on_this_machine(storage: str) -> dict[str, Any]:
+    """Every sweep here: 1 CPU a trial, 2 at a time, no smoke pass, seed 0, under ``storage``."""
+    return {
+        "resources": {
+            "num_workers": 1,
+            "cpus_per_worker": 0.99,
+            "max_concurrent_trials": CPUS,
+            "local_num_cpus": CPUS,
+        },
+        "smoke": {"enabled": False},
+        "run": {"name": "sweep", "storage_path": storage, "seed": SEED},
+    }
+
+
 def llm_spec(plan: Plan, data: dict[str, Any], space: dict, adapter: dict, storage: str) -> dict:
     """A tunefleet causal-LM sweep (the same budget and ASHA as the peer's)."""
     return {
@@ -113,14 +133,7 @@ def llm_spec(plan: Plan, data: dict[str, Any], space: dict, adapter: dict, stora
             "grace_period": plan.eval_steps * max(1, plan.evaluations // 2),
             "reduction_factor": 2,
         },
-        "resources": {
-            "num_workers": 1,
-            "cpus_per_worker": 0.99,
-            "max_concurrent_trials": CPUS,
-            "local_num_cpus": CPUS,
-        },
-        "smoke": {"enabled": False},
-        "run": {"name": "sweep", "storage_path": storage, "seed": SEED},
+        **on_this_machine(storage),
     }
 
 
@@ -225,7 +238,18 @@ def run_tunefleet(name: str, work: str, spec: dict[str, Any], splits: Any) -> di
             "trial": best["trial"],
             "config": {k: v for k, v in best["config"].items() if k in space},
             "validation_reported": best["metrics"].get(spec["search"].get("metric", METRIC)),
-            "scores": score(best["export_dir"], splits) if splits is not None else None,
+            # as trained: a LoRA export's adapter on the base (its merged model in bf16
+            # drops most of the update: DECISIONS 60); the merged model beside it
+            "scores": score(
+                os.path.join(best["export_dir"], "adapter"), splits, adapter_of=LLM_PATH()
+            )
+            if splits is not None and spec.get("adapter", {}).get("type") == "lora"
+            else score(best["export_dir"], splits)
+            if splits is not None
+            else None,
+            "scores_merged": score(best["export_dir"], splits)
+            if splits is not None and spec.get("adapter", {}).get("type") == "lora"
+            else None,
             "own_test_score": best.get("test"),
             "generated_test": best.get("generated_test"),
         },
@@ -530,14 +554,7 @@ def minilm_spec(work: str, plan: Plan) -> dict[str, Any]:
             "space": {"learning_rate": {"loguniform": [2.0e-5, 2.0e-4]}},
         },
         "scheduler": {"type": "fifo"},
-        "resources": {
-            "num_workers": 1,
-            "cpus_per_worker": 0.99,
-            "max_concurrent_trials": CPUS,
-            "local_num_cpus": CPUS,
-        },
-        "smoke": {"enabled": False},
-        "run": {"name": "sweep", "storage_path": storage, "seed": SEED},
+        **on_this_machine(storage),
     }
     spec["search"]["metric"] = "eval_accuracy"
     return spec

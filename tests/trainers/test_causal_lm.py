@@ -5,6 +5,7 @@ gives LoRA the same gradients."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -318,3 +319,36 @@ def test_layerwise_lr_decay_counts_decoder_blocks_from_the_top(tiny_llama, adapt
         assert id(head) not in lr_of  # LoRA: the base's head stays frozen
     else:
         assert lr_of[id(head)] == pytest.approx(1e-3)  # tied to the embeddings, yet the head
+
+
+def test_answers_over_the_prompts_cache_score_as_whole_sequences(tiny_llama, rt_instructions):
+    """Evaluation runs each prompt once and every answer over its KV cache: the same
+    log-likelihoods as scoring each (prompt, answer) pair whole, to float precision."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _tokenizer(tiny_llama)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    fmt, template = rt_instructions.format, rt_instructions.template
+    # the answer set, and a longer one of 3 answers of different lengths
+    for answers in (list(rt_instructions.label_names), ["fresh", "rotten", "mixed feelings"]):
+        choices = causal_lm.choice_ids(tok, answers, fmt, template)
+        assert max(map(len, choices)) > 1  # the cache is extended, then cropped back
+        prompts = [
+            causal_lm.encode_pair(tok, p, "x", fmt, template)[0]
+            for p in rt_instructions.validation.texts[:6]
+        ]
+        with torch.no_grad():
+            cached = causal_lm.choice_logprobs(
+                model, prompts, choices, tok.pad_token_id, "cpu", contextlib.nullcontext
+            )
+            for k, answer in enumerate(choices):
+                whole, _ = causal_lm.sequence_logprobs(
+                    model,
+                    prompts,
+                    [answer] * len(prompts),
+                    tok.pad_token_id,
+                    "cpu",
+                    contextlib.nullcontext,
+                )
+                assert torch.allclose(cached[:, k], whole, atol=1e-4), (answers[k], cached, whole)

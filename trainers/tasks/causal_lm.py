@@ -23,9 +23,12 @@ reported, or refuses the data (``data.truncation: error``).
 Evaluation scores every answer of the answer set (``Splits.label_names``, e.g.
 ``fresh``/``rotten``) by its log-likelihood after the prompt, the multiple-choice
 method of lm-evaluation-harness: never an unparseable answer, and smooth enough for
-early stopping. The reference answer's tokens give ``eval_loss`` (mean per response
-token) and perplexity. Only the last response-length positions' logits are computed
-(``logits_to_keep``): the full ``[batch, length, vocabulary]`` tensor never exists.
+early stopping. Each prompt runs once and every answer over its KV cache
+(``choice_logprobs``: 0.6x the time of scoring each (prompt, answer) pair whole, two
+answers, ``benchmarks/llm_eval_cost.py``). The reference answer's tokens give
+``eval_loss`` (mean per response token) and perplexity. Only the last positions' logits
+are computed (``logits_to_keep``): the full ``[batch, length, vocabulary]`` tensor never
+exists.
 """
 
 from __future__ import annotations
@@ -306,6 +309,59 @@ def sequence_logprobs(
     return (logp * scored).sum(-1).double(), scored.sum(-1).double()
 
 
+def choice_logprobs(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[int]],
+    pad_id: int,
+    device: Any,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> torch.Tensor:
+    """``[rows, choices]``: the summed log-probability of every answer of the answer set
+    after each prompt. The prompts run once (left-padded, their KV cache kept); each answer
+    then runs over that cache, batched over the rows, and the cache is cropped back. The
+    same sums as scoring every (prompt, answer) pair whole (``sequence_logprobs``; a test
+    holds them equal), for one pass over the prompts instead of one per answer."""
+    width = max(len(p) for p in prompts)
+    n = len(prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p) :] = torch.tensor(list(p))
+        mask[r, width - len(p) :] = 1
+    mask = mask.to(device)
+    lengths = mask.sum(-1, keepdim=True)
+    with autocast():
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # each answer's first token
+    cache = out.past_key_values
+    scores = torch.zeros((n, len(choices)), dtype=torch.float64, device=device)
+    for k, answer in enumerate(choices):
+        tokens = torch.tensor(list(answer), device=device)
+        total = first[:, tokens[0]].double()
+        rest = len(answer) - 1
+        if rest:
+            with autocast():
+                logits = model(
+                    input_ids=tokens[:-1].expand(n, rest),
+                    attention_mask=torch.cat([mask, mask.new_ones((n, rest))], dim=1),
+                    position_ids=lengths + torch.arange(rest, device=device),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total = total + logp.gather(-1, tokens[1:].expand(n, rest).unsqueeze(-1)).sum((1, 2))
+            cache.crop(-rest)  # back to the prompts, for the next answer
+        scores[:, k] = total
+    return scores
+
+
 def evaluate(
     model: Any,
     rows: Rows,
@@ -346,15 +402,30 @@ def row_scores(
     """Per row, in order: was the most likely answer the reference (None where the reference
     is not in the answer set), the reference's summed loss, and its token count."""
     model.eval()
-    # every (row, candidate) pair as one sequence
+    vocab = _vocab_size(model)
+    by_row: list[list[float]] = [[] for _ in range(len(rows))]
+    counted: list[list[float]] = [[] for _ in range(len(rows))]
+    # rows asked the answer set: each prompt once, its answers over its KV cache
+    asked = [r for r in range(len(rows)) if rows.scored and rows.scored[r]]
+    per_forward = max(1, min(batch_size, LOGITS_BUDGET // vocab))
+    with torch.no_grad():
+        for start in range(0, len(asked), per_forward):
+            chunk = asked[start : start + per_forward]
+            choices = rows.candidates[chunk[0]]  # the answer set: the same for every such row
+            s = choice_logprobs(
+                model, [rows.ids[r] for r in chunk], choices, pad_id, device, autocast
+            )
+            for r, row in zip(chunk, s.tolist(), strict=True):
+                by_row[r], counted[r] = row, [float(len(c)) for c in choices]
+    # the others (a free-text reference, packed text): every (row, candidate) pair whole
     pairs = [
         (r, k)
         for r in range(len(rows))
+        if not by_row[r]
         for k in range(len(rows.candidates[r]) if rows.candidates else 1)
     ]
     scores = torch.zeros(len(pairs), dtype=torch.float64)
     counts = torch.zeros(len(pairs), dtype=torch.float64)
-    vocab = _vocab_size(model)
     with torch.no_grad():
         start = 0
         while start < len(pairs):
@@ -375,15 +446,15 @@ def row_scores(
             counts[start : start + len(chunk)] = c.cpu()
             start += len(chunk)
     model.train()
-    by_row: list[list[float]] = [[] for _ in range(len(rows))]
-    out: list[list[Any]] = [[None, 0.0, 0.0] for _ in range(len(rows))]
-    for (r, k), s, c in zip(pairs, scores.tolist(), counts.tolist(), strict=True):
+    for (r, _), s, c in zip(pairs, scores.tolist(), counts.tolist(), strict=True):
         by_row[r].append(s)
-        if rows.gold is None or k == rows.gold[r]:
-            out[r][1], out[r][2] = -s, c
+        counted[r].append(c)
+    out: list[list[Any]] = [[None, 0.0, 0.0] for _ in range(len(rows))]
     for r, candidates in enumerate(by_row):
+        gold = rows.gold[r] if rows.gold is not None else 0
+        out[r][1], out[r][2] = -candidates[gold], counted[r][gold]
         if rows.scored and rows.scored[r]:
-            out[r][0] = max(range(len(candidates)), key=candidates.__getitem__) == rows.gold[r]
+            out[r][0] = max(range(len(candidates)), key=candidates.__getitem__) == gold
     return [tuple(o) for o in out]  # type: ignore[misc]
 
 
