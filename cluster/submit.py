@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,18 +201,41 @@ def submit(
     return Submitted(job_id, jobs.get_address())
 
 
+#: Seconds between the main thread's looks at the log stream while following (Ctrl-C lands
+#: within one).
+FOLLOW_POLL_S = 0.2
+
+
 def follow(address: str | None, job_id: str, echo: Callable[[str], None] = print) -> str:
     """Print the job's logs as they come until it ends; its final status.
 
-    ``KeyboardInterrupt`` propagates: the caller says the job goes on.
+    ``KeyboardInterrupt`` propagates: the caller says the job goes on. The log stream
+    (an asyncio websocket) runs in a daemon thread while the main thread waits in short
+    steps, so Ctrl-C lands at once, whatever the stream is doing: run in the main thread,
+    ``asyncio.run`` answered SIGINT by cancelling the stream and waiting for it to close,
+    which once took over 60 s (a fresh-clone CI run).
     """
     jobs = client(address)
+    ended = threading.Event()
+    failure: list[BaseException] = []
 
     async def tail() -> None:
         async for chunk in jobs.tail_job_logs(job_id):
             echo(chunk.rstrip("\n"))
 
-    asyncio.run(tail())
+    def stream() -> None:
+        try:
+            asyncio.run(tail())
+        except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+            failure.append(exc)
+        finally:
+            ended.set()
+
+    threading.Thread(target=stream, name="tunefleet-follow", daemon=True).start()
+    while not ended.wait(FOLLOW_POLL_S):
+        pass
+    if failure:
+        raise failure[0]
     return wait(jobs, job_id)
 
 

@@ -2,7 +2,7 @@
 
 Each test runs trials of the worker loop on warm worker groups on a local Ray
 cluster (no Tune: ``tune_jobs.warm.run_on_group``), on real MiniLM and real data,
-fp32: ZeRO-2 against DDP, save and resume under ZeRO-1/2/3 (the resume on the
+fp32: ZeRO-2 against DDP, save and resume under ZeRO-2 and ZeRO-3 (the resume on the
 same warm group that ran the first trial, as a PBT exploit would), the merged
 export, and freezing.
 """
@@ -99,11 +99,13 @@ class Trials:
 
 @pytest.fixture(scope="module")
 def runs(cluster):
-    """Uninterrupted 8-step trials (DDP and ZeRO-1/2/3) and, on the same warm group right
-    after each ZeRO trial, a second trial that resumes its step-4 checkpoint."""
+    """Uninterrupted 8-step trials (DDP, ZeRO-2 and ZeRO-3) and, on the same warm group
+    right after each ZeRO trial, a second trial that resumes its step-4 checkpoint. ZeRO-1
+    is left out for CI time: DeepSpeed runs stages 1 and 2 through one optimizer class
+    (``stage_1_and_2.py``) and one checkpoint format; it passed here until 2026-12-06."""
     out = {}
     for key, spec in [("ddp", _spec("ddp"))] + [
-        (f"zero{stage}", _spec("deepspeed", stage)) for stage in (1, 2, 3)
+        (f"zero{stage}", _spec("deepspeed", stage)) for stage in (2, 3)
     ]:
         trials = Trials(cluster, spec)
         try:
@@ -130,7 +132,7 @@ def test_zero2_and_ddp_loss_curves_agree(runs):
     assert ddp[-1][0][M.EVAL_LOSS] != pytest.approx(ddp[0][0][M.EVAL_LOSS], abs=1e-6)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_zero_checkpoint_resumes_at_the_same_step_with_the_same_loss(runs, stage):
     """Restored on the warm group that had just trained it: exactly where it left off."""
     (_, _), (last, _) = runs[f"zero{stage}"]

@@ -328,8 +328,8 @@ def test_the_outage_was_waited_out_and_nothing_written_was_lost(faulted_run):
 
 # A LoRA causal LM here (the warm-group sweep above is a classifier): a tiny random Llama
 # (about 0.5 s a step here, with SmolLM2's vocabulary); the kill lands after the first of
-# three evaluations
-SINGLE_STEPS = 60
+# two evaluations
+SINGLE_STEPS = 40
 SINGLE = {
     "model": {"task": "causal_lm", "max_length": 160},
     "data": {
