@@ -269,6 +269,18 @@ def encode_eval(
     )
 
 
+def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences right-aligned in one batch: (input ids, attention mask), so every
+    row's last token sits in the last position."""
+    width = max(len(q) for q in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        input_ids[r, width - len(q) :] = torch.tensor(list(q), dtype=torch.long)
+        mask[r, width - len(q) :] = 1
+    return input_ids, mask
+
+
 def sequence_logprobs(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -283,15 +295,9 @@ def sequence_logprobs(
     Left-padded, position ids counted from each row's first token, and only the last
     ``longest answer + 1`` positions' logits computed. Packed blocks (``positions``)
     are scored whole, with documents masked apart."""
-    lengths = [len(p) + len(a) for p, a in zip(prompts, answers, strict=True)]
-    width, keep = max(lengths), max(len(a) for a in answers) + 1
-    keep = min(keep, width)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        seq = [*p, *a]
-        input_ids[r, width - len(seq) :] = torch.tensor(seq)
-        mask[r, width - len(seq) :] = 1
+    input_ids, mask = left_padded([[*p, *a] for p, a in zip(prompts, answers, strict=True)], pad_id)
+    width = input_ids.shape[1]
+    keep = min(max(len(a) for a in answers) + 1, width)
     inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(device)}
     if positions is not None:
         inputs["position_ids"] = torch.tensor(list(positions)).to(device)
@@ -322,13 +328,8 @@ def choice_logprobs(
     then runs over that cache, batched over the rows, and the cache is cropped back. The
     same sums as scoring every (prompt, answer) pair whole (``sequence_logprobs``; a test
     holds them equal), for one pass over the prompts instead of one per answer."""
-    width = max(len(p) for p in prompts)
     n = len(prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        input_ids[r, width - len(p) :] = torch.tensor(list(p))
-        mask[r, width - len(p) :] = 1
+    input_ids, mask = left_padded(prompts, pad_id)
     mask = mask.to(device)
     lengths = mask.sum(-1, keepdim=True)
     with autocast():
