@@ -84,7 +84,8 @@ LORA_SPACE = {"learning_rate": {"loguniform": [1.0e-4, 2.0e-3]}, "adapter.r": {"
 FULL_SPACE = {"learning_rate": {"loguniform": [1.0e-5, 2.0e-4]}}
 
 
-def LLM_PATH() -> str:  # noqa: N802 - a constant, resolved (and converted) on first use
+def llm_folder() -> str:
+    """SmolLM2's de-quantized folder (converted once per machine on first use)."""
     from trainers.model import resolve_model_path
 
     return resolve_model_path(LLM)
@@ -241,7 +242,7 @@ def run_tunefleet(name: str, work: str, spec: dict[str, Any], splits: Any) -> di
             # as trained: a LoRA export's adapter on the base (its merged model in bf16
             # drops most of the update: DECISIONS 60); the merged model beside it
             "scores": score(
-                os.path.join(best["export_dir"], "adapter"), splits, adapter_of=LLM_PATH()
+                os.path.join(best["export_dir"], "adapter"), splits, adapter_of=llm_folder()
             )
             if splits is not None and spec.get("adapter", {}).get("type") == "lora"
             else score(best["export_dir"], splits)
@@ -285,8 +286,6 @@ def run_peer(work: str, data: dict[str, Any], plan: Plan, splits: Any) -> dict[s
     out = run_tool("peer", cmd, storage, os.path.join(work, "peer.log"), plan.timeout_s)
     with open(job["result"]) as fh:
         chosen = json.load(fh)
-    from trainers.model import resolve_model_path
-
     return {
         "tool": 'transformers Trainer.hyperparameter_search(backend="ray"), LoRA model_init',
         **out,
@@ -298,7 +297,7 @@ def run_peer(work: str, data: dict[str, Any], plan: Plan, splits: Any) -> dict[s
             "config": chosen["hyperparameters"],
             "validation_reported": chosen["objective"],
             "model": "the best checkpoint (by objective) of the best run: an adapter folder",
-            "scores": score(chosen["checkpoint"], splits, adapter_of=resolve_model_path(LLM)),
+            "scores": score(chosen["checkpoint"], splits, adapter_of=llm_folder()),
         },
     }
 
@@ -323,7 +322,6 @@ def peer_main(job_path: str) -> None:
         TrainingArguments,
     )
 
-    from trainers.model import resolve_model_path
     from trainers.precision import resolve
     from tune_jobs.run import defaults_points
     from tune_jobs.schedulers import build_search_alg
@@ -333,7 +331,7 @@ def peer_main(job_path: str) -> None:
     with open(job_path) as fh:
         job = json.load(fh)
     plan = Plan(**job["plan"])
-    path = resolve_model_path(LLM)  # the de-quantized folder tunefleet made (a user has one)
+    path = llm_folder()  # the de-quantized folder tunefleet made (a user has one)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -483,7 +481,6 @@ def main() -> None:
     if args.peer_job:
         peer_main(args.peer_job)
         return
-    from trainers.model import resolve_model_path
     from tune_jobs.spec import parse_spec
 
     plan = QUICK if args.quick else FULL
@@ -511,7 +508,7 @@ def main() -> None:
         for spec in (lora, full, minilm):
             parse_spec(spec)  # every spec checked before anything runs
         print("zero-shot base ...", flush=True)
-        report["zero_shot_base"] = score(resolve_model_path(LLM), splits)
+        report["zero_shot_base"] = score(llm_folder(), splits)
         report["tunefleet_lora"] = run_tunefleet("lora", work, lora, splits)
         report["tunefleet_full"] = run_tunefleet("full", work, full, splits)
         report["peer_lora"] = run_peer(work, data, plan, splits)

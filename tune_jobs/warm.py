@@ -367,7 +367,9 @@ class GroupPool:
         for name in dead:
             print(f"warm groups: the trial actor holding {name} died; closing it")
             del self.lessees[name]
-            self.groups.pop(name).close()
+            # closed apart: a live group's close waits for its workers (up to 120 s), and
+            # every pool call waits for this lock meanwhile
+            threading.Thread(target=self.groups.pop(name).close, daemon=True).start()
         return bool(dead)
 
 
