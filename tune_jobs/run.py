@@ -99,11 +99,14 @@ def generator_limit(spec: JobSpec, max_concurrent: int) -> int | None:
     TorchTrainer trials reserve only a sliver for their driver in Tune, so Tune
     alone would start more trials than their worker groups can fit: the limit
     sits on the generator. Single-process trials reserve their worker's
-    resources in Tune itself, and a population (PBT) must exist whole (paused
-    members count against a generator limit and would deadlock it), so there
-    Tune's resource accounting does the limiting.
+    resources in Tune itself, but a ``resources.max_concurrent_trials`` below
+    what fits must still hold, so the limit is there too; except for a
+    single-process population (PBT), which may be larger than what runs at once:
+    its paused members would count against a generator limit and deadlock it,
+    and Tune's resource accounting does the limiting.
     """
-    if spec.resources.trial_mode == "single_process":
+    population = spec.scheduler.type in ("pbt", "pb2")
+    if spec.resources.trial_mode == "single_process" and population:
         return None
     return max_concurrent
 

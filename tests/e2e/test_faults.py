@@ -23,7 +23,8 @@ The driver and the resume run with a fake hub token and cloud keys planted in
 their environment; no file the run or its Ray cluster writes may hold them.
 
 Then a LoRA causal-LM sweep (a tiny random Llama) of single-process trials: one trial's
-process is SIGKILLed, and it ends with the same base and adapter SHA-256 as its twin.
+process is SIGKILLed, then the driver, and after ``tunefleet resume`` every trial ends
+with the same base and adapter SHA-256 as the twin that ran whole after it.
 """
 
 from __future__ import annotations
@@ -110,6 +111,27 @@ def _wait(what: str, check, proc: subprocess.Popen, timeout_s: float = 300) -> N
         time.sleep(0.3)
 
 
+def _kill_driver(proc: subprocess.Popen) -> list[psutil.Process]:
+    """SIGKILL the driver mid-sweep; returns the processes of its local Ray cluster (found
+    before the kill, while they are still its descendants), which live on without it."""
+    ray_procs = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return ray_procs
+
+
+def _stop(proc: subprocess.Popen, ray_procs: list[psutil.Process]) -> None:
+    """Whatever a fixture started and the test did not already kill: the driver's process
+    group, then its Ray cluster's processes, by pid."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    for child in ray_procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(ray_procs, timeout=30)
+
+
 def _saved(run_dir: str, trial: str) -> tuple[str | None, int]:
     """``trial``'s status and last step in Tune's saved experiment state (what a resume
     reads): ``(None, -1)`` before it is there."""
@@ -182,19 +204,12 @@ def faulted_run(tmp_path_factory, bucket):
         # the driver dies once Tune's saved state holds two more of trial_00001's evaluations
         # (and so a checkpoint to continue from)
         _wait("trial_00001 at step 12", lambda: _saved(run_dir, "trial_00001")[1] >= 12, proc)
-        ray_procs = psutil.Process(proc.pid).children(recursive=True)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-sweep
-        proc.wait(timeout=60)
-        before_resume = {t: read_reports(run_dir, t) for t in ("trial_00000", "trial_00001")}
+        ray_procs = _kill_driver(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        for child in ray_procs:  # its local Ray cluster, by pid
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        psutil.wait_procs(ray_procs, timeout=30)
+        _stop(proc, ray_procs)
         log.close()
+    # read once its trials' processes are gone too: none can report after this
+    before_resume = {t: read_reports(run_dir, t) for t in ("trial_00000", "trial_00001")}
     driver_log = (tmp / "driver.log").read_text()
     resumed = tunefleet("resume", run_dir, timeout=900, env=planted)
     (tmp / "resume.log").write_text(resumed.stdout + resumed.stderr)
@@ -327,9 +342,14 @@ def test_the_outage_was_waited_out_and_nothing_written_was_lost(faulted_run):
 # --- single-process trials: the trial's own process is the worker ------------------------
 
 # A LoRA causal LM here (the warm-group sweep above is a classifier): a tiny random Llama
-# (about 0.5 s a step here, with SmolLM2's vocabulary); the kill lands after the first of
-# two evaluations
-SINGLE_STEPS = 40
+# (about 0.5 s a step here, with SmolLM2's vocabulary), evaluated and checkpointed every 10
+# steps. Two trials of one config, one after the other:
+# 1. trial_00000's process is SIGKILLed after its first report; Tune restarts it from that
+#    checkpoint;
+# 2. once Tune's saved state holds a checkpoint of the restarted trial (still running), the
+#    driver is SIGKILLed with its Ray processes, and ``tunefleet resume`` continues it;
+# 3. trial_00001 runs whole after the resume: the undisturbed twin.
+SINGLE_STEPS, SINGLE_EVAL = 40, 10
 SINGLE = {
     "model": {"task": "causal_lm", "max_length": 160},
     "data": {
@@ -341,55 +361,96 @@ SINGLE = {
     "training": {
         "max_steps": SINGLE_STEPS,
         "per_device_train_batch_size": 8,
-        "eval_steps": 20,
+        "eval_steps": SINGLE_EVAL,
         "checkpoint_every_s": 0,
     },
     "adapter": {"type": "lora", "r": 4, "alpha": 8},
     "search": {**SPEC["search"], "num_samples": 2, "space": {"learning_rate": {"choice": [1e-3]}}},
     "scheduler": {"type": "fifo", "time_attr": "step"},
-    "resources": {"trial_mode": "single_process", "cpus_per_worker": 0.99},
+    "resources": {
+        "trial_mode": "single_process",
+        "cpus_per_worker": 0.99,
+        "max_concurrent_trials": 1,
+    },
     "smoke": {"enabled": False},
     "run": {**SPEC["run"], "name": "single"},
 }
+LORA_TRIALS = ("trial_00000", "trial_00001")
 
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory, tiny_llama):
-    """Two LoRA trials of the same config side by side; trial_00000's process (its worker
-    loop) is SIGKILLed by pid after its first report."""
     tmp = tmp_path_factory.mktemp("single")
     spec = {**SINGLE, "model": {**SINGLE["model"], "name_or_path": tiny_llama}}
     (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
     run_dir = str(tmp / "single")
-    proc = _driver(tmp / "job.yaml", str(tmp), subprocess.PIPE)
+    ray_tmp = tempfile.mkdtemp(prefix="tf-single-")  # short: Ray's socket paths are limited
+    env = {"RAY_TMPDIR": ray_tmp}
+    log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
+    proc = _driver(tmp / "job.yaml", str(tmp), log, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    ray_procs: list[psutil.Process] = []
     try:
         _wait("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
         killed = read_reports(run_dir, "trial_00000")[0]["pid"]
         os.kill(killed, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
+        _wait(
+            "a saved checkpoint of the restarted trial_00000",
+            lambda: (
+                _saved(run_dir, "trial_00000")[0] == "RUNNING"
+                and _saved(run_dir, "trial_00000")[1] >= 2 * SINGLE_EVAL
+            ),
+            proc,
+        )
+        ray_procs = _kill_driver(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    return run_dir, killed, proc.returncode, out
+        _stop(proc, ray_procs)
+        log.close()
+    before_resume = {t: read_reports(run_dir, t) for t in LORA_TRIALS}
+    resumed = tunefleet("resume", run_dir, timeout=600, env=env)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {
+        "run_dir": run_dir,
+        "killed": killed,
+        "before_resume": before_resume,
+        "driver_log": (tmp / "driver.log").read_text(),
+        "resumed": resumed,
+    }
 
 
-def test_a_killed_lora_trial_restarts_from_its_checkpoint_exactly(single_process_run):
-    run_dir, killed, code, out = single_process_run
-    assert code == 0, out[-3000:]
+def test_a_killed_lora_trial_and_driver_resume_to_the_undisturbed_adapter(single_process_run):
+    """trial_00000 outlives its own process and then the driver: it ends on the base and
+    adapter SHA-256 of trial_00001, which ran whole after the resume."""
+    run = single_process_run
+    run_dir, resumed = run["run_dir"], run["resumed"]
+    assert resumed.returncode == 0, (
+        run["driver_log"][-2000:] + resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    )
     with open(os.path.join(run_dir, "summary.json")) as fh:
         summary = json.load(fh)
-    assert {t["trial"]: t["status"] for t in summary["trials"]} == {
-        "trial_00000": "TERMINATED",
-        "trial_00001": "TERMINATED",
-    }
-    reports = read_reports(run_dir, "trial_00000")
-    before = [r for r in reports if r["pid"] == killed]
-    after = [r for r in reports if r["pid"] != killed]
-    assert before and after, reports
-    assert after[0]["restored_from_step"] == before[-1]["step"]  # at most an interval lost
-    assert after[-1]["step"] == SINGLE_STEPS
-    # the base and the adapter, hashed: the same as the undisturbed trial's
-    undisturbed = read_reports(run_dir, "trial_00001")[-1]
-    assert after[-1]["weights_sha256"] == undisturbed["weights_sha256"]
+    assert {t["trial"]: t["status"] for t in summary["trials"]} == dict.fromkeys(
+        LORA_TRIALS, "TERMINATED"
+    )
     assert summary["checkpoints"]["weights"] == "trained"  # adapter-only checkpoints
+    reports = {t: read_reports(run_dir, t) for t in LORA_TRIALS}
+    # the twin: one process, from step 0, every evaluation, all of it after the resume
+    twin = reports["trial_00001"]
+    assert run["before_resume"]["trial_00001"] == []
+    assert {r["pid"] for r in twin} == {twin[0]["pid"]}
+    assert [(r["step"], r["restored_from_step"]) for r in twin] == [
+        (step, -1) for step in range(SINGLE_EVAL, SINGLE_STEPS + 1, SINGLE_EVAL)
+    ]
+    # trial_00000, by process: killed after its first report, restarted by Tune from that
+    # checkpoint, cut with the driver, continued by the resume from a later checkpoint
+    starts: dict[int, list[dict]] = {}
+    for r in reports["trial_00000"]:
+        starts.setdefault(r["pid"], []).append(r)
+    killed, restarted, continued = starts.values()
+    assert killed[0]["pid"] == run["killed"] and len(killed) == 1
+    assert restarted[0]["restored_from_step"] == killed[-1]["step"]  # at most an interval lost
+    assert restarted == run["before_resume"]["trial_00000"][1:]
+    # from the checkpoint Tune's saved state held at the kill (step 20 or later), or a newer
+    # one whose report died with the driver
+    restored = continued[0]["restored_from_step"]
+    assert 2 * SINGLE_EVAL <= restored <= restarted[-1]["step"] + SINGLE_EVAL, restored
+    assert continued[-1]["step"] == SINGLE_STEPS
+    assert continued[-1]["weights_sha256"] == twin[-1]["weights_sha256"]

@@ -255,6 +255,24 @@ def test_pbt_population_counts_the_grid():
     check_population_fits(spec, max_concurrent=4)
 
 
+def test_single_process_trials_keep_the_requested_concurrency():
+    """``max_concurrent_trials: 1`` runs one trial at a time in either trial mode; only a
+    single-process population is left to Tune's resource accounting (its paused members
+    would deadlock a generator limit)."""
+    from tune_jobs.run import generator_limit
+
+    single = {"resources": {"trial_mode": "single_process", "max_concurrent_trials": 1}}
+    assert generator_limit(parse_spec(single), max_concurrent=1) == 1
+    assert generator_limit(parse_spec({}), max_concurrent=3) == 3
+    pbt = {
+        "type": "pbt",
+        "perturbation_interval": 0.5,
+        "mutations": {"learning_rate": {"loguniform": [1e-5, 1e-3]}},
+    }
+    assert generator_limit(parse_spec({**single, "scheduler": pbt}), max_concurrent=1) is None
+    assert generator_limit(parse_spec({"scheduler": pbt}), max_concurrent=4) == 4
+
+
 DS = {"distributed": {"strategy": "deepspeed", "deepspeed": {"precision": "fp32"}}}
 
 
