@@ -85,17 +85,16 @@ def use_token(token_file: str | None = None) -> str:
     return f"token from {source}"
 
 
-def upload_size(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -> tuple[int, int]:
-    """(files, bytes) Ray would upload from ``working_dir``: the same walk and ignore
-    rules Ray applies (its excludes, ``.gitignore``, ``.rayignore``)."""
+def uploaded_files(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -> set[Path]:
+    """The files (absolute paths) Ray would upload from ``working_dir``: the same walk and
+    ignore rules Ray applies (its excludes, ``.gitignore``, ``.rayignore``)."""
     from ray._private.runtime_env.packaging import _dir_travel
 
-    counted = [0, 0]
+    found: set[Path] = set()
 
     def handler(path: Path) -> None:
         if path.is_file():
-            counted[0] += 1
-            counted[1] += path.stat().st_size
+            found.add(path.absolute())
 
     quiet = logging.getLogger("tunefleet.upload")  # Ray logs every ignore file it reads
     quiet.setLevel(logging.WARNING)
@@ -106,7 +105,13 @@ def upload_size(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -
         include_gitignore=True,
         logger=quiet,
     )
-    return counted[0], counted[1]
+    return found
+
+
+def upload_size(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -> tuple[int, int]:
+    """(files, bytes) Ray would upload from ``working_dir``."""
+    files = uploaded_files(working_dir, excludes)
+    return len(files), sum(f.stat().st_size for f in files)
 
 
 def _excluder(working_dir: str, excludes: tuple[str, ...]) -> Callable[[Path], bool]:
@@ -170,9 +175,11 @@ class Submitted:
     address: str
 
 
-def check_upload(working_dir: str) -> tuple[int, int]:
-    """(files, bytes) of the upload; ``SubmitError`` when it is over Ray's limit."""
-    files, size = upload_size(working_dir)
+def check_upload(working_dir: str, uploaded: set[Path] | None = None) -> tuple[int, int]:
+    """(files, bytes) of the upload (``uploaded``: its files, when the caller has walked
+    the folder already); ``SubmitError`` when it is over Ray's limit."""
+    files_found = uploaded_files(working_dir) if uploaded is None else uploaded
+    files, size = len(files_found), sum(f.stat().st_size for f in files_found)
     limit = upload_limit()
     if size >= limit:
         raise SubmitError(

@@ -123,12 +123,15 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     weights_only: bool = False,
     task: str = "sequence_classification",
+    precision: str = "fp32",
 ) -> int:
     """Write everything needed to continue training; return the bytes written.
 
     ``trained`` names the parameters that differ from ``base_model`` (used by the
     ``trained`` layout, recorded by both). ``weights_only`` leaves ``trainer_state.pt``
     (optimizer, RNG) out: an export candidate, not a point to resume from exactly.
+    ``precision``: the arithmetic its metrics were computed in (the export is re-scored in
+    it, so the two compare).
     """
     os.makedirs(path, exist_ok=True)
     trained = sorted(set(trained))
@@ -157,6 +160,7 @@ def save_checkpoint(
                 "resumable": not weights_only,
                 "base_model": base_model,
                 "task": task,
+                "precision": precision,
                 "label_names": label_names,
                 "trained_params": trained,
                 "hparams": dict(hparams),

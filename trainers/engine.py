@@ -83,6 +83,7 @@ class CheckpointMeta:
     label_names: list[str]
     weights_only: bool = False  # no optimizer or RNG state: an export, not a resume point
     task: str = "sequence_classification"  # model.task: how the export rebuilds the model
+    precision: str = "fp32"  # the arithmetic the trial trained and evaluated in (its device's)
 
 
 class Engine(Protocol):
@@ -135,6 +136,7 @@ def write_checkpoint(
         extra=extra,
         weights_only=meta.weights_only and layout != "deepspeed",
         task=meta.task,
+        precision=meta.precision,
     )
 
 

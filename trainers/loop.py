@@ -818,6 +818,7 @@ def _checkpoint_meta(
         label_names=worker.data.label_names,
         weights_only=weights_only,
         task=cfg.task,
+        precision=worker.precision,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,19 @@ PACKAGE_PREFIX = "package:"
 
 class ModelError(ValueError):
     """A model that cannot be found or built; the message names the spec key."""
+
+
+def is_local_path(name_or_path: str, cwd: str | None = None) -> bool:
+    """A path on this machine, not a hub name or a ``package:``: absolute, relative with
+    ``./`` or ``../``, ``~``, or present on disk under ``cwd`` (default: here), as
+    ``from_pretrained`` would take it."""
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        return False
+    return (
+        os.path.isabs(name_or_path)
+        or name_or_path.startswith((".", "~"))
+        or os.path.exists(os.path.join(cwd or os.getcwd(), name_or_path))
+    )
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -66,6 +80,55 @@ def _package_model(name: str) -> str:
             f"model.name_or_path: {name!r}: module has no get_model_path() and ships no .gguf file"
         )
     return str(module.get_model_path())
+
+
+# --- weights' files -----------------------------------------------------------------
+
+#: the weights' files ``from_pretrained`` reads, and the indexes of sharded ones
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+def weights_files(folder: str) -> list[str]:
+    """The weights' files of a saved model folder (shards named by their index), by name."""
+    for index in (SAFETENSORS_INDEX, TORCH_INDEX):
+        path = os.path.join(folder, index)
+        if os.path.exists(path):
+            with open(path) as fh:
+                return sorted(set(json.load(fh).get("weight_map", {}).values()))
+    return [n for n in ("model.safetensors", "pytorch_model.bin") if n in os.listdir(folder)]
+
+
+def damaged_weights(folder: str) -> list[tuple[str, str]]:
+    """``(file, why)`` for each weights' file of ``folder`` that is missing, truncated or not
+    what its name says. Reads headers only: safetensors' own header check (the tensors'
+    offsets must cover the file exactly), a torch zip's central directory (at the end of
+    the file, so a truncated one has none)."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    found = []
+    for name in weights_files(folder):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            found.append((name, "missing (its index names it)"))
+        elif name.endswith(".safetensors"):
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                found.append((name, f"{os.path.getsize(path)} bytes, damaged ({exc})"))
+        elif _looks_zipped(path) and not zipfile.is_zipfile(path):
+            found.append((name, f"{os.path.getsize(path)} bytes, a cut-off torch zip file"))
+    return found
+
+
+def _looks_zipped(path: str) -> bool:
+    """A torch file saved as a zip (since torch 1.6) starts with the zip magic; an old
+    pickle-format file does not, and is not checked."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
 
 
 # --- GGUF -------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 ``distributed.precision: auto`` (the default) picks bf16 where the device does
 bf16 matrix products natively and fp32 elsewhere:
 
-- a CUDA GPU that supports bf16 (Ampere and later);
+- an NVIDIA GPU of compute capability 8.0 or later (Ampere, Ada, Hopper, ...); not a
+  V100 (7.0) or T4 (7.5), where ``torch.cuda.is_bf16_supported()`` says yes by
+  default because it counts bf16 *emulated* in fp32 units, which is slower than fp32;
+- an AMD GPU (ROCm) whose bf16 torch reports as native;
 - a CPU with AVX512-BF16 or AMX tiles (Intel Cooper Lake / Sapphire Rapids and
   later, AMD Zen 4 and later).
 
@@ -26,6 +29,8 @@ from typing import Any, Literal
 import torch
 
 Precision = Literal["bf16", "fp32"]
+#: the first NVIDIA compute capability with bf16 tensor cores
+AMPERE = (8, 0)
 
 
 def native_bf16(device: Any) -> bool:
@@ -33,7 +38,9 @@ def native_bf16(device: Any) -> bool:
     kind = torch.device(device).type
     try:
         if kind == "cuda":
-            return bool(torch.cuda.is_bf16_supported())
+            if torch.version.hip:  # ROCm: capability numbers are not NVIDIA's
+                return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+            return torch.cuda.get_device_capability(device) >= AMPERE
         if kind == "cpu":  # private, but the only probes torch has (both plain CPUID reads)
             return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):

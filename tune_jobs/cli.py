@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.submit import SubmitError
     from trainers.data import DataError
     from trainers.model import ModelError
+    from tune_jobs.paths import with_absolute_paths
     from tune_jobs.registry import RegistryError, RegistryLocked
     from tune_jobs.run import RunFailed
     from tune_jobs.smoke import SmokeError
@@ -239,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resume":
             from tune_jobs.run import resume_spec, run_job
 
-            run_job(resume_spec(args.run_dir, args.overrides))
+            run_job(with_absolute_paths(resume_spec(args.run_dir, args.overrides)))
             return 0
         spec = load_config(args.config, args.overrides)
         if args.command == "submit":
-            return submit_command(args, spec)
+            return submit_command(args, spec)  # relative paths are the cluster's to resolve
+        # every local path absolute, relative to here: workers run elsewhere (tune_jobs.paths)
+        spec = with_absolute_paths(spec)
         if args.command == "validate":
             if args.retrain:
                 from tune_jobs.retrain import check_retrain_spec
@@ -329,6 +332,7 @@ def registry_command(root: str, rollback: str | None) -> int:
 def submit_command(args: argparse.Namespace, spec: Any) -> int:
     """``tunefleet submit``: the spec is valid here; submit it and (unless --no-wait) follow."""
     from cluster import submit as jobs
+    from tune_jobs.paths import check_shipped
 
     # The job connects to its own cluster: an address in the spec means nothing there.
     spec = spec.model_copy(update={"run": spec.run.model_copy(update={"address": None})})
@@ -337,8 +341,10 @@ def submit_command(args: argparse.Namespace, spec: Any) -> int:
         from tune_jobs.retrain import check_retrain_spec
 
         check_retrain_spec(spec)
+    uploaded = jobs.uploaded_files(args.working_dir)
+    check_shipped(spec, args.working_dir, uploaded)  # before the token, the cluster, the upload
     auth = jobs.use_token(args.token_file)
-    files, size = jobs.check_upload(args.working_dir)
+    files, size = jobs.check_upload(args.working_dir, uploaded)
     print(
         f"submitting to {args.address or 'RAY_API_SERVER_ADDRESS/RAY_ADDRESS'} ({auth}); "
         f"uploading {args.working_dir} ({files} files, {size / 2**20:.1f} MiB)",

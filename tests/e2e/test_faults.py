@@ -381,7 +381,10 @@ LORA_TRIALS = ("trial_00000", "trial_00001")
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("single")
-    spec = {**SINGLE, "model": {**SINGLE["model"], "name_or_path": tiny_llama}}
+    # relative to the directory the driver runs in (the repo), as a user would write it: the
+    # trials' processes run elsewhere (Ray's session folder) and must get it absolute
+    relative = os.path.relpath(tiny_llama, REPO)
+    spec = {**SINGLE, "model": {**SINGLE["model"], "name_or_path": relative}}
     (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
     run_dir = str(tmp / "single")
     ray_tmp = tempfile.mkdtemp(prefix="tf-single-")  # short: Ray's socket paths are limited
@@ -410,6 +413,7 @@ def single_process_run(tmp_path_factory, tiny_llama):
     shutil.rmtree(ray_tmp, ignore_errors=True)
     return {
         "run_dir": run_dir,
+        "model": (relative, tiny_llama),
         "killed": killed,
         "before_resume": before_resume,
         "driver_log": (tmp / "driver.log").read_text(),
@@ -431,6 +435,11 @@ def test_a_killed_lora_trial_and_driver_resume_to_the_undisturbed_adapter(single
         LORA_TRIALS, "TERMINATED"
     )
     assert summary["checkpoints"]["weights"] == "trained"  # adapter-only checkpoints
+    # the model was given relative to the repo; the run (and so the resume) holds it absolute
+    relative, absolute = run["model"]
+    assert relative.startswith("..") and absolute == os.path.abspath(absolute)
+    with open(os.path.join(run_dir, "job_spec.yaml")) as fh:
+        assert yaml.safe_load(fh)["model"]["name_or_path"] == absolute
     reports = {t: read_reports(run_dir, t) for t in LORA_TRIALS}
     # the twin: one process, from step 0, every evaluation, all of it after the resume
     twin = reports["trial_00001"]

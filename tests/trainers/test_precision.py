@@ -32,6 +32,46 @@ def test_auto_is_bf16_exactly_where_the_cpu_has_native_bf16():
         assert native == ("avx512_bf16" in flags or "amx_tile" in flags)
 
 
+@pytest.mark.parametrize(
+    ("capability", "native"),
+    [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 9), True), ((9, 0), True)],
+    ids=["V100", "T4", "A100", "L4", "H100"],
+)
+def test_auto_on_nvidia_gpus_goes_by_compute_capability(monkeypatch, capability, native):
+    """No GPU here: torch's device query is stubbed (the decision is what is under test).
+    A V100 or T4 would get bf16 from ``is_bf16_supported()``, which counts emulation."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert precision.native_bf16("cuda:0") is native
+    assert precision.resolve("auto", "cuda") == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"),
+    [(False, False, False), (True, False, True), (False, True, True), (True, True, True)],
+    ids=["neither", "avx512-bf16", "amx", "both"],
+)
+def test_auto_on_cpus_goes_by_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, native):
+    """The CPU's probes stubbed: each combination of the two instruction sets."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert precision.native_bf16("cpu") is native
+    assert precision.resolve("auto", "cpu") == ("bf16" if native else "fp32")
+
+
+def test_auto_on_rocm_asks_torch_without_emulation(monkeypatch):
+    asked = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return not including_emulation  # True only to the question without emulation
+
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert precision.native_bf16("cuda") is True and asked == [False]
+
+
 def _state(splits, setting):
     cfg = WorkerConfig.from_dict(
         worker_config(splits, {"precision": setting}, max_steps=2, per_device_train_batch_size=8)

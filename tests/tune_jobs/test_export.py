@@ -44,3 +44,34 @@ def test_the_export_skips_a_corrupt_checkpoint_for_the_best_that_verifies(rt_sma
     assert any(f"exported {copies['trial_00001']} instead" in line for line in log), log
     exported = run_dir / "best_model" / "model.safetensors"
     assert _sha(exported) == _sha(copies["trial_00001"] / "model" / "model.safetensors")
+
+
+def test_the_export_is_scored_in_the_precision_its_trial_trained_in(
+    rt_small, tmp_path, monkeypatch
+):
+    """A trial that trained in bf16 on its device (a GPU, say), exported by a driver whose CPU
+    lacks native bf16 (stubbed here: ``auto`` would give fp32 on it): the export is scored
+    in bf16, from the checkpoint's manifest, and reproduces the trial's own validation
+    loss exactly; scored in the driver's fp32 it would not (the matrix products round
+    differently)."""
+    from trainers import precision
+    from tune_jobs import results
+    from tune_jobs.spec import parse_spec
+
+    cfg = worker_config(
+        rt_small, {"precision": "bf16"}, per_device_train_batch_size=16, max_steps=5
+    )
+    (checkpoint,) = run_local(cfg, checkpoint_root=str(tmp_path / "trained")).checkpoints
+    manifest = json.loads((Path(checkpoint) / "tunefleet_checkpoint.json").read_text())
+    assert manifest["precision"] == "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)  # the driver's CPU
+    spec = parse_spec({"model": {"max_length": 48}, "search": {"metric": "eval_loss"}})
+    assert precision.resolve(spec.distributed.precision, "cpu") == "fp32"
+    reported = manifest["metrics"]
+    record = results.export_best(checkpoint, str(tmp_path / "export"), spec, reported, rt_small)
+    assert record["scored_in"] == "bf16"
+    assert record["reloaded_validation"]["eval_loss"] == reported["eval_loss"]
+    fp32 = results.score_model(
+        str(tmp_path / "export"), rt_small.validation, rt_small.label_names, 48, splits=rt_small
+    )
+    assert fp32["eval_loss"] != reported["eval_loss"]  # 2e-6 apart when measured
