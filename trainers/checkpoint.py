@@ -355,11 +355,12 @@ def materialize(path: str, dest: str, trust_remote_code: bool = False) -> None:
 
 def load_deepspeed_weights(path: str, manifest: Mapping[str, Any], model: Any) -> None:
     """Merge a DeepSpeed checkpoint's shards into ``model`` (fp32)."""
-    from trainers.ds_engine import DS_DIR, DS_TAG, merged_state_dict
+    from trainers.ds_engine import DS_DIR, DS_TAG, merged_state_dict, weights_only_loads
 
     if int(manifest.get("zero_stage", 0)) == 0:  # nothing sharded: the module's own states
         states = os.path.join(path, DS_DIR, DS_TAG, "mp_rank_00_model_states.pt")
-        weights = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        with weights_only_loads():
+            weights = torch.load(states, map_location="cpu", weights_only=True)["module"]
     else:
         weights = merged_state_dict(path)
     weights = {k: v.float() for k, v in weights.items()}

@@ -12,12 +12,22 @@ checkpoint. A restore with the same trainable set, world size and ZeRO stage
 loads everything; otherwise (PBT changed the unfreeze depth, say) the loop
 merges the shards into the module's weights before the engine is built
 (``trainers.checkpoint.load_weights``) and the optimizer starts fresh, logged.
+
+Loading runs no code from the checkpoint. DeepSpeed reads its files with
+``torch.load(weights_only=False)``, a full unpickler that can run whatever a
+tampered file asks (the SHA-256 manifests catch corruption, and a tamperer can
+rewrite them). Every load here runs inside ``weights_only_loads``, which makes
+torch's restricted unpickler answer instead (torch's own
+``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, read at each call), with the three DeepSpeed
+classes its checkpoints hold allowed by name (``safe_globals``); anything else in
+the file is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +37,44 @@ from trainers.ds_config import deepspeed_config
 DS_DIR = "deepspeed"
 DS_TAG = "state"
 RNG_DIR = "rng"  # rank_<r>.pt: each rank's RNG state
+
+
+#: torch's switch that makes every ``torch.load`` weights-only, whatever the caller passes
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def safe_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and containers:
+    the loss scaler, the ZeRO stage and a fragment's address, found by loading ZeRO-2 and
+    ZeRO-3 checkpoints in fp32 and bf16 with ``weights_only=True`` (stage 1 writes
+    stage 2's format); and fp16's dynamic loss scaler, the same kind of object (fp16
+    runs on GPUs only, not seen here). Plain data each: restoring one runs no code of
+    the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's included) is weights-only: tensors, plain
+    data and ``safe_globals()``; a file that asks for anything else is refused with
+    ``pickle.UnpicklingError``. The switch is an environment variable (process-wide for
+    the duration: a load in another thread is made safe too, never less safe)."""
+    import torch.serialization
+
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
 
 
 def use_cpu_accelerator(device: Any) -> None:
@@ -87,17 +135,18 @@ def save(engine: Any, folder: str) -> None:
 def load(engine: Any, folder: str) -> None:
     """Load a DeepSpeed checkpoint (weights, ZeRO optimizer state, this rank's RNG) into a
     freshly initialized engine of the same shape."""
-    path, _ = engine.load_checkpoint(
-        os.path.join(folder, DS_DIR),
-        tag=DS_TAG,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=False,  # the LR is a function of the step (trainers.optim)
-    )
+    with weights_only_loads():
+        path, _ = engine.load_checkpoint(
+            os.path.join(folder, DS_DIR),
+            tag=DS_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # the LR is a function of the step (trainers.optim)
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}/{DS_DIR}")
     rng = os.path.join(folder, RNG_DIR, f"rank_{_rank()}.pt")
     if os.path.exists(rng):
-        state = torch.load(rng, weights_only=False)
+        state = torch.load(rng, weights_only=True)
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -120,4 +169,5 @@ def merged_state_dict(folder: str) -> dict[str, torch.Tensor]:
     use_cpu_accelerator("cpu" if not torch.cuda.is_available() else "cuda")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.join(folder, DS_DIR), tag=DS_TAG)
