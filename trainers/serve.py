@@ -94,9 +94,26 @@ class Exit:
 
 @dataclass(frozen=True)
 class Failed:
-    """What rank 0 replies when a command raised on it (the run then ends)."""
+    """What rank 0 replies when a command raised on it (the run then ends): the traceback,
+    and the classes of the exception and of those it was raised from (``error_types``),
+    by name, so the driver can tell the trial's own errors from the cluster's by type
+    (``tune_jobs.faults``) without unpickling the exception itself."""
 
     error: str
+    types: tuple[str, ...] = ()
+
+
+def error_types(exc: BaseException) -> tuple[str, ...]:
+    """``module.QualName`` of every class (the whole MRO) of ``exc`` and of each exception
+    in its chain (``__cause__``, else ``__context__``), outermost first."""
+    names: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names += [f"{c.__module__}.{c.__qualname__}" for c in type(current).__mro__]
+        current = current.__cause__ or current.__context__
+    return tuple(names)
 
 
 def checkpoint_name(step: int) -> str:
@@ -217,9 +234,10 @@ def serve(config: dict[str, Any]) -> None:
                 ray.get(mailbox.reply.remote(seq, result))
             if run is not None:  # serving and awaiting commands is not training time
                 run.progress.since = time.perf_counter()
-        except BaseException:
+        except BaseException as exc:
             if ctx.rank == 0:
-                ray.get(mailbox.reply.remote(seq, Failed(traceback.format_exc(limit=8))))
+                failed = Failed(traceback.format_exc(limit=8), error_types(exc))
+                ray.get(mailbox.reply.remote(seq, failed))
             raise
 
 

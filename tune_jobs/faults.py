@@ -15,45 +15,97 @@ fails; Tune's retry of it then fails at once with the same reason, before any wo
 starts (``refuse_if_failed``). Tune offers no public hook to skip a retry by the
 exception's type; the record also survives the driver, so ``tunefleet resume`` does not
 re-run such a trial either.
+
+Which is which is decided by the exception's type (``is_transient``), carried from a
+warm group's worker by name (``trainers.serve.Failed.types``); words in the traceback
+count only where no type in the chain decides.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from cluster import storage
+from cluster.storage import StorageUnavailable
 
 FAILURES_DIR = "failures"
-
-#: Text of an error that says the cluster failed, not the trial's code: a process or node
-#: that died, a collective cut by a dead peer, storage that stayed unreachable.
-TRANSIENT_MARKERS = (
-    "ActorDiedError",
-    "RayActorError",
-    "ActorUnavailableError",
-    "NodeDiedError",
-    "OwnerDiedError",
-    "ObjectLostError",
-    "WorkerCrashedError",
-    "DistBackendError",
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
-    "StorageUnavailable",
-)
 
 
 class TrialFailed(RuntimeError):
     """A trial's own code failed before; retrying it from the same checkpoint would too."""
 
 
-def is_transient(error_text: str) -> bool:
-    """Does this error (its traceback text) say the cluster failed rather than the trial?"""
-    return any(marker in error_text for marker in TRANSIENT_MARKERS)
+def _names(*classes: type) -> frozenset[str]:
+    return frozenset(f"{c.__module__}.{c.__qualname__}" for c in classes)
+
+
+@functools.cache
+def own_types() -> frozenset[str]:
+    """tunefleet's own errors of a trial: its loss diverged, its batch does not fit, its
+    model, config, data or checkpoint is unusable. Retried, each fails the same way."""
+    from trainers.checkpoint import CorruptCheckpoint
+    from trainers.config import ConfigError
+    from trainers.data import DataError
+    from trainers.engine import OutOfMemory, TrainingDiverged
+    from trainers.model import ModelError
+
+    return _names(
+        TrainingDiverged, OutOfMemory, ModelError, ConfigError, DataError, CorruptCheckpoint
+    )
+
+
+@functools.cache
+def cluster_types() -> frozenset[str]:
+    """Errors that say the cluster failed: a process or node that died, an object lost
+    with it, a collective cut by a dead peer, a connection dropped, storage that stayed
+    unreachable past its retries."""
+    import ray.exceptions as rx
+    import torch.distributed as dist
+
+    return _names(
+        rx.RayActorError,  # ActorDiedError, ActorUnavailableError
+        rx.NodeDiedError,
+        rx.OwnerDiedError,
+        rx.ObjectLostError,
+        rx.WorkerCrashedError,
+        dist.DistBackendError,
+        dist.DistNetworkError,
+        ConnectionError,  # reset, refused, aborted, broken pipe
+        StorageUnavailable,
+    )
+
+
+#: Last resort, for an error whose type says nothing: gloo reports a dead peer as a bare
+#: ``RuntimeError`` whose text alone names it.
+TRANSIENT_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def is_transient(types: Sequence[str], text: str = "") -> bool:
+    """Did the cluster fail rather than the trial's own code? Decided by the classes of the
+    exception and of those it was raised from (``trainers.serve.error_types``: each
+    one's MRO, outermost first): the first that is tunefleet's own or the cluster's
+    decides. Only when none is either do the words of ``text`` count
+    (``TRANSIENT_WORDS``); anything else is the trial's own (not retried)."""
+    own, cluster = own_types(), cluster_types()
+    for name in types:
+        if name in own:
+            return False
+        if name in cluster:
+            return True
+    return any(word in text for word in TRANSIENT_WORDS)
+
+
+def exception_is_transient(exc: BaseException) -> bool:
+    """``is_transient`` of an exception caught in this process."""
+    from trainers.serve import error_types
+
+    return is_transient(error_types(exc), str(exc))
 
 
 def failures_dir(run_dir: str) -> str:

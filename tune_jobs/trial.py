@@ -194,8 +194,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     )
     try:
         train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))
-    except Exception:  # raised here, in the trial's own code (a killed process never is)
-        trace = traceback.format_exc(limit=8)
-        if not faults.is_transient(trace):
-            faults.record(plan.failures_dir, trial_name, trace)
+    except Exception as exc:  # raised here, in the trial's process (a killed one never is)
+        if not faults.exception_is_transient(exc):
+            faults.record(plan.failures_dir, trial_name, traceback.format_exc(limit=8))
         raise

@@ -155,7 +155,8 @@ class GroupLink:
                 if isinstance(reply, Failed):
                     self.wait_ended(60)  # the run ends: its workers raised
                     raise WorkerGroupError(
-                        f"warm group {self.name}: {reply.error}", faults.is_transient(reply.error)
+                        f"warm group {self.name}: {reply.error}",
+                        faults.is_transient(reply.types, reply.error),
                     )
                 return reply
             if not self.alive:

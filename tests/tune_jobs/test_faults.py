@@ -5,25 +5,68 @@ from __future__ import annotations
 import json
 
 import pytest
+import ray.exceptions as rx
+import torch.distributed as dist
 
+from cluster.storage import StorageUnavailable
+from trainers.engine import OutOfMemory, TrainingDiverged
+from trainers.model import ModelError
 from tune_jobs import faults
 from tune_jobs.warm import latest_resumable
 
 
-@pytest.mark.parametrize(
-    ("text", "transient"),
-    [
-        ("ray.exceptions.ActorDiedError: The actor died unexpectedly", True),
-        ("RuntimeError: [../third_party/gloo/...] Connection closed by peer [127.0.0.1]", True),
-        ("torch.distributed.DistBackendError: NCCL error", True),
-        ("cluster.storage.StorageUnavailable: storage: write s3://b/k failed", True),
-        ("trainers.engine.TrainingDiverged: the training loss is nan at step 7", False),
-        ("trainers.engine.OutOfMemory: out of memory in training step 1 on cuda:0", False),
-        ("OSError: no file named model.safetensors found in directory /m", False),
-    ],
-)
-def test_only_what_the_cluster_broke_is_transient(text, transient):
-    assert faults.is_transient(text) is transient
+def _raised(error: BaseException, cause: BaseException | None = None) -> BaseException:
+    """``error`` as Python leaves it once raised and caught (``from cause``, if given)."""
+    try:
+        if cause is None:
+            raise error
+        try:
+            raise cause
+        except BaseException as inner:
+            raise error from inner
+    except BaseException as exc:  # noqa: BLE001 - the test wants it whatever it is
+        return exc
+
+
+GLOO_DEAD_PEER = "[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+CASES = [
+    # the cluster's doing, by type
+    pytest.param(rx.ActorDiedError(), None, True, id="actor-died"),
+    pytest.param(dist.DistBackendError("NCCL communicator was aborted"), None, True, id="nccl"),
+    pytest.param(StorageUnavailable("storage: write failed after 300 s"), None, True, id="storage"),
+    pytest.param(ConnectionResetError(104, "reset"), None, True, id="connection-reset"),
+    pytest.param(RuntimeError("the step failed"), rx.ActorDiedError(), True, id="raised-from"),
+    # the trial's own, by type, whatever its words say
+    pytest.param(
+        TrainingDiverged("loss is nan at step 7 (Connection reset by peer)"), None, False, id="nan"
+    ),
+    pytest.param(OutOfMemory("out of memory in step 1 on cuda:0"), None, False, id="oom"),
+    pytest.param(
+        ModelError("model.name_or_path: no weights"), ConnectionResetError(), False, id="own-outer"
+    ),
+    pytest.param(OSError("no file named model.safetensors in /m"), None, False, id="missing-file"),
+    pytest.param(KeyError("input_ids"), None, False, id="a-bug"),
+    # no type decides: gloo's dead peer is a bare RuntimeError, named only by its words
+    pytest.param(RuntimeError(GLOO_DEAD_PEER), None, True, id="gloo-words"),
+    pytest.param(RuntimeError("shape mismatch"), None, False, id="other-words"),
+]
+
+
+@pytest.mark.parametrize(("error", "cause", "transient"), CASES)
+def test_a_failure_is_retried_only_when_the_cluster_caused_it(error, cause, transient):
+    """Real exceptions of each kind, raised and caught: decided by their classes (and those
+    of the exceptions they were raised from), and the same after crossing a process as a
+    warm group's ``Failed`` reply (pickled, as Ray sends it), types by name only."""
+    import pickle
+    import traceback
+
+    from trainers.serve import Failed, error_types
+
+    exc = _raised(error, cause)
+    assert faults.exception_is_transient(exc) is transient
+    trace = "".join(traceback.format_exception(exc))
+    reply = pickle.loads(pickle.dumps(Failed(trace, error_types(exc))))
+    assert faults.is_transient(reply.types, reply.error) is transient
 
 
 def test_a_recorded_failure_refuses_the_retry_with_the_same_cause(tmp_path):
