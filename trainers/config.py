@@ -1,6 +1,6 @@
 """The worker's config, typed: what one trial's workers are told, and nothing else.
 
-The driver (``tune_jobs.trial.worker_config``) builds a ``WorkerConfig`` from the
+The driver (``tune_jobs.trial.loop_config``) builds a ``WorkerConfig`` from the
 job spec; the workers only read it. Its fields carry **no defaults** for anything
 the job spec sets: the spec (``tune_jobs.spec``) is the one place a default is
 written, so the worker can never disagree with it (it once did: warmup 0.0 here

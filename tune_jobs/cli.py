@@ -11,6 +11,8 @@ import signal
 import sys
 from typing import Any
 
+#: the registry lock's expiry for a rollback (s): two small writes, done in seconds
+ROLLBACK_LOCK_TTL_S = 600.0
 EXIT_RUN_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3  # retrain: another retrain holds the registry lock
@@ -170,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="make an earlier promoted model the champion again: RUN's, or (no RUN) the one "
         "promoted before the current champion; recorded in the history, under the lock",
     )
+    registry.add_argument(
+        "--lock-ttl-s",
+        type=float,
+        default=ROLLBACK_LOCK_TTL_S,
+        metavar="S",
+        help="--rollback: the registry lock's expiry (a rollback is two small writes; one "
+        f"that crashed blocks retrains at most this long; default {ROLLBACK_LOCK_TTL_S:g})",
+    )
     resume = sub.add_parser(
         "resume",
         help="continue a run whose driver died (killed, preempted): finished trials are kept, "
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("logs", "stop", "status"):
             return job_command(args)
         if args.command == "registry":
-            return registry_command(args.root, args.rollback)
+            return registry_command(args.root, args.rollback, args.lock_ttl_s)
         if args.command == "resume":
             from tune_jobs.run import resume_spec, run_job
 
@@ -313,8 +323,10 @@ def retrain_command(args: argparse.Namespace, spec: Any) -> int:
     return 0
 
 
-def registry_command(root: str, rollback: str | None) -> int:
-    """``tunefleet registry ROOT [--rollback [RUN]]``."""
+def registry_command(
+    root: str, rollback: str | None, lock_ttl_s: float = ROLLBACK_LOCK_TTL_S
+) -> int:
+    """``tunefleet registry ROOT [--rollback [RUN]] [--lock-ttl-s S]``."""
     import getpass
 
     from tune_jobs.registry import Registry
@@ -322,7 +334,7 @@ def registry_command(root: str, rollback: str | None) -> int:
 
     reg = Registry(root)
     if rollback is not None:
-        with reg.lock(ttl_s=600):
+        with reg.lock(ttl_s=lock_ttl_s):
             record = reg.rollback(rollback or None, by=getpass.getuser())
         print(f"champion is now {record['run']} ({record['export_dir']})")
     print(registry_table(reg.champion(), reg.history()))

@@ -3,13 +3,15 @@
 Lives in storage next to the runs (a local folder or an S3 prefix)::
 
     <root>/registry/champion.json   the promoted model: run, export folder, scores
-    <root>/registry/history.jsonl   one line per retrain, appended, never rewritten in place
+    <root>/registry/history.jsonl   one line per retrain or rollback, added at the end
     <root>/registry/lock.json       held by the retrain running now (with an expiry)
 
 The champion pointer is one small object replaced in a single write (local:
 temp file + rename; S3: one PUT), only after the new model is fully written
 and re-loaded, so a reader sees the old champion or the new one, never half of
-one. The lock is a conditional create (local ``O_EXCL``; S3 ``If-None-Match``),
+one. The history is written the same way: S3 has no append, so adding a line
+rewrites the whole file (its earlier lines byte for byte, under the lock, in
+one write), and a reader sees it with or without the new line. The lock is a conditional create (local ``O_EXCL``; S3 ``If-None-Match``),
 so two retrains on a schedule cannot both run; one whose holder crashed expires.
 """
 

@@ -144,3 +144,29 @@ def test_registry_command_prints_the_table_and_rolls_back(tmp_path):
     bad = registry("--rollback", "nightly-retrain-0009")
     assert bad.returncode == 2 and "never promoted" in bad.stderr
     assert not (tmp_path / REGISTRY_DIR / LOCK_FILE).exists()
+
+
+def test_a_rollback_takes_the_lock_for_the_time_asked(tmp_path, monkeypatch, capsys):
+    """``--lock-ttl-s`` is the expiry the rollback's lock is taken with (600 s unless
+    given), the lock is held while the champion changes, and released after."""
+    from tune_jobs.cli import ROLLBACK_LOCK_TTL_S, main
+
+    reg = Registry(str(tmp_path))
+    with reg.lock(ttl_s=60):
+        for n, score in ((1, 0.81), (2, 0.83)):
+            entry = _promotion(n, score, reg.champion(), "promote")
+            reg.promote(entry["challenger"])
+            reg.record(entry)
+    taken, lock = [], Registry.lock
+
+    def spy(self, ttl_s):
+        taken.append(ttl_s)
+        return lock(self, ttl_s=ttl_s)
+
+    monkeypatch.setattr(Registry, "lock", spy)
+    assert main(["registry", str(tmp_path), "--rollback", "--lock-ttl-s", "90"]) == 0
+    assert main(["registry", str(tmp_path), "--rollback", "nightly-retrain-0002"]) == 0
+    assert taken == [90.0, ROLLBACK_LOCK_TTL_S]
+    assert ROLLBACK_LOCK_TTL_S == 600
+    assert "champion is now nightly-retrain-0002" in capsys.readouterr().out
+    assert not (tmp_path / REGISTRY_DIR / LOCK_FILE).exists()
