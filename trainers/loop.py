@@ -533,10 +533,7 @@ class Progress:
 def early_stop(progress: Progress, value: float, hp: HParams, mode: str) -> bool:
     """Record ``value`` of the watched metric; has it gone ``patience`` evaluations without a gain?"""
     best = progress.best
-    if (
-        best is None
-        or (value - best if mode == "max" else best - value) > hp.early_stopping_min_delta
-    ):
+    if best is None or M.gain(value, best, mode) > hp.early_stopping_min_delta:
         progress.best, progress.evals_without_gain = value, 0
     else:
         progress.evals_without_gain += 1

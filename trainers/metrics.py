@@ -80,6 +80,34 @@ REPORTED: frozenset[str] = frozenset(
 TIME_ATTRS: frozenset[str] = frozenset({STEP, EPOCH, "training_iteration"})
 
 
+# --- which value is better: the one place that reads a metric's mode -----------------
+
+
+def _missing(value: float | None) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def gain(value: float, than: float, mode: str) -> float:
+    """How much ``value`` improves on ``than`` when ``mode`` ("max" or "min") is better:
+    positive when it is better, negative when worse."""
+    return value - than if mode == "max" else than - value
+
+
+def better(value: float | None, than: float | None, mode: str) -> bool:
+    """Does ``value`` beat ``than`` in ``mode``? Anything beats a missing (None or NaN)
+    ``than``; a missing ``value`` beats nothing. Ties do not beat."""
+    if _missing(value):
+        return False
+    return _missing(than) or gain(value, than, mode) > 0  # type: ignore[arg-type]
+
+
+def rank(value: float | None, mode: str) -> float:
+    """A sort key that puts the best value first (ascending sort); missing values last."""
+    if _missing(value):
+        return math.inf
+    return -value if mode == "max" else value  # type: ignore[operator]
+
+
 def classification_metrics(
     confusion: Sequence[Sequence[float]], loss_sum: float, count: float
 ) -> dict[str, float]:

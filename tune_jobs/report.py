@@ -81,11 +81,9 @@ def leaderboard(summary: dict[str, Any]) -> str:
     columns = [c for c in task.columns if c != metric]
     trials = summary["trials"]
     keys = sorted({k for t in trials for k in t["config"]})
-    sign = -1 if mode == "max" else 1
 
     def rank_key(t: dict[str, Any]) -> float:
-        value = t["best"].get(metric)
-        return sign * value if value is not None else float("inf")
+        return M.rank(t["best"].get(metric), mode)
 
     header = [
         "trial",

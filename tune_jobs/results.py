@@ -66,13 +66,6 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k in keep}
 
 
-def better(a: float, b: float | None, mode: str) -> bool:
-    """Does ``a`` beat ``b`` in ``mode`` (a missing or NaN ``b`` is beaten by anything)?"""
-    if b is None or (isinstance(b, float) and math.isnan(b)):
-        return True
-    return a > b if mode == "max" else a < b
-
-
 def trial_dir(result: Any) -> str:
     """The trial's folder name (``trial_<n>``) of a ``ray.tune.Result``."""
     return os.path.basename(result.path.rstrip("/"))
@@ -93,7 +86,7 @@ def summarize_trial(
     rows = [r for r in rows if metric in r]
     best: dict[str, Any] = {}
     for row in rows:
-        if row.get(metric) is not None and better(row[metric], best.get(metric), mode):
+        if row.get(metric) is not None and M.better(row[metric], best.get(metric), mode):
             best = row
     last = rows[-1] if rows else {}
     step, total = last.get(M.STEP), last.get(M.TOTAL_STEPS)
@@ -128,11 +121,7 @@ def best_checkpoint_uri(
     for checkpoint, metrics in result.best_checkpoints or []:
         uri = checkpoint_location(checkpoint, storage_root)
         candidates.append((metrics.get(metric), metrics.get(M.STEP, 0), uri, metrics))
-    reverse = mode == "max"
-    candidates.sort(
-        key=lambda c: (c[0] if c[0] is not None else -math.inf * (1 if reverse else -1), -c[1]),
-        reverse=reverse,
-    )
+    candidates.sort(key=lambda c: (M.rank(c[0], mode), c[1]))  # the best, then the earliest
     for _, _, uri, metrics in candidates:
         if storage.exists(storage.join(uri, MANIFEST)):
             return uri, metrics
@@ -155,7 +144,7 @@ def written_checkpoints(run_dir: str, metric: str, mode: str) -> list[tuple[str,
                 metrics = json.loads(storage.read_text(storage.join(uri, MANIFEST)))["metrics"]
                 if metrics.get(metric) is not None:
                     found.append((uri, metrics))
-    return sorted(found, key=lambda c: c[1][metric], reverse=mode == "max")
+    return sorted(found, key=lambda c: M.rank(c[1][metric], mode))
 
 
 def read_leader(run_dir: str) -> dict[str, Any] | None:
@@ -407,12 +396,11 @@ def build_summary(
     metric, mode = spec.search.metric, spec.search.resolved_mode
     versus = None
     if defaults is not None and best is not None and defaults.best.get(metric) is not None:
-        delta = best.best[metric] - defaults.best[metric]
         versus = {
             "metric": metric,
             "best": best.best[metric],
             "defaults": defaults.best[metric],
-            "improvement": delta if mode == "max" else -delta,
+            "improvement": M.gain(best.best[metric], defaults.best[metric], mode),
             "defaults_stopped_early": defaults.stopped_early,
         }
     return {

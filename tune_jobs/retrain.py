@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import storage
+from trainers import metrics as M
 from trainers.data import Split, Splits, example_id
 from tune_jobs import results
 from tune_jobs.defaults import fit_to_space
@@ -118,7 +119,7 @@ def warm_start_points(
         finished = [
             t for t in previous_summary.get("trials", []) if t["best"].get(metric) is not None
         ]
-        finished.sort(key=lambda t: t["best"][metric], reverse=mode == "max")
+        finished.sort(key=lambda t: M.rank(t["best"][metric], mode))
         configs += [t["config"] for t in finished[: spec.retrain.top_k]]
     space = dict(spec.search.space)
     in_domain = spec.search.algorithm != "random"

@@ -532,8 +532,7 @@ def run_job(
         export = None
         leader = None
         if finished:
-            sign = 1 if mode == "max" else -1
-            best = max(finished, key=lambda t: sign * t.best[metric])
+            best = min(finished, key=lambda t: M.rank(t.best[metric], mode))
             best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
             leader = results.read_leader(run_dir) if spec.training.save_checkpoints else None
             if leader is not None:

@@ -53,7 +53,7 @@ from cluster import storage
 from trainers import metrics as M
 from trainers.serve import End, Exit, Failed, Hold, Interval, Save, SaveHeld, Start, serve
 from tune_jobs import faults
-from tune_jobs.results import LEADER_FILE, better, read_leader
+from tune_jobs.results import LEADER_FILE, read_leader
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
     POINTER_FILE,
@@ -411,14 +411,14 @@ class Leaderboard:
 
     def offer(self, value: float) -> bool:
         """Record ``value`` if it beats every value reported so far; did it?"""
-        if _better(value, self.best, self.mode):
+        if M.better(value, self.best, self.mode):
             self.best = value
             return True
         return False
 
     def improves(self, value: float) -> bool:
         """Would a checkpoint with ``value`` beat every checkpoint written so far?"""
-        return _better(value, self.leader["value"] if self.leader else None, self.mode)
+        return M.better(value, self.leader["value"] if self.leader else None, self.mode)
 
     def written(self, trial: str, uri: str, value: float, metrics: dict[str, Any]) -> None:
         """A checkpoint was written; the best one is the export's."""
@@ -541,7 +541,7 @@ class WarmTrial(tune.Trainable):
             if leaderboard is not None and record:
                 ray.get(leaderboard.written.remote(self.trial_name, uri, value, metrics))
             return True
-        best = not self.pbt and _better(value, self.held["value"] if self.held else None, mode)
+        best = not self.pbt and M.better(value, self.held["value"] if self.held else None, mode)
         uri = self._save(metrics, full=True, record=best) if full else None
         if best:
             if uri is None:
@@ -660,11 +660,6 @@ class WarmTrial(tune.Trainable):
                     if self.started and self.group.alive:
                         self.group.call(End())  # the next lessee finds no trial loaded
                     ray.get(self.plan.groups.give_back.remote(self.group.name))
-
-
-def _better(value: Any, than: Any, mode: str) -> bool:
-    """Does ``value`` beat ``than`` (None: nothing yet) in ``mode``? None or NaN never does."""
-    return value is not None and value == value and better(value, than, mode)
 
 
 def latest_resumable(trial_dir: str) -> str | None:
