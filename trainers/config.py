@@ -24,6 +24,15 @@ class ConfigError(ValueError):
     """A worker config with missing or unknown keys (a driver bug, or a hand-written dict)."""
 
 
+#: The training keys that set dropout (``HParams`` fields, spec ``training.<key>``), and
+#: the knob each one sets in a model family (``trainers.model.DROPOUT_ATTRS``).
+DROPOUT_KEYS: dict[str, str] = {
+    "hidden_dropout": "hidden",
+    "attention_dropout": "attention",
+    "classifier_dropout": "classifier",
+}
+
+
 def _take(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The dataclass fields of ``cls`` out of ``values``; every required one must be there."""
     names = {f.name for f in fields(cls)}

@@ -46,7 +46,7 @@ from trainers.checkpoint import (
     verify,
     weights_fingerprint,
 )
-from trainers.config import HParams, WorkerConfig
+from trainers.config import DROPOUT_KEYS, HParams, WorkerConfig
 from trainers.data import Splits, shard
 from trainers.engine import (
     CheckpointMeta,
@@ -185,13 +185,10 @@ def build_data(
     return WorkerData(train, val, n_train, list(splits.label_names), pad)
 
 
-DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
-
-
 def build_key(hp: HParams) -> tuple[Any, ...]:
     """What is fixed when a model is built: its dropout, and its adapter's settings."""
     adapter = tuple(sorted((hp.adapter or {}).items())) if adapters.enabled(hp.adapter) else ()
-    return (*(getattr(hp, f) for f in DROPOUT_FIELDS), repr(adapter))
+    return (*(getattr(hp, f) for f in DROPOUT_KEYS), repr(adapter))
 
 
 class BaseModels:
@@ -246,7 +243,7 @@ class BaseModels:
         return copy.deepcopy(self.load(hp))
 
     def _key(self, hp: HParams) -> tuple[Any, ...]:
-        return (*(getattr(hp, f) for f in DROPOUT_FIELDS), adapters.enabled(hp.adapter))
+        return (*(getattr(hp, f) for f in DROPOUT_KEYS), adapters.enabled(hp.adapter))
 
     def _build(self, hp: HParams, dtype: torch.dtype) -> Any:
         return build_model(

@@ -36,6 +36,10 @@ WORKER_NODES = "worker_nodes"  # Ray node ids of the trial's workers, by rank (c
 HP_SEGMENT = "hp_segment"  # which stretch of a replayed hyperparameter schedule is in force
 EVAL_SECONDS = "eval_s"  # wall seconds of this report's evaluation
 CHECKPOINT_SECONDS = "checkpoint_s"  # wall seconds writing this report's checkpoint (and upload)
+# added by the driver to a warm-group trial's reports (tune_jobs.warm)
+TRAIN_RUN = "train_run"  # the warm group (its Train run) that served this report
+TRIAL_START = "trial_start"  # start<k>: which start of the trial (a restore begins a new one)
+WORKER_PID = "worker_pid"  # rank 0's process id
 
 #: Per task (``model.task``): the metrics a scheduler or search may watch, with the
 #: direction that is better.

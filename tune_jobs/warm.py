@@ -513,9 +513,9 @@ class WarmTrial(tune.Trainable):
             self.start_dir = storage.join(trial_dir, self.start_name)
         reply = group.call(Interval())
         metrics = dict(reply["metrics"])
-        metrics["train_run"] = group.name  # the warm group that served this report
-        metrics["trial_start"] = self.start_name  # start<k> of this trial
-        metrics["worker_pid"] = self.worker_pid  # rank 0's process
+        metrics[M.TRAIN_RUN] = group.name
+        metrics[M.TRIAL_START] = self.start_name
+        metrics[M.WORKER_PID] = self.worker_pid
         self.step_now = int(metrics[M.STEP])
         if self.hp["save_checkpoints"] and self._write(metrics):
             metrics[SHOULD_CHECKPOINT] = True
@@ -602,7 +602,7 @@ class WarmTrial(tune.Trainable):
         pointer = {
             "uri": uri,
             "resume": self.full,
-            "train_run": metrics.get("train_run"),
+            M.TRAIN_RUN: metrics.get(M.TRAIN_RUN),
             "step": metrics[M.STEP],
         }
         with open(os.path.join(checkpoint_dir, POINTER_FILE), "w") as fh:
