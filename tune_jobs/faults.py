@@ -33,8 +33,7 @@ from ray.tune.stopper import Stopper
 
 from cluster import storage
 from cluster.storage import StorageUnavailable
-
-FAILURES_DIR = "failures"
+from tune_jobs import layout
 
 
 class TrialFailed(RuntimeError):
@@ -108,10 +107,6 @@ def exception_is_transient(exc: BaseException) -> bool:
     return is_transient(error_types(exc), str(exc))
 
 
-def failures_dir(run_dir: str) -> str:
-    return storage.join(run_dir, FAILURES_DIR)
-
-
 def record(folder: str | None, trial: str, error: BaseException | str) -> None:
     """Note that ``trial``'s own code failed (its retries then fail at once)."""
     if not folder:
@@ -138,7 +133,9 @@ def refuse_if_failed(folder: str | None, trial: str) -> None:
     failure = recorded(folder, trial)
     if failure is None:
         return
-    print(f"[{trial}] not retried: its own code failed before (see {FAILURES_DIR}/{trial}.json)")
+    print(
+        f"[{trial}] not retried: its own code failed before (see {layout.FAILURES_DIR}/{trial}.json)"
+    )
     # the last line stays the original cause: the summary shows that line
     raise TrialFailed(
         "not retried: the trial's own code failed, and would fail again from the same "

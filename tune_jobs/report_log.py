@@ -18,17 +18,12 @@ from typing import Any
 from ray import tune
 
 from cluster import storage
-
-REPORTS_DIR = "reports"
-
-
-def log_path(run_dir: str, trial: str) -> str:
-    return storage.join(run_dir, REPORTS_DIR, f"{trial}.jsonl")
+from tune_jobs import layout
 
 
 def read_reports(run_dir: str, trial: str) -> list[dict[str, Any]]:
     """A trial's reports, in order; Tune's ``result.json`` for runs made before this log."""
-    path = log_path(run_dir, trial)
+    path = layout.report_log(run_dir, trial)
     if not storage.exists(path):
         path = storage.join(run_dir, trial, "result.json")
         if not storage.exists(path):
@@ -54,7 +49,7 @@ class ReportLog(tune.Callback):
     ) -> None:
         name = os.path.basename(str(trial.path).rstrip("/"))
         line = json.dumps(result, default=str)
-        path = log_path(self.run_dir, name)
+        path = layout.report_log(self.run_dir, name)
         if storage.is_uri(path):
             if name not in self._lines:  # a resumed run continues the existing log
                 old = storage.read_text(path).splitlines() if storage.exists(path) else []

@@ -25,13 +25,11 @@ from trainers.checkpoint import (
 from trainers.data import Split, Splits
 from trainers.ds_engine import DS_DIR
 from trainers.model import resolve_model_path
+from tune_jobs import layout
 from tune_jobs.lineage import read_lineage
 from tune_jobs.spec import JobSpec
 from tune_jobs.trial import checkpoint_layout, checkpoint_location
 
-SUMMARY_FILE = "summary.json"
-EXPORT_DIR = "best_model"
-LEADER_FILE = "leader.json"  # the best checkpoint warm-group trials wrote
 EXPORT_SPEC = "job_spec.yaml"
 EXPORT_METRICS = "metrics.json"
 
@@ -129,31 +127,21 @@ def best_checkpoint_uri(
 
 
 def written_checkpoints(run_dir: str, metric: str, mode: str) -> list[tuple[str, dict[str, Any]]]:
-    """Every checkpoint warm-group trials left under ``<run>/train_runs``, best first by
-    the metric its manifest records: (uri, metrics). What the export falls back on."""
-    found = []
-    root = storage.join(run_dir, "train_runs")
-    for trial in storage.list_names(root) if storage.exists(root) else []:
-        for start in storage.list_names(storage.join(root, trial)):
-            for name in storage.list_names(storage.join(root, trial, start)):
-                uri = storage.join(root, trial, start, name)
-                if not name.startswith("checkpoint_") or not storage.exists(
-                    storage.join(uri, MANIFEST)
-                ):
-                    continue
-                metrics = json.loads(storage.read_text(storage.join(uri, MANIFEST)))["metrics"]
-                if metrics.get(metric) is not None:
-                    found.append((uri, metrics))
+    """Every checkpoint the trials' workers left that scored ``metric``, best first by the
+    metrics its manifest records: (uri, metrics). What the export falls back on."""
+    found = [
+        (uri, m) for uri, m in layout.written_checkpoints(run_dir) if m.get(metric) is not None
+    ]
     return sorted(found, key=lambda c: M.rank(c[1][metric], mode))
 
 
 def read_leader(run_dir: str) -> dict[str, Any] | None:
     """The best checkpoint warm-group trials wrote (``tune_jobs.warm.Leaderboard``), if any."""
-    path = storage.join(run_dir, LEADER_FILE)
+    path = storage.join(run_dir, layout.LEADER_FILE)
     if not storage.exists(path):
         return None
     leader = json.loads(storage.read_text(path))
-    return leader if storage.exists(storage.join(leader["uri"], MANIFEST)) else None
+    return leader if layout.manifest_of(leader["uri"]) is not None else None
 
 
 def prune_train_runs(train_storage: str, trials: list[TrialSummary], keep: set[str]) -> None:
@@ -296,13 +284,13 @@ def export_best(
     """
     work = tempfile.mkdtemp(prefix="tunefleet-export-")
     try:
-        local = os.path.join(work, EXPORT_DIR)
+        local = os.path.join(work, layout.EXPORT_DIR)
         checkpoint = os.path.join(work, "checkpoint")
         storage.download_file(storage.join(uri, MANIFEST), os.path.join(checkpoint, MANIFEST))
-        layout = read_manifest(checkpoint).get("weights", "full")
-        if layout == "full":
+        weights = read_manifest(checkpoint).get("weights", "full")
+        if weights == "full":
             storage.download_dir(storage.join(uri, MODEL_DIR), os.path.join(checkpoint, MODEL_DIR))
-        elif layout == "deepspeed":  # every rank's ZeRO shards, merged by materialize
+        elif weights == "deepspeed":  # every rank's ZeRO shards, merged by materialize
             storage.download_dir(storage.join(uri, DS_DIR), os.path.join(checkpoint, DS_DIR))
         else:  # the delta from the base model: rebuilt into a full folder
             storage.download_file(
@@ -427,7 +415,7 @@ def build_summary(
             "trial": best.trial,
             "config": best.config,
             "metrics": best.best,
-            "export_dir": storage.join(run_dir, EXPORT_DIR) if export else None,
+            "export_dir": storage.join(run_dir, layout.EXPORT_DIR) if export else None,
             "checkpoint": export["checkpoint"] if export else None,
             "reloaded_validation": export["reloaded_validation"] if export else None,
             "test": export["test"] if export else None,
@@ -471,6 +459,6 @@ def _median(values: list[Any]) -> float | None:
 
 def write_summary(run_dir: str, summary: dict[str, Any]) -> str:
     """Write summary.json into the run folder; returns its path."""
-    path = storage.join(run_dir, SUMMARY_FILE)
+    path = storage.join(run_dir, layout.SUMMARY_FILE)
     storage.write_text(path, json.dumps(summary, indent=2, default=str))
     return path

@@ -34,7 +34,7 @@ from typing import Any
 from cluster import storage
 from trainers import metrics as M
 from trainers.data import Split, Splits, example_id
-from tune_jobs import results
+from tune_jobs import layout, results
 from tune_jobs.defaults import fit_to_space
 from tune_jobs.preflight import load_data
 from tune_jobs.promotion import Decision, decide, mcnemar_p
@@ -274,7 +274,7 @@ def _previous_summary(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """summary.json of the last recorded retrain's run, if its folder still exists."""
     for entry in reversed(history):
         run_dir = entry.get("run_dir")
-        path = storage.join(run_dir, results.SUMMARY_FILE) if run_dir else None
+        path = storage.join(run_dir, layout.SUMMARY_FILE) if run_dir else None
         if path and storage.exists(path):
             return json.loads(storage.read_text(path))
     return None

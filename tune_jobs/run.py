@@ -22,7 +22,7 @@ from cluster.resources import (
 from trainers import metrics as M
 from trainers.checkpoint import CorruptCheckpoint
 from trainers.data import Splits
-from tune_jobs import results
+from tune_jobs import layout, results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
 from tune_jobs.paths import check_on_every_node
@@ -187,7 +187,7 @@ def build_tuner(
     from ray import tune
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from tune_jobs.faults import PopulationGuard, failures_dir
+    from tune_jobs.faults import PopulationGuard
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
@@ -203,11 +203,11 @@ def build_tuner(
     plan = TrialPlan(
         spec=spec,
         data_ref=splits_ref,
-        train_storage=storage.join(run_dir, "train_runs"),
+        train_storage=layout.train_runs(run_dir),
         resources=res,
         hp_schedule=hp_schedule,
         leaderboard=Leaderboard.remote(spec.search.resolved_mode, run_dir) if warm else None,
-        failures_dir=failures_dir(run_dir),
+        failures_dir=layout.failures_dir(run_dir),
     )
     pool = None
     if warm:
@@ -342,7 +342,7 @@ def export_verified(
 ) -> dict[str, Any]:
     """Export ``uri``; if its files fail their checksums, the best other checkpoint written
     that passes (the log says which and why). A corrupt checkpoint is never exported."""
-    dest = storage.join(run_dir, results.EXPORT_DIR)
+    dest = storage.join(run_dir, layout.EXPORT_DIR)
     try:
         return results.export_best(uri, dest, spec, metrics, splits)
     except CorruptCheckpoint as exc:
@@ -362,19 +362,15 @@ def export_verified(
     raise RunFailed(f"no checkpoint that passes its checksums is left to export ({failure})")
 
 
-#: what ``run_job`` writes first into a run folder (a resume and a replay read it back)
-SPEC_FILE = "job_spec.yaml"
-
-
 def run_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """The spec the run in ``run_dir`` was started with (its ``job_spec.yaml``), with
     ``overrides``; ``SpecError`` naming RUN_DIR when the folder holds no run."""
     from tune_jobs.spec import load_spec_text
 
-    path = storage.join(run_dir, SPEC_FILE)
+    path = storage.join(run_dir, layout.SPEC_FILE)
     if not storage.exists(path):
         raise SpecError(
-            [Problem("RUN_DIR", run_dir, f"no {SPEC_FILE}: not a tunefleet run folder")]
+            [Problem("RUN_DIR", run_dir, f"no {layout.SPEC_FILE}: not a tunefleet run folder")]
         )
     return load_spec_text(storage.read_text(path), overrides, source=path)
 
@@ -393,7 +389,7 @@ def resume_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> Jo
                 [Problem(text.split("=", 1)[0], text, "set by RUN_DIR; resume another folder")]
             )
     spec = run_spec(run_dir, [*overrides, *fixed])
-    if not storage.exists(storage.join(run_dir, "tuner.pkl")):
+    if not storage.exists(storage.join(run_dir, layout.TUNER_FILE)):
         raise SpecError(
             [
                 Problem(
@@ -410,7 +406,7 @@ def resume_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> Jo
 def check_same_training(spec: JobSpec, run_dir: str) -> None:
     """A resumed run's checkpoints must fit the spec it resumes with: the same model and
     strategy (a checkpoint from another model would load as garbage, or not at all)."""
-    path = storage.join(run_dir, SPEC_FILE)
+    path = storage.join(run_dir, layout.SPEC_FILE)
     if not storage.exists(path):
         return
     from tune_jobs.spec import load_spec_text
@@ -494,7 +490,9 @@ def run_job(
         # Written only once every check has passed: a refused run leaves nothing behind.
         if spec.run.if_exists == "overwrite":
             storage.delete_dir(run_dir)
-        storage.write_text(storage.join(run_dir, SPEC_FILE), spec.to_yaml())  # resume, replay
+        storage.write_text(
+            storage.join(run_dir, layout.SPEC_FILE), spec.to_yaml()
+        )  # resume, replay
         defaults = defaults_points(spec)
         if defaults:
             echo(
@@ -551,7 +549,7 @@ def run_job(
                 export = export_verified(spec, run_dir, uri, ckpt_metrics, splits, echo)
         if spec.resources.trial_mode == "train":
             keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
-            results.prune_train_runs(storage.join(run_dir, "train_runs"), trials, keep)
+            results.prune_train_runs(layout.train_runs(run_dir), trials, keep)
         defaults_trial = results.find_defaults_trial(trials, defaults)
         summary = results.build_summary(
             spec,

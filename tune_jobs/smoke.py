@@ -14,6 +14,7 @@ from typing import Any
 
 from cluster import storage
 from cluster.connect import disconnect
+from tune_jobs import layout
 from tune_jobs.spec import JobSpec, parse_spec
 
 
@@ -119,26 +120,14 @@ def _restore_check(
         raise SmokeError(
             "smoke pass: no checkpoint was written (training.save_checkpoints is off?)"
         )
-    plan = TrialPlan(small, data_ref, storage.join(run_dir, "train_runs"), trial_resources(small))
-    latest = _latest_train_checkpoint(storage.join(run_dir, "train_runs"), best["trial"])
+    plan = TrialPlan(small, data_ref, layout.train_runs(run_dir), trial_resources(small))
+    trial_dir = storage.join(plan.train_storage, best["trial"])
+    latest = layout.latest_checkpoint(trial_dir)
+    if latest is None:
+        raise SmokeError(f"smoke pass: trial {best['trial']} left no checkpoint under {trial_dir}")
     hp = trial_hparams(small, best["config"])
     steps = resume_check(plan, hp, latest, extra_steps=2)
     expected = [small.training.max_steps + 2]
     if steps != expected:
         raise SmokeError(f"smoke pass: restored run reported steps {steps}, expected {expected}")
     return steps
-
-
-def _latest_train_checkpoint(train_storage: str, trial: str) -> str:
-    """The last checkpoint the trial's workers wrote: ``<trial>/start<k>/checkpoint_<step>``."""
-    trial_dir = storage.join(train_storage, trial)
-    starts = sorted(
-        (n for n in storage.list_names(trial_dir) if n.startswith("start")),
-        key=lambda n: int(n[len("start") :]),
-    )
-    for start in reversed(starts):
-        folder = storage.join(trial_dir, start)
-        checkpoints = sorted(n for n in storage.list_names(folder) if n.startswith("checkpoint_"))
-        if checkpoints:
-            return storage.join(folder, checkpoints[-1])
-    raise SmokeError(f"smoke pass: trial {trial} left no checkpoint under {trial_dir}")

@@ -52,8 +52,9 @@ from ray.tune.result import DONE, SHOULD_CHECKPOINT
 from cluster import storage
 from trainers import metrics as M
 from trainers.serve import End, Exit, Failed, Hold, Interval, Save, SaveHeld, Start, serve
-from tune_jobs import faults
-from tune_jobs.results import LEADER_FILE, read_leader
+from tune_jobs import faults, layout
+from tune_jobs.layout import latest_resumable, next_numbered
+from tune_jobs.results import read_leader
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
     POINTER_FILE,
@@ -404,7 +405,7 @@ class Leaderboard:
 
     def __init__(self, mode: str, run_dir: str | None = None) -> None:
         self.mode = mode
-        self.path = storage.join(run_dir, LEADER_FILE) if run_dir else None
+        self.path = storage.join(run_dir, layout.LEADER_FILE) if run_dir else None
         self.best = None  # best value reported
         # best checkpoint written; a resumed run's earlier one still counts
         self.leader: dict[str, Any] | None = read_leader(run_dir) if run_dir else None
@@ -509,7 +510,7 @@ class WarmTrial(tune.Trainable):
             self.started = True
             self.full_at = time.monotonic()
             trial_dir = storage.join(plan.train_storage, self.trial_name)
-            self.start_name = next_numbered(trial_dir, "start")
+            self.start_name = next_numbered(trial_dir, layout.START)
             self.start_dir = storage.join(trial_dir, self.start_name)
         reply = group.call(Interval())
         metrics = dict(reply["metrics"])
@@ -662,37 +663,6 @@ class WarmTrial(tune.Trainable):
                     ray.get(self.plan.groups.give_back.remote(self.group.name))
 
 
-def latest_resumable(trial_dir: str) -> str | None:
-    """The newest checkpoint of a trial (over all its starts) that it can continue from:
-    ``resumable`` in its manifest (not a weights-only export candidate); None if none."""
-    import json
-
-    from trainers.checkpoint import MANIFEST
-
-    found = []
-    for start in storage.list_names(trial_dir):
-        if not start.startswith("start"):
-            continue
-        for name in storage.list_names(storage.join(trial_dir, start)):
-            if name.startswith("checkpoint_") and name.split("_")[-1].isdigit():
-                step = int(name.split("_")[-1])
-                found.append((step, int(start.removeprefix("start") or 0), start, name))
-    for _, _, start, name in sorted(found, reverse=True):
-        uri = storage.join(trial_dir, start, name)
-        manifest = storage.join(uri, MANIFEST)
-        if storage.exists(manifest) and json.loads(storage.read_text(manifest)).get("resumable"):
-            return uri
-    return None
-
-
-def next_numbered(folder: str, prefix: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
-    """``<prefix><k>``, k the count of names under ``folder`` or in ``taken`` that start
-    with ``prefix``: deterministic names for groups (``group<k>``) and a trial's starts
-    (``start<k>``)."""
-    names = {n for n in [*storage.list_names(folder), *taken] if n.startswith(prefix)}
-    return f"{prefix}{len(names)}"
-
-
 def run_on_group(
     group: WarmGroup, plan: TrialPlan, hp: dict[str, Any], name: str, resume: str | None = None
 ) -> list[tuple[dict[str, Any], str | None]]:
@@ -710,7 +680,7 @@ def run_on_group(
     )
     group.call(Start(cfg))
     trial_dir = storage.join(plan.train_storage, name)
-    _, prefix = storage.resolve(storage.join(trial_dir, next_numbered(trial_dir, "start")))
+    _, prefix = storage.resolve(storage.join(trial_dir, next_numbered(trial_dir, layout.START)))
     reports = []
     while True:
         reply = group.call(Interval())

@@ -11,8 +11,8 @@ import torch.distributed as dist
 from cluster.storage import StorageUnavailable
 from trainers.engine import OutOfMemory, TrainingDiverged
 from trainers.model import ModelError
-from tune_jobs import faults
-from tune_jobs.warm import latest_resumable
+from tune_jobs import faults, layout
+from tune_jobs.layout import latest_resumable
 
 
 def _raised(error: BaseException, cause: BaseException | None = None) -> BaseException:
@@ -97,6 +97,9 @@ def test_a_restore_goes_on_from_the_newest_resumable_checkpoint(tmp_path):
     _checkpoint(trial / "start1" / "checkpoint_000016", 16, resumable=False)  # weights only
     _checkpoint(trial / "start1" / "checkpoint_000020", 20, manifest=False)  # half written
     assert latest_resumable(str(trial)) == str(trial / "start1" / "checkpoint_000012")
+    # the last one written, whole or not (the smoke pass's restore check takes it)
+    assert layout.latest_checkpoint(str(trial)) == str(trial / "start1" / "checkpoint_000020")
+    assert layout.next_numbered(str(trial), layout.START) == "start2"
 
 
 def test_resume_takes_the_name_and_storage_from_the_folder(tmp_path):
