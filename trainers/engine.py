@@ -28,8 +28,8 @@ import torch
 from trainers import adapters, ds_engine, precision
 from trainers.checkpoint import STATE_FILE, load_trainer_state, save_checkpoint
 from trainers.config import HParams, WorkerConfig
+from trainers.context import WorkerContext
 from trainers.model import unwrap
-from trainers.report import WorkerContext
 
 
 class TrainingDiverged(RuntimeError):

@@ -47,6 +47,7 @@ from trainers.checkpoint import (
     weights_fingerprint,
 )
 from trainers.config import DROPOUT_KEYS, HParams, WorkerConfig
+from trainers.context import LocalContext, WorkerContext
 from trainers.data import Splits, shard
 from trainers.engine import (
     CheckpointMeta,
@@ -68,7 +69,6 @@ from trainers.model import (
     unwrap,
 )
 from trainers.optim import build_optimizer, lr_at, lr_scale_by_name, set_lr
-from trainers.report import LocalContext, WorkerContext
 from trainers.tasks import Rows, get_task
 
 
@@ -674,7 +674,7 @@ class TrialRun:
         report_with_checkpoint(self.worker, self.cfg, self.state, report)
         self.progress.since = time.perf_counter()  # the report is not training time
 
-    def evaluate(self) -> dict[str, Any]:
+    def score(self) -> dict[str, Any]:
         """Evaluate, decide on early stopping (``self.stopped``); the report, logged by rank 0."""
         self._report_at_end = False
         s, cfg, ctx, data = self.state, self.cfg, self.worker.ctx, self.worker.data
@@ -686,7 +686,7 @@ class TrialRun:
             f"{s.hp.per_device_eval_batch_size} rows",
             "lower training.per_device_eval_batch_size or model.max_length",
         ):
-            scores = self.worker.task.evaluate(
+            scores = self.worker.task.score(
                 s.engine.model,
                 data.val,
                 len(data.label_names),

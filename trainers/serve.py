@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainers.config import WorkerConfig
+from trainers.context import RayTrainContext
 from trainers.loop import TrialRun, Worker, save_held, save_state, trained_state
-from trainers.report import RayTrainContext
 
 #: Seconds a worker waits for a command in one poll (it polls again; an idle group
 #: costs one small actor call per worker per poll).

@@ -330,7 +330,7 @@ def registry_command(
     import getpass
 
     from tune_jobs.registry import Registry
-    from tune_jobs.report import registry_table
+    from tune_jobs.tables import registry_table
 
     reg = Registry(root)
     if rollback is not None:

@@ -136,7 +136,7 @@ def written_checkpoints(run_dir: str, metric: str, mode: str) -> list[tuple[str,
 
 
 def read_leader(run_dir: str) -> dict[str, Any] | None:
-    """The best checkpoint warm-group trials wrote (``tune_jobs.warm.Leaderboard``), if any."""
+    """The best checkpoint warm-group trials wrote (``tune_jobs.warm.ExportLeader``), if any."""
     path = storage.join(run_dir, layout.LEADER_FILE)
     if not storage.exists(path):
         return None
@@ -205,7 +205,7 @@ def score_model(
     meta = splits if splits is not None else Splits(split, split, split, label_names)
     rows = tasks.encode_eval(tokenizer, split, range(len(split)), max_length, meta)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return tasks.evaluate(
+    return tasks.score(
         model,
         rows,
         len(label_names),

@@ -27,9 +27,9 @@ from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.lineage import write_lineage
 from tune_jobs.paths import check_on_every_node
 from tune_jobs.preflight import load_data, preflight
-from tune_jobs.report import leaderboard
 from tune_jobs.report_log import ReportLog, read_all_reports
 from tune_jobs.spec import JobSpec, Problem, SpecError
+from tune_jobs.tables import leaderboard
 
 log = logging.getLogger("tunefleet")
 
@@ -191,7 +191,7 @@ def build_tuner(
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
-    from tune_jobs.warm import GroupPool, Leaderboard, WarmTrial
+    from tune_jobs.warm import ExportLeader, GroupPool, WarmTrial
 
     set_trial_environment()
     run_dir = storage.join(storage_root, run_name)
@@ -206,7 +206,7 @@ def build_tuner(
         train_storage=layout.train_runs(run_dir),
         resources=res,
         hp_schedule=hp_schedule,
-        leaderboard=Leaderboard.remote(spec.search.resolved_mode, run_dir) if warm else None,
+        leaderboard=ExportLeader.remote(spec.search.resolved_mode, run_dir) if warm else None,
         failures_dir=layout.failures_dir(run_dir),
     )
     pool = None

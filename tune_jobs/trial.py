@@ -42,7 +42,7 @@ class TrialPlan:
     resources: TrialResources
     #: ``(from_step, config)`` switches of hyperparameters within each trial (a PBT replay)
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = ()
-    #: the sweep's best metric so far (a ``tune_jobs.warm.Leaderboard`` actor), or None
+    #: the sweep's best metric so far (a ``tune_jobs.warm.ExportLeader`` actor), or None
     leaderboard: Any = None
     #: the sweep's warm groups (a ``tune_jobs.warm.GroupPool`` actor), or None
     groups: Any = None
@@ -126,7 +126,7 @@ def loop_config(
 
 
 class TuneTrialContext:
-    """``trainers.report.WorkerContext`` for the single-process trial mode.
+    """``trainers.context.WorkerContext`` for the single-process trial mode.
 
     The worker loop runs inside the Tune trial itself (no worker group), and
     each report carries the checkpoint files to Tune directly: an exploit or a

@@ -394,7 +394,7 @@ class LeasedGroup(GroupLink):
 
 
 @ray.remote(num_cpus=0)
-class Leaderboard:
+class ExportLeader:
     """What the sweep's export needs, in one place (one per run, shared by the trials).
 
     ``offer``: the best value of the searched metric reported so far (DeepSpeed trials

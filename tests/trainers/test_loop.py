@@ -354,8 +354,8 @@ def test_activation_checkpointing_recomputes_without_changing_the_math(rt_small,
 
 
 def test_build_state_turns_on_gradient_checkpointing(rt_small):
+    from trainers.context import LocalContext
     from trainers.loop import Worker, build_state
-    from trainers.report import LocalContext
 
     on, off = (
         WorkerConfig.from_dict(
@@ -385,9 +385,9 @@ def test_a_nan_loss_stops_the_trial_at_that_step_not_at_the_evaluation(rt_small,
 
 def test_a_non_finite_gradient_is_refused_before_the_optimizer_step(rt_small):
     """The engine checks the gradient norm before stepping: the weights stay as they were."""
+    from trainers.context import LocalContext
     from trainers.engine import TrainingDiverged
     from trainers.loop import Worker, build_state
-    from trainers.report import LocalContext
 
     cfg = WorkerConfig.from_dict(_config(rt_small, max_steps=4))
     worker = Worker(cfg, LocalContext(device="cpu"))
@@ -443,7 +443,7 @@ from tests.conftest import data_cfg, worker_config
 from trainers.config import WorkerConfig
 from trainers.data import load_splits
 from trainers.loop import Worker
-from trainers.report import LocalContext
+from trainers.context import LocalContext
 
 splits = load_splits(data_cfg(max_train_samples=160, max_eval_samples=80, max_test_samples=80), 0)
 hp = {"per_device_train_batch_size": 160, "max_steps": 2, "eval_steps": 2}

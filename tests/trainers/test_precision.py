@@ -12,11 +12,11 @@ from tests.conftest import worker_config
 from trainers import metrics as M
 from trainers import precision
 from trainers.config import WorkerConfig
+from trainers.context import LocalContext
 from trainers.data import batches
 from trainers.loop import Worker, build_state, run_local
-from trainers.report import LocalContext
 from trainers.tasks import Rows
-from trainers.tasks.classification import evaluate
+from trainers.tasks.classification import score
 
 
 def test_auto_is_bf16_exactly_where_the_cpu_has_native_bf16():
@@ -90,7 +90,7 @@ def test_the_forward_runs_in_the_precision_and_the_state_stays_fp32(rt_small, se
         rows = Rows(worker.data.train.ids[:8], worker.data.train.targets[:8])
         batch = next(batches(rows.ids, rows.targets, range(8), 8, worker.data.pad_id))
         state.engine.backward(batch, 1, last=True)  # training forward
-        evaluate(
+        score(
             state.engine.model,
             rows,
             2,

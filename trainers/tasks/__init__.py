@@ -9,10 +9,10 @@ class. A task module answers:
                         this rank's training rows, tokenized (labels, -100 masks, packing),
                         and how many rows all ranks train on
     encode_eval(tokenizer, split, rows, max_length, splits)
-                        rows of a split, tokenized for ``evaluate``
+                        rows of a split, tokenized for ``score``
     batches(rows, order, batch_size, pad_id)
                         padded tensor batches for the training forward (``loss`` in the output)
-    evaluate(model, rows, n_labels, batch_size, pad_id, device, autocast)
+    score(model, rows, n_labels, batch_size, pad_id, device, autocast)
                         the task's metrics on this rank's rows, all-reduced across ranks
     objectives          reported metrics a search may watch, with their direction
     headline(report)    the metrics of the log line

@@ -363,7 +363,7 @@ def choice_logprobs(
     return scores
 
 
-def evaluate(
+def score(
     model: Any,
     rows: Rows,
     n_labels: int,

@@ -71,7 +71,7 @@ def batches(
     return padded_batches(rows.ids, rows.targets, order, batch_size, pad_id)
 
 
-def evaluate(
+def score(
     model: Any,
     rows: Rows,
     n_labels: int,
