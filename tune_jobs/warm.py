@@ -41,6 +41,7 @@ import contextlib
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -432,6 +433,20 @@ class ExportLeader:
             storage.write_text(self.path, json.dumps(self.leader, indent=2, default=str))
 
 
+@dataclass
+class TrialCheckpoints:
+    """What one trial (not one actor: Tune hands an actor from trial to trial) has
+    written and holds. A new trial on the actor starts a new one; an exploit (the same
+    trial, new hyperparameters) keeps it."""
+
+    trial: str
+    kept: Any  # pbt/pb2: Ray Train's checkpoint manager (keeps what a cold run would)
+    latest: tuple[str, dict[str, Any]] | None = None  # (URI, metrics) last written
+    full: str | None = None  # the latest checkpoint to resume from exactly
+    records: set[str] = field(default_factory=set)  # written because they led the sweep
+    held: dict[str, Any] | None = None  # the best report, its weights in the workers' memory
+
+
 class WarmTrial(tune.Trainable):
     """A Tune trial that runs on a warm worker group, leased from the sweep's ``GroupPool``
     for as long as this actor lives (Tune may hand the actor to further trials).
@@ -450,6 +465,7 @@ class WarmTrial(tune.Trainable):
         self.plan = plan
         self.group: LeasedGroup | None = None
         self.pbt = plan.spec.scheduler.type in ("pbt", "pb2")
+        self.ckpt: TrialCheckpoints | None = None  # the trial's, kept across its exploits
         self._begin(config)
 
     def _begin(self, config: dict[str, Any]) -> None:
@@ -461,15 +477,10 @@ class WarmTrial(tune.Trainable):
         self.resume: str | None = None  # a checkpoint to start from (load_checkpoint)
         self.started = False
         self.step_now = -1  # the step of the last report
-        if getattr(self, "trial", None) != self.trial_name:  # a new trial, not an exploit
-            self.trial = self.trial_name
-            self.latest: tuple[str, dict[str, Any]] | None = None  # (URI, metrics) last written
-            self.full: str | None = None  # the latest checkpoint to resume from exactly
-            self.records: set[str] = set()  # written because they led (export candidates)
-            self.held: dict[str, Any] | None = None  # the trial's best report, in memory
+        if self.ckpt is None or self.ckpt.trial != self.trial_name:  # not an exploit
             # pbt/pb2: Ray Train's own manager, with the rule a cold trial's run applied
             retention = CheckpointConfig(**checkpoint_retention(self.plan.spec))
-            self.kept = _CheckpointManager(retention)
+            self.ckpt = TrialCheckpoints(self.trial_name, kept=_CheckpointManager(retention))
 
     def _group(self) -> LeasedGroup:
         """The group this actor leased, leased at its first step; renewed if its workers died."""
@@ -542,17 +553,20 @@ class WarmTrial(tune.Trainable):
             if leaderboard is not None and record:
                 ray.get(leaderboard.written.remote(self.trial_name, uri, value, metrics))
             return True
-        best = not self.pbt and M.better(value, self.held["value"] if self.held else None, mode)
+        ckpt = self.ckpt
+        best = not self.pbt and M.better(value, ckpt.held["value"] if ckpt.held else None, mode)
         uri = self._save(metrics, full=True, record=best) if full else None
         if best:
             if uri is None:
                 self.group.call(Hold())  # kept in memory, written at the end if it leads
-            self.held = {"value": value, "metrics": dict(metrics), "uri": uri}
+            ckpt.held = {"value": value, "metrics": dict(metrics), "uri": uri}
         return full
 
     def _release(self) -> None:
         """The trial is over: write its held best if it beats every checkpoint written."""
-        held, self.held = getattr(self, "held", None), None
+        if self.ckpt is None:
+            return
+        held, self.ckpt.held = self.ckpt.held, None
         leaderboard = self.plan.leaderboard
         if held is None or leaderboard is None or self.group is None or not self.group.alive:
             return
@@ -560,7 +574,9 @@ class WarmTrial(tune.Trainable):
             return
         if held["uri"]:  # written in full when it was evaluated
             ray.get(
-                leaderboard.written.remote(self.trial, held["uri"], held["value"], held["metrics"])
+                leaderboard.written.remote(
+                    self.ckpt.trial, held["uri"], held["value"], held["metrics"]
+                )
             )
             return
         _, prefix = storage.resolve(self.start_dir)
@@ -569,7 +585,7 @@ class WarmTrial(tune.Trainable):
             self.group.filesystem, reply["checkpoint"], like=self.plan.train_storage
         )
         metrics = {**held["metrics"], **{k: v for k, v in reply.items() if k != "checkpoint"}}
-        ray.get(leaderboard.written.remote(self.trial, uri, held["value"], metrics))
+        ray.get(leaderboard.written.remote(self.ckpt.trial, uri, held["value"], metrics))
 
     def _save(self, metrics: dict[str, Any], full: bool, record: bool = False) -> str:
         """Have the workers write the state as it is now; keep what is still needed."""
@@ -578,13 +594,14 @@ class WarmTrial(tune.Trainable):
         reply = group.call(Save(prefix, weights_only=not full))
         uri = storage.uri_of(group.filesystem, reply["checkpoint"], like=self.plan.train_storage)
         metrics.update({k: v for k, v in reply.items() if k != "checkpoint"})
-        self.latest = (uri, dict(metrics))
+        ckpt = self.ckpt
+        ckpt.latest = (uri, dict(metrics))
         if record:
-            self.records.add(uri)
+            ckpt.records.add(uri)
         if full:
             self.full_at = time.monotonic()
-            previous, self.full = self.full, uri
-            if not self.pbt and previous and previous != uri and previous not in self.records:
+            previous, ckpt.full = ckpt.full, uri
+            if not self.pbt and previous and previous != uri and previous not in ckpt.records:
                 storage.delete_dir(previous)  # superseded: only the latest resumes
         return uri
 
@@ -595,22 +612,23 @@ class WarmTrial(tune.Trainable):
 
         from ray.train._internal.session import _TrainingResult
 
-        if self.latest is None or int(self.latest[1][M.STEP]) != self.step_now:
+        ckpt = self.ckpt
+        if ckpt.latest is None or int(ckpt.latest[1][M.STEP]) != self.step_now:
             if self.group is None or not self.started:
                 raise RuntimeError(f"{self.trial_name}: nothing to checkpoint yet")
             self._save(dict(self._last_result or {}), full=True)
-        uri, metrics = self.latest
+        uri, metrics = ckpt.latest
         pointer = {
             "uri": uri,
-            "resume": self.full,
+            "resume": ckpt.full,
             M.TRAIN_RUN: metrics.get(M.TRAIN_RUN),
             "step": metrics[M.STEP],
         }
         with open(os.path.join(checkpoint_dir, POINTER_FILE), "w") as fh:
             json.dump(pointer, fh)
-        if self.pbt and uri == self.full:
+        if self.pbt and uri == ckpt.full:
             fs, path = storage.resolve(uri)
-            self.kept.register_checkpoint(
+            ckpt.kept.register_checkpoint(
                 _TrainingResult(checkpoint=train.Checkpoint(path, filesystem=fs), metrics=metrics)
             )
         return checkpoint_dir
@@ -644,7 +662,7 @@ class WarmTrial(tune.Trainable):
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         """The next trial (or an exploit's new hyperparameters) on this actor and its group."""
-        if getattr(self, "trial", None) != self.trial_name:  # the last trial is over
+        if self.ckpt is not None and self.ckpt.trial != self.trial_name:  # the last one is over
             self._release()
         if self.group is not None and self.group.alive and self.started:
             self.group.call(End())

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cluster.resources import ClusterCapacity
 from tests.k8s import checks
 
 try:
@@ -39,9 +40,21 @@ KINDS = {
     "cron/batch": {"CronJob", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"},
 }
 RETRAIN_ENTRYPOINT = "python -m tune_jobs retrain /etc/tunefleet/job.yaml"
-needs_kubectl = pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) is not installed"
-)
+
+
+@pytest.fixture
+def kubectl() -> None:
+    """kubectl (with its built-in kustomize) renders the manifests: a missing one fails the
+    test naming it (the machine image has it; elsewhere install kubectl >= 1.27), never a
+    silent skip that would let a broken manifest through."""
+    if shutil.which("kubectl") is None:
+        pytest.fail(
+            "kubectl is not installed: these tests render k8s/ with `kubectl kustomize`; "
+            "install kubectl (>= 1.27, with its built-in kustomize) and run them again"
+        )
+
+
+needs_kubectl = pytest.mark.usefixtures("kubectl")
 
 
 def pinned(name: str) -> str:
@@ -182,23 +195,71 @@ def test_rayjob_runs_its_own_copy_of_the_cluster(target: str) -> None:
     assert job_vol["configMap"]["name"] == configmap["metadata"]["name"]  # hash suffix followed
 
 
+def _quantity(value: Any) -> float:
+    """A Kubernetes CPU or GPU quantity as a number ("8", "3500m", 2)."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _node(group: dict[str, Any]) -> tuple[float, float]:
+    """(CPUs, GPUs) Ray sees on one pod of a group: ``num-cpus``/``num-gpus`` where the
+    group sets them, else the container's limits (as KubeRay passes them to ray start)."""
+    params = group.get("rayStartParams") or {}
+    limits = group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    cpus = _quantity(params.get("num-cpus", limits.get("cpu", 0)))
+    gpus = _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))
+    return cpus, gpus
+
+
+def full_scale(cluster_spec: dict[str, Any]) -> ClusterCapacity:
+    """The cluster with every worker group at ``maxReplicas``, as tunefleet's own resource
+    arithmetic sees a cluster."""
+    nodes = [_node(cluster_spec["headGroupSpec"])]
+    for group in cluster_spec["workerGroupSpecs"]:
+        nodes += [_node(group)] * int(group["maxReplicas"])
+    return ClusterCapacity(
+        cpus=sum(c for c, _ in nodes),
+        gpus=sum(g for _, g in nodes),
+        max_node_cpus=max(c for c, _ in nodes),
+        max_node_gpus=max(g for _, g in nodes),
+        nodes=len(nodes),
+        autoscaling=bool(cluster_spec.get("enableInTreeAutoscaling")),
+    )
+
+
 @needs_kubectl
-def test_prod_gpu_workers() -> None:
-    docs = render("overlays/prod-gpu")
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_cluster_at_full_scale_runs_its_own_job_spec(target: str) -> None:
+    """Derived, not restated: the job spec in the overlay's ConfigMap, put through
+    tunefleet's own resource arithmetic (``cluster.resources``), against the cluster its
+    RayCluster and RayJob describe at full scale. Every trial the spec asks to run at once
+    fits (a PBT population whole); GPUs are asked for exactly where the spec's workers use
+    them, on pods that tolerate the GPU nodes' taint and run the GPU image."""
+    from cluster.resources import max_concurrent_trials
+    from tune_jobs.run import check_population_fits, trial_resources
+    from tune_jobs.spec import parse_spec
+
+    docs = render(target)
+    spec = parse_spec(yaml.safe_load(job_spec_configmap(docs)["data"]["job.yaml"]))
+    trial = trial_resources(spec)
     for doc in by_kind(docs, "RayCluster") + by_kind(docs, "RayJob"):
-        ((_, cs),) = checks.cluster_specs(doc)
-        (group,) = cs["workerGroupSpecs"]
-        pod = group["template"]["spec"]
-        res = pod["containers"][0]["resources"]
-        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "1"
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
-            "tolerations"
-        ]
-        assert pod["nodeSelector"]
-        assert pod["containers"][0]["image"].endswith("-gpu")
-    spec = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["job.yaml"])
-    assert spec["resources"]["gpus_per_worker"] == 1
-    assert spec["distributed"]["strategy"] == "deepspeed"
+        ((_, cluster),) = checks.cluster_specs(doc)
+        capacity = full_scale(cluster)
+        fits = max_concurrent_trials(trial, capacity, spec.resources.max_concurrent_trials)
+        wanted = spec.resources.max_concurrent_trials or 1
+        assert fits >= wanted, (target, doc["kind"], trial, capacity)
+        check_population_fits(spec, fits)
+        for group in cluster["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            _, gpus = _node(group)
+            assert (gpus > 0) == (trial.gpus_per_worker > 0), (target, group["groupName"])
+            image = pod["containers"][0]["image"]
+            assert image.endswith("-gpu" if gpus else "-cpu"), image
+            if gpus:
+                assert any(
+                    t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule"
+                    for t in pod.get("tolerations", [])
+                )
 
 
 @needs_kubectl
@@ -226,20 +287,6 @@ def test_llm_gpu_runs_a_lora_sweep_on_prod_gpus_cluster() -> None:
     # the run is its own: a retry of this RayJob resumes this sweep, not prod-gpu's
     prod_spec = yaml.safe_load(by_kind(prod, "ConfigMap")[0]["data"]["job.yaml"])
     assert spec["run"]["name"] != prod_spec["run"]["name"]
-
-
-@needs_kubectl
-def test_dev_cpu_workers() -> None:
-    docs = render("overlays/dev-cpu")
-    for doc in by_kind(docs, "RayCluster") + by_kind(docs, "RayJob"):
-        ((_, cs),) = checks.cluster_specs(doc)
-        (group,) = cs["workerGroupSpecs"]
-        assert (group["minReplicas"], group["maxReplicas"]) == (0, 2)
-        assert (
-            "nvidia.com/gpu"
-            not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        )
-        assert group["template"]["spec"]["containers"][0]["image"].endswith("-cpu")
 
 
 @cache

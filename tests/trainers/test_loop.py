@@ -368,6 +368,17 @@ def test_build_state_turns_on_gradient_checkpointing(rt_small):
     state_off, _ = build_state(worker, off, off.hp, 0)
     assert state_on.model.is_activation_checkpointing
     assert not state_off.model.is_activation_checkpointing
+    # and it recomputes: a training step runs the top block's attention twice (once more in
+    # the backward pass, instead of keeping its activations), once without
+    batch = worker.tokenizer(["a good film", "a dull one"], return_tensors="pt", padding=True)
+    for state, forwards in ((state_on, 2), (state_off, 1)):
+        calls: list[int] = []
+        attention = state.model.bert.encoder.layer[-1].attention
+        hook = attention.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        state.model.train()
+        state.model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+        hook.remove()
+        assert len(calls) == forwards, (state.model.is_activation_checkpointing, len(calls))
 
 
 def test_a_nan_loss_stops_the_trial_at_that_step_not_at_the_evaluation(rt_small, tmp_path):

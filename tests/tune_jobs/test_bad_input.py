@@ -453,10 +453,6 @@ def assert_refused(argv, key, hint, inputs_dir, tmp_path, capsys, config="debug-
     assert not [n for n in os.listdir(inputs_dir) if n.startswith(".tunefleet-probe-")]
 
 
-def test_there_are_at_least_30_cases():
-    assert len({c[0] for c in CASES}) == len(CASES) >= 30
-
-
 def test_a_models_own_code_runs_only_when_the_spec_trusts_it(files, tmp_path, capsys, no_ray):
     """Refused (exit 2) without ``model.trust_remote_code``, and its code never ran; with
     it, the model builds from its own classes."""
