@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cluster import ray_private
+
 
 class ResourceError(ValueError):
     """A resource request that can never be satisfied; names the spec key."""
@@ -157,12 +159,7 @@ UNBOUNDED_NODES = 1000
 
 def autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
     """(resources of one node, max nodes) per node type the autoscaler can start; [] without one."""
-    from ray._private.state import state
-
-    try:
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - an older GCS without the key: no autoscaler info
-        return []
+    config = ray_private.autoscaler_config()
     if config is None:
         return []
     types = []
@@ -206,17 +203,11 @@ def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.
     import time
 
     import ray
-    from ray._raylet import GcsClient
-    from ray.autoscaler.v2.sdk import request_cluster_resources
-    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
     address = ray.get_runtime_context().gcs_address
-    client = GcsClient(address=address)
 
     def status() -> Any:
-        reply = GetClusterStatusReply()
-        reply.ParseFromString(client.get_cluster_status(timeout_s=10))
-        return reply
+        return ray_private.autoscaler_status(address)
 
     # An autoscaler reports every few seconds (AUTOSCALER_UPDATE_INTERVAL_S, 5 by
     # default); a cluster that was just started may not have heard from it yet.
@@ -225,7 +216,7 @@ def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.
         if time.monotonic() > deadline:
             return None
         time.sleep(1)
-    request_cluster_resources(address, [{"resources": b} for b in bundles])
+    ray_private.request_cluster_resources(address, bundles)
     try:
         asked = status().cluster_resource_state.cluster_resource_state_version
         deadline = time.monotonic() + timeout_s
@@ -237,4 +228,4 @@ def autoscaler_can_place(bundles: list[dict[str, float]], timeout_s: float = 60.
             return not state.infeasible_cluster_resource_constraints
         return True  # no verdict in time: let Tune's requests wait rather than refuse
     finally:
-        request_cluster_resources(address, [])
+        ray_private.request_cluster_resources(address, [])

@@ -16,7 +16,6 @@ A thin layer over Ray's Job Submission SDK (``JobSubmissionClient``):
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import threading
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster import ray_private
 from cluster.connect import BASE_ENV_VARS
 
 #: Environment variable that carries the resolved job spec (YAML) into the job.
@@ -76,35 +76,21 @@ def use_token(token_file: str | None = None) -> str:
     else:
         return "no token (the cluster must not require one)"
     os.environ["RAY_AUTH_MODE"] = "token"
-    # Ray caches its config and token at import: refresh both so this process sends the token.
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
-    from ray._raylet import AuthenticationTokenLoader
-
-    _enable_token_auth()
-    AuthenticationTokenLoader.instance().reset_cache()
+    ray_private.reload_auth_token()  # Ray read both at import: this process sends the token
     return f"token from {source}"
 
 
 def uploaded_files(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -> set[Path]:
     """The files (absolute paths) Ray would upload from ``working_dir``: the same walk and
     ignore rules Ray applies (its excludes, ``.gitignore``, ``.rayignore``)."""
-    from ray._private.runtime_env.packaging import _dir_travel
-
     found: set[Path] = set()
 
     def handler(path: Path) -> None:
         if path.is_file():
             found.add(path.absolute())
 
-    quiet = logging.getLogger("tunefleet.upload")  # Ray logs every ignore file it reads
-    quiet.setLevel(logging.WARNING)
-    _dir_travel(
-        Path(working_dir).absolute(),
-        [_excluder(working_dir, excludes)],
-        handler,
-        include_gitignore=True,
-        logger=quiet,
-    )
+    # Ray logs every ignore file it reads: quiet
+    ray_private.walk_upload(working_dir, list(excludes), handler, quiet="tunefleet.upload")
     return found
 
 
@@ -114,17 +100,9 @@ def upload_size(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -
     return len(files), sum(f.stat().st_size for f in files)
 
 
-def _excluder(working_dir: str, excludes: tuple[str, ...]) -> Callable[[Path], bool]:
-    from ray._private.runtime_env.packaging import _get_excludes
-
-    return _get_excludes(Path(working_dir).absolute(), list(excludes))
-
-
 def upload_limit() -> int:
     """Ray's limit on an uploaded package (bytes)."""
-    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
-
-    return int(GCS_STORAGE_MAX_SIZE)
+    return ray_private.upload_limit()
 
 
 def runtime_env(working_dir: str, spec_yaml: str) -> dict[str, Any]:

@@ -38,3 +38,20 @@ def test_nothing_imports_main():
     for path in ROOT.glob("*/*.py"):
         if path.parts[-2] in ("tune_jobs", "trainers", "cluster"):
             assert "tune_jobs.__main__" not in _imports(path), path
+
+
+#: Ray's non-public modules: only ``cluster/ray_private.py`` may import them (it says why
+#: for each, and tests/cluster/test_ray_private.py checks each against the pinned Ray)
+RAY_PRIVATE = ("ray._private", "ray._raylet", "ray.train._internal", "ray.tune.execution")
+
+
+def test_only_ray_private_imports_rays_internals():
+    offenders = []
+    for package in ("tune_jobs", "trainers", "cluster"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "cluster" / "ray_private.py":
+                continue
+            for name in _imports(path):
+                if any(name == p or name.startswith(p + ".") for p in RAY_PRIVATE):
+                    offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not offenders, offenders

@@ -154,12 +154,11 @@ def set_trial_environment() -> None:
     """What Tune copies from the driver's environment into every trial actor's runtime env
     (and so into the Train controller and its placement-group cleaner): never the cloud
     credentials; always the local cluster's dashboard address (see ``cluster.connect``)."""
-    from ray.tune.execution import class_cache
-
+    from cluster import ray_private
     from cluster.connect import API_SERVER_ENV
 
-    propagated = set(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_VARS
-    class_cache.ENV_VARS_TO_PROPAGATE = propagated | {API_SERVER_ENV}
+    propagated = ray_private.propagated_env_vars() - CREDENTIAL_VARS
+    ray_private.set_propagated_env_vars(propagated | {API_SERVER_ENV})
 
 
 def _trial_name(trial: Any) -> str:

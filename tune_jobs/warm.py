@@ -46,11 +46,11 @@ from typing import Any
 
 import ray
 from ray import train, tune
+from ray.train import LoggingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2.api.config import LoggingConfig
 from ray.tune.result import DONE, SHOULD_CHECKPOINT
 
-from cluster import storage
+from cluster import ray_private, storage
 from trainers import metrics as M
 from trainers.serve import End, Exit, Failed, Hold, Interval, Save, SaveHeld, Start, serve
 from tune_jobs import faults, layout
@@ -471,16 +471,17 @@ class WarmTrial(tune.Trainable):
     def _begin(self, config: dict[str, Any]) -> None:
         """A new trial on this actor: nothing is sent until its first step."""
         from ray.train import CheckpointConfig
-        from ray.train._internal.checkpoint_manager import _CheckpointManager
 
         self.hp = trial_hparams(self.plan.spec, config)
         self.resume: str | None = None  # a checkpoint to start from (load_checkpoint)
         self.started = False
         self.step_now = -1  # the step of the last report
+        self.last_metrics: dict[str, Any] = {}  # the last report's metrics
         if self.ckpt is None or self.ckpt.trial != self.trial_name:  # not an exploit
             # pbt/pb2: Ray Train's own manager, with the rule a cold trial's run applied
             retention = CheckpointConfig(**checkpoint_retention(self.plan.spec))
-            self.ckpt = TrialCheckpoints(self.trial_name, kept=_CheckpointManager(retention))
+            kept = ray_private.checkpoint_manager(retention)
+            self.ckpt = TrialCheckpoints(self.trial_name, kept=kept)
 
     def _group(self) -> LeasedGroup:
         """The group this actor leased, leased at its first step; renewed if its workers died."""
@@ -528,6 +529,7 @@ class WarmTrial(tune.Trainable):
         metrics[M.TRAIN_RUN] = group.name
         metrics[M.TRIAL_START] = self.start_name
         metrics[M.WORKER_PID] = self.worker_pid
+        self.last_metrics = metrics
         self.step_now = int(metrics[M.STEP])
         if self.hp["save_checkpoints"] and self._write(metrics):
             metrics[SHOULD_CHECKPOINT] = True
@@ -610,13 +612,11 @@ class WarmTrial(tune.Trainable):
         Tune asks for a report that wrote nothing: a pause)."""
         import json
 
-        from ray.train._internal.session import _TrainingResult
-
         ckpt = self.ckpt
         if ckpt.latest is None or int(ckpt.latest[1][M.STEP]) != self.step_now:
             if self.group is None or not self.started:
                 raise RuntimeError(f"{self.trial_name}: nothing to checkpoint yet")
-            self._save(dict(self._last_result or {}), full=True)
+            self._save(dict(self.last_metrics), full=True)
         uri, metrics = ckpt.latest
         pointer = {
             "uri": uri,
@@ -628,9 +628,8 @@ class WarmTrial(tune.Trainable):
             json.dump(pointer, fh)
         if self.pbt and uri == ckpt.full:
             fs, path = storage.resolve(uri)
-            ckpt.kept.register_checkpoint(
-                _TrainingResult(checkpoint=train.Checkpoint(path, filesystem=fs), metrics=metrics)
-            )
+            checkpoint = train.Checkpoint(path, filesystem=fs)
+            ray_private.register_checkpoint(ckpt.kept, checkpoint, metrics)
         return checkpoint_dir
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
