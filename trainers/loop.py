@@ -674,7 +674,7 @@ class TrialRun:
         report_with_checkpoint(self.worker, self.cfg, self.state, report)
         self.progress.since = time.perf_counter()  # the report is not training time
 
-    def score(self) -> dict[str, Any]:
+    def evaluate(self) -> dict[str, Any]:
         """Evaluate, decide on early stopping (``self.stopped``); the report, logged by rank 0."""
         self._report_at_end = False
         s, cfg, ctx, data = self.state, self.cfg, self.worker.ctx, self.worker.data
