@@ -5,16 +5,23 @@
     <run.storage_path>/<run>/
         job_spec.yaml              the spec as run; a resume and a replay read it back
         summary.json               the run's summary (``tune_jobs.results``)
-        leader.json                the best checkpoint warm-group trials wrote: the export's
         best_model/                the exported model, re-scored (``metrics.json`` last)
         reports/<trial>.jsonl      every report of every trial (``tune_jobs.report_log``)
         failures/<trial>.json      a trial whose own code failed: not retried (``faults``)
+        train_runs/leader.json     the best checkpoint warm-group trials wrote: the export's
         train_runs/group<k>/       a warm worker group's Ray Train run
         train_runs/<trial>/start<k>/checkpoint_<step>/
                                    what a trial's workers wrote; a restore begins start<k+1>
         tuner.pkl, experiment_state-*.json, <trial>/ ...   Ray Tune's own
 
 Names are deterministic (``next_numbered``): a restarted driver finds its own folders.
+
+Nothing tunefleet writes while a sweep runs may sit at the top level as ``*.json`` or
+``*.pkl``: a restored Tune copies every such file into its staging folder and uploads
+them again at each snapshot, over what was written since (measured: a resumed sweep's
+``leader.json``, rewritten when a resumed trial's best was written, was put back to the
+one from before the kill, and the export took a worse trial). ``summary.json`` is written
+after the sweep; ``leader.json`` lives under ``train_runs/``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,16 @@ CHECKPOINT = "checkpoint_"  # <start>/checkpoint_<step>: written by the workers
 def train_runs(run_dir: str) -> str:
     """Where the trials' workers write (``TrialPlan.train_storage``)."""
     return storage.join(run_dir, TRAIN_RUNS)
+
+
+def leader_file(run_dir: str) -> str:
+    return storage.join(train_runs(run_dir), LEADER_FILE)
+
+
+def trial_of(uri: str) -> str | None:
+    """The trial a checkpoint belongs to (the ``trial_<n>`` folder on its path), or None."""
+    parts = [p for p in uri.split("?")[0].split("/") if p.startswith("trial_")]
+    return parts[-1] if parts else None
 
 
 def failures_dir(run_dir: str) -> str:
@@ -101,6 +118,8 @@ def written_checkpoints(run_dir: str) -> list[tuple[str, dict]]:
     root = train_runs(run_dir)
     found = []
     for trial in storage.list_names(root) if storage.exists(root) else []:
+        if not trial.startswith("trial_"):
+            continue  # group<k>/, leader.json
         for _, _, uri in checkpoints(storage.join(root, trial)):
             manifest = manifest_of(uri)
             if manifest is not None:

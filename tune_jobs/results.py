@@ -137,7 +137,7 @@ def written_checkpoints(run_dir: str, metric: str, mode: str) -> list[tuple[str,
 
 def read_leader(run_dir: str) -> dict[str, Any] | None:
     """The best checkpoint warm-group trials wrote (``tune_jobs.warm.ExportLeader``), if any."""
-    path = storage.join(run_dir, layout.LEADER_FILE)
+    path = layout.leader_file(run_dir)
     if not storage.exists(path):
         return None
     leader = json.loads(storage.read_text(path))
@@ -324,6 +324,7 @@ def export_best(
         )
         record = {
             "checkpoint": uri,
+            "trial": layout.trial_of(uri),  # whose checkpoint: not always the best trial's
             "reported": _clean(metrics),
             "reloaded_validation": validation,
             "test": test,
@@ -417,6 +418,10 @@ def build_summary(
             "metrics": best.best,
             "export_dir": storage.join(run_dir, layout.EXPORT_DIR) if export else None,
             "checkpoint": export["checkpoint"] if export else None,
+            # the trial whose checkpoint was exported, and what it reported: the scores
+            # below are that model's (another trial's when the best one's was never written)
+            "exported_trial": export.get("trial") if export else None,
+            "exported_metrics": export.get("reported") if export else None,
             "reloaded_validation": export["reloaded_validation"] if export else None,
             "test": export["test"] if export else None,
             **{

@@ -538,7 +538,8 @@ def run_job(
                 if leader["trial"] != best.trial:
                     echo(
                         f"note: {best.trial} reported the best {metric} but its checkpoint "
-                        f"was never written (it failed?); exporting {leader['trial']}'s"
+                        f"was never written (it failed?); exporting {leader['trial']}'s "
+                        f"({metric} {leader['value']:.4f})"
                     )
             elif spec.training.save_checkpoints:
                 uri, ckpt_metrics = results.best_checkpoint_uri(

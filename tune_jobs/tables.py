@@ -154,14 +154,26 @@ def leaderboard(summary: dict[str, Any]) -> str:
         def said(scored: dict[str, Any]) -> str:
             return ", ".join(f"{k} {_fmt(scored[k])}" for k in task.scores if k in scored)
 
+        # every score below is the exported model's: named by its own trial
+        exported = best.get("exported_trial") or best["trial"]
+        if exported != best["trial"]:
+            reported = (best.get("exported_metrics") or {}).get(metric)
+            out.append(
+                f"exported instead: {exported}'s checkpoint ({metric}={_fmt(reported)}); "
+                f"{best['trial']}'s best was never written"
+            )
         if best.get("reloaded_validation"):
-            out.append(f"exported model reloaded: validation {said(best['reloaded_validation'])}")
+            out.append(
+                f"exported model ({exported}) reloaded: validation "
+                f"{said(best['reloaded_validation'])}"
+            )
         if best.get("adapter_validation"):
             out.append(
-                f"adapter reloaded on its base: validation {said(best['adapter_validation'])}"
+                f"adapter ({exported}) reloaded on its base: validation "
+                f"{said(best['adapter_validation'])}"
             )
         if best.get("test"):
-            out.append(f"test (best model, scored once): {said(best['test'])}")
+            out.append(f"test (exported model, {exported}, scored once): {said(best['test'])}")
         generated = best.get("generated_test")
         if generated:
             out.append(

@@ -400,13 +400,13 @@ class ExportLeader:
 
     ``offer``: the best value of the searched metric reported so far (DeepSpeed trials
     write an evaluation that leads at once). ``improves`` / ``written``: the best
-    checkpoint written so far; ``written`` also records it in ``<run>/leader.json``,
+    checkpoint written so far; ``written`` also records it in ``train_runs/leader.json``,
     which the export reads.
     """
 
     def __init__(self, mode: str, run_dir: str | None = None) -> None:
         self.mode = mode
-        self.path = storage.join(run_dir, layout.LEADER_FILE) if run_dir else None
+        self.path = layout.leader_file(run_dir) if run_dir else None
         self.best = None  # best value reported
         # best checkpoint written; a resumed run's earlier one still counts
         self.leader: dict[str, Any] | None = read_leader(run_dir) if run_dir else None
@@ -456,7 +456,7 @@ class WarmTrial(tune.Trainable):
     RNG: an exact resume) at most every ``checkpoint_every_s`` seconds; and the weights
     of the trial's best evaluation, held in the workers' memory while it trains and
     written when the trial ends, only if they beat every checkpoint written before
-    (the export takes the best written: ``<run>/leader.json``). DeepSpeed trials write an
+    (the export takes the best written: ``train_runs/leader.json``). DeepSpeed trials write an
     evaluation that leads the sweep at once instead. Whenever Tune itself asks for a
     checkpoint (a pause), the state is written in full then.
     """

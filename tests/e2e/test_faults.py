@@ -35,8 +35,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -47,7 +45,7 @@ import yaml
 from cluster import storage
 from tests.conftest import REPO, RT_INSTRUCTION
 from tests.e2e.cluster_procs import Outage, S3Server, s3_objects
-from tests.e2e.conftest import tunefleet
+from tests.e2e.conftest import kill_driver, start_driver, stop_driver, tunefleet, wait_for
 from tune_jobs.report_log import read_reports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -80,56 +78,6 @@ SPEC = {
     "resources": {"num_workers": 1, "cpus_per_worker": 0.99, "max_concurrent_trials": 1},
     "run": {"name": "faults", "seed": 0, "fingerprint_weights": True},
 }
-
-
-def _driver(spec_path, storage_path: str, stdout, env: dict[str, str] | None = None):
-    """``tunefleet run`` in its own session (a local Ray of its own), output to ``stdout``."""
-    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tune_jobs",
-            "run",
-            str(spec_path),
-            f"run.storage_path={storage_path}",
-        ],
-        cwd=REPO,
-        env={**base, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
-        stdout=stdout,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait(what: str, check, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert proc.poll() is None, f"the driver ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout_s:.0f} s"
-        time.sleep(0.3)
-
-
-def _kill_driver(proc: subprocess.Popen) -> list[psutil.Process]:
-    """SIGKILL the driver mid-sweep; returns the processes of its local Ray cluster (found
-    before the kill, while they are still its descendants), which live on without it."""
-    ray_procs = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    return ray_procs
-
-
-def _stop(proc: subprocess.Popen, ray_procs: list[psutil.Process]) -> None:
-    """Whatever a fixture started and the test did not already kill: the driver's process
-    group, then its Ray cluster's processes, by pid."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    for child in ray_procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    psutil.wait_procs(ray_procs, timeout=30)
 
 
 def _saved(run_dir: str, trial: str) -> tuple[str | None, int]:
@@ -183,13 +131,13 @@ def faulted_run(tmp_path_factory, bucket):
     log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
     # Tune saves its experiment state every 2 s (default: at least 10 s), so the test knows
     # sooner what a resume will find
-    proc = _driver(tmp / "job.yaml", root, log, {**planted, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    proc = start_driver(tmp / "job.yaml", root, log, {**planted, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
     ray_procs: list[psutil.Process] = []
     try:
-        _wait("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
+        wait_for("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
         killed_worker = read_reports(run_dir, "trial_00000")[0]["worker_pid"]
         os.kill(killed_worker, signal.SIGKILL)
-        _wait(
+        wait_for(
             "trial_00000 finished and a trial_00001 report",
             lambda: (
                 _saved(run_dir, "trial_00000")[0] == "TERMINATED"
@@ -203,10 +151,10 @@ def faulted_run(tmp_path_factory, bucket):
         link.restore()
         # the driver dies once Tune's saved state holds two more of trial_00001's evaluations
         # (and so a checkpoint to continue from)
-        _wait("trial_00001 at step 12", lambda: _saved(run_dir, "trial_00001")[1] >= 12, proc)
-        ray_procs = _kill_driver(proc)
+        wait_for("trial_00001 at step 12", lambda: _saved(run_dir, "trial_00001")[1] >= 12, proc)
+        ray_procs = kill_driver(proc)
     finally:
-        _stop(proc, ray_procs)
+        stop_driver(proc, ray_procs)
         log.close()
     # read once its trials' processes are gone too: none can report after this
     before_resume = {t: read_reports(run_dir, t) for t in ("trial_00000", "trial_00001")}
@@ -390,13 +338,13 @@ def single_process_run(tmp_path_factory, tiny_llama):
     ray_tmp = tempfile.mkdtemp(prefix="tf-single-")  # short: Ray's socket paths are limited
     env = {"RAY_TMPDIR": ray_tmp}
     log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
-    proc = _driver(tmp / "job.yaml", str(tmp), log, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    proc = start_driver(tmp / "job.yaml", str(tmp), log, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
     ray_procs: list[psutil.Process] = []
     try:
-        _wait("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
+        wait_for("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
         killed = read_reports(run_dir, "trial_00000")[0]["pid"]
         os.kill(killed, signal.SIGKILL)
-        _wait(
+        wait_for(
             "a saved checkpoint of the restarted trial_00000",
             lambda: (
                 _saved(run_dir, "trial_00000")[0] == "RUNNING"
@@ -404,9 +352,9 @@ def single_process_run(tmp_path_factory, tiny_llama):
             ),
             proc,
         )
-        ray_procs = _kill_driver(proc)
+        ray_procs = kill_driver(proc)
     finally:
-        _stop(proc, ray_procs)
+        stop_driver(proc, ray_procs)
         log.close()
     before_resume = {t: read_reports(run_dir, t) for t in LORA_TRIALS}
     resumed = tunefleet("resume", run_dir, timeout=600, env=env)

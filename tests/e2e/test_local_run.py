@@ -6,6 +6,7 @@ what it left behind against Ray's own result files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ import tempfile
 import pytest
 import yaml
 
-from tests.e2e.conftest import tunefleet
+from tests.e2e.conftest import kill_driver, start_driver, stop_driver, tunefleet, wait_for
+from tune_jobs.report_log import read_reports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -176,18 +178,90 @@ def test_only_what_the_export_and_a_resume_need_is_written(finished_run):
     first trial's (nothing was written before it), then the second's, which beats it;
     the third's does not. Once the sweep is exported, only the best trial's is left,
     and it is the one exported."""
-    from tune_jobs.report_log import read_reports
-
     run_dir, summary, stdout = finished_run
     best_trial = summary["best"]["trial"]
-    left = {n for n in os.listdir(run_dir / "train_runs") if not n.startswith("group")}
-    assert left == {best_trial}  # (group<k>: the warm group's own Train run folder)
+    left = {n for n in os.listdir(run_dir / "train_runs") if n.startswith("trial_")}
+    assert left == {best_trial}  # (besides group<k>, a warm group's own Train run folder)
     (checkpoint,) = (run_dir / "train_runs" / best_trial).glob("start*/checkpoint_*")
     assert not (checkpoint / "trainer_state.pt").exists()  # weights only: an export
     manifest = json.loads((checkpoint / "tunefleet_checkpoint.json").read_text())
     assert manifest["resumable"] is False
-    leader = json.loads((run_dir / "leader.json").read_text())
+    leader = json.loads((run_dir / "train_runs" / "leader.json").read_text())
     assert leader["trial"] == best_trial and leader["uri"] == str(checkpoint)
     # the best evaluation, not the last one
     best = min(read_reports(str(run_dir), best_trial), key=lambda r: r["eval_loss"])
     assert manifest["step"] == best["step"] == summary["best"]["metrics"]["step"]
+
+
+# --- the same sweep, its driver killed and resumed ------------------------------------
+
+#: where the driver is SIGKILLed: while the best trial trains (its best evaluation only in
+#: its workers' memory), and once its best is written and the next trial has begun
+KILL_POINTS = {
+    "best-trial-training": lambda run_dir: len(read_reports(run_dir, "trial_00001")) >= 1,
+    "after-best-written": lambda run_dir: _leader(run_dir) == "trial_00001",
+}
+
+
+def _leader(run_dir: str) -> str | None:
+    path = os.path.join(run_dir, "train_runs", "leader.json")
+    with contextlib.suppress(OSError, ValueError), open(path) as fh:
+        return json.load(fh)["trial"]
+    return None
+
+
+@pytest.fixture(scope="module", params=sorted(KILL_POINTS))
+def resumed_run(request, tmp_path_factory):
+    """The module's sweep again, its driver (and its Ray, by pid) SIGKILLed at a kill point,
+    then ``tunefleet resume``."""
+    root = tmp_path_factory.mktemp(f"killed-{request.param}")
+    spec_path = root / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    run_dir = str(root / "results" / "e2e")
+    ray_tmp = tempfile.mkdtemp(prefix="tf-kill-")  # short: Ray's socket paths are limited
+    env = {"RAY_TMPDIR": ray_tmp}
+    log = open(root / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
+    proc = start_driver(
+        spec_path, str(root / "results"), log, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "2"}
+    )
+    ray_procs: list = []
+    try:
+        wait_for(request.param, lambda: KILL_POINTS[request.param](run_dir), proc, timeout_s=600)
+        ray_procs = kill_driver(proc)
+    finally:
+        stop_driver(proc, ray_procs)
+        log.close()
+    resumed = tunefleet("resume", run_dir, env=env)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((root / "results" / "e2e" / "summary.json").read_text())
+    return request.param, root / "results" / "e2e", summary, resumed.stdout
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_resumed_sweep_exports_what_an_uninterrupted_one_does(finished_run, resumed_run):
+    """Same seed: the resumed sweep exports the same weights (SHA-256) as the uninterrupted
+    one, from the same best trial, with the same scores; and every line of its output that
+    names a trial shows that trial's own scores."""
+    run_dir, summary, _ = finished_run
+    point, resumed_dir, resumed, stdout = resumed_run
+    assert _sha(resumed_dir / "best_model" / "model.safetensors") == _sha(
+        run_dir / "best_model" / "model.safetensors"
+    ), point
+    for key in ("trial", "config", "exported_trial", "reloaded_validation", "test"):
+        assert resumed["best"][key] == summary["best"][key], (point, key)
+    assert resumed["best"]["exported_trial"] == resumed["best"]["trial"]
+
+    def scores(metrics: dict) -> dict:  # what the seed fixes (not timings)
+        return {k: v for k, v in metrics.items() if k in {"eval_loss", "eval_accuracy", "step"}}
+
+    assert scores(resumed["best"]["metrics"]) == scores(summary["best"]["metrics"])
+    best = {t["trial"]: scores(t["best"]) for t in summary["trials"]}
+    assert {t["trial"]: scores(t["best"]) for t in resumed["trials"]} == best, point
+    assert "never written" not in stdout
+    assert f"exported model ({resumed['best']['trial']}) reloaded" in stdout
