@@ -13,22 +13,34 @@ from trainers import metrics as M
 from trainers.loop import run_local
 
 
-@pytest.fixture
-def process_group(monkeypatch):
+@pytest.fixture(scope="module")
+def process_group():
+    """One gloo group of one for the module: DeepSpeed keeps the groups it derives from the
+    first one it sees, so a second group in the same process would not be registered."""
+    import os
+
     import torch.distributed as dist
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for key, value in (
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29533"),
-        ("RANK", "0"),
-        ("LOCAL_RANK", "0"),
-        ("WORLD_SIZE", "1"),
-    ):
-        monkeypatch.setenv(key, value)
+    values = {
+        "DS_ACCELERATOR": "cpu",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29533",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _config(splits, distributed=None):
