@@ -1,28 +1,23 @@
-"""The job spec: typed, frozen sections with a description and a default per field.
-
-YAML and ``key=value`` overrides only fill these models. Every problem in a
-spec (unknown keys, bad values, sections that disagree) is collected and raised
-once as a ``SpecError`` before anything starts.
-"""
+"""The typed, frozen sections of a job spec, with a description and a default per field;
+the keys a search may sample and PBT may change."""
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers import metrics as M
 from trainers.config import DROPOUT_KEYS
-from trainers.data import FILE_SOURCES, FORMATS, HUB, SOURCES, TEXT_LABEL
-from trainers.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS
+from trainers.data import FILE_SOURCES, FORMATS, HUB, SOURCES
+from trainers.tasks import SEQUENCE_CLASSIFICATION, TASKS
+from tune_jobs.spec.errors import FieldProblems
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -38,7 +33,7 @@ LrSchedulerType = Literal[
 ]
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     """Which pretrained model to fine-tune."""
 
     name_or_path: str = Field(
@@ -67,7 +62,7 @@ class ModelSpec(_Section):
     )
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     """Where the labelled texts come from and how they are split."""
 
     source: Literal[SOURCES] = Field(  # type: ignore[valid-type]
@@ -214,11 +209,11 @@ class DataSpec(_Section):
                 )
             )
         if problems:
-            raise _FieldProblems(problems)
+            raise FieldProblems(problems)
         return self
 
 
-class TrainingSpec(_Section):
+class TrainingSpec(Section):
     """Training defaults for every trial; the search space overrides some of them.
 
     Names follow Hugging Face ``TrainingArguments`` where one exists.
@@ -334,7 +329,7 @@ class TrainingSpec(_Section):
     @model_validator(mode="after")
     def _whole_eval_steps(self) -> TrainingSpec:
         if self.eval_steps >= 1 and not float(self.eval_steps).is_integer():
-            raise _FieldProblems(
+            raise FieldProblems(
                 [
                     (
                         "eval_steps",
@@ -396,7 +391,7 @@ DISTRIBUTIONS: dict[str, str] = {
 }
 
 
-class SearchSpec(_Section):
+class SearchSpec(Section):
     """What is searched, for which metric, how many trials."""
 
     algorithm: Literal["random", "optuna"] = Field(
@@ -437,7 +432,7 @@ class SearchSpec(_Section):
         return self.mode or M.OBJECTIVES.get(self.metric, "max")
 
 
-class SchedulerSpec(_Section):
+class SchedulerSpec(Section):
     """The Tune trial scheduler."""
 
     type: Literal["asha", "hyperband", "pbt", "pb2", "fifo"] = Field(
@@ -481,7 +476,7 @@ class SchedulerSpec(_Section):
     )
 
 
-class ResourcesSpec(_Section):
+class ResourcesSpec(Section):
     """What each trial reserves on the cluster."""
 
     trial_mode: Literal["train", "single_process"] = Field(
@@ -521,7 +516,7 @@ class ResourcesSpec(_Section):
     )
 
 
-class DeepSpeedSpec(_Section):
+class DeepSpeedSpec(Section):
     """DeepSpeed engine settings (used when distributed.strategy is deepspeed)."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(
@@ -548,7 +543,7 @@ class DeepSpeedSpec(_Section):
     )
 
 
-class AdapterSpec(_Section):
+class AdapterSpec(Section):
     """Parameter-efficient fine-tuning: a LoRA adapter on a frozen base (peft). Every key but
     ``type`` and ``quantization`` is searchable as ``adapter.<key>`` in search.space.
 
@@ -580,7 +575,7 @@ class AdapterSpec(_Section):
     @model_validator(mode="after")
     def _targets(self) -> AdapterSpec:
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            raise _FieldProblems(
+            raise FieldProblems(
                 [
                     (
                         "target_modules",
@@ -606,7 +601,7 @@ def adapter_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("adapter.")}
 
 
-class DistributedSpec(_Section):
+class DistributedSpec(Section):
     """How a trial's workers train together."""
 
     strategy: Literal["ddp", "deepspeed"] = Field(
@@ -633,7 +628,7 @@ class DistributedSpec(_Section):
     )
 
 
-class RunSpec(_Section):
+class RunSpec(Section):
     """Naming, storage and reproducibility of the whole run."""
 
     name: str = Field(
@@ -665,7 +660,7 @@ class RunSpec(_Section):
     )
 
 
-class SmokeSpec(_Section):
+class SmokeSpec(Section):
     """Start small: the whole pipeline on a subset, a few steps, one or two trials."""
 
     enabled: bool | Literal["auto"] = Field(
@@ -686,7 +681,7 @@ class SmokeSpec(_Section):
     )
 
 
-class RetrainSpec(_Section):
+class RetrainSpec(Section):
     """Scheduled retraining (``tunefleet retrain``): when a new sweep's best replaces the champion."""
 
     min_improvement: float = Field(
@@ -726,7 +721,7 @@ class RetrainSpec(_Section):
     )
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[Section]] = {
     "model": ModelSpec,
     "data": DataSpec,
     "training": TrainingSpec,
@@ -765,659 +760,3 @@ class JobSpec(BaseModel):
     def to_yaml(self) -> str:
         """The resolved spec as YAML."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a spec."""
-
-    key: str
-    value: Any
-    message: str
-
-    def __str__(self) -> str:
-        shown = "" if self.value is _MISSING else f" (got {self.value!r})"
-        return f"{self.key}: {self.message}{shown}"
-
-
-_MISSING = object()
-
-
-class SpecError(ValueError):
-    """Every problem found in a job spec."""
-
-    def __init__(self, problems: Iterable[Problem], source: str | None = None) -> None:
-        self.problems = list(problems)
-        self.source = source
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        """One screen: a line per problem."""
-        where = f" in {self.source}" if self.source else ""
-        n = len(self.problems)
-        head = f"invalid job spec{where}: {n} problem{'s' if n != 1 else ''}"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
-
-
-class _FieldProblems(ValueError):
-    """Raised inside a section validator to report several fields at once."""
-
-    def __init__(self, problems: list[tuple[str, Any, str]]) -> None:
-        super().__init__("; ".join(m for _, _, m in problems))
-        self.problems = problems
-
-
-def _problems_from_validation(
-    section: str, cls: type[_Section], exc: ValidationError
-) -> list[Problem]:
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (section, *err["loc"]))
-        ctx_error = err.get("ctx", {}).get("error")
-        if isinstance(ctx_error, _FieldProblems):
-            out += [
-                Problem(f"{section}.{k}", v if v is not None else _MISSING, m)
-                for k, v, m in ctx_error.problems
-            ]
-            continue
-        if err["type"] == "extra_forbidden":
-            valid = ", ".join(cls.model_fields)
-            out.append(Problem(loc, _MISSING, f"unknown key; valid keys in '{section}': {valid}"))
-            continue
-        out.append(Problem(loc, err.get("input", _MISSING), err["msg"]))
-    return out
-
-
-def _check_space(
-    search: SearchSpec, section: str = "search.space", allowed: frozenset[str] = SEARCHABLE
-) -> list[Problem]:
-    problems = []
-    space = search.space if isinstance(search, SearchSpec) else search
-    for key, entry in space.items():
-        where = f"{section}.{key}"
-        if allowed is MUTABLE and key in ADAPTER_SEARCHABLE - ADAPTER_MUTABLE:
-            problems.append(
-                Problem(
-                    where,
-                    _MISSING,
-                    f"{key} fixes the shape of the adapter's tensors and a PBT exploit copies "
-                    "the donor's tensors into the recipient, so it cannot change mid-training; "
-                    "search it in search.space (each trial keeps its own), or mutate "
-                    f"{', '.join(sorted(ADAPTER_MUTABLE))}",
-                )
-            )
-            continue
-        adapter_keys = ADAPTER_SEARCHABLE if allowed is SEARCHABLE else ADAPTER_MUTABLE
-        if key not in allowed | adapter_keys:
-            problems.append(
-                Problem(
-                    where,
-                    _MISSING,
-                    f"not a {'searchable' if allowed is SEARCHABLE else 'mutable'} key; allowed: {', '.join(sorted(allowed | adapter_keys))}",
-                )
-            )
-            continue
-        if not isinstance(entry, Mapping):
-            values = [entry]
-        elif len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
-            forms = "; ".join(f"{k}: {v}" for k, v in DISTRIBUTIONS.items())
-            problems.append(
-                Problem(where, dict(entry), f"expected a fixed value or one of {{{forms}}}")
-            )
-            continue
-        else:
-            ((kind, values),) = entry.items()
-            if not isinstance(values, list) or not values:
-                problems.append(Problem(f"{where}.{kind}", values, "expected a non-empty list"))
-                continue
-            if kind in ("uniform", "loguniform", "randint"):
-                if len(values) != 2:
-                    problems.append(Problem(f"{where}.{kind}", values, "expected [low, high]"))
-                    continue
-                try:
-                    low, high = float(values[0]), float(values[1])
-                except (TypeError, ValueError):
-                    problems.append(Problem(f"{where}.{kind}", values, "bounds must be numbers"))
-                    continue
-                if not low < high:
-                    problems.append(Problem(f"{where}.{kind}", values, "low must be < high"))
-                if kind == "loguniform" and low <= 0:
-                    problems.append(Problem(f"{where}.{kind}", values, "loguniform needs low > 0"))
-                if kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
-                    problems.append(
-                        Problem(f"{where}.{kind}", values, "randint bounds must be integers")
-                    )
-        for value in values:  # every value (or bound) must be a valid training setting
-            try:
-                if key.startswith("adapter."):
-                    AdapterSpec.model_validate({key.split(".", 1)[1]: value})
-                else:
-                    TrainingSpec.model_validate({key: value})
-            except ValidationError as exc:
-                problems.append(Problem(where, value, exc.errors()[0]["msg"]))
-    return problems
-
-
-def _largest(key: str, fixed: Any, space: Mapping[str, Any]) -> Any:
-    """The largest value ``key`` can take: its searched values, else the fixed one."""
-    entry = space.get(key, fixed)
-    if not isinstance(entry, Mapping):
-        return entry
-    ((_, values),) = entry.items()
-    return max(values)
-
-
-def _check_population(sched: SchedulerSpec, search: Any, training: Any) -> list[Problem]:
-    """PBT/PB2 settings: an interval, mutations of mutable keys, checkpoints at every report."""
-    problems: list[Problem] = []
-    if not sched.perturbation_interval:
-        problems.append(
-            Problem(
-                "scheduler.perturbation_interval",
-                _MISSING,
-                f"{sched.type} needs an interval in {sched.time_attr}s, e.g. 0.5",
-            )
-        )
-    if not sched.mutations:
-        problems.append(
-            Problem(
-                "scheduler.mutations",
-                _MISSING,
-                f"{sched.type} needs at least one key to mutate, e.g. learning_rate: {{loguniform: [1.0e-5, 1.0e-4]}}",
-            )
-        )
-    problems += _check_space(sched.mutations, "scheduler.mutations", MUTABLE)
-    if sched.type == "pb2":
-        for key, entry in sched.mutations.items():
-            if not (
-                isinstance(entry, Mapping)
-                and next(iter(entry), None) in ("uniform", "loguniform", "randint")
-            ):
-                problems.append(
-                    Problem(
-                        f"scheduler.mutations.{key}",
-                        entry,
-                        "pb2 explores numeric ranges only: {uniform: [low, high]}",
-                    )
-                )
-    for key, entry in sched.mutations.items():
-        if isinstance(entry, Mapping) and "grid" in entry:
-            problems.append(
-                Problem(f"scheduler.mutations.{key}", dict(entry), "a mutation cannot be a grid")
-            )
-    if isinstance(search, SearchSpec) and search.algorithm != "random":
-        problems.append(
-            Problem(
-                "search.algorithm",
-                search.algorithm,
-                f"{sched.type} needs algorithm: random (it is itself the search)",
-            )
-        )
-    if isinstance(training, TrainingSpec) and not training.save_checkpoints:
-        problems.append(
-            Problem(
-                "training.save_checkpoints",
-                False,
-                f"{sched.type} exploits checkpoints; set it to true",
-            )
-        )
-    if isinstance(training, TrainingSpec) and sched.perturbation_interval:
-        budget = budget_in(
-            sched.time_attr, training, search.space if isinstance(search, SearchSpec) else {}
-        )
-        if budget and sched.perturbation_interval >= budget:
-            problems.append(
-                Problem(
-                    "scheduler.perturbation_interval",
-                    sched.perturbation_interval,
-                    f"must be < the budget ({budget:g} {sched.time_attr}s)",
-                )
-            )
-    return problems
-
-
-def _check_deepspeed(
-    dist: DistributedSpec, training: Any, search: Any, sched: Any, res: Any
-) -> list[Problem]:
-    """DeepSpeed settings that can never work, and extra config keys that fight tuned values."""
-    from trainers.ds_config import CONTROLLED, conflicts, flatten, generated_config
-
-    ds, problems = dist.deepspeed, []
-    if dist.precision != "auto":
-        problems.append(
-            Problem(
-                "distributed.precision",
-                dist.precision,
-                "applies to ddp trials; a DeepSpeed engine keeps its own precision: set "
-                f"distributed.deepspeed.precision: {dist.precision} and leave this key out",
-            )
-        )
-    if isinstance(res, ResourcesSpec) and res.trial_mode == "single_process":
-        problems.append(
-            Problem(
-                "distributed.strategy",
-                "deepspeed",
-                "DeepSpeed runs in Ray Train workers; use resources.trial_mode: train",
-            )
-        )
-    if ds.offload_params and ds.zero_stage != 3:
-        problems.append(
-            Problem(
-                "distributed.deepspeed.offload_params",
-                True,
-                f"parameter offload needs ZeRO stage 3 (zero_stage is {ds.zero_stage})",
-            )
-        )
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        problems.append(
-            Problem(
-                "distributed.deepspeed.offload_optimizer",
-                True,
-                "optimizer offload needs ZeRO stage 1, 2 or 3",
-            )
-        )
-    if isinstance(res, ResourcesSpec) and ds.precision == "fp16" and not res.gpus_per_worker:
-        problems.append(
-            Problem(
-                "distributed.deepspeed.precision",
-                "fp16",
-                "fp16 needs GPUs (resources.gpus_per_worker > 0); use bf16 or fp32 on CPUs",
-            )
-        )
-    if isinstance(training, TrainingSpec) and training.gradual_unfreeze_every:
-        problems.append(
-            Problem(
-                "training.gradual_unfreeze_every",
-                training.gradual_unfreeze_every,
-                "not with deepspeed (the engine would be rebuilt mid-run); use a fixed "
-                "unfreeze_depth, or PBT mutating it, or distributed.strategy: ddp",
-            )
-        )
-    if isinstance(training, TrainingSpec) and isinstance(res, ResourcesSpec):
-        tuned: set[str] = set(search.space) if isinstance(search, SearchSpec) else set()
-        if isinstance(sched, SchedulerSpec):
-            tuned |= set(sched.mutations)
-        settings = {**ds.model_dump(), "config": {}}
-        generated = generated_config(training.model_dump(), settings, res.num_workers)
-        reported = set()
-        for path, value in flatten(ds.config).items():
-            searched = sorted(k for k in tuned if f"training.{k}" in CONTROLLED.get(path, ""))
-            if searched:
-                reported.add(path)
-                problems.append(
-                    Problem(
-                        f"distributed.deepspeed.config.{path}",
-                        value,
-                        f"depends on searched key(s) {', '.join(searched)}, so it varies per "
-                        "trial and tunefleet sets it; drop the key",
-                    )
-                )
-        for path, value, why in conflicts(generated, ds.config):
-            if path not in reported:
-                problems.append(Problem(f"distributed.deepspeed.config.{path}", value, why))
-    return problems
-
-
-def budget_in(
-    time_attr: str, training: TrainingSpec, space: Mapping[str, Any] | None = None
-) -> float | None:
-    """The longest training budget in the scheduler's units, when it is known before the data is."""
-    space = space or {}
-    max_steps = _largest("max_steps", training.max_steps, space)
-    if time_attr == M.EPOCH and not max_steps:
-        return float(_largest("num_train_epochs", training.num_train_epochs, space))
-    if time_attr == M.STEP and max_steps:
-        return float(max_steps)
-    return None
-
-
-#: query keys of storage URIs that carry a secret (pyarrow's S3 options, and the usual others)
-_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "password", "token", "sig")
-
-
-def _check_no_credentials(uri: str, key: str) -> list[Problem]:
-    """Keys belong in the environment (or a Kubernetes Secret), never in the spec: the spec is
-    copied into the run folder, the export and the job's logs. The problem shows the URI
-    with the secret masked."""
-    from urllib.parse import parse_qsl, urlsplit
-
-    if "://" not in uri:
-        return []
-    parts = urlsplit(uri)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    secret_keys = [k for k, _ in query if k.lower() in _SECRET_QUERY_KEYS]
-    if not parts.username and not parts.password and not secret_keys:
-        return []
-    host = parts.hostname or ""
-    masked_query = "&".join(f"{k}={'***' if k in secret_keys else v}" for k, v in query)
-    masked = (
-        f"{parts.scheme}://***@{host}{parts.path}"
-        if parts.username
-        else (f"{parts.scheme}://{parts.netloc}{parts.path}")
-    )
-    if masked_query:
-        masked += f"?{masked_query}"
-    return [
-        Problem(
-            key,
-            masked,
-            "holds credentials: give them through the environment (AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; on Kubernetes a Secret), never in the "
-            "spec, which is copied into the run folder and the export",
-        )
-    ]
-
-
-def _check_task(task: str, data: Any, adapter: Any, res: Any) -> list[Problem]:
-    """The data's format and the adapter fit the task."""
-    problems: list[Problem] = []
-    if isinstance(data, DataSpec):
-        causal_formats = [f for f in FORMATS if f != TEXT_LABEL]
-        if task == SEQUENCE_CLASSIFICATION and data.format not in (None, TEXT_LABEL):
-            problems.append(
-                Problem(
-                    "data.format",
-                    data.format,
-                    f"sequence_classification reads text_label rows; {data.format} is for "
-                    "model.task: causal_lm",
-                )
-            )
-        if data.instruction_template and data.answer_choices is not None:
-            problems.append(
-                Problem(
-                    "data.answer_choices",
-                    data.answer_choices,
-                    "with data.instruction_template the answers are the label names; set "
-                    "data.label_names to rename or order them, and leave answer_choices out",
-                )
-            )
-        if task == SEQUENCE_CLASSIFICATION and data.instruction_template:
-            problems.append(
-                Problem(
-                    "data.instruction_template",
-                    data.instruction_template,
-                    "turns labelled texts into instructions for model.task: causal_lm; leave it "
-                    "out for sequence_classification",
-                )
-            )
-        if task == CAUSAL_LM and data.format == TEXT_LABEL:
-            problems.append(
-                Problem(
-                    "data.format",
-                    data.format,
-                    f"causal_lm reads one of {', '.join(causal_formats)}; to train on labelled "
-                    "texts set data.instruction_template, e.g. 'Review: {text} Fresh or rotten?'",
-                )
-            )
-        if (
-            task == CAUSAL_LM
-            and data.instruction_template
-            and data.format not in (None, "instruction")
-        ):
-            problems.append(
-                Problem(
-                    "data.format",
-                    data.format,
-                    "data.instruction_template makes instruction rows; leave format out",
-                )
-            )
-        if task == CAUSAL_LM and data.source == "rotten_tomatoes" and not data.instruction_template:
-            problems.append(
-                Problem(
-                    "data.instruction_template",
-                    _MISSING,
-                    "source rotten_tomatoes is labelled text; causal_lm needs a prompt around "
-                    "it, e.g. 'Is this review fresh or rotten?\n\n{text}'",
-                )
-            )
-    if isinstance(adapter, AdapterSpec) and adapter.type == "lora":
-        if task != CAUSAL_LM:
-            problems.append(
-                Problem(
-                    "adapter.type",
-                    adapter.type,
-                    "lora trains causal LMs here (model.task: causal_lm); a classifier's fresh "
-                    "head needs full training: use adapter.type: none",
-                )
-            )
-        gpus = res.gpus_per_worker if isinstance(res, ResourcesSpec) else 0
-        if adapter.quantization == "4bit" and not gpus:
-            problems.append(
-                Problem(
-                    "adapter.quantization",
-                    adapter.quantization,
-                    "a 4-bit base (QLoRA) needs bitsandbytes on CUDA GPUs and these workers "
-                    "have none (resources.gpus_per_worker: 0); use quantization: none",
-                )
-            )
-        elif adapter.quantization == "4bit":
-            # Not built yet: it needs bitsandbytes and a GPU to test on; refusing beats
-            # silently training a bf16 base the spec said was 4-bit.
-            problems.append(
-                Problem(
-                    "adapter.quantization",
-                    adapter.quantization,
-                    "QLoRA (a 4-bit base through bitsandbytes) is not built yet in this "
-                    "version; use quantization: none (LoRA on a bf16 base)",
-                )
-            )
-    elif isinstance(adapter, AdapterSpec) and adapter.quantization != "none":
-        problems.append(
-            Problem(
-                "adapter.quantization",
-                adapter.quantization,
-                "quantizes the frozen base under an adapter; set adapter.type: lora",
-            )
-        )
-    return problems
-
-
-def _cross_checks(s: Mapping[str, _Section]) -> list[Problem]:
-    problems: list[Problem] = []
-    search, sched, training = s.get("search"), s.get("scheduler"), s.get("training")
-    model = s.get("model")
-    task = model.task if isinstance(model, ModelSpec) else SEQUENCE_CLASSIFICATION
-    problems += _check_task(task, s.get("data"), s.get("adapter"), s.get("resources"))
-    if isinstance(search, SearchSpec):
-        if search.metric not in M.TASK_OBJECTIVES[task]:
-            problems.append(
-                Problem(
-                    "search.metric",
-                    search.metric,
-                    f"not reported by model.task {task}; one of {sorted(M.TASK_OBJECTIVES[task])}",
-                )
-            )
-        elif search.mode and search.mode != M.OBJECTIVES[search.metric]:
-            natural = M.OBJECTIVES[search.metric]
-            problems.append(
-                Problem(
-                    "search.mode",
-                    search.mode,
-                    f"{search.metric} is better {'higher' if natural == 'max' else 'lower'}: "
-                    f"use mode: {natural}, or leave mode out (it follows the metric)",
-                )
-            )
-        problems += _check_space(search)
-    res = s.get("resources")
-    if (
-        isinstance(res, ResourcesSpec)
-        and res.trial_mode == "single_process"
-        and res.num_workers != 1
-    ):
-        problems.append(
-            Problem(
-                "resources.num_workers",
-                res.num_workers,
-                "single_process trials run one worker; use 1 or trial_mode: train",
-            )
-        )
-    if isinstance(sched, SchedulerSpec) and sched.type in ("pbt", "pb2"):
-        problems += _check_population(sched, search, training)
-    run = s.get("run")
-    if isinstance(run, RunSpec):
-        problems += _check_no_credentials(run.storage_path, "run.storage_path")
-    dist = s.get("distributed")
-    if isinstance(dist, DistributedSpec) and dist.strategy == "deepspeed":
-        problems += _check_deepspeed(dist, training, search, sched, res)
-    if isinstance(search, SearchSpec) and search.algorithm == "optuna":
-        for key, entry in search.space.items():
-            if isinstance(entry, Mapping) and "grid" in entry:
-                problems.append(
-                    Problem(
-                        f"search.space.{key}",
-                        dict(entry),
-                        "optuna cannot search a grid; use {choice: [...]} or search.algorithm: random",
-                    )
-                )
-    if (
-        isinstance(sched, SchedulerSpec)
-        and isinstance(training, TrainingSpec)
-        and sched.type in ("asha", "hyperband")
-    ):
-        space = search.space if isinstance(search, SearchSpec) and not _check_space(search) else {}
-        budget = budget_in(sched.time_attr, training, space)
-        max_t = sched.max_t or budget
-        if sched.max_t and budget and sched.max_t > budget:
-            problems.append(
-                Problem(
-                    "scheduler.max_t",
-                    sched.max_t,
-                    f"exceeds the training budget of {budget:g} {sched.time_attr}s",
-                )
-            )
-        if max_t is None:
-            problems.append(
-                Problem(
-                    "scheduler.max_t",
-                    _MISSING,
-                    f"needed when time_attr={sched.time_attr!r} and the budget is set in other units",
-                )
-            )
-        elif sched.grace_period >= max_t:
-            problems.append(
-                Problem(
-                    "scheduler.grace_period",
-                    sched.grace_period,
-                    f"must be < max_t ({max_t:g}); ASHA could never stop a trial",
-                )
-            )
-    return problems
-
-
-def _task(raw: Mapping[str, Any]) -> Any:
-    model = raw.get("model")
-    return model.get("task") if isinstance(model, Mapping) else None
-
-
-def _default_metric(model: Any) -> str:
-    """What a search watches when the spec does not say: accuracy for a classifier, the
-    validation loss for a causal LM."""
-    return M.EVAL_LOSS if _task({"model": model}) == CAUSAL_LM else M.EVAL_ACCURACY
-
-
-def parse_spec(raw: Mapping[str, Any] | None, source: str | None = None) -> JobSpec:
-    """Build a ``JobSpec`` from plain data, raising one ``SpecError`` listing every problem."""
-    raw = dict(raw or {})
-    problems: list[Problem] = []
-    sections: dict[str, _Section] = {}
-    for key in raw:
-        if key not in SECTIONS:
-            problems.append(
-                Problem(
-                    str(key), _MISSING, f"unknown section; valid sections: {', '.join(SECTIONS)}"
-                )
-            )
-    for name, cls in SECTIONS.items():
-        body = raw.get(name) or {}
-        if not isinstance(body, Mapping):
-            problems.append(Problem(name, body, "expected a mapping of keys to values"))
-            continue
-        if name == "search" and "metric" not in body:  # the task's own default metric
-            body = {**body, "metric": _default_metric(raw.get("model"))}
-        if name == "data" and body.get("format") is None and _task(raw) == CAUSAL_LM:
-            # a causal LM reads instructions by default (labelled texts become them)
-            body = {**body, "format": "instruction"}
-        try:
-            sections[name] = cls.model_validate(dict(body))
-        except ValidationError as exc:
-            problems += _problems_from_validation(name, cls, exc)
-    problems += _cross_checks(sections)
-    if problems:
-        raise SpecError(problems, source)
-    return JobSpec(**sections)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
-    if "=" not in text:
-        raise SpecError(
-            [
-                Problem(
-                    text,
-                    _MISSING,
-                    "override must look like key.path=value, e.g. search.num_samples=8",
-                )
-            ]
-        )
-    key, _, value = text.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise SpecError([Problem(key, _MISSING, "empty part in dotted key")])
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise SpecError([Problem(key, value, f"not valid YAML: {exc}")]) from exc
-    return parts, parsed
-
-
-def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of ``raw`` with each ``key=value`` override set (nested dicts created as needed)."""
-    out = copy.deepcopy(dict(raw))
-    problems = []
-    for text in overrides:
-        try:
-            parts, value = parse_override(text)
-        except SpecError as exc:
-            problems += exc.problems
-            continue
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                problems.append(
-                    Problem(
-                        ".".join(parts[: i + 1]),
-                        child,
-                        "is a value, not a section; cannot set a key inside it",
-                    )
-                )
-                break
-            node = child
-        else:
-            node[parts[-1]] = value
-    if problems:
-        raise SpecError(problems)
-    return out
-
-
-def load_spec(path: str, overrides: Iterable[str] = ()) -> JobSpec:
-    """Read a YAML job spec, apply overrides and validate; ``SpecError`` on any problem."""
-    try:
-        with open(path) as fh:
-            text = fh.read()
-    except FileNotFoundError as exc:
-        raise SpecError([Problem("CONFIG", path, "file not found")]) from exc
-    return load_spec_text(text, overrides, source=path)
-
-
-def load_spec_text(text: str, overrides: Iterable[str] = (), source: str | None = None) -> JobSpec:
-    """Validate a job spec given as YAML text (``source`` names it in errors)."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError([Problem("CONFIG", source, f"not valid YAML: {exc}")]) from exc
-    if raw is not None and not isinstance(raw, Mapping):
-        raise SpecError([Problem("CONFIG", source, "top level must be a mapping of sections")])
-    return parse_spec(apply_overrides(raw or {}, overrides), source=source)
