@@ -52,10 +52,10 @@ def main() -> None:
     from cluster.connect import connect, disconnect
     from trainers.data import load_splits
     from trainers.loop import run_local
+    from tune_jobs.groups import WarmGroup, run_on_group
     from tune_jobs.run import trial_resources
     from tune_jobs.space import trial_hparams
     from tune_jobs.trial import TrialPlan, loop_config
-    from tune_jobs.warm import WarmGroup, run_on_group
 
     single = spec_for("ddp", args.stage, args.steps, 1, 16)
     splits = load_splits(single.data.model_dump(), seed=0)

@@ -1,7 +1,7 @@
 """A warm worker: one Ray Train worker that serves trial after trial, on command.
 
 A warm worker group is one long-lived ``TorchTrainer`` run whose workers run
-``serve`` instead of a single trial's loop (``tune_jobs.warm`` drives it). Each
+``serve`` instead of a single trial's loop (``tune_jobs.groups`` drives it). Each
 worker builds what a trial would build every time (``trainers.loop.Worker``:
 torch and transformers imported, the tokenizer, its tokenized shards, the base
 model in memory) once, then takes commands from a mailbox actor:

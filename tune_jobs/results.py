@@ -135,15 +135,6 @@ def written_checkpoints(run_dir: str, metric: str, mode: str) -> list[tuple[str,
     return sorted(found, key=lambda c: M.rank(c[1][metric], mode))
 
 
-def read_leader(run_dir: str) -> dict[str, Any] | None:
-    """The best checkpoint warm-group trials wrote (``tune_jobs.warm.ExportLeader``), if any."""
-    path = layout.leader_file(run_dir)
-    if not storage.exists(path):
-        return None
-    leader = json.loads(storage.read_text(path))
-    return leader if layout.manifest_of(leader["uri"]) is not None else None
-
-
 def prune_train_runs(train_storage: str, trials: list[TrialSummary], keep: set[str]) -> None:
     """Once the sweep is over and exported, a finished trial's checkpoints serve nothing:
     delete them, except those of the trials in ``keep`` (the best, the exported). A trial

@@ -24,6 +24,7 @@ from trainers.checkpoint import CorruptCheckpoint
 from trainers.data import Splits
 from tune_jobs import layout, results
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
+from tune_jobs.leader import read_leader
 from tune_jobs.lineage import write_lineage
 from tune_jobs.paths import check_on_every_node
 from tune_jobs.preflight import load_data, preflight
@@ -177,7 +178,7 @@ def build_tuner(
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
 ) -> tuple[Any, Any]:
     """The ``ray.tune.Tuner`` for this run (new or restored), and the pool of warm worker
-    groups its trials lease (``tune_jobs.warm.GroupPool``; None for single-process
+    groups its trials lease (``tune_jobs.groups.GroupPool``; None for single-process
     trials: the caller closes it after the sweep). ``points`` are tried first.
 
     ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay).
@@ -187,10 +188,12 @@ def build_tuner(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tune_jobs.faults import PopulationGuard
+    from tune_jobs.groups import GroupPool
+    from tune_jobs.leader import ExportLeader
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
     from tune_jobs.trial import TrialPlan, run_trial
-    from tune_jobs.warm import ExportLeader, GroupPool, WarmTrial
+    from tune_jobs.warm import WarmTrial
 
     set_trial_environment()
     run_dir = storage.join(storage_root, run_name)
@@ -531,9 +534,9 @@ def run_job(
         if finished:
             best = min(finished, key=lambda t: M.rank(t.best[metric], mode))
             best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
-            leader = results.read_leader(run_dir) if spec.training.save_checkpoints else None
+            leader = read_leader(run_dir) if spec.training.save_checkpoints else None
             if leader is not None:
-                # warm-group trials: the best checkpoint written (tune_jobs.warm.WarmTrial)
+                # warm-group trials: the best checkpoint written (tune_jobs.leader)
                 uri, ckpt_metrics = leader["uri"], leader["metrics"]
                 if leader["trial"] != best.trial:
                     echo(

@@ -110,10 +110,10 @@ def _restore_check(
 ) -> list[int]:
     """Resume the best trial's last checkpoint for two more steps in a new Train run
     (on the run's own data, still in the object store)."""
+    from tune_jobs.groups import resume_check
     from tune_jobs.run import trial_resources
     from tune_jobs.space import trial_hparams
     from tune_jobs.trial import TrialPlan
-    from tune_jobs.warm import resume_check
 
     best = summary["best"]
     if not best or not best.get("checkpoint"):

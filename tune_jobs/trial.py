@@ -42,9 +42,9 @@ class TrialPlan:
     resources: TrialResources
     #: ``(from_step, config)`` switches of hyperparameters within each trial (a PBT replay)
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = ()
-    #: the sweep's best metric so far (a ``tune_jobs.warm.ExportLeader`` actor), or None
+    #: the sweep's best metric so far (a ``tune_jobs.leader.ExportLeader`` actor), or None
     leaderboard: Any = None
-    #: the sweep's warm groups (a ``tune_jobs.warm.GroupPool`` actor), or None
+    #: the sweep's warm groups (a ``tune_jobs.groups.GroupPool`` actor), or None
     groups: Any = None
     #: where trials record a failure of their own code, which is then not retried
     #: (``tune_jobs.faults``); None: nothing recorded

@@ -1,7 +1,7 @@
 """DeepSpeed in 2-worker Ray Train trials on the CPU (``DS_ACCELERATOR=cpu``, gloo).
 
 Each test runs trials of the worker loop on warm worker groups on a local Ray
-cluster (no Tune: ``tune_jobs.warm.run_on_group``), on real MiniLM and real data,
+cluster (no Tune: ``tune_jobs.groups.run_on_group``), on real MiniLM and real data,
 fp32: ZeRO-2 against DDP, save and resume under ZeRO-2 and ZeRO-3 (the resume on the
 same warm group that ran the first trial, as a PBT exploit would), the merged
 export, and freezing.
@@ -70,9 +70,9 @@ class Trials:
     one group at a time); each trial's reports as (metrics, a local copy of its checkpoint)."""
 
     def __init__(self, cluster, spec) -> None:
+        from tune_jobs.groups import WarmGroup
         from tune_jobs.run import trial_resources
         from tune_jobs.trial import TrialPlan
-        from tune_jobs.warm import WarmGroup
 
         data_ref, _, self.storage = cluster
         self.plan = TrialPlan(spec, data_ref, str(self.storage), trial_resources(spec))
@@ -82,8 +82,8 @@ class Trials:
         import dataclasses
         import shutil
 
+        from tune_jobs.groups import run_on_group
         from tune_jobs.space import trial_hparams
-        from tune_jobs.warm import run_on_group
 
         plan = dataclasses.replace(self.plan, spec=spec)
         reports = []

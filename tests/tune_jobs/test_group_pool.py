@@ -1,4 +1,4 @@
-"""The sweep's pool of warm groups (``tune_jobs.warm.GroupPool``) on a real local Ray.
+"""The sweep's pool of warm groups (``tune_jobs.groups.GroupPool``) on a real local Ray.
 
 The lessees are real Ray actors (one is killed, as an OOM killer would); the groups
 are light stand-ins for a Train run (a name and an open/closed flag): what is under
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from tune_jobs.warm import GroupPool, LeasedGroup
+from tune_jobs.groups import GroupPool, LeasedGroup
 
 
 class LightGroup:
