@@ -75,3 +75,64 @@ def test_a_retrain_job_is_checked_here_before_anything_is_submitted():
     proc = tunefleet("submit", "debug-local", "--retrain", "--address", "http://127.0.0.1:9")
     assert proc.returncode == 2, proc.stderr
     assert "data.promotion_fraction" in proc.stderr and "submitting" not in proc.stdout
+
+
+STALLED_FOLLOW = """
+import asyncio, sys
+from cluster import submit
+
+class StalledDashboard:
+    '''A dashboard whose log stream delivers a line, then neither ends nor lets go when
+    cancelled (a close handshake that never completes).'''
+
+    async def tail_job_logs(self, job_id):
+        yield "first line of the job's log"
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(3600)
+
+submit.client = lambda address: StalledDashboard()
+try:
+    submit.follow("http://127.0.0.1:9", "raysubmit_x", echo=lambda s: print(s, flush=True))
+except KeyboardInterrupt:
+    print("detached", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_detaches_even_from_a_log_stream_that_will_not_let_go():
+    """The window where Ctrl-C was lost (issue 20): SIGINT while the log stream waits on
+    its websocket. A stalled dashboard cannot be made on purpose here, so this one is a
+    stand-in (the real dashboard: tests/e2e/test_cluster.py); the SIGINT is sent once
+    the stream has delivered a line, so it lands inside the stream's wait, every run.
+    ``follow`` must raise KeyboardInterrupt at once; run in the main thread,
+    ``asyncio.run`` answered SIGINT by cancelling the stream and waiting for it: forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLED_FOLLOW],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "first line of the job's log"
+        time.sleep(0.5)  # the stream is now inside its wait
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 130, err[-2000:]
+        assert "detached" in out
+        assert time.monotonic() - sent < 2.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
