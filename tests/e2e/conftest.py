@@ -33,16 +33,14 @@ def tunefleet(
 
 def start_driver(spec_path, storage_path: str, stdout, env: dict[str, str] | None = None):
     """``tunefleet run`` in its own session (a local Ray of its own), output to ``stdout``."""
+    return start_tunefleet(["run", str(spec_path), f"run.storage_path={storage_path}"], stdout, env)
+
+
+def start_tunefleet(args: list[str], stdout, env: dict[str, str] | None = None):
+    """``python -m tune_jobs ARGS`` in its own session, output to ``stdout``."""
     base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tune_jobs",
-            "run",
-            str(spec_path),
-            f"run.storage_path={storage_path}",
-        ],
+        [sys.executable, "-m", "tune_jobs", *args],
         cwd=REPO,
         env={**base, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
         stdout=stdout,

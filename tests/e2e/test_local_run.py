@@ -15,7 +15,7 @@ import tempfile
 import pytest
 import yaml
 
-from tests.e2e.conftest import kill_driver, start_driver, stop_driver, tunefleet, wait_for
+from tests.e2e.conftest import kill_driver, start_tunefleet, stop_driver, tunefleet, wait_for
 from tune_jobs.report_log import read_reports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -193,10 +193,11 @@ def test_only_what_the_export_and_a_resume_need_is_written(finished_run):
     assert manifest["step"] == best["step"] == summary["best"]["metrics"]["step"]
 
 
-# --- the same sweep, its driver killed and resumed ------------------------------------
+# --- the same sweep, its driver killed twice and resumed ---------------------------------
 
-#: where the driver is SIGKILLed: while the best trial trains (its best evaluation only in
-#: its workers' memory), and once its best is written and the next trial has begun
+#: where the driver is SIGKILLed, one after the other: while the best trial trains (its
+#: best evaluation only in its workers' memory); then, in the resumed sweep, once the
+#: best trial's best is written and the next trial has begun
 KILL_POINTS = {
     "best-trial-training": lambda run_dir: len(read_reports(run_dir, "trial_00001")) >= 1,
     "after-best-written": lambda run_dir: _leader(run_dir) == "trial_00001",
@@ -210,32 +211,36 @@ def _leader(run_dir: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module", params=sorted(KILL_POINTS))
-def resumed_run(request, tmp_path_factory):
-    """The module's sweep again, its driver (and its Ray, by pid) SIGKILLed at a kill point,
-    then ``tunefleet resume``."""
-    root = tmp_path_factory.mktemp(f"killed-{request.param}")
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """The module's sweep again: its driver (and its Ray, by pid) SIGKILLed at the first
+    kill point, ``tunefleet resume`` killed the same way at the second, then resumed to
+    the end."""
+    root = tmp_path_factory.mktemp("killed")
     spec_path = root / "job.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC))
     run_dir = str(root / "results" / "e2e")
     ray_tmp = tempfile.mkdtemp(prefix="tf-kill-")  # short: Ray's socket paths are limited
-    env = {"RAY_TMPDIR": ray_tmp}
-    log = open(root / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
-    proc = start_driver(
-        spec_path, str(root / "results"), log, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "2"}
-    )
-    ray_procs: list = []
-    try:
-        wait_for(request.param, lambda: KILL_POINTS[request.param](run_dir), proc, timeout_s=600)
-        ray_procs = kill_driver(proc)
-    finally:
-        stop_driver(proc, ray_procs)
-        log.close()
+    env = {"RAY_TMPDIR": ray_tmp, "TUNE_GLOBAL_CHECKPOINT_S": "2"}
+    commands = {
+        "best-trial-training": ["run", str(spec_path), f"run.storage_path={root / 'results'}"],
+        "after-best-written": ["resume", run_dir],
+    }
+    for point, args in commands.items():
+        log = open(root / f"{point}.log", "w")  # noqa: SIM115 - read after the driver is gone
+        proc = start_tunefleet(args, log, env)
+        ray_procs: list = []
+        try:
+            wait_for(point, lambda p=point: KILL_POINTS[p](run_dir), proc, timeout_s=600)
+            ray_procs = kill_driver(proc)
+        finally:
+            stop_driver(proc, ray_procs)
+            log.close()
     resumed = tunefleet("resume", run_dir, env=env)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((root / "results" / "e2e" / "summary.json").read_text())
-    return request.param, root / "results" / "e2e", summary, resumed.stdout
+    return root / "results" / "e2e", summary, resumed.stdout
 
 
 def _sha(path) -> str:
@@ -245,11 +250,12 @@ def _sha(path) -> str:
 
 
 def test_a_resumed_sweep_exports_what_an_uninterrupted_one_does(finished_run, resumed_run):
-    """Same seed: the resumed sweep exports the same weights (SHA-256) as the uninterrupted
-    one, from the same best trial, with the same scores; and every line of its output that
-    names a trial shows that trial's own scores."""
+    """Same seed: the sweep killed at both points and resumed exports the same weights
+    (SHA-256) as the uninterrupted one, from the same best trial, with the same scores; and
+    every line of its output that names a trial shows that trial's own scores."""
     run_dir, summary, _ = finished_run
-    point, resumed_dir, resumed, stdout = resumed_run
+    resumed_dir, resumed, stdout = resumed_run
+    point = "killed twice"
     assert _sha(resumed_dir / "best_model" / "model.safetensors") == _sha(
         run_dir / "best_model" / "model.safetensors"
     ), point
