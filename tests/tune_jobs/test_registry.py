@@ -118,17 +118,23 @@ def test_rollback_switches_the_champion_back_and_records_it(root):
         assert reg.rollback("nightly-retrain-0002")["run"] == "nightly-retrain-0002"
 
 
-def test_registry_command_prints_the_table_and_rolls_back(tmp_path):
-    import subprocess
-
-    from tests.e2e.conftest import tunefleet
-
-    reg = Registry(str(tmp_path))
+def _two_promotions(root) -> Registry:
+    """A registry under ``root`` whose champion is nightly-retrain-0002, promoted after 0001."""
+    reg = Registry(str(root))
     with reg.lock(ttl_s=60):
         for n, score in ((1, 0.81), (2, 0.83)):
             entry = _promotion(n, score, reg.champion(), "promote")
             reg.promote(entry["challenger"])
             reg.record(entry)
+    return reg
+
+
+def test_registry_command_prints_the_table_and_rolls_back(tmp_path):
+    import subprocess
+
+    from tests.e2e.conftest import tunefleet
+
+    _two_promotions(tmp_path)
 
     def registry(*args: str) -> subprocess.CompletedProcess:
         return tunefleet("registry", str(tmp_path), *args, timeout=120)
@@ -151,12 +157,7 @@ def test_a_rollback_takes_the_lock_for_the_time_asked(tmp_path, monkeypatch, cap
     given), the lock is held while the champion changes, and released after."""
     from tune_jobs.cli import ROLLBACK_LOCK_TTL_S, main
 
-    reg = Registry(str(tmp_path))
-    with reg.lock(ttl_s=60):
-        for n, score in ((1, 0.81), (2, 0.83)):
-            entry = _promotion(n, score, reg.champion(), "promote")
-            reg.promote(entry["challenger"])
-            reg.record(entry)
+    _two_promotions(tmp_path)
     taken, lock = [], Registry.lock
 
     def spy(self, ttl_s):
