@@ -96,7 +96,10 @@ def uploaded_files(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES
 
 def upload_size(working_dir: str, excludes: tuple[str, ...] = UPLOAD_EXCLUDES) -> tuple[int, int]:
     """(files, bytes) Ray would upload from ``working_dir``."""
-    files = uploaded_files(working_dir, excludes)
+    return _count(uploaded_files(working_dir, excludes))
+
+
+def _count(files: set[Path]) -> tuple[int, int]:
     return len(files), sum(f.stat().st_size for f in files)
 
 
@@ -156,8 +159,7 @@ class Submitted:
 def check_upload(working_dir: str, uploaded: set[Path] | None = None) -> tuple[int, int]:
     """(files, bytes) of the upload (``uploaded``: its files, when the caller has walked
     the folder already); ``SubmitError`` when it is over Ray's limit."""
-    files_found = uploaded_files(working_dir) if uploaded is None else uploaded
-    files, size = len(files_found), sum(f.stat().st_size for f in files_found)
+    files, size = _count(uploaded_files(working_dir) if uploaded is None else uploaded)
     limit = upload_limit()
     if size >= limit:
         raise SubmitError(

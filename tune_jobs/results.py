@@ -278,7 +278,8 @@ def export_best(
         local = os.path.join(work, layout.EXPORT_DIR)
         checkpoint = os.path.join(work, "checkpoint")
         storage.download_file(storage.join(uri, MANIFEST), os.path.join(checkpoint, MANIFEST))
-        weights = read_manifest(checkpoint).get("weights", "full")
+        manifest = read_manifest(checkpoint)
+        weights = manifest.get("weights", "full")
         if weights == "full":
             storage.download_dir(storage.join(uri, MODEL_DIR), os.path.join(checkpoint, MODEL_DIR))
         elif weights == "deepspeed":  # every rank's ZeRO shards, merged by materialize
@@ -293,7 +294,7 @@ def export_best(
             raise CorruptCheckpoint(str(exc).replace(checkpoint, uri)) from None
         with open(os.path.join(local, EXPORT_SPEC), "w") as fh:
             fh.write(spec.to_yaml())
-        arithmetic = export_arithmetic(spec, read_manifest(checkpoint).get("precision"))
+        arithmetic = export_arithmetic(spec, manifest.get("precision"))
         trust = spec.model.trust_remote_code
 
         def score(split: Split, adapter_of: str | None = None) -> dict[str, float]:

@@ -477,8 +477,7 @@ def run_job(
     try:
         capacity, concurrent = plan_concurrency(spec, res, conn.local)
         check_storage_reachable(spec, storage_root, capacity)
-        if capacity.nodes > 1:
-            check_on_every_node(spec)  # the trials' workers may run on any node
+        check_on_every_node(spec)  # several nodes: the trials' workers may run on any
         echo(
             f"ray: {conn.describe()}: {describe_capacity(capacity)}; each trial: "
             + (
