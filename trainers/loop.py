@@ -1,8 +1,11 @@
 """The training loop, in parts a newcomer can read one at a time.
 
-``train_loop`` runs one trial for any ``WorkerContext`` (a plain process in
-tests, a single-process Tune trial); a warm worker group's workers
-(``trainers.serve``) call the same parts for trial after trial. The config is a
+``train_loop`` runs one trial in a plain process (``run_local``: tests and
+debugging, every evaluation written so any can be restored); a sweep's trials
+(warm group workers, or a single-process trial's own process) are served command
+by command (``trainers.serve``), which calls the same parts for trial after trial,
+and the driver decides what each evaluation is worth writing
+(``tune_jobs.warm.checkpoint_writes``). The config is a
 ``trainers.config.WorkerConfig``.
 
 The parts, in the order a trial meets them:
@@ -742,7 +745,8 @@ class TrialRun:
 def report_with_checkpoint(
     worker: Worker, cfg: WorkerConfig, state: TrainState, report: dict[str, Any]
 ) -> None:
-    """Write the checkpoint to a temp folder (its size joins the report), then report.
+    """Write the checkpoint to a temp folder (its size joins the report), then report
+    (the plain loop, ``train_loop``: every evaluation; a sweep's trials are served instead).
 
     Rank 0 writes it; under DeepSpeed every rank writes its shards and reports the
     folder (Ray Train gathers them into one checkpoint). Other ranks report metrics only.

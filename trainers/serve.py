@@ -1,8 +1,9 @@
 """A warm worker: one Ray Train worker that serves trial after trial, on command.
 
 A warm worker group is one long-lived ``TorchTrainer`` run whose workers run
-``serve`` instead of a single trial's loop (``tune_jobs.groups`` drives it). Each
-worker builds what a trial would build every time (``trainers.loop.Worker``:
+``serve`` instead of a single trial's loop (``tune_jobs.groups`` drives it); a
+single-process trial hosts one ``Server`` in its own process and sends it the same
+commands (``ProcessContext``). Each worker builds what a trial would build every time (``trainers.loop.Worker``:
 torch and transformers imported, the tokenizer, its tokenized shards, the base
 model in memory) once, then takes commands from a mailbox actor:
 
@@ -121,12 +122,14 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
-class WarmContext(RayTrainContext):
-    """``WorkerContext`` of a warm worker: checkpoints are read from and written to storage."""
+class StorageContext:
+    """``WorkerContext`` of a worker that serves commands: checkpoints are read from and
+    written to storage (``filesystem``), and reports go back as replies, not through Ray."""
 
-    def __init__(self, filesystem: Any) -> None:
-        super().__init__(resume_from=None)
-        self.filesystem = filesystem
+    rank: int
+    world_size: int
+    node_ids: str
+    filesystem: Any
 
     @contextlib.contextmanager
     def checkpoint_dir(self, uri: str | None) -> Iterator[str | None]:
@@ -175,70 +178,118 @@ class WarmContext(RayTrainContext):
         return {"checkpoint": uri, **figures}
 
 
+class WarmContext(StorageContext, RayTrainContext):
+    """A Ray Train worker of a warm group."""
+
+    def __init__(self, filesystem: Any) -> None:
+        RayTrainContext.__init__(self, resume_from=None)
+        self.filesystem = filesystem
+
+
+class ProcessContext(StorageContext):
+    """A single-process trial: the Tune trial's own process is its one worker (rank 0 of 1)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, filesystem: Any, use_gpu: bool) -> None:
+        import ray
+        import torch
+
+        self.filesystem = filesystem
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.node_ids = ray.get_runtime_context().get_node_id()
+
+    def prepare_model(self, model: Any) -> Any:
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[str | None]:
+        yield None  # ``Start`` names the checkpoint to restore (``checkpoint_dir``)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        raise RuntimeError("a served trial replies with its reports (Interval)")
+
+
+class Server:
+    """One worker's side of the protocol, in whatever process hosts it (a warm group's Ray
+    Train worker through ``serve``, or a single-process trial's own process): the
+    worker's cached model and data, the trial it runs and its held copy. ``handle`` runs
+    one command and returns its reply (rank 0's is the one the driver reads)."""
+
+    def __init__(self, base: WorkerConfig, ctx: StorageContext) -> None:
+        self.base = base
+        self.ctx = ctx
+        self.worker = Worker(base, ctx)
+        self.run: TrialRun | None = None
+        self.report: dict[str, Any] = {}
+        self.held: Held | None = None
+
+    def handle(self, command: Any) -> Any:
+        from trainers import metrics as M
+
+        ctx = self.ctx
+        result: Any = None
+        if isinstance(command, Start):
+            self.run, self.held = None, None
+            gc.collect()
+            cfg = command.cfg
+            _same_group(self.base, cfg)
+            with ctx.checkpoint_dir(cfg.resume_from) as folder:
+                self.run = self.worker.start(cfg, folder)
+            result = {
+                "step": self.run.state.step,
+                "last_step": self.run.state.last_step,
+                "pid": os.getpid(),  # rank 0's process (tests kill it to fake a crash)
+            }
+        elif isinstance(command, Interval):
+            run = _running(self.run)
+            run.train_to_next_evaluation()
+            self.report = run.evaluate()
+            result = {"metrics": {**self.report, M.WORKER_NODES: ctx.node_ids}, "done": run.done}
+        elif isinstance(command, Save):
+            result = ctx.save(_running(self.run), self.report, command)
+        elif isinstance(command, Hold):
+            if ctx.rank == 0:
+                # what differs from the base only (an adapter under LoRA), not the whole model
+                state = _running(self.run).state
+                self.held = Held(
+                    trained_state(state.model, state.trained), dict(self.report), state.step
+                )
+        elif isinstance(command, SaveHeld):
+            if ctx.rank == 0 and self.held is None:
+                raise RuntimeError("warm group: SaveHeld without Hold")
+            result = ctx.save(_running(self.run), self.report, Save(command.prefix), self.held)
+        elif isinstance(command, End):
+            self.run, self.held = None, None
+            gc.collect()
+        if self.run is not None:  # serving and awaiting commands is not training time
+            self.run.progress.since = time.perf_counter()
+        return result
+
+
 def serve(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of a warm group: serve commands until ``Exit``."""
     import ray
 
-    from trainers import metrics as M
-
     mailbox = config["mailbox"]
-    base = WorkerConfig.from_dict(config["worker"])
     ctx = WarmContext(config["filesystem"])
-    worker = Worker(base, ctx)
-    run: TrialRun | None = None
-    report: dict[str, Any] = {}
-    held: Held | None = None
+    server = Server(WorkerConfig.from_dict(config["worker"]), ctx)
     for seq in itertools.count():
         command = None
         while command is None:
             command = ray.get(mailbox.command.remote(seq, POLL_S))
+        if isinstance(command, Exit):
+            return
         try:
-            if isinstance(command, Exit):
-                return
-            result: Any = None
-            if isinstance(command, Start):
-                run, held = None, None
-                gc.collect()
-                cfg = command.cfg
-                _same_group(base, cfg)
-                with ctx.checkpoint_dir(cfg.resume_from) as folder:
-                    run = worker.start(cfg, folder)
-                result = {
-                    "step": run.state.step,
-                    "last_step": run.state.last_step,
-                    "pid": os.getpid(),  # rank 0's process (tests kill it to fake a crash)
-                }
-            elif isinstance(command, Interval):
-                run = _running(run)
-                run.train_to_next_evaluation()
-                report = run.evaluate()
-                result = {
-                    "metrics": {**report, M.WORKER_NODES: ctx.node_ids},
-                    "done": run.done,
-                }
-            elif isinstance(command, Save):
-                result = ctx.save(_running(run), report, command)
-            elif isinstance(command, Hold):
-                if ctx.rank == 0:
-                    # what differs from the base only (an adapter under LoRA), not the whole model
-                    state = trained_state(_running(run).state.model, _running(run).state.trained)
-                    held = Held(state, dict(report), run.state.step)
-            elif isinstance(command, SaveHeld):
-                if ctx.rank == 0 and held is None:
-                    raise RuntimeError("warm group: SaveHeld without Hold")
-                result = ctx.save(_running(run), report, Save(command.prefix), held)
-            elif isinstance(command, End):
-                run, held = None, None
-                gc.collect()
-            if ctx.rank == 0:
-                ray.get(mailbox.reply.remote(seq, result))
-            if run is not None:  # serving and awaiting commands is not training time
-                run.progress.since = time.perf_counter()
+            result = server.handle(command)
         except BaseException as exc:
             if ctx.rank == 0:
                 failed = Failed(traceback.format_exc(limit=8), error_types(exc))
                 ray.get(mailbox.reply.remote(seq, failed))
             raise
+        if ctx.rank == 0:
+            ray.get(mailbox.reply.remote(seq, result))
 
 
 def _running(run: TrialRun | None) -> TrialRun:

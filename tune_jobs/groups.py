@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import traceback
 from typing import Any
 
 import ray
@@ -379,6 +380,51 @@ class LeasedGroup(GroupLink):
 
     def wait_ended(self, timeout: float) -> None:
         ray.get(self.pool.wait_ended.remote(self.name, timeout))
+
+
+class ProcessGroup(GroupLink):
+    """A single-process trial's worker: a ``trainers.serve.Server`` in the trial actor's own
+    process, taking the same commands as a warm group's workers (``call`` runs them here).
+    Tune hands the actor, and so the model and data it loaded, from trial to trial."""
+
+    name = "process"  # what reports show as their ``train_run``: no Train run of its own
+
+    def __init__(self, plan: TrialPlan) -> None:
+        self.plan = plan
+        self.filesystem, _ = storage.resolve(plan.train_storage)
+        self.server: Any = None  # built by the first command (its failure is the trial's)
+        self.failure: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None
+
+    def failure_text(self) -> str:
+        return self.failure or "alive"
+
+    def wait_ended(self, timeout: float) -> None:
+        return None  # nothing runs apart from this process
+
+    def call(self, command: Any) -> Any:
+        """Run ``command`` here; a failure is raised as a group's would be, and ends this
+        server (its state is then unknown: the next command gets a new one)."""
+        from trainers.serve import ProcessContext, Server
+
+        try:
+            if self.server is None:
+                spec, res = self.plan.spec, self.plan.resources
+                base = loop_config(
+                    spec, trial_hparams(spec, {}), self.plan.data_ref, res, self.name
+                )
+                context = ProcessContext(self.filesystem, res.gpus_per_worker > 0)
+                self.server = Server(base, context)
+            return self.server.handle(command)
+        except Exception as exc:
+            self.failure = traceback.format_exc(limit=8)
+            raise WorkerGroupError(
+                f"trial process: {self.failure}",
+                faults.exception_is_transient(exc),
+            ) from exc
 
 
 def run_on_group(

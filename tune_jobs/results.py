@@ -111,13 +111,12 @@ def error_reason(error: BaseException) -> str:
     return type(error).__name__
 
 
-def best_checkpoint_uri(
-    result: Any, metric: str, mode: str, storage_root: str
-) -> tuple[str, dict[str, Any]]:
-    """The Train checkpoint of the trial's best report whose files still exist."""
+def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[str, Any]]:
+    """The checkpoint of the trial's best report whose files still exist (pbt/pb2: what the
+    export takes; otherwise the export takes the leader, ``tune_jobs.leader``)."""
     candidates = []
     for checkpoint, metrics in result.best_checkpoints or []:
-        uri = checkpoint_location(checkpoint, storage_root)
+        uri = checkpoint_location(checkpoint)
         candidates.append((metrics.get(metric), metrics.get(M.STEP, 0), uri, metrics))
     candidates.sort(key=lambda c: (M.rank(c[0], mode), c[1]))  # the best, then the earliest
     for _, _, uri, metrics in candidates:

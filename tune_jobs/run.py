@@ -126,20 +126,14 @@ def check_population_fits(spec: JobSpec, max_concurrent: int) -> None:
         )
 
 
-def tune_checkpoint_config(spec: JobSpec) -> Any:
-    """TorchTrainer mode: Tune checkpoints are pointers of a few bytes, keep them all.
-    Single-process mode: they hold the weights; keep the best by the metric (plus,
-    always, the latest, which PBT exploits and restores use)."""
+def tune_checkpoint_config() -> Any:
+    """Tune's checkpoints are pointers of a few bytes to what the trials wrote
+    (``tune_jobs.warm``): keep them all, and none at a trial's end (what the export needs
+    was written when it led; Tune's default would write the full state of every finished
+    or stopped trial: measured, 1.3 GB of the 1.9 GB an 8-trial sweep wrote)."""
     from ray import tune
 
-    from tune_jobs.trial import checkpoint_retention
-
-    if spec.resources.trial_mode == "train":
-        # no checkpoint at a trial's end: what the export needs was written when it led
-        # (tune_jobs.warm.WarmTrial); Tune's default would write the full state of every
-        # finished or stopped trial (measured: 1.3 GB of the 1.9 GB an 8-trial sweep wrote)
-        return tune.CheckpointConfig(num_to_keep=None, checkpoint_at_end=False)
-    return tune.CheckpointConfig(**checkpoint_retention(spec))
+    return tune.CheckpointConfig(num_to_keep=None, checkpoint_at_end=False)
 
 
 #: Ray Tune copies these from the driver's environment into every trial actor's runtime
@@ -192,15 +186,16 @@ def build_tuner(
     from tune_jobs.leader import ExportLeader
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
-    from tune_jobs.trial import TrialPlan, run_trial
+    from tune_jobs.trial import TrialPlan
     from tune_jobs.warm import WarmTrial
 
     set_trial_environment()
     run_dir = storage.join(storage_root, run_name)
     res = trial_resources(spec)
-    # Multi-worker trials run on warm worker groups (tune_jobs.warm) that the sweep's
-    # pool hosts and each trial actor leases; Tune also hands an actor (and its lease)
-    # from trial to trial and to exploits.
+    # Every trial is a WarmTrial. Multi-worker trials run on warm worker groups that the
+    # sweep's pool hosts and each trial actor leases; a single-process trial serves
+    # itself (tune_jobs.groups.ProcessGroup). Tune hands an actor (and its group or its
+    # loaded model) from trial to trial and to exploits.
     warm = spec.resources.trial_mode == "train"
     plan = TrialPlan(
         spec=spec,
@@ -208,7 +203,7 @@ def build_tuner(
         train_storage=layout.train_runs(run_dir),
         resources=res,
         hp_schedule=hp_schedule,
-        leaderboard=ExportLeader.remote(spec.search.resolved_mode, run_dir) if warm else None,
+        leaderboard=ExportLeader.remote(spec.search.resolved_mode, run_dir),
         failures_dir=layout.failures_dir(run_dir),
     )
     pool = None
@@ -220,9 +215,7 @@ def build_tuner(
             )
         ).remote(plan, max_concurrent)
         plan = replace(plan, groups=pool)
-    trainable = tune.with_resources(
-        tune.with_parameters(WarmTrial if warm else run_trial, plan=plan), res.trial_bundle()
-    )
+    trainable = tune.with_resources(tune.with_parameters(WarmTrial, plan=plan), res.trial_bundle())
     if restore:
         fs = storage.ray_storage(run_dir)
         restored = tune.Tuner.restore(
@@ -244,14 +237,14 @@ def build_tuner(
             scheduler=build_scheduler(spec),
             search_alg=build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
             num_samples=spec.search.num_samples,
-            reuse_actors=warm,
+            reuse_actors=True,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=run_name,
             **storage.ray_storage(storage_root),
-            checkpoint_config=tune_checkpoint_config(spec),
+            checkpoint_config=tune_checkpoint_config(),
             # a failed trial restarts from its last checkpoint (tune_jobs.faults: not when
             # its own code raised); a synch population stops once a member is past retries
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
@@ -535,7 +528,7 @@ def run_job(
             best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
             leader = read_leader(run_dir) if spec.training.save_checkpoints else None
             if leader is not None:
-                # warm-group trials: the best checkpoint written (tune_jobs.leader)
+                # the best checkpoint written (tune_jobs.leader; none under pbt/pb2)
                 uri, ckpt_metrics = leader["uri"], leader["metrics"]
                 if leader["trial"] != best.trial:
                     echo(
@@ -544,14 +537,11 @@ def run_job(
                         f"({metric} {leader['value']:.4f})"
                     )
             elif spec.training.save_checkpoints:
-                uri, ckpt_metrics = results.best_checkpoint_uri(
-                    best_result, metric, mode, storage_root
-                )
+                uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
             if spec.training.save_checkpoints:
                 export = export_verified(spec, run_dir, uri, ckpt_metrics, splits, echo)
-        if spec.resources.trial_mode == "train":
-            keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
-            results.prune_train_runs(layout.train_runs(run_dir), trials, keep)
+        keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
+        results.prune_train_runs(layout.train_runs(run_dir), trials, keep)
         defaults_trial = results.find_defaults_trial(trials, defaults)
         summary = results.build_summary(
             spec,

@@ -1,31 +1,21 @@
 """What every trial shares: the plan, the worker config, checkpoint rules and pointers.
 
-Multi-worker trials run on warm worker groups (``tune_jobs.warm``); a
-``trial_mode: single_process`` trial runs the worker loop inside its Tune
-function trainable (``run_trial``). Either way Tune holds a real checkpoint per
-report (the best model is exported from it, and PBT moves it between trials).
-For warm groups it is a tiny folder holding a pointer (``POINTER_FILE``) to the
-checkpoint the workers wrote to storage, so weights are stored once.
+Every trial is a ``tune_jobs.warm.WarmTrial``: multi-worker trials drive a warm
+worker group, a ``trial_mode: single_process`` trial the worker loop in its own
+process (``tune_jobs.groups.ProcessGroup``). The workers write checkpoints to
+storage; Tune holds a tiny folder per checkpoint with a pointer (``POINTER_FILE``)
+to it, so weights are stored once (PBT moves pointers between trials).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-from ray import train, tune
-
-from cluster import storage
 from cluster.resources import TrialResources
-from trainers import metrics as M
 from trainers.config import Distributed, HParams, WorkerConfig
-from tune_jobs import faults
 from tune_jobs.space import trial_hparams
 from tune_jobs.spec import JobSpec
 
@@ -125,76 +115,7 @@ def loop_config(
     )
 
 
-class TuneTrialContext:
-    """``trainers.context.WorkerContext`` for the single-process trial mode.
-
-    The worker loop runs inside the Tune trial itself (no worker group), and
-    each report carries the checkpoint files to Tune directly: an exploit or a
-    restore costs about a second instead of a worker-group restart.
-    """
-
-    rank = 0
-    world_size = 1
-
-    def __init__(self, resume_from: str | None, use_gpu: bool) -> None:
-        import torch
-
-        self.resume_from = resume_from
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.node_id = ray.get_runtime_context().get_node_id()
-
-    def prepare_model(self, model: Any) -> Any:
-        return model.to(self.device)
-
-    @contextlib.contextmanager
-    def restore_dir(self) -> Iterator[str | None]:
-        if not self.resume_from:
-            yield None
-            return
-        with train.Checkpoint(self.resume_from).as_directory() as folder:
-            yield folder
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({**metrics, M.WORKER_NODES: self.node_id}, checkpoint=checkpoint)
-
-
-def checkpoint_location(checkpoint: Any, storage_root: str) -> str:
-    """Where a Tune checkpoint's training state lives: the Train checkpoint it points
-    to (TorchTrainer mode) or the Tune checkpoint itself (single-process mode), as a
-    path or URI in the form of ``storage_root``."""
+def checkpoint_location(checkpoint: Any) -> str:
+    """Where a Tune checkpoint's training state lives: the checkpoint its pointer names."""
     with checkpoint.as_directory() as folder:
-        if os.path.exists(os.path.join(folder, POINTER_FILE)):
-            return read_pointer(folder)["uri"]
-    return storage.uri_of(checkpoint.filesystem, checkpoint.path, like=storage_root)
-
-
-def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
-    """Tune function trainable of ``trial_mode: single_process``: the worker loop in this
-    process, reporting to Tune. (Multi-worker trials are ``tune_jobs.warm.WarmTrial``.)"""
-    from trainers.loop import train_loop
-
-    hp = trial_hparams(plan.spec, config)
-    trial_name = tune.get_context().get_trial_name()
-    faults.refuse_if_failed(plan.failures_dir, trial_name)
-    resume = None
-    incoming = tune.get_checkpoint()  # a fault restore, or a PBT donor's checkpoint
-    if incoming is not None:
-        resume = checkpoint_location(incoming, plan.train_storage)
-        if not storage.exists(resume):
-            # The donor's files are gone (deleted run folder): start this trial's
-            # hyperparameters from scratch rather than fail the whole population.
-            print(
-                f"[{trial_name}] checkpoint {resume} no longer exists; starting from step 0",
-                flush=True,
-            )
-            resume = None
-    cfg = loop_config(
-        plan.spec, hp, plan.data_ref, plan.resources, trial_name, plan.schedule_hparams(), resume
-    )
-    try:
-        train_loop(cfg, TuneTrialContext(resume, plan.resources.gpus_per_worker > 0))
-    except Exception as exc:  # raised here, in the trial's process (a killed one never is)
-        if not faults.exception_is_transient(exc):
-            faults.record(plan.failures_dir, trial_name, traceback.format_exc(limit=8))
-        raise
+        return read_pointer(folder)["uri"]

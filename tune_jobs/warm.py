@@ -1,12 +1,15 @@
-"""A Tune trial on a warm worker group (``tune_jobs.groups``), and what it writes.
+"""Every Tune trial: ``WarmTrial``, driving warm workers command by command, and what it writes.
 
-``WarmTrial`` is a Tune class ``Trainable`` that leases a group from the sweep's
-``GroupPool`` at its first step and drives it command by command; with
-``reuse_actors`` Tune hands the actor (and its lease) to the next trial
-(``reset_config``) and to exploits (``reset_config`` then ``load_checkpoint``).
+``WarmTrial`` is a Tune class ``Trainable``. A multi-worker trial leases a warm
+group from the sweep's ``GroupPool`` at its first step; a single-process trial
+serves itself (``tune_jobs.groups.ProcessGroup``: the worker loop in this
+actor's process). Either way it sends the same commands (``trainers.serve``);
+with ``reuse_actors`` Tune hands the actor (its lease, or its loaded model) to
+the next trial (``reset_config``) and to exploits (``reset_config`` then
+``load_checkpoint``).
 
-Checkpoints: the trainable decides what each evaluation is worth (see
-``WarmTrial``); the workers write it straight to storage
+Checkpoints: one policy for every trial decides what each evaluation is worth
+(``checkpoint_writes``); the workers write it straight to storage
 (``<train_storage>/<trial>/start<k>/checkpoint_<step>``) and Tune holds a
 pointer of a few bytes to it (``tune_jobs.trial.POINTER_FILE``).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +33,7 @@ from cluster import ray_private, storage
 from trainers import metrics as M
 from trainers.serve import End, Hold, Interval, Save, SaveHeld, Start
 from tune_jobs import faults, layout
-from tune_jobs.groups import LeasedGroup, WorkerGroupError
+from tune_jobs.groups import GroupLink, LeasedGroup, ProcessGroup, WorkerGroupError
 from tune_jobs.layout import latest_resumable, next_numbered
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
@@ -55,23 +59,63 @@ class TrialCheckpoints:
     held: dict[str, Any] | None = None  # the best report, its weights in the workers' memory
 
 
+@dataclass(frozen=True)
+class Writes:
+    """What one evaluation is worth writing (``checkpoint_writes``)."""
+
+    full: bool  # the whole state now (weights, optimizer, RNG): an exact resume, a PBT donor
+    best: bool  # the trial's best evaluation so far: its candidate for the export
+    hold: bool  # its weights kept in the worker's memory, written at the trial's end if they lead
+    lead_now: bool  # it leads the sweep and cannot be held (sharded): written now, at least weights
+
+
+def checkpoint_writes(
+    value: float | None,
+    *,
+    held: float | None,
+    since_full_s: float,
+    population: bool,
+    every_s: float,
+    sharded: bool,
+    mode: str,
+    leads_sweep: Callable[[], bool],
+) -> Writes:
+    """The checkpoint policy of every trial, on a warm group or in its own process, after an
+    evaluation scoring ``value`` (``held``: the trial's best so far; ``since_full_s``: seconds
+    since its last full checkpoint).
+
+    - pbt/pb2 (``population``): the full state at every evaluation, which exploits copy;
+      the export takes the best trial's best of them (Tune's checkpoint record).
+    - Otherwise the full state at most every ``every_s`` seconds (0: every evaluation), for
+      a resume; and the trial's best evaluation, written in full if due anyway, else held
+      in memory and written at the trial's end only if it beats every checkpoint written
+      before (``tune_jobs.leader``: the export's one source).
+    - A sharded engine's weights (DeepSpeed) cannot be held: an evaluation that leads the
+      sweep (``leads_sweep``, asked only then) is written at once instead.
+    """
+    full = population or every_s == 0 or since_full_s >= every_s
+    if population:
+        return Writes(full=True, best=False, hold=False, lead_now=False)
+    if sharded:
+        return Writes(full=full, best=False, hold=False, lead_now=leads_sweep())
+    best = M.better(value, held, mode)
+    return Writes(full=full, best=best, hold=best and not full, lead_now=False)
+
+
 class WarmTrial(tune.Trainable):
     """A Tune trial that runs on a warm worker group, leased from the sweep's ``GroupPool``
-    for as long as this actor lives (Tune may hand the actor to further trials).
+    for as long as this actor lives (Tune may hand the actor to further trials), or, in
+    single-process mode, on the worker loop in this actor's own process.
 
-    What gets written (``training.checkpoint_every_s``): under pbt/pb2 a full checkpoint
-    every interval (exploits copy them). Otherwise a full checkpoint (weights, optimizer,
-    RNG: an exact resume) at most every ``checkpoint_every_s`` seconds; and the weights
-    of the trial's best evaluation, held in the workers' memory while it trains and
-    written when the trial ends, only if they beat every checkpoint written before
-    (the export takes the best written: ``train_runs/leader.json``). DeepSpeed trials write an
-    evaluation that leads the sweep at once instead. Whenever Tune itself asks for a
-    checkpoint (a pause), the state is written in full then.
+    What gets written is ``checkpoint_writes``'s answer after each evaluation; the held
+    best is written when the trial ends, only if it beats every checkpoint written before
+    (the export takes the best written: ``train_runs/leader.json``). Whenever Tune itself
+    asks for a checkpoint (a pause), the state is written in full then.
     """
 
     def setup(self, config: dict[str, Any], plan: TrialPlan) -> None:
         self.plan = plan
-        self.group: LeasedGroup | None = None
+        self.group: GroupLink | None = None
         self.pbt = plan.spec.scheduler.type in ("pbt", "pb2")
         self.ckpt: TrialCheckpoints | None = None  # the trial's, kept across its exploits
         self._begin(config)
@@ -91,9 +135,14 @@ class WarmTrial(tune.Trainable):
             kept = ray_private.checkpoint_manager(retention)
             self.ckpt = TrialCheckpoints(self.trial_name, kept=kept)
 
-    def _group(self) -> LeasedGroup:
-        """The group this actor leased, leased at its first step; renewed if its workers died."""
+    def _group(self) -> GroupLink:
+        """The group this actor leased, leased at its first step; renewed if its workers died.
+        A single-process trial (no pool) serves itself: a ``ProcessGroup`` in this process."""
         pool = self.plan.groups
+        if pool is None:
+            if self.group is None or not self.group.alive:
+                self.group, self.started = ProcessGroup(self.plan), False
+            return self.group
         if self.group is not None and not self.group.alive:
             print(f"[{self.trial_name}] warm group {self.group.name} died; starting a new one")
             self.group = LeasedGroup(pool, ray.get(pool.renew.remote(self.group.name)))
@@ -147,30 +196,31 @@ class WarmTrial(tune.Trainable):
         return metrics
 
     def _write(self, metrics: dict[str, Any]) -> bool:
-        """Write (or hold) what this evaluation is worth (see the class); written now?"""
+        """Carry out ``checkpoint_writes`` for this evaluation; written now?"""
         spec = self.plan.spec
-        every = spec.training.checkpoint_every_s
-        full = self.pbt or every == 0 or time.monotonic() - self.full_at >= every
-        leaderboard = self.plan.leaderboard
+        leader = self.plan.leaderboard
         value = metrics.get(spec.search.metric)
-        mode = spec.search.resolved_mode
-        if not self.pbt and spec.distributed.strategy == "deepspeed":
-            # a ZeRO engine's weights are sharded: no held copy; write a leader at once
-            record = leaderboard is None or ray.get(leaderboard.offer.remote(value))
-            if not (full or record):
-                return False
-            uri = self._save(metrics, full=full, record=record)
-            if leaderboard is not None and record:
-                ray.get(leaderboard.written.remote(self.trial_name, uri, value, metrics))
-            return True
         ckpt = self.ckpt
-        best = not self.pbt and M.better(value, ckpt.held["value"] if ckpt.held else None, mode)
-        uri = self._save(metrics, full=True, record=best) if full else None
-        if best:
-            if uri is None:
-                self.group.call(Hold())  # kept in memory, written at the end if it leads
+        writes = checkpoint_writes(
+            value,
+            held=ckpt.held["value"] if ckpt.held else None,
+            since_full_s=time.monotonic() - self.full_at,
+            population=self.pbt,
+            every_s=spec.training.checkpoint_every_s,
+            sharded=spec.distributed.strategy == "deepspeed",
+            mode=spec.search.resolved_mode,
+            leads_sweep=lambda: leader is None or ray.get(leader.offer.remote(value)),
+        )
+        uri = None
+        if writes.full or writes.lead_now:
+            uri = self._save(metrics, full=writes.full, record=writes.best or writes.lead_now)
+        if writes.lead_now and leader is not None:
+            ray.get(leader.written.remote(self.trial_name, uri, value, metrics))
+        if writes.hold:
+            self.group.call(Hold())  # kept in memory, written at the end if it leads
+        if writes.best:
             ckpt.held = {"value": value, "metrics": dict(metrics), "uri": uri}
-        return full
+        return uri is not None
 
     def _release(self) -> None:
         """The trial is over: write its held best if it beats every checkpoint written."""
@@ -285,4 +335,5 @@ class WarmTrial(tune.Trainable):
                 if self.group is not None:
                     if self.started and self.group.alive:
                         self.group.call(End())  # the next lessee finds no trial loaded
-                    ray.get(self.plan.groups.give_back.remote(self.group.name))
+                    if self.plan.groups is not None:
+                        ray.get(self.plan.groups.give_back.remote(self.group.name))
