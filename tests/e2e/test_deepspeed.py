@@ -100,7 +100,8 @@ class Trials:
 @pytest.fixture(scope="module")
 def runs(cluster):
     """Uninterrupted 8-step trials (DDP, ZeRO-2 and ZeRO-3) and, on the same warm group
-    right after each ZeRO trial, a second trial that resumes its step-4 checkpoint. ZeRO-1
+    right after each ZeRO trial, a second trial that resumes its step-4 checkpoint; on the
+    ZeRO-2 group also a trial at depth 1 and one resuming it at depth 6. ZeRO-1
     is left out for CI time: DeepSpeed runs stages 1 and 2 through one optimizer class
     (``stage_1_and_2.py``) and one checkpoint format; it passed here until 2026-12-06."""
     out = {}
@@ -113,6 +114,14 @@ def runs(cluster):
             if key != "ddp":
                 at_four = out[key][0][1]
                 out[f"{key}-resume"] = trials.fit(spec, f"{key}-resume", resume=at_four)
+            if key == "zero2":  # the same group (a depth is a trial's, not a group's)
+                frozen = _spec("deepspeed", 2, unfreeze_depth=1)
+                out["zero2-depth1"] = trials.fit(frozen, "zero2-depth1")
+                out["zero2-depth6"] = trials.fit(
+                    _spec("deepspeed", 2, unfreeze_depth=6),
+                    "zero2-depth6",
+                    resume=out["zero2-depth1"][0][1],
+                )
         finally:
             trials.close()
     return out
@@ -161,7 +170,7 @@ def test_merged_export_reloads_with_the_engines_predictions(cluster, runs, stage
     assert scored[M.EVAL_LOSS] == pytest.approx(last[M.EVAL_LOSS], abs=1e-5)
 
 
-def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(cluster, tmp_path):
+def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(runs, tmp_path):
     """ZeRO-2 at depth 1: the frozen blocks are bit-identical to the base model after
     training; a restore at depth 6 loads the module weights only and rebuilds the optimizer."""
     import torch
@@ -170,15 +179,7 @@ def test_frozen_blocks_stay_out_of_the_optimizer_and_a_depth_change_rebuilds_it(
     from trainers.checkpoint import materialize
     from trainers.model import build_model, resolve_model_path
 
-    spec = _spec("deepspeed", 2, unfreeze_depth=1)
-    trials = Trials(cluster, spec)
-    try:
-        frozen = trials.fit(spec, "zero2-depth1")
-        deeper = trials.fit(
-            _spec("deepspeed", 2, unfreeze_depth=6), "zero2-depth6", resume=frozen[0][1]
-        )
-    finally:
-        trials.close()
+    frozen, deeper = runs["zero2-depth1"], runs["zero2-depth6"]
     assert frozen[-1][0][M.UNFREEZE_DEPTH] == 1
     materialize(frozen[-1][1], str(tmp_path / "model"))
     from transformers import AutoModelForSequenceClassification

@@ -69,7 +69,6 @@ def runs(tmp_path_factory, tiny_llama):
         cluster = (ray.put(splits), splits, tmp_path_factory.mktemp("llm-train"))
         out = {}
         for key, spec in [
-            ("ddp", _spec(tiny_llama, "ddp")),
             ("ddp-lora", _spec(tiny_llama, "ddp", adapter=LORA)),
             ("zero2-lora", _spec(tiny_llama, "deepspeed", 2, LORA)),
             ("zero3-lora", _spec(tiny_llama, "deepspeed", 3, LORA)),
@@ -98,8 +97,10 @@ def test_ddp_and_zero_take_the_same_steps(runs, a, b):
     assert first[-1][0][M.EVAL_LOSS] != pytest.approx(first[0][0][M.EVAL_LOSS], abs=1e-6)
 
 
-def test_lora_trains_the_adapter_alone_on_every_strategy(runs):
-    full = runs["ddp"][0][0][M.TRAINABLE_PARAMS]
+def test_lora_trains_the_adapter_alone_on_every_strategy(runs, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    full = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
     for key in ("ddp-lora", "zero2-lora", "zero3-lora"):
         assert 0 < runs[key][0][0][M.TRAINABLE_PARAMS] < full / 20, key
 
