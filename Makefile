@@ -27,7 +27,7 @@ UNIT_TESTS = tests/test_layers.py tests/cluster tests/k8s tests/tune_jobs tests/
 
 test: install
 	$(PY) -m pytest $(UNIT_TESTS) --durations=10
-	$(PY) -m pytest tests/e2e --durations=20
+	$(PY) -m pytest tests/e2e --durations=30
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

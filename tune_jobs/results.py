@@ -111,6 +111,15 @@ def error_reason(error: BaseException) -> str:
     return type(error).__name__
 
 
+def best_trial(
+    finished: list[TrialSummary], metric: str, mode: str, leader: str | None
+) -> TrialSummary:
+    """The trial with the best ``metric``; of trials that tie, ``leader`` (the trial whose
+    checkpoint the export takes): a tie is not better, so only the first of them to end
+    wrote its best, and the others' were never written."""
+    return min(finished, key=lambda t: (M.rank(t.best[metric], mode), t.trial != leader))
+
+
 def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[str, Any]]:
     """The checkpoint of the trial's best report whose files still exist (pbt/pb2: what the
     export takes; otherwise the export takes the leader, ``tune_jobs.leader``)."""

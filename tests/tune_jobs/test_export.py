@@ -75,3 +75,19 @@ def test_the_export_is_scored_in_the_precision_its_trial_trained_in(
         str(tmp_path / "export"), rt_small.validation, rt_small.label_names, 48, splits=rt_small
     )
     assert fp32["eval_loss"] != reported["eval_loss"]  # 2e-6 apart when measured
+
+
+def test_of_trials_that_tie_the_best_is_the_one_whose_checkpoint_leads():
+    """Two trials tie (answer accuracy on a small set ties often): the export's leader is the
+    first to end, since a tie does not beat it, so the best trial named must be that one,
+    whichever order the trials are listed in; a strictly better trial still wins."""
+    from tune_jobs.results import TrialSummary, best_trial
+
+    def trial(name: str, value: float) -> TrialSummary:
+        return TrialSummary(name, "TERMINATED", {}, {"m": value}, {"m": value}, 2, False)
+
+    tied = [trial("trial_00000", 0.53), trial("trial_00001", 0.53), trial("trial_00002", 0.4)]
+    assert best_trial(tied, "m", "max", "trial_00001").trial == "trial_00001"
+    assert best_trial(tied[::-1], "m", "max", "trial_00000").trial == "trial_00000"
+    assert best_trial(tied, "m", "max", None).trial == "trial_00000"
+    assert best_trial(tied, "m", "min", "trial_00001").trial == "trial_00002"
