@@ -459,8 +459,24 @@ def run_on_group(
             return reports
 
 
+@ray.remote
+class ProcessHost:
+    """A fresh process hosting a ``ProcessGroup`` outside Tune (the smoke pass's restore
+    check of a one-worker DDP trial): the same restore code, without a Train run's start."""
+
+    def __init__(self, plan: TrialPlan) -> None:
+        self.group = ProcessGroup(plan)
+
+    def run(
+        self, plan: TrialPlan, hp: dict[str, Any], name: str, resume: str | None
+    ) -> list[tuple[dict[str, Any], str | None]]:
+        return run_on_group(self.group, plan, hp, name, resume)
+
+
 def resume_check(plan: TrialPlan, hp: dict[str, Any], uri: str, extra_steps: int) -> list[int]:
-    """Restore a checkpoint on a new group for ``extra_steps`` more steps; the steps it reports.
+    """Restore a checkpoint in new worker processes for ``extra_steps`` more steps; the steps
+    it reports. One DDP worker restores in one fresh process (``ProcessHost``: seconds);
+    more workers, or DeepSpeed's per-rank shards, on a new warm group (a Train run).
 
     Run from the driver (outside Tune) by the smoke pass: proves that a
     checkpoint holds what is needed to continue.
@@ -471,9 +487,19 @@ def resume_check(plan: TrialPlan, hp: dict[str, Any], uri: str, extra_steps: int
 
     step = int(json.loads(storage.read_text(storage.join(uri, MANIFEST)))["step"])
     hp = {**hp, "max_steps": step + extra_steps, "eval_steps": extra_steps}
-    group = WarmGroup(plan, "resume-check")
-    try:
-        reports = run_on_group(group, plan, hp, "resume-check", uri)
-    finally:
-        group.close()
+    spec, res = plan.spec, plan.resources
+    if res.num_workers == 1 and spec.distributed.strategy == "ddp":
+        host = ProcessHost.options(
+            num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker
+        ).remote(plan)
+        try:
+            reports = ray.get(host.run.remote(plan, hp, "resume-check", uri))
+        finally:
+            ray.kill(host)
+    else:
+        group = WarmGroup(plan, "resume-check")
+        try:
+            reports = run_on_group(group, plan, hp, "resume-check", uri)
+        finally:
+            group.close()
     return [int(metrics[M.STEP]) for metrics, _ in reports]

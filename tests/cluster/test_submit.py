@@ -78,7 +78,9 @@ def test_a_retrain_job_is_checked_here_before_anything_is_submitted():
 
 
 STALLED_FOLLOW = """
-import asyncio, sys
+import asyncio, signal, sys
+# a terminal's Ctrl-C: a shell starts a background job with SIGINT ignored (a CI runner may)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from cluster import submit
 
 class StalledDashboard:

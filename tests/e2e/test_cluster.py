@@ -437,6 +437,9 @@ def test_ctrl_c_detaches_and_the_job_can_be_stopped(world):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a shell starts a background job (a CI runner may run this
+        # suite as one) with SIGINT ignored, and Python then installs no Ctrl-C handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     job_id = None
     for line in proc.stdout:
