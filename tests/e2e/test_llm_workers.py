@@ -1,9 +1,10 @@
 """Causal-LM trials on 2-worker warm groups on the CPU (gloo; DeepSpeed with
 ``DS_ACCELERATOR=cpu``), on a tiny random Llama with SmolLM2's tokenizer, fp32:
 
-- LoRA under DDP, ZeRO-2 and ZeRO-3 takes the same steps (the loss curves agree: ZeRO
-  partitions state, not the arithmetic; full fine-tuning under ZeRO-3 agreed with DDP too
-  when measured, 2026-12-06, and is left out of CI for time);
+- LoRA under DDP and ZeRO-3 takes the same steps (the loss curves agree: ZeRO
+  partitions state, not the arithmetic). Left out of CI for time, each measured to agree
+  with DDP on 2026-12-06: full fine-tuning under ZeRO-3, and LoRA under ZeRO-2 (ZeRO-2
+  against DDP stays in ``tests/e2e/test_deepspeed.py``, on MiniLM's full fine-tuning);
 - a LoRA trial resumed from its step-4 checkpoint on the same group ends on exactly the
   uninterrupted trial's adapter (SHA-256), under DDP and ZeRO-3.
 """
@@ -70,7 +71,6 @@ def runs(tmp_path_factory, tiny_llama):
         out = {}
         for key, spec in [
             ("ddp-lora", _spec(tiny_llama, "ddp", adapter=LORA)),
-            ("zero2-lora", _spec(tiny_llama, "deepspeed", 2, LORA)),
             ("zero3-lora", _spec(tiny_llama, "deepspeed", 3, LORA)),
         ]:
             trials = Trials(cluster, spec)
@@ -85,9 +85,8 @@ def runs(tmp_path_factory, tiny_llama):
         disconnect()
 
 
-@pytest.mark.parametrize(("a", "b"), [("ddp-lora", "zero2-lora"), ("ddp-lora", "zero3-lora")])
-def test_ddp_and_zero_take_the_same_steps(runs, a, b):
-    first, second = runs[a], runs[b]
+def test_ddp_and_zero3_take_the_same_steps(runs):
+    first, second = runs["ddp-lora"], runs["zero3-lora"]
     assert [m[M.STEP] for m, _ in first] == [m[M.STEP] for m, _ in second] == [EVERY, LAST]
     for (x, _), (y, _) in zip(first, second, strict=True):
         assert y[M.TRAIN_LOSS] == pytest.approx(x[M.TRAIN_LOSS], abs=1e-5)
@@ -101,7 +100,7 @@ def test_lora_trains_the_adapter_alone_on_every_strategy(runs, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     full = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
-    for key in ("ddp-lora", "zero2-lora", "zero3-lora"):
+    for key in ("ddp-lora", "zero3-lora"):
         assert 0 < runs[key][0][0][M.TRAINABLE_PARAMS] < full / 20, key
 
 
