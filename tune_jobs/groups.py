@@ -468,9 +468,9 @@ class ProcessHost:
         self.group = ProcessGroup(plan)
 
     def run(
-        self, plan: TrialPlan, hp: dict[str, Any], name: str, resume: str | None
+        self, hp: dict[str, Any], name: str, resume: str | None
     ) -> list[tuple[dict[str, Any], str | None]]:
-        return run_on_group(self.group, plan, hp, name, resume)
+        return run_on_group(self.group, self.group.plan, hp, name, resume)
 
 
 def resume_check(plan: TrialPlan, hp: dict[str, Any], uri: str, extra_steps: int) -> list[int]:
@@ -493,7 +493,7 @@ def resume_check(plan: TrialPlan, hp: dict[str, Any], uri: str, extra_steps: int
             num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker
         ).remote(plan)
         try:
-            reports = ray.get(host.run.remote(plan, hp, "resume-check", uri))
+            reports = ray.get(host.run.remote(hp, "resume-check", uri))
         finally:
             ray.kill(host)
     else:

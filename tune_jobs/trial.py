@@ -51,22 +51,6 @@ class TrialPlan:
 PBT_KEEP_CHECKPOINTS = 4
 
 
-def checkpoint_retention(spec: JobSpec) -> dict[str, Any]:
-    """Which checkpoints a trial keeps (kwargs of Train's and Tune's CheckpointConfig).
-
-    Normally the best by the searched metric (exported at the end) plus, always,
-    the latest (to resume from); under PBT/PB2 the most recent few, which are
-    the ones an exploit can ask for.
-    """
-    if spec.scheduler.type in ("pbt", "pb2"):
-        return {"num_to_keep": PBT_KEEP_CHECKPOINTS}
-    return {
-        "num_to_keep": 1,
-        "checkpoint_score_attribute": spec.search.metric,
-        "checkpoint_score_order": spec.search.resolved_mode,
-    }
-
-
 def checkpoint_layout(spec: JobSpec) -> str:
     """``training.checkpoint_weights`` with ``auto`` resolved: the delta under PBT/PB2.
     A DeepSpeed engine writes its own (sharded) checkpoints."""

@@ -37,9 +37,9 @@ from tune_jobs.groups import GroupLink, LeasedGroup, ProcessGroup, WorkerGroupEr
 from tune_jobs.layout import latest_resumable, next_numbered
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
+    PBT_KEEP_CHECKPOINTS,
     POINTER_FILE,
     TrialPlan,
-    checkpoint_retention,
     loop_config,
     read_pointer,
 )
@@ -52,7 +52,7 @@ class TrialCheckpoints:
     trial, new hyperparameters) keeps it."""
 
     trial: str
-    kept: Any  # pbt/pb2: Ray Train's checkpoint manager (keeps what a cold run would)
+    kept: Any = None  # pbt/pb2: Ray Train's checkpoint manager (the most recent few)
     latest: tuple[str, dict[str, Any]] | None = None  # (URI, metrics) last written
     full: str | None = None  # the latest checkpoint to resume from exactly
     records: set[str] = field(default_factory=set)  # written because they led the sweep
@@ -130,9 +130,10 @@ class WarmTrial(tune.Trainable):
         self.step_now = -1  # the step of the last report
         self.last_metrics: dict[str, Any] = {}  # the last report's metrics
         if self.ckpt is None or self.ckpt.trial != self.trial_name:  # not an exploit
-            # pbt/pb2: Ray Train's own manager, with the rule a cold trial's run applied
-            retention = CheckpointConfig(**checkpoint_retention(self.plan.spec))
-            kept = ray_private.checkpoint_manager(retention)
+            kept = None
+            if self.pbt:  # Ray Train's own manager deletes what exploits can no longer ask for
+                retention = CheckpointConfig(num_to_keep=PBT_KEEP_CHECKPOINTS)
+                kept = ray_private.checkpoint_manager(retention)
             self.ckpt = TrialCheckpoints(self.trial_name, kept=kept)
 
     def _group(self) -> GroupLink:
