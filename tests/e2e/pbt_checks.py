@@ -59,6 +59,13 @@ def exploits_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def trains_fewer_than_full_depth(rows: dict[str, list[dict]], report: dict[str, Any]) -> bool:
+    """Whether ``report`` trained fewer parameters than the population's full-depth trials
+    (the population starts at the full depth, so theirs is the largest count reported)."""
+    full = max(r["trainable_params"] for reports in rows.values() for r in reports)
+    return report["trainable_params"] < full
+
+
 def after_exploit(rows: dict[str, list[dict]], exploit: dict[str, Any]) -> dict[str, Any]:
     """The recipient's first report after this exploit (its config is the new one)."""
     return next(

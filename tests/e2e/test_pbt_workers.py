@@ -3,14 +3,21 @@
 An exploit here does not restart anything: Tune hands the recipient's trial
 actor the mutated hyperparameters (``reset_config``) and the donor's Tune
 checkpoint (a pointer to the checkpoint the donor's workers wrote), and the
-recipient's warm group restores it in place, as a new start of the trial.
+recipient's warm group restores it in place, as a new start of the trial. On a tiny random
+BERT with MiniLM's tokenizer and six blocks (mechanics; MiniLM's own two-worker PBT run is
+``test_deepspeed_pbt.py``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.e2e.pbt_checks import TWO_WORKER_POPULATION, check_exploit, run_population
+from tests.e2e.pbt_checks import (
+    TWO_WORKER_POPULATION,
+    check_exploit,
+    run_population,
+    trains_fewer_than_full_depth,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -18,8 +25,9 @@ SPEC = TWO_WORKER_POPULATION
 
 
 @pytest.fixture(scope="module")
-def pbt_run(tmp_path_factory):
-    return run_population(tmp_path_factory.mktemp("pbtw"), SPEC)
+def pbt_run(tmp_path_factory, tiny_bert):
+    spec = {**SPEC, "model": {**SPEC["model"], "name_or_path": tiny_bert}}
+    return run_population(tmp_path_factory.mktemp("pbtw"), spec)
 
 
 def test_exploits_restore_the_donors_weights_on_the_warm_group(pbt_run):
@@ -30,8 +38,8 @@ def test_exploits_restore_the_donors_weights_on_the_warm_group(pbt_run):
         before = [r for r in rows[exploit["recipient"]] if r["step"] <= exploit["step"]]
         # a new start of the recipient (restored from the donor) ...
         assert first["trial_start"] != before[-1]["trial_start"]
-        depth_one = first["trainable_params"] < 10_000_000
-        assert depth_one == (exploit["new_config"]["unfreeze_depth"] == 1)
+        depth_one = exploit["new_config"]["unfreeze_depth"] == 1
+        assert trains_fewer_than_full_depth(rows, first) == depth_one
     # ... on the groups the population started with: no worker group was started for an
     # exploit or a resumed member (two trials at a time: the sweep's pool holds two groups)
     groups = {r["train_run"] for reports in rows.values() for r in reports}
