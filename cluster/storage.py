@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -348,7 +349,10 @@ def write_text(dest: str, text: str) -> None:
     if not is_uri(dest):
         folder = os.path.dirname(dest) or "."
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=folder)
+        # a unique name beside it, created with the umask's mode (mkstemp's is 0600: a
+        # report or summary in a shared folder would be readable by its writer alone)
+        tmp = os.path.join(folder, f".{os.path.basename(dest)}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)

@@ -195,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="dotted overrides of the run's spec, e.g. resources.max_concurrent_trials=2",
     )
+    report = sub.add_parser(
+        "report",
+        help="write a run's report: report.html (self-contained) and report.md, from its folder",
+        description="read the run folder RUN_DIR (local or a URI; finished, running or stopped) "
+        "and write report.html (one file, pictures inline, opens without a network) and "
+        "report.md with its pictures in report_files/; a run still in progress gives a "
+        "partial report that says so",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holds job_spec.yaml)")
+    report.add_argument(
+        "--out", default=None, metavar="DIR", help="write here instead of into the run folder"
+    )
     replay = sub.add_parser(
         "replay",
         help="retrain a PBT trial from scratch following the schedule of hyperparameters PBT found",
@@ -245,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("logs", "stop", "status"):
             return job_command(args)
+        if args.command == "report":
+            return report_command(args.run_dir, args.out)
         if args.command == "registry":
             return registry_command(args.root, args.rollback, args.lock_ttl_s)
         if args.command == "resume":
@@ -320,6 +334,20 @@ def retrain_command(args: argparse.Namespace, spec: Any) -> int:
     if not args.no_smoke and smoke_enabled(spec):
         smoke = lambda run_spec: run_smoke(run_spec, keep_ray=True)  # noqa: E731
     retrain(spec, before_sweep=smoke)
+    return 0
+
+
+def report_command(run_dir: str, out: str | None) -> int:
+    """``tunefleet report RUN_DIR [--out DIR]``."""
+    from tune_jobs.report import write_report
+
+    files = write_report(run_dir, out)
+    view = files.view
+    print(
+        f"{view.name}: {view.state}, {len(view.reports)} trial(s) reported"
+        + (f", {len(view.failures)} failed" if view.failures else "")
+    )
+    print(f"report: {files.html}\nmarkdown: {files.markdown}")
     return 0
 
 

@@ -183,21 +183,20 @@ def _segments(rows: list[dict[str, Any]]) -> list[list[tuple[int, float | None]]
     return out
 
 
-def lineage_svg(
-    trials: dict[str, list[dict[str, Any]]],
+def lineage_figure(
+    trials: Reports,
     exploits: list[dict[str, Any]],
     metric: str,
     mode: str,
     highlight: Schedule | None = None,
-) -> str:
-    """An SVG (matplotlib) of the population over steps: one lane per trial, its reports as
+) -> Any:
+    """A matplotlib figure of the population over steps: one lane per trial, its reports as
     dots coloured by ``metric``, an arrow per exploit from the donor's checkpoint to the
     recipient labelled with the mutated values, and ``highlight``'s lineage drawn bold.
 
-    Artists carry ids: ``lane:<trial>`` and ``exploit:<donor>:<recipient>:<step>``.
+    Artists carry ids (an SVG keeps them): ``lane:<trial>`` and
+    ``exploit:<donor>:<recipient>:<step>``.
     """
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,57 +215,74 @@ def lineage_svg(
         for (start, owner), (end, _) in zip(bounds, bounds[1:] + [(None, None)], strict=True):
             bold.append((owner, start, end))
 
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "tunefleet"}):
-        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.6 * len(names)))
-        for name in names:
-            rows = [{**r, "_metric": r.get(metric)} for r in trials[name]]
-            y = lane[name]
-            for seg in _segments(rows):
-                xs = [s for s, _ in seg]
-                ax.plot(xs, [y] * len(xs), color="#bbbbbb", lw=2, zorder=1, gid=f"lane:{name}")
-                for owner, start, end in bold:
-                    if owner == name:
-                        inside = [x for x in xs if x >= start and (end is None or x <= end)]
-                        if len(inside) > 1:
-                            ax.plot(inside, [y] * len(inside), color="black", lw=4, zorder=2)
-                points = [(s, v) for s, v in seg if v is not None]
-                if points:
-                    ax.scatter(
-                        [s for s, _ in points],
-                        [y] * len(points),
-                        c=[v for _, v in points],
-                        cmap=cmap,
-                        norm=norm,
-                        s=40,
-                        zorder=3,
-                    )
-        for e in exploits:
-            if e.get("step") is None:
-                continue
-            ax.annotate(
-                "",
-                xy=(e["step"], lane[e["recipient"]]),
-                xytext=(e["step"], lane[e["donor"]]),
-                arrowprops={"arrowstyle": "->", "color": "#c0392b", "lw": 1.5},
-                zorder=4,
-            ).arrow_patch.set_gid(f"exploit:{e['donor']}:{e['recipient']}:{e['step']}")
-            ax.text(
-                e["step"],
-                lane[e["recipient"]] + 0.18,
-                " " + mutation_label(e["mutated"]),
-                color="#c0392b",
-                fontsize=8,
-                zorder=5,
-            )
-        ax.set_yticks([lane[n] for n in names], names)
-        ax.set_ylim(-0.6, len(names) - 0.4)
-        ax.set_xlabel("step")
-        ax.set_title(
-            "PBT lineage: arrows are exploits (donor checkpoint -> recipient); bold: best trial's lineage",
-            fontsize=9,
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)), layout="constrained")
+    for name in names:
+        rows = [{**r, "_metric": r.get(metric)} for r in trials[name]]
+        y = lane[name]
+        for seg in _segments(rows):
+            xs = [s for s, _ in seg]
+            ax.plot(xs, [y] * len(xs), color="#bbbbbb", lw=2, zorder=1, gid=f"lane:{name}")
+            for owner, start, end in bold:
+                if owner == name:
+                    inside = [x for x in xs if x >= start and (end is None or x <= end)]
+                    if len(inside) > 1:
+                        ax.plot(inside, [y] * len(inside), color="black", lw=4, zorder=2)
+            points = [(s, v) for s, v in seg if v is not None]
+            if points:
+                ax.scatter(
+                    [s for s, _ in points],
+                    [y] * len(points),
+                    c=[v for _, v in points],
+                    cmap=cmap,
+                    norm=norm,
+                    s=40,
+                    zorder=3,
+                )
+    for e in exploits:
+        if e.get("step") is None:
+            continue
+        ax.annotate(
+            "",
+            xy=(e["step"], lane[e["recipient"]]),
+            xytext=(e["step"], lane[e["donor"]]),
+            arrowprops={"arrowstyle": "->", "color": "#c0392b", "lw": 1.5},
+            zorder=4,
+        ).arrow_patch.set_gid(f"exploit:{e['donor']}:{e['recipient']}:{e['step']}")
+        ax.text(
+            e["step"],
+            lane[e["recipient"]] + 0.18,
+            " " + mutation_label(e["mutated"]),
+            color="#c0392b",
+            fontsize=8,
+            zorder=5,
         )
-        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
-        fig.tight_layout()
+    ax.set_yticks([lane[n] for n in names], names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_xlabel("step")
+    ax.set_title(
+        "PBT lineage: arrows are exploits (donor checkpoint -> recipient); bold: best trial's lineage",
+        fontsize=9,
+    )
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
+    return fig
+
+
+def lineage_svg(
+    trials: Reports,
+    exploits: list[dict[str, Any]],
+    metric: str,
+    mode: str,
+    highlight: Schedule | None = None,
+) -> str:
+    """``lineage_figure`` as SVG text (text as text, ids kept, no date: the same run draws
+    the same file)."""
+    import io
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "tunefleet"}):
+        fig = lineage_figure(trials, exploits, metric, mode, highlight)
         out = io.StringIO()
         fig.savefig(out, format="svg", metadata={"Date": None})
         plt.close(fig)

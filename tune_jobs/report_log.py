@@ -33,8 +33,10 @@ def read_reports(run_dir: str, trial: str) -> list[dict[str, Any]]:
 
 def read_all_reports(run_dir: str) -> dict[str, list[dict[str, Any]]]:
     """Every trial's reports, by trial folder name (``trial_<n>``)."""
-    names = sorted(n for n in storage.list_names(run_dir) if n.startswith("trial_"))
-    return {name: read_reports(run_dir, name) for name in names}
+    logged = storage.list_names(storage.join(run_dir, layout.REPORTS_DIR))
+    names = {n.removesuffix(".jsonl") for n in logged if n.endswith(".jsonl")}
+    names |= {n for n in storage.list_names(run_dir) if n.startswith("trial_")}  # Tune's own
+    return {name: read_reports(run_dir, name) for name in sorted(names)}
 
 
 class ReportLog(tune.Callback):

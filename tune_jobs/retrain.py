@@ -233,7 +233,7 @@ def retrain(
         )
         if before_sweep is not None:
             before_sweep(run_spec)
-        outcome = run_job(run_spec, echo=echo, warm_points=warm, splits=splits)
+        outcome = run_job(run_spec, echo=echo, warm_points=warm, splits=splits, report=False)
         stopped = _interrupted(outcome)
         if stopped:
             raise RunFailed(
@@ -267,6 +267,9 @@ def retrain(
     echo(
         f"retrain {number}: {'PROMOTED' if decision.promote else 'kept the champion'}: {decision.reason}"
     )
+    from tune_jobs.report import report_or_say  # with the decision and the registry in it
+
+    report_or_say(outcome.run_dir, echo)
     return RetrainOutcome(number, outcome.run_dir, decision, entry)
 
 

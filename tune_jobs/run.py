@@ -431,11 +431,13 @@ def run_job(
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
     warm_points: list[dict[str, Any]] | None = None,
     splits: Splits | None = None,
+    report: bool = True,
 ) -> RunOutcome:
     """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can.
 
     ``warm_points`` are tried first, before the defaults trial (a retrain's champion and
-    previous best configs); ``splits`` are the data already loaded by the caller.
+    previous best configs); ``splits`` are the data already loaded by the caller;
+    ``report``: write the run's report at the end (a retrain writes it after deciding).
     """
     import ray
 
@@ -563,6 +565,9 @@ def run_job(
         picture = write_lineage(
             run_dir, summary["exploits"], metric, mode, best.trial if best else None, reports
         )
+        from tune_jobs.report.card import write_model_card
+
+        write_model_card(spec, summary)
     finally:
         if not keep_ray:
             disconnect()
@@ -571,6 +576,10 @@ def run_job(
     if picture:
         echo(f"lineage: {picture}")
     echo(f"summary: {path}")
+    if report:
+        from tune_jobs.report import report_or_say  # matplotlib: only once a run has ended
+
+        report_or_say(run_dir, echo)
     failed = [t for t in trials if t.status == "ERROR"]
     if trials and len(failed) == len(trials):
         raise RunFailed(

@@ -78,7 +78,7 @@ def run_smoke(
         f"{small.data.max_train_samples} rows, then a checkpoint restore"
     )
     try:
-        outcome = run_job(small, echo=echo, keep_ray=True)
+        outcome = run_job(small, echo=echo, keep_ray=True, report=False)
         summary = outcome.summary
         metric = small.search.metric
         broken = [t for t in summary["trials"] if t["status"] == "ERROR"]

@@ -7,7 +7,9 @@ from typing import Any
 from trainers import metrics as M
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A number short enough for a table cell: 4 decimals, or 3 significant digits when
+    very small or large."""
     if isinstance(value, float):
         return (
             f"{value:.3g}"
@@ -51,7 +53,7 @@ def registry_table(champion: dict[str, Any] | None, history: list[dict[str, Any]
     def score(side: str, e: dict[str, Any]) -> str:
         record = e.get(side) or {}
         value = record.get("promotion_accuracy")
-        return "-" if value is None else f"{_fmt(value)} ({record.get('run', '?')})"
+        return "-" if value is None else f"{fmt(value)} ({record.get('run', '?')})"
 
     rows = [
         [
@@ -103,11 +105,11 @@ def leaderboard(summary: dict[str, Any]) -> str:
         rows.append(
             [
                 t["trial"] + (" (defaults)" if is_defaults else ""),
-                *(_fmt(t["config"].get(k, "")) for k in keys),
-                _fmt(best.get(metric, "-")),
-                *(_fmt(best.get(c, "-")) for c in columns),
+                *(fmt(t["config"].get(k, "")) for k in keys),
+                fmt(best.get(metric, "-")),
+                *(fmt(best.get(c, "-")) for c in columns),
                 steps,
-                _fmt(last.get(M.EPOCH, "-")),
+                fmt(last.get(M.EPOCH, "-")),
                 "yes" if t["stopped_early"] else "no",
                 t["status"],
             ]
@@ -122,13 +124,13 @@ def leaderboard(summary: dict[str, Any]) -> str:
     if zero_shot:
         out.append(
             "untuned base model (zero-shot, validation): "
-            + ", ".join(f"{k} {_fmt(v)}" for k, v in zero_shot.items())
+            + ", ".join(f"{k} {fmt(v)}" for k, v in zero_shot.items())
         )
     exploits = summary.get("exploits") or []
     if exploits:
         out.append(f"PBT exploits ({len(exploits)}):")
         for e in exploits:
-            changes = ", ".join(f"{k}={_fmt(v)}" for k, v in e["mutated"].items()) or "no change"
+            changes = ", ".join(f"{k}={fmt(v)}" for k, v in e["mutated"].items()) or "no change"
             at = (
                 f"step {e['step']}"
                 if e.get("step") is not None
@@ -144,22 +146,22 @@ def leaderboard(summary: dict[str, Any]) -> str:
     if versus:
         note = " (the defaults trial was stopped early)" if versus["defaults_stopped_early"] else ""
         out.append(
-            f"best vs the family defaults: {metric} {_fmt(versus['best'])} vs {_fmt(versus['defaults'])} "
+            f"best vs the family defaults: {metric} {fmt(versus['best'])} vs {fmt(versus['defaults'])} "
             f"({versus['improvement']:+.4f}){note}"
         )
     best = summary.get("best")
     if best:
-        out.append(f"best trial: {best['trial']}  {metric}={_fmt(best['metrics'].get(metric))}")
+        out.append(f"best trial: {best['trial']}  {metric}={fmt(best['metrics'].get(metric))}")
 
         def said(scored: dict[str, Any]) -> str:
-            return ", ".join(f"{k} {_fmt(scored[k])}" for k in task.scores if k in scored)
+            return ", ".join(f"{k} {fmt(scored[k])}" for k in task.scores if k in scored)
 
         # every score below is the exported model's: named by its own trial
         exported = best.get("exported_trial") or best["trial"]
         if exported != best["trial"]:
             reported = (best.get("exported_metrics") or {}).get(metric)
             out.append(
-                f"exported instead: {exported}'s checkpoint ({metric}={_fmt(reported)}); "
+                f"exported instead: {exported}'s checkpoint ({metric}={fmt(reported)}); "
                 f"{best['trial']}'s best was never written"
             )
         if best.get("reloaded_validation"):

@@ -4,7 +4,7 @@
 - LoRA under DDP and ZeRO-3 takes the same steps (the loss curves agree: ZeRO
   partitions state, not the arithmetic). Left out of CI for time, each measured to agree
   with DDP on 2026-12-06: full fine-tuning under ZeRO-3, and LoRA under ZeRO-2 (ZeRO-2
-  against DDP stays in ``tests/e2e/test_deepspeed.py``, on MiniLM's full fine-tuning);
+  against DDP stays in ``tests/e2e/test_deepspeed.py``, on a tiny BERT's full fine-tuning);
 - a LoRA trial resumed from its step-4 checkpoint on the same group ends on exactly the
   uninterrupted trial's adapter (SHA-256), under DDP and ZeRO-3.
 """

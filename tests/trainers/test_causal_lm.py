@@ -50,6 +50,37 @@ def test_the_labels_mask_the_prompt_and_keep_the_response(tiny_llama, rt_instruc
         assert "Review:" in tok.decode(ids[:start])  # the prompt is in the input
 
 
+@pytest.mark.parametrize("adapter", [None, LORA])
+def test_the_loss_on_scored_positions_equals_the_full_logits_loss(
+    tiny_llama, rt_instructions, adapter
+):
+    """The training forward runs the output layer only where a response token is next:
+    the same loss and the same gradients as over every position's logits (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _tokenizer(tiny_llama)
+    rows, _ = causal_lm.encode_train(tok, rt_instructions, 256, rank=0, world_size=1)
+    (batch,) = causal_lm.batches(rows, list(range(8)), 8, tok.pad_token_id)
+    assert len(batch["logits_to_keep"]) < batch["input_ids"].shape[1] / 4  # mostly prompt
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    if adapter:
+        from trainers.adapters import attach
+
+        model = attach(model, adapter)
+    full = {k: v for k, v in batch.items() if k not in ("logits_to_keep", "shift_labels")}
+    losses, grads = [], []
+    for inputs in (full, batch):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_packing_fills_every_block_and_drops_only_the_tail():
     docs = [[1] * 5, [2] * 7, [3] * 3, [4] * 9]  # 24 tokens + 4 end-of-text = 28
     blocks, positions = causal_lm.pack(docs, eos_id=0, block=8)

@@ -6,25 +6,7 @@ import json
 
 import pytest
 
-from tests.e2e.cluster_procs import S3_TEST_KEYS, S3Server, environment
 from tune_jobs.registry import LOCK_FILE, REGISTRY_DIR, Registry, RegistryError, RegistryLocked
-
-BUCKET = "tunefleet-registry"
-
-
-@pytest.fixture(scope="module")
-def s3_root(tmp_path_factory):
-    """An S3 prefix on a moto server started for this module (credentials in the env)."""
-    import boto3
-
-    server = S3Server()
-    server.start(str(tmp_path_factory.mktemp("s3") / "s3.log"))
-    try:
-        with environment(**S3_TEST_KEYS, AWS_ENDPOINT_URL=server.endpoint):
-            boto3.client("s3").create_bucket(Bucket=BUCKET)
-            yield f"s3://{BUCKET}/retrain"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

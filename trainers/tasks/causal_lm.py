@@ -223,7 +223,26 @@ def batches(
             batch["position_ids"] = torch.tensor([rows.positions[i] for i in picked])
         else:
             batch["attention_mask"] = mask
+            batch.update(scored_positions(labels))
         yield batch
+
+
+def scored_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output layer only where a next token is scored: ``logits_to_keep``, the positions
+    whose next token is a response token in some row, and ``shift_labels``, those next
+    tokens (transformers' causal-LM loss takes them as they are, unshifted again).
+
+    On instruction rows the prompt is most of every row, and the output layer (49,152 x
+    576 on SmolLM2, a fifth of its FLOPs per token) would otherwise run for every prompt
+    token and hold ``[batch, length, vocabulary]`` logits: the loss is the same mean over
+    the same tokens (``test_the_loss_on_scored_positions_equals_the_full_logits_loss``).
+    """
+    shifted = torch.full_like(labels, IGNORE)
+    shifted[:, :-1] = labels[:, 1:]
+    keep = (shifted != IGNORE).any(dim=0).nonzero().flatten()
+    if len(keep) == labels.shape[1]:
+        return {}  # every position scored: nothing to leave out
+    return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
 
 
 # --- evaluation --------------------------------------------------------------------
