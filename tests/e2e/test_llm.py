@@ -66,6 +66,16 @@ def test_every_report_carries_the_llm_metrics(llm_sweep):
     assert "eval_answer_accuracy" in stdout and "majority-answer baseline" in stdout
 
 
+def test_the_report_speaks_the_llm_metrics(llm_sweep):
+    run_dir, summary, _, _ = llm_sweep
+    page = (run_dir / "report.html").read_text()
+    # the causal-LM leaderboard's columns, the answer baseline, the LR and loss-gap pictures
+    for text in ("eval_answer_accuracy", "eval_perplexity", "most common answer", 'id="lr"'):
+        assert text in page, text
+    card = (run_dir / "best_model" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "- lora" in card
+
+
 def test_checkpoints_hold_the_adapter_only(llm_sweep):
     import json
 

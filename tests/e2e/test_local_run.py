@@ -15,6 +15,7 @@ import tempfile
 import pytest
 import yaml
 
+from tests.e2e.browser import check_report
 from tests.e2e.conftest import kill_driver, start_tunefleet, stop_driver, tunefleet, wait_for
 from tune_jobs.report_log import read_reports
 
@@ -193,6 +194,22 @@ def test_only_what_the_export_and_a_resume_need_is_written(finished_run):
     assert manifest["step"] == best["step"] == summary["best"]["metrics"]["step"]
 
 
+def test_the_report_opens_in_a_browser_and_the_model_has_its_card(finished_run, tmp_path_factory):
+    """Written at the end of the run: every picture of an ASHA sweep loads, the early stop
+    is named, and the exported model carries a model card that says how to reproduce it."""
+    run_dir, summary, stdout = finished_run
+    assert f"report: {run_dir / 'report.html'}" in stdout
+    shown = check_report(run_dir, tmp_path_factory, "asha")
+    assert shown["ids"] == {"curves", "lr", "loss_gap", "hparams", "parallel"}
+    assert "stopped early (asha)" in shown["text"]
+    assert "no importance: 3 finished trial(s)" in shown["text"]
+    card = (run_dir / "best_model" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front)["pipeline_tag"] == "text-classification"
+    assert f"learning_rate`: {summary['best']['config']['learning_rate']:.3g}" in body
+    assert f"tunefleet run {run_dir / 'best_model' / 'job_spec.yaml'}" in body
+
+
 # --- the same sweep, its driver killed twice and resumed ---------------------------------
 
 #: where the driver is SIGKILLed, one after the other: while the best trial trains (its
@@ -271,3 +288,4 @@ def test_a_resumed_sweep_exports_what_an_uninterrupted_one_does(finished_run, re
     assert {t["trial"]: scores(t["best"]) for t in resumed["trials"]} == best, point
     assert "never written" not in stdout
     assert f"exported model ({resumed['best']['trial']}) reloaded" in stdout
+    assert f"report: {resumed_dir / 'report.html'}" in stdout  # written by the resume too

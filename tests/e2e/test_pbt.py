@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from tests.e2e.browser import check_report
 from tests.e2e.conftest import tunefleet
 from tests.e2e.pbt_checks import (
     after_exploit,
@@ -123,6 +124,13 @@ def test_lineage_picture_draws_every_exploit(pbt_run):
     )
     lanes = {i.split(":", 1)[1] for i in ids if i.startswith("lane:")}
     assert lanes == {t["trial"] for t in summary["trials"]}
+
+
+def test_the_report_draws_the_lineage_and_the_mutations(pbt_run, tmp_path_factory):
+    run_dir, summary, _, _ = pbt_run
+    shown = check_report(run_dir, tmp_path_factory, "pbt")
+    assert {"curves", "lr", "lineage", "mutations"} <= shown["ids"]
+    assert f"PBT: {len(summary['exploits'])} exploit(s)" in shown["text"]
 
 
 def test_pbt_checkpoints_hold_the_trained_delta_and_report_their_size(pbt_run):

@@ -170,6 +170,11 @@ def test_second_retrain_warm_starts_and_scores_both_on_the_same_rows(nightly):
     assert second["challenger"]["promotion_accuracy"] is not None
     gain = second["challenger"]["promotion_accuracy"] - second["champion"]["promotion_accuracy"]
     assert second["decision"] == ("promote" if gain > 0 else "keep"), second
+    # the retrain's report, written after the decision: both scores and the registry
+    with open(os.path.join(results, "nightly-retrain-0002", "report.html")) as fh:
+        page = fh.read()
+    assert "Retrain: champion vs challenger" in page and 'id="promotions"' in page
+    assert f"decision: {second['decision']}" in page
     ids = "\n".join(retrain_record(results, "nightly-retrain-0002")["promotion_ids"])
     assert hashlib.sha256(ids.encode()).hexdigest() == second["promotion"]["ids_sha256"]
 

@@ -108,7 +108,8 @@ def leaderboard(view: RunView) -> Table:
         reports = view.reports.get(trial, [])
         scored = [r for r in reports if r.get(view.metric) is not None]
         best = min(scored, key=lambda r: M.rank(r[view.metric], view.mode)) if scored else {}
-        config = reports[0]["config"] if reports else {}
+        # the config its best report was made with (under PBT, a mutation of the first)
+        config = (best or (reports[0] if reports else {})).get("config", {})
         step, total = _steps(reports)
         end = stop_reason(view, trial)
         if trial in view.failures:
