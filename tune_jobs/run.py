@@ -179,6 +179,7 @@ def build_tuner(
     """
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from tune_jobs.faults import PopulationGuard
@@ -186,10 +187,12 @@ def build_tuner(
     from tune_jobs.leader import ExportLeader
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
+    from tune_jobs.tensorboard import TensorBoard
     from tune_jobs.trial import TrialPlan
     from tune_jobs.warm import WarmTrial
 
     set_trial_environment()
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the run's callbacks say which
     run_dir = storage.join(storage_root, run_name)
     res = trial_resources(spec)
     # Every trial is a WarmTrial. Multi-worker trials run on warm worker groups that the
@@ -249,7 +252,15 @@ def build_tuner(
             # its own code raised); a synch population stops once a member is past retries
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
             stop=guard,
-            callbacks=[ReportLog(run_dir), *([guard] if guard else [])],
+            callbacks=[
+                ReportLog(run_dir),
+                *([guard] if guard else []),
+                # Tune's own loggers, chosen here (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS):
+                # result.json and progress.csv always, TensorBoard unless turned off
+                JsonLoggerCallback(),
+                CSVLoggerCallback(),
+                *([TensorBoard()] if spec.run.tensorboard else []),
+            ],
             progress_reporter=tune.CLIReporter(
                 metric_columns=[metric, M.EVAL_LOSS, M.STEP, M.EPOCH],
                 parameter_columns=list(spec.search.space),

@@ -210,6 +210,21 @@ def test_the_report_opens_in_a_browser_and_the_model_has_its_card(finished_run, 
     assert f"tunefleet run {run_dir / 'best_model' / 'job_spec.yaml'}" in body
 
 
+def test_tensorboard_holds_each_trials_metrics_by_step_and_its_hyperparameters(finished_run):
+    from tests.tfevents import read_events
+
+    run_dir, summary, _ = finished_run
+    for trial in summary["trials"]:
+        scalars, hparams = read_events(run_dir / trial["trial"])
+        reports = read_reports(str(run_dir), trial["trial"])
+        for key in ("eval_loss", "eval_accuracy", "lr", "loss_gap"):
+            logged = scalars[f"ray/tune/{key}"]
+            assert [s for s, _ in logged] == [r["step"] for r in reports]  # by optimizer step
+            assert [v for _, v in logged] == pytest.approx([r[key] for r in reports], rel=1e-6)
+        assert not {"ray/tune/worker_pid", "ray/tune/restored_from_step"} & set(scalars)
+        assert hparams["learning_rate"] == pytest.approx(trial["config"]["learning_rate"])
+
+
 # --- the same sweep, its driver killed twice and resumed ---------------------------------
 
 #: where the driver is SIGKILLed, one after the other: while the best trial trains (its

@@ -26,7 +26,11 @@ SPEC = TWO_WORKER_POPULATION
 
 @pytest.fixture(scope="module")
 def pbt_run(tmp_path_factory, tiny_bert):
-    spec = {**SPEC, "model": {**SPEC["model"], "name_or_path": tiny_bert}}
+    spec = {
+        **SPEC,
+        "model": {**SPEC["model"], "name_or_path": tiny_bert},
+        "run": {**SPEC["run"], "tensorboard": False},  # the opt-out (checked below)
+    }
     return run_population(tmp_path_factory.mktemp("pbtw"), spec)
 
 
@@ -47,10 +51,13 @@ def test_exploits_restore_the_donors_weights_on_the_warm_group(pbt_run):
 
 
 def test_every_report_is_attributed_to_its_own_trial(pbt_run):
-    _, summary, rows, _ = pbt_run
+    run_dir, summary, rows, _ = pbt_run
     for reports in rows.values():
         # no report lost across the pauses and restores of synch PBT
         assert [r["training_iteration"] for r in reports] == list(range(1, len(reports) + 1))
         assert len({r["trial_id"] for r in reports}) == 1
         assert all(r["trial_start"].startswith("start") for r in reports)
     assert summary["checkpoints"]["weights"] == "trained"
+    # run.tensorboard: false writes no event file; Tune's result.json is there all the same
+    assert not list(run_dir.glob("trial_*/events.out.tfevents.*"))
+    assert list(run_dir.glob("trial_*/result.json"))

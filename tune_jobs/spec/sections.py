@@ -658,6 +658,12 @@ class RunSpec(Section):
         "path is refused on a multi-node cluster without this, since each node would keep its "
         "own part of the results. Not needed for s3:// and other URIs.",
     )
+    tensorboard: bool = Field(
+        True,
+        description="Write TensorBoard event files per trial (metrics by step; the "
+        "hyperparameters with the final metrics in the HParams view): tensorboard --logdir "
+        "<run folder>.",
+    )
 
 
 class SmokeSpec(Section):
