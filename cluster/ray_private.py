@@ -124,3 +124,14 @@ def request_cluster_resources(address: str, bundles: list[dict[str, float]]) -> 
     from ray.autoscaler.v2.sdk import request_cluster_resources as request
 
     request(address, [{"resources": b} for b in bundles])
+
+
+# --- a restored Tuner's run config -----------------------------------------------------
+
+
+def restored_run_config(tuner: Any) -> Any:
+    """The ``RunConfig`` a restored ``Tuner`` runs with: the one pickled in ``tuner.pkl``
+    when the run began, its callbacks and verbosity included. The live console holds a
+    terminal and cannot travel in that pickle; a resume hands its own console in here.
+    ``Tuner.restore`` takes no callbacks and Tune has no public setter."""
+    return tuner._local_tuner.get_run_config()

@@ -31,6 +31,10 @@ class WorkerContext(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         """Report metrics (every rank) and, from rank 0, a checkpoint folder."""
 
+    def stepped(self, name: str, step: int, total: int) -> None:
+        """Optimizer step ``step`` of ``total`` is done (progress between reports; most
+        contexts have no one to tell)."""
+
 
 def worker_node_ids(world_size: int) -> str:
     """The Ray node id of every rank, comma-separated in rank order (shows where a trial ran)."""
@@ -91,6 +95,9 @@ class RayTrainContext:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report({**metrics, M.WORKER_NODES: self.node_ids}, checkpoint=checkpoint)
 
+    def stepped(self, name: str, step: int, total: int) -> None:
+        return None
+
 
 class LocalContext:
     """A single plain process (tests, debugging): reports are kept in memory.
@@ -128,3 +135,6 @@ class LocalContext:
             dest = os.path.join(self.checkpoint_root, f"checkpoint_{len(self.checkpoints):06d}")
             shutil.copytree(checkpoint_dir, dest)
             self.checkpoints.append(dest)
+
+    def stepped(self, name: str, step: int, total: int) -> None:
+        return None

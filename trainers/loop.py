@@ -666,6 +666,7 @@ class TrialRun:
                     "lower training.learning_rate or keep training.max_grad_norm > 0"
                 ) from None
             s.step += 1
+            self.worker.ctx.stepped(self.cfg.name, s.step, s.last_step)
             if depth_at(s.step, hp, s.steps_per_epoch, s.n_blocks) != s.depth:
                 self._unfreeze()
             while self.state.step < stop_at and self._switch_due():

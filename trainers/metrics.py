@@ -80,6 +80,10 @@ REPORTED: frozenset[str] = frozenset(
     }
 )
 
+#: What the tracking sinks (TensorBoard, MLflow) record of each report, by step: the
+#: readable metrics, not the clock or the bookkeeping (pids, restore steps, fingerprints).
+TRACKED: frozenset[str] = (REPORTED | frozenset(OBJECTIVES)) - {STEP, TOTAL_STEPS, EARLY_STOPPED}
+
 #: Values a scheduler may use as its clock.
 TIME_ATTRS: frozenset[str] = frozenset({STEP, EPOCH, "training_iteration"})
 

@@ -34,7 +34,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,10 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
 
+#: How often a single-process trial tells the driver its step between evaluations (s).
+PROGRESS_EVERY_S = 1.0
+
+
 class StorageContext:
     """``WorkerContext`` of a worker that serves commands: checkpoints are read from and
     written to storage (``filesystem``), and reports go back as replies, not through Ray."""
@@ -130,6 +134,9 @@ class StorageContext:
     world_size: int
     node_ids: str
     filesystem: Any
+
+    def stepped(self, name: str, step: int, total: int) -> None:
+        return None
 
     @contextlib.contextmanager
     def checkpoint_dir(self, uri: str | None) -> Iterator[str | None]:
@@ -192,13 +199,26 @@ class ProcessContext(StorageContext):
     rank = 0
     world_size = 1
 
-    def __init__(self, filesystem: Any, use_gpu: bool) -> None:
+    def __init__(
+        self,
+        filesystem: Any,
+        use_gpu: bool,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         import ray
         import torch
 
         self.filesystem = filesystem
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.node_ids = ray.get_runtime_context().get_node_id()
+        self.progress = progress  # the driver's console: (trial, step, total), fire and forget
+        self._told = 0.0
+
+    def stepped(self, name: str, step: int, total: int) -> None:
+        now = time.monotonic()
+        if self.progress is not None and (now - self._told >= PROGRESS_EVERY_S or step == total):
+            self._told = now
+            self.progress(name, step, total)
 
     def prepare_model(self, model: Any) -> Any:
         return model.to(self.device)

@@ -60,6 +60,12 @@ def load_config(config: str, overrides: list[str]) -> Any:
     return load_spec(resolve_config(config), overrides)
 
 
+VERBOSE_HELP = (
+    "Ray Tune's own progress tables and Ray's output in the terminal (by default they go to "
+    "<run folder>/logs/driver.log and the terminal shows tunefleet's live console)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also documents the CLI in --help)."""
     parser = argparse.ArgumentParser(
@@ -106,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="print the registry (champion, history) and exit",
             )
+        if name in ("run", "retrain", "smoke"):
+            p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         if name in ("run", "retrain"):
             p.add_argument(
                 "--no-smoke",
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "not re-run, unfinished ones continue from their last checkpoints",
     )
     resume.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holds job_spec.yaml)")
+    resume.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     resume.add_argument(
         "overrides",
         nargs="*",
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.submit import SubmitError
     from trainers.data import DataError
     from trainers.model import ModelError
+    from tune_jobs import console
     from tune_jobs.paths import with_absolute_paths
     from tune_jobs.registry import RegistryError, RegistryLocked
     from tune_jobs.run import RunFailed
@@ -264,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resume":
             from tune_jobs.run import resume_spec, run_job
 
-            run_job(with_absolute_paths(resume_spec(args.run_dir, args.overrides)))
+            spec = with_absolute_paths(resume_spec(args.run_dir, args.overrides))
+            with console.session(args.verbose) as out:
+                run_job(spec, echo=out.echo)
             return 0
         spec = load_config(args.config, args.overrides)
         if args.command == "submit":
@@ -290,14 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         from tune_jobs.run import run_job
         from tune_jobs.smoke import run_smoke
 
-        if args.command == "smoke":
-            run_smoke(spec)
-            return 0
         if args.command == "retrain":
             return retrain_command(args, spec)
-        if not args.no_smoke and smoke_enabled(spec):
-            run_smoke(spec, keep_ray=True)
-        run_job(spec)
+        with console.session(args.verbose) as out:
+            if args.command == "smoke":
+                run_smoke(spec, echo=out.echo)
+                return 0
+            if not args.no_smoke and smoke_enabled(spec):
+                run_smoke(spec, echo=out.echo, keep_ray=True)
+            run_job(spec, echo=out.echo)
         return 0
     except (SpecError, DataError, ResourceError, ModelError) as exc:
         print(f"tunefleet: error: {exc}", file=sys.stderr)
@@ -325,15 +338,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def retrain_command(args: argparse.Namespace, spec: Any) -> int:
     """``tunefleet retrain``: one scheduled retrain (or, with --show, the registry)."""
+    from tune_jobs import console
     from tune_jobs.retrain import retrain
     from tune_jobs.smoke import run_smoke
 
     if args.show:
         return registry_command(spec.run.storage_path, None)
-    smoke = None
-    if not args.no_smoke and smoke_enabled(spec):
-        smoke = lambda run_spec: run_smoke(run_spec, keep_ray=True)  # noqa: E731
-    retrain(spec, before_sweep=smoke)
+    with console.session(args.verbose) as out:
+        smoke = None
+        if not args.no_smoke and smoke_enabled(spec):
+            smoke = lambda run_spec: run_smoke(run_spec, echo=out.echo, keep_ray=True)  # noqa: E731
+        retrain(spec, echo=out.echo, before_sweep=smoke)
     return 0
 
 

@@ -416,7 +416,12 @@ class ProcessGroup(GroupLink):
                 base = loop_config(
                     spec, trial_hparams(spec, {}), self.plan.data_ref, res, self.name
                 )
-                context = ProcessContext(self.filesystem, res.gpus_per_worker > 0)
+                board = self.plan.leaderboard  # the live console's (tune_jobs.console)
+                context = ProcessContext(
+                    self.filesystem,
+                    res.gpus_per_worker > 0,
+                    progress=None if board is None else board.step.remote,
+                )
                 self.server = Server(base, context)
             return self.server.handle(command)
         except Exception as exc:

@@ -8,6 +8,9 @@
         best_model/                the exported model, re-scored (``metrics.json`` last)
         reports/<trial>.jsonl      every report of every trial (``tune_jobs.report_log``)
         failures/<trial>.json      a trial whose own code failed: not retried (``faults``)
+        logs/driver.log            Ray's and Tune's own output, the workers' prints
+                                   (``tune_jobs.console``; not with ``--verbose``)
+        tracking/mlflow.json       the sweep's MLflow run ids (``tune_jobs.mlflow_tracking``)
         train_runs/leader.json     the best checkpoint warm-group trials wrote: the export's
         train_runs/group<k>/       a warm worker group's Ray Train run
         train_runs/<trial>/start<k>/checkpoint_<step>/
@@ -38,6 +41,8 @@ EXPORT_DIR = "best_model"
 REPORTS_DIR = "reports"
 FAILURES_DIR = "failures"
 TRAIN_RUNS = "train_runs"
+DRIVER_LOG = "logs/driver.log"
+MLFLOW_IDS = "tracking/mlflow.json"
 TUNER_FILE = "tuner.pkl"  # Tune's; its presence says the sweep started
 START = "start"  # <trial>/start<k>: one start of a trial (first, restore, exploit)
 CHECKPOINT = "checkpoint_"  # <start>/checkpoint_<step>: written by the workers
@@ -60,6 +65,14 @@ def trial_of(uri: str) -> str | None:
 
 def failures_dir(run_dir: str) -> str:
     return storage.join(run_dir, FAILURES_DIR)
+
+
+def driver_log(run_dir: str) -> str:
+    return storage.join(run_dir, DRIVER_LOG)
+
+
+def mlflow_ids(run_dir: str) -> str:
+    return storage.join(run_dir, MLFLOW_IDS)
 
 
 def report_log(run_dir: str, trial: str) -> str:

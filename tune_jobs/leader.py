@@ -25,6 +25,10 @@ class ExportLeader:
     write an evaluation that leads at once). ``improves`` / ``written``: the best
     checkpoint written so far; ``written`` also records it in ``train_runs/leader.json``,
     which the export reads.
+
+    Beside it, for the live console only (``tune_jobs.console``): ``step`` is where a
+    single-process trial is between its evaluations, ``steps`` all of them (a few bytes,
+    sent at most every ``trainers.serve.PROGRESS_EVERY_S``; one actor fewer per run).
     """
 
     def __init__(self, mode: str, run_dir: str | None = None) -> None:
@@ -33,6 +37,7 @@ class ExportLeader:
         self.best = None  # best value reported
         # best checkpoint written; a resumed run's earlier one still counts
         self.leader: dict[str, Any] | None = read_leader(run_dir) if run_dir else None
+        self.progress: dict[str, tuple[int, int]] = {}  # trial -> (step, total steps)
 
     def offer(self, value: float) -> bool:
         """Record ``value`` if it beats every value reported so far; did it?"""
@@ -52,6 +57,13 @@ class ExportLeader:
         self.leader = {"trial": trial, "uri": uri, "value": value, "metrics": metrics}
         if self.path:
             storage.write_text(self.path, json.dumps(self.leader, indent=2, default=str))
+
+    def step(self, trial: str, step: int, total: int) -> None:
+        """``trial`` has trained ``step`` of its ``total`` optimizer steps."""
+        self.progress[trial] = (step, total)
+
+    def steps(self) -> dict[str, tuple[int, int]]:
+        return self.progress
 
 
 def read_leader(run_dir: str) -> dict[str, Any] | None:

@@ -27,6 +27,10 @@ MODEL_KEY = "model.name_or_path"
 def preflight(spec: JobSpec, splits: Splits | None = None, model: bool = True) -> None:
     """Raise ``SpecError`` naming every problem found (``splits``: check the batch sizes)."""
     problems = check_storage(spec)
+    if spec.tracking.mlflow_uri:
+        from tune_jobs.mlflow_tracking import check_reachable
+
+        problems += check_reachable(spec)
     if model:
         problems += check_model(spec)
     if splits is not None:

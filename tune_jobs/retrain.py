@@ -223,7 +223,14 @@ def retrain(
         champion = registry.champion()
         number = next_number(history)
         name = run_name(spec, number)
-        run_spec = spec.model_copy(update={"run": spec.run.model_copy(update={"name": name})})
+        # every retrain's sweep in one MLflow experiment, named after the job, not the retrain
+        experiment = spec.tracking.mlflow_experiment or spec.run.name
+        run_spec = spec.model_copy(
+            update={
+                "run": spec.run.model_copy(update={"name": name}),
+                "tracking": spec.tracking.model_copy(update={"mlflow_experiment": experiment}),
+            }
+        )
         previous = _previous_summary(history)
         warm = warm_start_points(spec, champion, previous)[: spec.search.num_samples]
         echo(
@@ -267,6 +274,10 @@ def retrain(
     echo(
         f"retrain {number}: {'PROMOTED' if decision.promote else 'kept the champion'}: {decision.reason}"
     )
+    if decision.promote and outcome.mlflow:
+        from tune_jobs.mlflow_tracking import set_champion
+
+        set_champion(spec, outcome.mlflow, echo)
     from tune_jobs.report import report_or_say  # with the decision and the registry in it
 
     report_or_say(outcome.run_dir, echo)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster import storage
+from cluster import ray_private, storage
 from cluster.connect import connect, disconnect
 from cluster.resources import (
     ClusterCapacity,
@@ -19,10 +19,10 @@ from cluster.resources import (
     capacity_of_running_cluster,
     max_concurrent_trials,
 )
-from trainers import metrics as M
 from trainers.checkpoint import CorruptCheckpoint
 from trainers.data import Splits
-from tune_jobs import layout, results
+from tune_jobs import console, layout, results
+from tune_jobs.console import Output, SweepConsole
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.leader import read_leader
 from tune_jobs.lineage import write_lineage
@@ -43,6 +43,7 @@ class RunOutcome:
     summary_path: str
     summary: dict[str, Any]
     data_ref: Any = None  # the run's splits in the object store (valid while Ray stays up)
+    mlflow: dict[str, Any] | None = None  # what MLflow got (run id, registered version)
 
 
 def trial_resources(spec: JobSpec) -> TrialResources:
@@ -170,12 +171,16 @@ def build_tuner(
     restore: bool,
     points: list[dict[str, Any]] | None = None,
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
-) -> tuple[Any, Any]:
-    """The ``ray.tune.Tuner`` for this run (new or restored), and the pool of warm worker
+    output: Output | None = None,
+    tracker: Any = None,
+) -> tuple[Any, Any, SweepConsole | None]:
+    """The ``ray.tune.Tuner`` for this run (new or restored), the pool of warm worker
     groups its trials lease (``tune_jobs.groups.GroupPool``; None for single-process
-    trials: the caller closes it after the sweep). ``points`` are tried first.
+    trials: the caller closes it after the sweep), and the live console (None with
+    ``--verbose``: Tune's own reporter). ``points`` are tried first.
 
-    ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay).
+    ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay);
+    ``tracker``: the sweep's MLflow runs (``tune_jobs.mlflow_tracking.MlflowRuns``).
     """
     import ray
     from ray import tune
@@ -186,7 +191,7 @@ def build_tuner(
     from tune_jobs.groups import GroupPool
     from tune_jobs.leader import ExportLeader
     from tune_jobs.schedulers import build_scheduler, build_search_alg
-    from tune_jobs.space import param_space
+    from tune_jobs.space import param_space, trial_hparams
     from tune_jobs.tensorboard import TensorBoard
     from tune_jobs.trial import TrialPlan
     from tune_jobs.warm import WarmTrial
@@ -219,6 +224,28 @@ def build_tuner(
         ).remote(plan, max_concurrent)
         plan = replace(plan, groups=pool)
     trainable = tune.with_resources(tune.with_parameters(WarmTrial, plan=plan), res.trial_bundle())
+    metric, mode = spec.search.metric, spec.search.resolved_mode
+    output = output or console.active()
+    live = None
+    if not output.verbose:
+        live = SweepConsole(
+            output,
+            metric,
+            mode,
+            # what a trial's config holds: the searched keys, and PBT's mutated ones
+            searched=list(dict.fromkeys([*spec.search.space, *spec.scheduler.mutations])),
+            planned=spec.search.num_samples,
+            scheduler={"fifo": "fifo"}.get(spec.scheduler.type, spec.scheduler.type.upper()),
+            board=plan.leaderboard,
+            failures_dir=plan.failures_dir,
+        )
+    # this driver's own callbacks (not carried in Tune's saved state: a resume adds its own)
+    mine: list[Any] = [live] if live else []
+    if tracker is not None:
+        from tune_jobs.mlflow_tracking import MlflowCallback
+
+        mine.append(MlflowCallback(tracker, lambda config: trial_hparams(spec, config)))
+    verbose = 1 if output.verbose else 0  # 1: Tune's own reporter; 0: the console alone
     if restore:
         fs = storage.ray_storage(run_dir)
         restored = tune.Tuner.restore(
@@ -227,8 +254,13 @@ def build_tuner(
             resume_errored=True,
             storage_filesystem=fs.get("storage_filesystem"),
         )
-        return restored, pool
-    metric, mode = spec.search.metric, spec.search.resolved_mode
+        # this process's console, in place of the one the run began with (not pickled)
+        config = ray_private.restored_run_config(restored)
+        config.callbacks = [
+            c for c in config.callbacks or [] if not isinstance(c, console.NotCarried)
+        ] + mine
+        config.verbose = verbose
+        return restored, pool, live
     synch = spec.scheduler.type in ("pbt", "pb2") and spec.scheduler.synch
     guard = PopulationGuard() if synch else None
     tuner = tune.Tuner(
@@ -259,18 +291,13 @@ def build_tuner(
                 # result.json and progress.csv always, TensorBoard unless turned off
                 JsonLoggerCallback(),
                 CSVLoggerCallback(),
-                *([TensorBoard()] if spec.run.tensorboard else []),
+                *([TensorBoard()] if spec.tracking.tensorboard else []),
+                *mine,
             ],
-            progress_reporter=tune.CLIReporter(
-                metric_columns=[metric, M.EVAL_LOSS, M.STEP, M.EPOCH],
-                parameter_columns=list(spec.search.space),
-                max_report_frequency=15,
-                sort_by_metric=True,
-            ),
-            verbose=1,
+            verbose=verbose,
         ),
     )
-    return tuner, pool
+    return tuner, pool, live
 
 
 class RunFailed(RuntimeError):
@@ -480,6 +507,7 @@ def run_job(
         check_same_training(spec, run_dir)
 
     conn = connect(spec.run.address, spec.resources.local_num_cpus)
+    tracker = None
     try:
         capacity, concurrent = plan_concurrency(spec, res, conn.local)
         check_storage_reachable(spec, storage_root, capacity)
@@ -500,6 +528,12 @@ def run_job(
         storage.write_text(
             storage.join(run_dir, layout.SPEC_FILE), spec.to_yaml()
         )  # resume, replay
+        output = console.active()
+        output.attach(run_dir)  # Ray's own output: <run>/logs/driver.log from here on
+        if spec.tracking.mlflow_uri:
+            from tune_jobs.mlflow_tracking import MlflowRuns
+
+            tracker = MlflowRuns(spec, run_dir, echo)
         defaults = defaults_points(spec)
         if defaults:
             echo(
@@ -510,7 +544,7 @@ def run_job(
         # the list (warm-start points first, then the defaults trial).
         points = unique_points([*(warm_points or []), *defaults])[: spec.search.num_samples]
         data_ref = ray.put(splits)
-        tuner, pool = build_tuner(
+        tuner, pool, live = build_tuner(
             spec,
             data_ref,
             storage_root,
@@ -519,10 +553,14 @@ def run_job(
             restore,
             points,
             hp_schedule,
+            output,
+            tracker,
         )
         try:
             grid = tuner.fit()
         finally:
+            if live is not None:
+                live.close()
             if pool is not None:  # the groups' workers go before the export needs the CPUs
                 ray.get(pool.close_all.remote())
                 ray.kill(pool)
@@ -579,6 +617,10 @@ def run_job(
         from tune_jobs.report.card import write_model_card
 
         write_model_card(spec, summary)
+    except BaseException:
+        if tracker is not None:  # stopped (SIGTERM, Ctrl-C) or broken: its MLflow runs say so
+            tracker.abandon()
+        raise
     finally:
         if not keep_ray:
             disconnect()
@@ -586,15 +628,19 @@ def run_job(
     echo(leaderboard(summary))
     if picture:
         echo(f"lineage: {picture}")
-    echo(f"summary: {path}")
+    written = None
     if report:
         from tune_jobs.report import report_or_say  # matplotlib: only once a run has ended
 
-        report_or_say(run_dir, echo)
+        written = report_or_say(run_dir, echo, say_where=False)
+    tracked = tracker.finish(summary, written.html if written else None) if tracker else None
+    echo("")
+    for line in console.ending(summary, written.html if written else None):
+        echo(line)
     failed = [t for t in trials if t.status == "ERROR"]
     if trials and len(failed) == len(trials):
         raise RunFailed(
             f"every trial failed ({len(trials)}); summary: {path}\n"
             + "\n".join(f"  - {t.trial}: {t.error}" for t in failed)
         )
-    return RunOutcome(run_dir, path, summary, data_ref if keep_ray else None)
+    return RunOutcome(run_dir, path, summary, data_ref if keep_ray else None, tracked)

@@ -74,44 +74,36 @@ def registry_table(champion: dict[str, Any] | None, history: list[dict[str, Any]
     return "\n".join([head, "", *table(header, rows)])
 
 
+#: PBT exploits listed in the terminal; the report has them all.
+EXPLOITS_SHOWN = 8
+
+
 def leaderboard(summary: dict[str, Any]) -> str:
-    """A table of every trial, best first, plus the baseline and the export."""
+    """Every trial, best first, in 80 columns (the configs are in the report; the best
+    one's in the run's last lines), then the baseline and the export's scores."""
     from trainers.tasks import get_task
 
     metric, mode = summary["metric"], summary["mode"]
     task = get_task(summary.get("task") or "sequence_classification")
     columns = [c for c in task.columns if c != metric]
-    trials = summary["trials"]
-    keys = sorted({k for t in trials for k in t["config"]})
 
     def rank_key(t: dict[str, Any]) -> float:
         return M.rank(t["best"].get(metric), mode)
 
-    header = [
-        "trial",
-        *keys,
-        f"best {metric}",
-        *columns,
-        "steps",
-        M.EPOCH,
-        "stopped early",
-        "status",
-    ]
+    header = ["trial", metric, *columns, "steps", "status"]
     rows = []
-    for t in sorted(trials, key=rank_key):
+    for t in sorted(summary["trials"], key=rank_key):
         best, last = t["best"], t["last"]
         steps = f"{last.get(M.STEP, '-')}/{last.get(M.TOTAL_STEPS, '-')}"
         is_defaults = (summary.get("defaults_trial") or {}).get("trial") == t["trial"]
+        status = {"TERMINATED": "done", "ERROR": "failed"}.get(t["status"], t["status"].lower())
         rows.append(
             [
                 t["trial"] + (" (defaults)" if is_defaults else ""),
-                *(fmt(t["config"].get(k, "")) for k in keys),
                 fmt(best.get(metric, "-")),
                 *(fmt(best.get(c, "-")) for c in columns),
                 steps,
-                fmt(last.get(M.EPOCH, "-")),
-                "yes" if t["stopped_early"] else "no",
-                t["status"],
+                "stopped early" if t["stopped_early"] else status,
             ]
         )
     out = table(header, rows)
@@ -129,7 +121,7 @@ def leaderboard(summary: dict[str, Any]) -> str:
     exploits = summary.get("exploits") or []
     if exploits:
         out.append(f"PBT exploits ({len(exploits)}):")
-        for e in exploits:
+        for e in exploits[:EXPLOITS_SHOWN]:
             changes = ", ".join(f"{k}={fmt(v)}" for k, v in e["mutated"].items()) or "no change"
             at = (
                 f"step {e['step']}"
@@ -137,6 +129,8 @@ def leaderboard(summary: dict[str, Any]) -> str:
                 else f"iteration {e['donor_iteration']}"
             )
             out.append(f"  {e['recipient']} <- {e['donor']} ({at}): {changes}")
+        if len(exploits) > EXPLOITS_SHOWN:
+            out.append(f"  ... and {len(exploits) - EXPLOITS_SHOWN} more (the report has them all)")
         sizes = summary.get("checkpoints") or {}
         if sizes.get("mb") is not None:
             out.append(
@@ -151,8 +145,6 @@ def leaderboard(summary: dict[str, Any]) -> str:
         )
     best = summary.get("best")
     if best:
-        out.append(f"best trial: {best['trial']}  {metric}={fmt(best['metrics'].get(metric))}")
-
         def said(scored: dict[str, Any]) -> str:
             return ", ".join(f"{k} {fmt(scored[k])}" for k in task.scores if k in scored)
 
@@ -182,6 +174,4 @@ def leaderboard(summary: dict[str, Any]) -> str:
                 f"greedy answers on {generated['rows']} test rows: exact match "
                 f"{generated['exact_match']:.4f} (answers seen: {', '.join(generated['answers'])})"
             )
-        if best.get("export_dir"):
-            out.append(f"best model: {best['export_dir']}")
     return "\n".join(out)

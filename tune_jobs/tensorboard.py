@@ -6,7 +6,7 @@ losses and their gap, the learning rate, epochs, throughput and the unfreeze dep
 optimizer step. At a trial's end the HParams view gets its hyperparameters with its
 final metrics. Tune writes the files in the trial's folder and syncs them to the run
 folder, local or in a bucket; ``tensorboard --logdir <run folder>`` shows every trial.
-On by default; ``run.tensorboard: false`` leaves it out.
+On by default; ``tracking.tensorboard: false`` leaves it out.
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
 
 from trainers import metrics as M
 
-#: What the event files hold of each report.
-SCALARS = (M.REPORTED | set(M.OBJECTIVES)) - {M.STEP, M.TOTAL_STEPS, M.EARLY_STOPPED}
-
 
 class TensorBoard(TBXLoggerCallback):
     """Tune's TensorBoard logger on the reports' readable metrics, by optimizer step."""
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
-        kept = {k: v for k, v in result.items() if k in SCALARS}
+        kept = {k: v for k, v in result.items() if k in M.TRACKED}
         kept[TRAINING_ITERATION] = result[TRAINING_ITERATION]
         kept[TIMESTEPS_TOTAL] = result.get(M.STEP) or result[TRAINING_ITERATION]  # the x axis
         super().log_trial_result(iteration, trial, kept)

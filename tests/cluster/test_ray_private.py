@@ -97,3 +97,26 @@ def test_the_autoscaler_calls_answer_on_a_cluster_without_one(local_ray):
     assert status.autoscaling_state.autoscaler_state_version == 0
     ray_private.request_cluster_resources(local_ray, [{"CPU": 1.0}])
     ray_private.request_cluster_resources(local_ray, [])
+
+
+def _trainable(config):  # never run: the test restores a Tuner, it does not fit one
+    return {"score": 1}
+
+
+def test_a_restored_tuners_run_config_is_the_one_it_began_with(tmp_path):
+    """``Tuner.restore`` takes no callbacks: a resume replaces the console the run began
+    with (pickled as ``NotCarried``) through ``restored_run_config``."""
+    from ray import tune
+
+    from tune_jobs.console import NotCarried, Output, SweepConsole
+
+    console = SweepConsole(Output(open(os.devnull, "w")), "score", "max", [], 1, "fifo")  # noqa: SIM115
+    tune.Tuner(
+        _trainable,
+        run_config=tune.RunConfig(name="r", storage_path=str(tmp_path), callbacks=[console]),
+    )
+    restored = tune.Tuner.restore(str(tmp_path / "r"), _trainable)
+    config = ray_private.restored_run_config(restored)
+    assert [type(c) for c in config.callbacks] == [NotCarried]
+    config.callbacks = [console]
+    assert ray_private.restored_run_config(restored).callbacks == [console]

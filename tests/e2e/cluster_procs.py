@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -180,6 +181,68 @@ class S3Server:
                 start_new_session=True,
             )
         wait_for_port(self.port, timeout_s=60)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_tree([self.proc], None)
+
+
+@dataclass
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact store under ``root``),
+    started and stopped (by process group id) by the test."""
+
+    root: str
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def database(self) -> str:
+        return os.path.join(self.root, "mlflow.db")
+
+    @property
+    def artifacts(self) -> str:
+        return os.path.join(self.root, "artifacts")
+
+    def start(self) -> None:
+        import urllib.request
+
+        mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        with open(os.path.join(self.root, "mlflow.log"), "w") as out:
+            self.proc = subprocess.Popen(
+                [
+                    mlflow,
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.database}",
+                    "--artifacts-destination",
+                    self.artifacts,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                ],  # fmt: skip
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, Path(self.root, "mlflow.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer in 120 s"
+            time.sleep(0.5)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -31,9 +31,70 @@ def tunefleet(
     )
 
 
-def start_driver(spec_path, storage_path: str, stdout, env: dict[str, str] | None = None):
-    """``tunefleet run`` in its own session (a local Ray of its own), output to ``stdout``."""
-    return start_tunefleet(["run", str(spec_path), f"run.storage_path={storage_path}"], stdout, env)
+def tunefleet_in_terminal(
+    *args: str, columns: int = 80, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """``tunefleet`` as a person runs it: stdout and stderr a terminal (a pseudo-terminal of
+    ``columns`` x 24), so the live console draws. The output is everything the terminal
+    received, control codes included."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**base, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TERM": "xterm-256color"}
+    env.pop("COLUMNS", None)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tune_jobs", *args],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        reader.join(timeout=30)
+        os.close(master)
+    text = b"".join(chunks).decode("utf-8", errors="replace").replace("\r\n", "\n")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, text, "")
+
+
+def start_driver(
+    spec_path,
+    storage_path: str,
+    stdout,
+    env: dict[str, str] | None = None,
+    verbose: bool = False,
+):
+    """``tunefleet run`` in its own session (a local Ray of its own), output to ``stdout``
+    (``verbose``: with Ray's own output, which otherwise goes to the run's driver log)."""
+    args = ["run", str(spec_path), f"run.storage_path={storage_path}"]
+    return start_tunefleet(args + (["--verbose"] if verbose else []), stdout, env)
 
 
 def start_tunefleet(args: list[str], stdout, env: dict[str, str] | None = None):

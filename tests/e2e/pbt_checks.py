@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.e2e.conftest import tunefleet
+from tests.e2e.conftest import tunefleet, tunefleet_in_terminal
 from tune_jobs.report_log import read_reports
 
 EVERY = 4  # steps between evaluations, checkpoints and perturbations
@@ -41,10 +41,14 @@ TWO_WORKER_POPULATION: dict[str, Any] = {
 }
 
 
-def run_population(root: Path, spec: dict[str, Any]) -> tuple[Path, dict, dict, str]:
-    """``tunefleet run`` the spec under ``root``: (run folder, summary, reports by trial, stdout)."""
+def run_population(
+    root: Path, spec: dict[str, Any], terminal: bool = False
+) -> tuple[Path, dict, dict, str]:
+    """``tunefleet run`` the spec under ``root``: (run folder, summary, reports by trial,
+    stdout). ``terminal``: in an 80-column pseudo-terminal (the live console draws)."""
     (root / "job.yaml").write_text(yaml.safe_dump(spec))
-    proc = tunefleet("run", str(root / "job.yaml"), f"run.storage_path={root}")
+    run = tunefleet_in_terminal if terminal else tunefleet
+    proc = run("run", str(root / "job.yaml"), f"run.storage_path={root}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = root / spec["run"]["name"]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -131,7 +131,11 @@ def faulted_run(tmp_path_factory, bucket):
     log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
     # Tune saves its experiment state every 2 s (default: at least 10 s), so the test knows
     # sooner what a resume will find
-    proc = start_driver(tmp / "job.yaml", root, log, {**planted, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    # --verbose: Tune's reporter and Ray's output in the captured log, read below; the
+    # resume runs without it and leaves its driver log in the bucket
+    proc = start_driver(
+        tmp / "job.yaml", root, log, {**planted, "TUNE_GLOBAL_CHECKPOINT_S": "2"}, verbose=True
+    )
     ray_procs: list[psutil.Process] = []
     try:
         wait_for("first report", lambda: read_reports(run_dir, "trial_00000"), proc)
@@ -162,9 +166,10 @@ def faulted_run(tmp_path_factory, bucket):
     resumed = tunefleet("resume", run_dir, timeout=900, env=planted)
     (tmp / "resume.log").write_text(resumed.stdout + resumed.stderr)
     leaks = _files_holding((TOKEN, KEY), [str(tmp), ray_tmp])
+    objects = list(s3_objects(client, BUCKET))
     leaks += [
         f"s3://{BUCKET}/{key}"
-        for key, body in s3_objects(client, BUCKET)
+        for key, body in objects
         if TOKEN.encode() in body or KEY.encode() in body
     ]
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -175,6 +180,7 @@ def faulted_run(tmp_path_factory, bucket):
         "before_resume": before_resume,
         "driver_log": driver_log,
         "resumed": resumed,
+        "bucket_logs": {key: body for key, body in objects if key.endswith("logs/driver.log")},
     }
 
 
@@ -257,6 +263,16 @@ def test_every_trial_ends_with_the_undisturbed_weights(faulted_run):
     # trial_00002 ran undisturbed; the other two were restored from checkpoints
     shas = {t: r["weights_sha256"] for t, r in finals.items()}
     assert len(set(shas.values())) == 1, shas
+
+
+def test_the_resumed_drivers_own_output_is_in_the_bucket(faulted_run):
+    """Not --verbose: Ray's and Tune's output went to the run folder's log, uploaded at the
+    end (the secret check below reads it too); the terminal had tunefleet's lines only."""
+    logs = faulted_run["bucket_logs"]
+    assert len(logs) == 1 and next(iter(logs)).endswith("faults/logs/driver.log"), list(logs)
+    assert b"Started a local Ray instance" in next(iter(logs.values()))
+    resumed = faulted_run["resumed"].stdout
+    assert "Trial status" not in resumed and "Trial status" in faulted_run["driver_log"]
 
 
 def test_no_planted_secret_in_anything_the_run_wrote(faulted_run):

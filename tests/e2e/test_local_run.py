@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -79,12 +80,36 @@ def finished_run(tmp_path_factory):
     return run_dir, summary, proc.stdout
 
 
-def test_leaderboard_and_best_model_are_printed(finished_run):
+def test_the_console_says_each_trial_event_and_the_end_in_three_lines(finished_run):
+    """Not a terminal here (a pipe, as in CI or ``ray job logs``): plain lines, no control
+    codes, one line per trial event; Tune's tables, Ray's own messages and the workers'
+    prints are in the run folder's driver log, not in the output."""
     run_dir, summary, stdout = finished_run
-    assert "majority-class baseline" in stdout
-    assert f"best model: {run_dir / 'best_model'}" in stdout
+    assert "\x1b" not in stdout
+    for noise in ("Trial status", "core_worker", "[repeated", "(WarmTrial pid=", "Trial trial_"):
+        assert noise not in stdout, noise
+    events = [line.strip() for line in stdout.splitlines() if re.match(r" *\d+:\d\d  ", line)]
     for trial in summary["trials"]:
-        assert trial["trial"] in stdout
+        name = trial["trial"]
+        mine = [e.split("  ", 1)[1] for e in events if f"  {name} " in e]
+        assert mine[0].startswith(f"{name} started: lr "), mine
+        ended = "stopped early at step" if trial["stopped_early"] else "finished ("
+        assert ended in mine[-1], mine
+    assert len(stdout.splitlines()) < 45, stdout  # 3 trials: no table repeated every 30 s
+    assert "majority-class baseline" in stdout
+    best = summary["best"]
+    found, sure, look = stdout.strip().splitlines()[-3:]
+    metric = summary["metric"]  # eval_loss: the searched metric is what was found by
+    assert found.startswith(f"found: {best['trial']}, {metric} ")
+    assert f"(test eval_accuracy {best['test']['eval_accuracy']:.4g}" in found
+    rows = summary["data"]["validation"]
+    accuracy = summary["best"]["reloaded_validation"]["eval_accuracy"]
+    assert sure.startswith(f"how sure: eval_accuracy {accuracy:.4g} vs 0.55 for the majority")
+    assert f"one standard error on {rows} validation rows" in sure
+    assert look == f"look: report {run_dir / 'report.html'}; model {run_dir / 'best_model'}"
+    log = (run_dir / "logs" / "driver.log").read_text()
+    assert f"Ray's own output: {run_dir / 'logs' / 'driver.log'}" in stdout
+    assert "[trial_" in log  # what the trials' processes printed (Ray forwards it)
 
 
 def test_asha_stopped_a_trial_early(finished_run):
@@ -198,7 +223,6 @@ def test_the_report_opens_in_a_browser_and_the_model_has_its_card(finished_run, 
     """Written at the end of the run: every picture of an ASHA sweep loads, the early stop
     is named, and the exported model carries a model card that says how to reproduce it."""
     run_dir, summary, stdout = finished_run
-    assert f"report: {run_dir / 'report.html'}" in stdout
     shown = check_report(run_dir, tmp_path_factory, "asha")
     assert shown["ids"] == {"curves", "lr", "loss_gap", "hparams", "parallel"}
     assert "stopped early (asha)" in shown["text"]
@@ -303,4 +327,7 @@ def test_a_resumed_sweep_exports_what_an_uninterrupted_one_does(finished_run, re
     assert {t["trial"]: scores(t["best"]) for t in resumed["trials"]} == best, point
     assert "never written" not in stdout
     assert f"exported model ({resumed['best']['trial']}) reloaded" in stdout
-    assert f"report: {resumed_dir / 'report.html'}" in stdout  # written by the resume too
+    assert f"look: report {resumed_dir / 'report.html'}" in stdout  # written by the resume too
+    # one driver log in the run folder, written by each of the three drivers in turn
+    log = (resumed_dir / "logs" / "driver.log").read_text()
+    assert log.count("Started a local Ray instance") == 3, log[-3000:]

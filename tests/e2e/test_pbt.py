@@ -11,6 +11,7 @@ attributes every metric to the right trial.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -64,7 +65,32 @@ SPEC = {
 @pytest.fixture(scope="module")
 def pbt_run(tmp_path_factory, tiny_bert):
     spec = {**SPEC, "model": {**SPEC["model"], "name_or_path": tiny_bert}}
-    return run_population(tmp_path_factory.mktemp("pbt"), spec)
+    return run_population(tmp_path_factory.mktemp("pbt"), spec, terminal=True)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def test_the_live_console_draws_in_80_columns(pbt_run):
+    """In a terminal: a live view (rich) with the sweep's status and a progress bar per
+    running trial, redrawn in place; every line it draws, and every event line, fits in
+    80 columns; each exploit has its event line."""
+    _, summary, _, output = pbt_run
+    assert "\x1b[" in output  # drawn, not printed
+    lines = [line.split("\r")[-1] for line in ANSI.sub("", output).splitlines()]
+    drawn = [
+        line
+        for line in lines
+        if re.match(r" *\d+:\d\d  trial_", line)
+        or "━" in line
+        or "trials ended" in line
+        or line.startswith("best: ")
+    ]
+    assert any("━" in line for line in drawn), "no progress bar"
+    assert any(re.match(r"\d+/4 trials ended, \d+ running", line) for line in drawn)
+    assert all(len(line) <= 80 for line in drawn), [x for x in drawn if len(x) > 80]
+    exploited = [line for line in drawn if "exploited at step" in line]
+    assert len(exploited) >= len(summary["exploits"]) > 0
 
 
 def test_population_exploits(pbt_run):

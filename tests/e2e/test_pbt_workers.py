@@ -29,7 +29,7 @@ def pbt_run(tmp_path_factory, tiny_bert):
     spec = {
         **SPEC,
         "model": {**SPEC["model"], "name_or_path": tiny_bert},
-        "run": {**SPEC["run"], "tensorboard": False},  # the opt-out (checked below)
+        "tracking": {"tensorboard": False},  # the opt-out (checked below)
     }
     return run_population(tmp_path_factory.mktemp("pbtw"), spec)
 
@@ -58,6 +58,6 @@ def test_every_report_is_attributed_to_its_own_trial(pbt_run):
         assert len({r["trial_id"] for r in reports}) == 1
         assert all(r["trial_start"].startswith("start") for r in reports)
     assert summary["checkpoints"]["weights"] == "trained"
-    # run.tensorboard: false writes no event file; Tune's result.json is there all the same
+    # tracking.tensorboard: false writes no event file; Tune's result.json is there all the same
     assert not list(run_dir.glob("trial_*/events.out.tfevents.*"))
     assert list(run_dir.glob("trial_*/result.json"))

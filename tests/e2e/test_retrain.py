@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.e2e.cluster_procs import MlflowServer
 from tests.e2e.conftest import tunefleet
 from trainers.data import example_id, load_splits
 from tune_jobs.registry import CHAMPION_FILE, HISTORY_FILE, LOCK_FILE, REGISTRY_DIR
@@ -114,12 +115,25 @@ def check(proc: subprocess.CompletedProcess, rc: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def nightly(tmp_path_factory):
+def mlflow_server(tmp_path_factory):
+    """The tracking server every retrain of the module logs to (stopped by pid)."""
+    server = MlflowServer(str(tmp_path_factory.mktemp("mlflow")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory, mlflow_server):
     """Three retrains on a growing file: (job spec path, results root, csv path)."""
     tmp = tmp_path_factory.mktemp("retrain")
     csv, results = str(tmp / "reviews.csv"), str(tmp / "results")
     spec_path = tmp / "job.yaml"
-    spec_path.write_text(yaml.safe_dump(job_spec(csv, results)))
+    spec = job_spec(csv, results)
+    spec["tracking"] = {"mlflow_uri": mlflow_server.uri, "registered_model": "nightly-sentiment"}
+    spec_path.write_text(yaml.safe_dump(spec))
     write_csv(csv, DAY1)
     out1 = check(tunefleet("retrain", str(spec_path), "search.num_samples=2"))
     write_csv(csv, DAY2)
@@ -269,3 +283,35 @@ def test_interrupted_retrain_changes_nothing_and_a_concurrent_one_exits_3(nightl
 
 def _names(folder: str) -> list[str]:
     return os.listdir(folder) if os.path.isdir(folder) else []
+
+
+def test_mlflow_has_each_retrain_its_trials_and_the_champion_alias(nightly, mlflow_server):
+    """Runs after the interrupted retrain: each retrain a parent run with a nested run per
+    trial, a registered version per export, ``champion`` on the last promoted one, and
+    the retrain stopped by SIGTERM marked KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    _, results, _, _ = nightly
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("nightly")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    finished = ["nightly-retrain-0001", "nightly-retrain-0002", "nightly-retrain-0003"]
+    assert sorted(parents) == [*finished, "nightly-retrain-0004"]
+    assert parents["nightly-retrain-0004"].info.status == "KILLED"
+    for run in finished:
+        parent = parents[run]
+        assert parent.info.status == "FINISHED", run
+        trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        expected = summary(results, run)["trials"]
+        assert sorted(r.info.run_name for r in trials) == sorted(t["trial"] for t in expected)
+        best = summary(results, run)["best"]
+        assert parent.data.metrics["best_eval_accuracy"] == pytest.approx(
+            best["metrics"]["eval_accuracy"]
+        )
+    versions = client.search_model_versions("name='nightly-sentiment'")
+    by_run = {v.run_id: v.version for v in versions}
+    assert set(by_run) == {parents[r].info.run_id for r in finished}
+    promoted = [e["run"] for e in read_history(results) if e["decision"] == "promote"]
+    champion = client.get_model_version_by_alias("nightly-sentiment", "champion")
+    assert champion.version == by_run[parents[promoted[-1]].info.run_id]

@@ -343,6 +343,24 @@ CASES = [
         "secret_key=***",
     ),
     (
+        "mlflow-not-answering",
+        ["tracking.mlflow_uri=http://127.0.0.1:9"],  # the discard port: nothing listens
+        "tracking.mlflow_uri",
+        "no MLflow server answers at http://127.0.0.1:9/health",
+    ),
+    (
+        "mlflow-uri-with-credentials",
+        ["tracking.mlflow_uri=https://AKIAFAKEKEY:fake-secret-123@mlflow.example:5000"],
+        "tracking.mlflow_uri",
+        "MLFLOW_TRACKING_TOKEN",
+    ),
+    (
+        "registered-model-without-mlflow",
+        ["tracking.registered_model=sentiment"],
+        "tracking.registered_model",
+        "set tracking.mlflow_uri too",
+    ),
+    (
         "precision-with-deepspeed",
         ["distributed.strategy=deepspeed", "distributed.precision=bf16"],
         "distributed.precision",

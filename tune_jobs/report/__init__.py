@@ -66,15 +66,19 @@ def write_report(run_dir: str, out_dir: str | None = None) -> ReportFiles:
     return ReportFiles(html_path, md_path, view)
 
 
-def report_or_say(run_dir: str, echo: Callable[[str], None]) -> ReportFiles | None:
-    """``write_report`` at the end of a run, saying where it went; a report that cannot be
-    written is said and does not fail the run (its results are already in place)."""
+def report_or_say(
+    run_dir: str, echo: Callable[[str], None], say_where: bool = True
+) -> ReportFiles | None:
+    """``write_report`` at the end of a run, saying where it went (unless the caller says
+    it); a report that cannot be written is said and does not fail the run (its results
+    are already in place)."""
     try:
         files = write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - the run's own results stand without it
         echo(f"report: not written ({type(exc).__name__}: {exc}); try tunefleet report {run_dir}")
         return None
-    echo(f"report: {files.html}")
+    if say_where:
+        echo(f"report: {files.html}")
     return files
 
 

@@ -27,6 +27,7 @@ from tune_jobs.spec.sections import (
     SchedulerSpec,
     SearchSpec,
     Section,
+    TrackingSpec,
     TrainingSpec,
 )
 
@@ -299,7 +300,11 @@ def budget_in(
 _SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "password", "token", "sig")
 
 
-def _check_no_credentials(uri: str, key: str) -> list[Problem]:
+def _check_no_credentials(
+    uri: str,
+    key: str,
+    how: str = "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL",
+) -> list[Problem]:
     """Keys belong in the environment (or a Kubernetes Secret), never in the spec: the spec is
     copied into the run folder, the export and the job's logs. The problem shows the URI
     with the secret masked."""
@@ -325,9 +330,8 @@ def _check_no_credentials(uri: str, key: str) -> list[Problem]:
         Problem(
             key,
             masked,
-            "holds credentials: give them through the environment (AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; on Kubernetes a Secret), never in the "
-            "spec, which is copied into the run folder and the export",
+            f"holds credentials: give them through the environment ({how}; on Kubernetes a "
+            "Secret), never in the spec, which is copied into the run folder and the export",
         )
     ]
 
@@ -480,6 +484,21 @@ def cross_checks(s: Mapping[str, Section]) -> list[Problem]:
     run = s.get("run")
     if isinstance(run, RunSpec):
         problems += _check_no_credentials(run.storage_path, "run.storage_path")
+    tracking = s.get("tracking")
+    if isinstance(tracking, TrackingSpec) and tracking.mlflow_uri:
+        problems += _check_no_credentials(
+            tracking.mlflow_uri,
+            "tracking.mlflow_uri",
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN",
+        )
+    if isinstance(tracking, TrackingSpec) and tracking.registered_model and not tracking.mlflow_uri:
+        problems.append(
+            Problem(
+                "tracking.registered_model",
+                tracking.registered_model,
+                "a registry needs an MLflow server: set tracking.mlflow_uri too",
+            )
+        )
     dist = s.get("distributed")
     if isinstance(dist, DistributedSpec) and dist.strategy == "deepspeed":
         problems += _check_deepspeed(dist, training, search, sched, res)

@@ -658,11 +658,32 @@ class RunSpec(Section):
         "path is refused on a multi-node cluster without this, since each node would keep its "
         "own part of the results. Not needed for s3:// and other URIs.",
     )
+
+
+class TrackingSpec(Section):
+    """Where the sweep is recorded besides its run folder: TensorBoard, MLflow."""
+
     tensorboard: bool = Field(
         True,
         description="Write TensorBoard event files per trial (metrics by step; the "
         "hyperparameters with the final metrics in the HParams view): tensorboard --logdir "
         "<run folder>.",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, or a local folder): one parent run "
+        "for the sweep, a nested run per trial (its hyperparameters, its metrics by step), "
+        "the best model as an artifact. Needs the mlflow extra; checked before Ray starts. "
+        "Credentials through the environment (MLFLOW_TRACKING_TOKEN, ...), never in the URI.",
+    )
+    mlflow_experiment: str | None = Field(
+        None, description="MLflow experiment of the sweep's runs; default: run.name."
+    )
+    registered_model: str | None = Field(
+        None,
+        description="Register the exported model in MLflow's model registry under this name "
+        "(a new version per run); tunefleet retrain points the alias 'champion' at a "
+        "promoted version.",
     )
 
 
@@ -737,6 +758,7 @@ SECTIONS: dict[str, type[Section]] = {
     "distributed": DistributedSpec,
     "adapter": AdapterSpec,
     "run": RunSpec,
+    "tracking": TrackingSpec,
     "smoke": SmokeSpec,
     "retrain": RetrainSpec,
 }
@@ -756,6 +778,7 @@ class JobSpec(BaseModel):
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     run: RunSpec = Field(default_factory=RunSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     smoke: SmokeSpec = Field(default_factory=SmokeSpec)
     retrain: RetrainSpec = Field(default_factory=RetrainSpec)
 
