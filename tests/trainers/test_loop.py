@@ -343,17 +343,36 @@ def test_hp_schedule_switch_at_the_end_evaluates_once_more(tiny, tmp_path):
     assert ctx.reports[1][M.EVAL_ACCURACY] == ctx.reports[0][M.EVAL_ACCURACY]
 
 
-def test_activation_checkpointing_recomputes_without_changing_the_math(tiny, tmp_path):
+def test_activation_checkpointing_recomputes_without_changing_the_math(
+    tiny, tmp_path, monkeypatch
+):
     """Gradient checkpointing (non-reentrant, so it works with frozen lower blocks) trades
-    compute for memory: the same losses, step for step."""
+    compute for memory: each training block's forward runs again in the backward pass (one
+    more forward per trained block per micro-batch, counted), and the losses are the same,
+    step for step. Equal losses alone would hold with checkpointing off too."""
+    from transformers.models.bert import modeling_bert
+
+    calls = {"train": 0}
+    forward = modeling_bert.BertLayer.forward
+
+    def counted(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training (evaluation runs under no_grad)
+            calls["train"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_bert.BertLayer, "forward", counted)
     hp = dict(max_steps=4, per_device_train_batch_size=16, unfreeze_depth=2)
     cfg = tiny(**hp)
     cfg["hp"]["eval_steps"] = 2
     plain = run_local(cfg, checkpoint_root=str(tmp_path / "a"))
+    plain_calls, calls["train"] = calls["train"], 0
     checkpointed = run_local(
         {**cfg, "distributed": {**cfg["distributed"], "activation_checkpointing": True}},
         checkpoint_root=str(tmp_path / "b"),
     )
+    steps, blocks, trained = 4, 6, 2  # one micro-batch a step; the top 2 of 6 blocks train
+    assert plain_calls == steps * blocks
+    assert calls["train"] == steps * (blocks + trained)  # the trained blocks ran again
     for a, b in zip(plain.reports, checkpointed.reports, strict=True):
         assert b[M.TRAIN_LOSS] == pytest.approx(a[M.TRAIN_LOSS], abs=1e-6)
         assert b[M.EVAL_LOSS] == pytest.approx(a[M.EVAL_LOSS], abs=1e-6)
