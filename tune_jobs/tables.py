@@ -145,6 +145,7 @@ def leaderboard(summary: dict[str, Any]) -> str:
         )
     best = summary.get("best")
     if best:
+
         def said(scored: dict[str, Any]) -> str:
             return ", ".join(f"{k} {fmt(scored[k])}" for k in task.scores if k in scored)
 
