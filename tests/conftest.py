@@ -127,3 +127,17 @@ def rt_instructions():
         ),
         seed=0,
     )
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` for the module (SQLite backend, local artifact store),
+    stopped by its process group id."""
+    from tests.e2e.cluster_procs import MlflowServer
+
+    server = MlflowServer(str(tmp_path_factory.mktemp("mlflow")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

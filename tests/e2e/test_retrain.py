@@ -31,7 +31,6 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.e2e.cluster_procs import MlflowServer
 from tests.e2e.conftest import tunefleet
 from trainers.data import example_id, load_splits
 from tune_jobs.registry import CHAMPION_FILE, HISTORY_FILE, LOCK_FILE, REGISTRY_DIR
@@ -112,17 +111,6 @@ def summary(results: str, run: str) -> dict:
 def check(proc: subprocess.CompletedProcess, rc: int = 0) -> str:
     assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """The tracking server every retrain of the module logs to (stopped by pid)."""
-    server = MlflowServer(str(tmp_path_factory.mktemp("mlflow")))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,8 @@ PLANTED = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(str(tmp_path_factory.mktemp("mlflow")))
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(mlflow_server):
+    return mlflow_server
 
 
 def spec_for(server: MlflowServer, storage: Path, name: str, **tracking):
