@@ -1,0 +1,378 @@
+"""Best accuracy against compute spent: search methods side by side on the shipped task.
+
+The shape of the well-known BERT-on-RTE comparison (grid vs Bayesian optimisation with
+early stopping vs PBT), on MiniLM and Rotten Tomatoes, one method after another in one
+invocation (this machine's speed drifts from day to day: only figures of one run compare):
+
+- the data: one fixed split cut once (seed 0) and written as CSV: train rows, 1,000
+  validation rows, **4,000 test rows**, so one standard error of a test accuracy near
+  0.78 is about 0.65 points (printed);
+- every method has the same trial budget (``Plan.trials``) and the same space, 1 CPU a
+  trial, 2 at a time on a local Ray of 2 CPUs, bf16 autocast (``precision: auto``);
+- methods: ``grid`` (learning rate x batch size, every trial to the end), ``random``
+  (FIFO), ``asha`` (random + ASHA), ``tpe_asha`` (Optuna TPE + ASHA), ``pbt`` (a
+  population mutating the learning rate, the schedule and the unfreeze depth),
+  ``recipe`` (tunefleet's recommended recipe as it stands: the family defaults first,
+  TPE, ASHA with half-epoch rungs), and ``peer``
+  (``transformers.Trainer.hyperparameter_search(backend="ray")``, ASHA, ``bf16=True``,
+  through ``benchmarks/peer_sweep.py``'s peer job);
+- for each: the best validation accuracy any trial reported, the chosen model's
+  validation and test accuracy (every chosen model scored by one function, on the same
+  rows), trial-seconds, wall time, and the cost of training the chosen config once from
+  scratch (its trial-seconds, measured by running it alone): tuning cost as a multiple
+  of one training.
+
+    .venv/bin/python benchmarks/tuning_efficiency.py [--quick] [--only M,M] [--keep] [--out FILE]
+
+The full run is sized for under 45 minutes on 2 cores; ``--quick`` (small data, 2
+trials of 1 epoch) a few minutes. Writes ``benchmarks/results/tuning_efficiency*.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import peer_sweep as ps  # noqa: E402 - the shared task, tool runner and scorer
+
+REPO = ps.REPO
+METHODS = ("grid", "random", "asha", "tpe_asha", "pbt", "recipe", "peer")
+#: the space every non-grid method searches (the peer's, so the peer can run it)
+SPACE = ps.SPACE
+
+
+@dataclass(frozen=True)
+class Plan:
+    train_rows: int
+    validation_rows: int
+    test_rows: int
+    trials: int  # every method's trial budget
+    max_epochs: int  # the longest a trial may train
+    grid_lrs: tuple[float, ...]  # the grid: these x batch sizes 16 and 32
+    timeout_s: int = 3600  # per method
+
+    def space(self) -> dict[str, Any]:
+        epochs = list(range(1, self.max_epochs + 1))
+        return {**SPACE, "num_train_epochs": {"choice": epochs}}
+
+
+FULL = Plan(1000, 1000, 4000, trials=8, max_epochs=3, grid_lrs=(1.5e-5, 3e-5, 6e-5, 1e-4))
+QUICK = Plan(200, 100, 400, trials=2, max_epochs=1, grid_lrs=(3e-5,), timeout_s=900)
+
+
+def write_splits(folder: str, plan: Plan) -> dict[str, str]:
+    """One fixed split of the corpus (seed 0), big enough for ``plan.test_rows`` test rows,
+    written as the three CSV files every method reads."""
+    import pandas as pd
+
+    from trainers.data import load_splits
+    from tune_jobs.spec import parse_spec
+
+    data = parse_spec(
+        {
+            "data": {
+                "source": "rotten_tomatoes",
+                "validation_fraction": 0.1,
+                "test_fraction": 0.35,  # about 4,460 rows before the cap
+                "max_train_samples": plan.train_rows,
+                "max_eval_samples": plan.validation_rows,
+                "max_test_samples": plan.test_rows,
+            }
+        }
+    ).data.model_dump()
+    splits = load_splits(data, ps.SEED)
+    assert len(splits.test) == plan.test_rows, len(splits.test)
+    files = {}
+    for name in ("train", "validation", "test"):
+        split = getattr(splits, name)
+        files[name] = os.path.join(folder, f"{name}.csv")
+        pd.DataFrame({"text": split.texts, "label": split.labels}).to_csv(files[name], index=False)
+    return files
+
+
+def method_spec(method: str, files: dict[str, str], plan: Plan, storage: str) -> dict[str, Any]:
+    """tunefleet's job spec for one method (the peer's sweep, re-aimed)."""
+    base_plan = ps.Plan(
+        plan.train_rows,
+        plan.validation_rows,
+        plan.test_rows,
+        plan.trials,
+        plan.space(),
+        grace_period=1.0 if plan.max_epochs > 1 else 0.5,
+    )
+    spec = ps.tunefleet_spec(files, base_plan, "single_process", storage)
+    spec["run"]["name"] = method
+    search, scheduler = spec["search"], spec["scheduler"]
+    if method == "grid":
+        lrs = list(plan.grid_lrs)
+        batches = [16, 32] if plan.trials >= 2 * len(lrs) else [16]
+        search.update(
+            num_samples=1,
+            space={
+                "learning_rate": {"grid": lrs},
+                "per_device_train_batch_size": {"grid": batches},
+            },
+        )
+        spec["training"].update(num_train_epochs=plan.max_epochs, weight_decay=0.01)
+        spec["training"]["warmup_ratio"] = 0.06
+        spec["scheduler"] = {"type": "fifo"}
+    elif method == "random":
+        spec["scheduler"] = {"type": "fifo"}
+    elif method == "tpe_asha":
+        search["algorithm"] = "optuna"
+    elif method == "pbt":
+        # a population over the whole budget: every member trains max_epochs, exploits
+        # each epoch, mutating the LR, the schedule and the unfreeze depth
+        interval = 1.0 if plan.max_epochs > 1 else 0.5  # epochs between exploits
+        spec["training"].update(
+            num_train_epochs=plan.max_epochs,
+            eval_strategy="steps",
+            eval_steps=interval / plan.max_epochs,  # a share of the trial's steps
+        )
+        search.update(
+            num_samples=plan.trials,
+            space={"learning_rate": SPACE["learning_rate"]},
+        )
+        spec["scheduler"] = {
+            "type": "pbt",
+            "time_attr": "epoch",
+            "perturbation_interval": interval,
+            "quantile_fraction": 0.25,
+            "synch": True,
+            "mutations": {
+                "learning_rate": SPACE["learning_rate"],
+                "lr_scheduler_type": {"choice": ["linear", "cosine", "constant_with_warmup"]},
+                "unfreeze_depth": {"choice": [2, 4, 6]},
+            },
+        }
+    elif method == "recipe":
+        # tunefleet's advice as built today: the family's defaults first, TPE, and ASHA
+        # deciding at half epochs (the fidelity work of issue 22 will change this)
+        search.update(algorithm="optuna", start_with_defaults=True)
+        # an evaluation every half epoch of the longest trial (a share of each trial's steps)
+        spec["training"].update(eval_strategy="steps", eval_steps=1 / (2 * plan.max_epochs))
+        scheduler.update(grace_period=0.5, reduction_factor=3)
+    return spec
+
+
+def run_method(method: str, work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> dict:
+    """One method through tunefleet's CLI: its figures and its chosen model, scored."""
+    import yaml
+
+    from tune_jobs.spec import parse_spec
+
+    storage = os.path.join(work, method)
+    spec = method_spec(method, files, plan, storage)
+    parse_spec(spec)
+    path = os.path.join(work, f"{method}.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(spec, fh, sort_keys=False)
+    cmd = [sys.executable, "-m", "tune_jobs", "run", path, "--no-smoke"]
+    out = ps.run_tool(method, cmd, storage, os.path.join(work, f"{method}.log"), plan.timeout_s)
+    run_dir = os.path.join(storage, method)
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        summary = json.load(fh)
+    trials = _trials(run_dir, summary)
+    best = summary["best"]
+    config = {**_fixed(spec), **best["config"]}
+    return {
+        "method": method,
+        **_kept(out),
+        **_figures(trials),
+        "chosen": {
+            "trial": best["trial"],
+            "config": config,
+            "validation_accuracy_reported": best["metrics"][ps.METRIC],
+            "validation_accuracy": ps.score(best["export_dir"], files["validation"], tokenizer),
+            "test_accuracy": ps.score(best["export_dir"], files["test"], tokenizer),
+        },
+    }
+
+
+def _fixed(spec: dict[str, Any]) -> dict[str, Any]:
+    """The training keys a method fixed rather than searched (the grid's epochs...)."""
+    keys = ("num_train_epochs", "weight_decay", "warmup_ratio", "per_device_train_batch_size")
+    return {k: spec["training"][k] for k in keys if k in spec["training"]}
+
+
+def _kept(out: dict[str, Any]) -> dict[str, Any]:
+    return {k: out[k] for k in ("wall_s", "checkpoint_bytes_written")}
+
+
+def _trials(run_dir: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each trial's seconds (Tune's ``time_total_s``: a PBT member's across its restores),
+    its best validation accuracy and whether it was stopped early."""
+    trials = []
+    for trial in summary["trials"]:
+        rows = []
+        result = os.path.join(run_dir, trial["trial"], "result.json")
+        if os.path.exists(result):
+            with open(result) as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        trials.append(
+            {
+                "trial": trial["trial"],
+                "time_total_s": float(rows[-1].get("time_total_s", 0.0)) if rows else 0.0,
+                "best_validation_accuracy": max(
+                    (r[ps.METRIC] for r in rows if ps.METRIC in r), default=None
+                ),
+                "stopped_early": trial["stopped_early"],
+            }
+        )
+    return trials
+
+
+def _figures(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "trials": len(trials),
+        "stopped_early": sum(bool(t["stopped_early"]) for t in trials),
+        "trial_seconds": round(sum(t["time_total_s"] for t in trials), 1),
+        "best_validation_accuracy": max(
+            (t["best_validation_accuracy"] for t in trials if t["best_validation_accuracy"]),
+            default=None,
+        ),
+    }
+
+
+def run_peer(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> dict[str, Any]:
+    """The peer's sweep (bf16, ASHA), through peer_sweep's own job."""
+    base_plan = ps.Plan(
+        plan.train_rows,
+        plan.validation_rows,
+        plan.test_rows,
+        plan.trials,
+        plan.space(),
+        grace_period=1.0 if plan.max_epochs > 1 else 0.5,
+        timeout_s=plan.timeout_s,
+    )
+    os.makedirs(work, exist_ok=True)
+    got = ps.run_peer(work, files, base_plan, tokenizer, bf16=True)
+    return {
+        "method": "peer",
+        **_kept(got),
+        "trials": got["trials"],
+        "stopped_early": got["stopped_early"],
+        "trial_seconds": got["trial_seconds"],
+        "best_validation_accuracy": got["best_validation_accuracy_any_trial"],
+        "chosen": {
+            k: got["chosen"][k] for k in ("trial", "config", "validation_accuracy", "test_accuracy")
+        },
+    }
+
+
+def one_training(config: dict[str, Any], work: str, files: dict[str, str], plan: Plan) -> float:
+    """Trial-seconds of training ``config`` once from scratch, alone (the denominator)."""
+    import yaml
+
+    storage = os.path.join(work, "once")
+    shutil.rmtree(storage, ignore_errors=True)
+    base_plan = ps.Plan(plan.train_rows, plan.validation_rows, plan.test_rows, 1, {}, 1.0)
+    spec = ps.tunefleet_spec(files, base_plan, "single_process", storage)
+    spec["run"]["name"] = "once"
+    spec["search"].update(num_samples=1, space={}, start_with_defaults=False)
+    spec["scheduler"] = {"type": "fifo"}
+    spec["training"].update({k: v for k, v in config.items() if k in SPACE or k in _TRAINING_KEYS})
+    path = os.path.join(work, "once.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(spec, fh, sort_keys=False)
+    cmd = [sys.executable, "-m", "tune_jobs", "run", path, "--no-smoke"]
+    ps.run_tool("once", cmd, storage, os.path.join(work, "once.log"), plan.timeout_s)
+    run_dir = os.path.join(storage, "once")
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        summary = json.load(fh)
+    return round(sum(t["time_total_s"] for t in _trials(run_dir, summary)), 1)
+
+
+_TRAINING_KEYS = ("lr_scheduler_type", "unfreeze_depth", "num_train_epochs")
+
+
+def print_table(report: dict[str, Any]) -> None:
+    se = report["test_standard_error_points"]
+    print(f"\ntest rows {report['plan']['test_rows']}: one standard error about {se:.2f} points")
+    head = f"{'method':<10}{'best val':>9}{'chosen val':>11}{'test':>7}{'trial-s':>9}{'wall s':>8}{'x one':>7}"
+    print(head)
+    print("-" * len(head))
+    for row in report["methods"]:
+        chosen = row["chosen"]
+        times = row.get("tuning_cost_x_one_training")
+        print(
+            f"{row['method']:<10}{row['best_validation_accuracy'] or 0:>9.4f}"
+            f"{chosen['validation_accuracy']:>11.4f}{chosen['test_accuracy']:>7.4f}"
+            f"{row['trial_seconds']:>9.0f}{row['wall_s']:>8.0f}"
+            f"{times if times is not None else float('nan'):>7.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small data, 2 trials of 1 epoch")
+    parser.add_argument("--only", help=f"comma-separated methods (of {', '.join(METHODS)})")
+    parser.add_argument("--out", help="JSON file (default: benchmarks/results/...)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    methods = args.only.split(",") if args.only else list(METHODS)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    out = args.out or os.path.join(
+        REPO, "benchmarks", "results", f"tuning_efficiency{'-quick' if args.quick else ''}.json"
+    )
+    report: dict[str, Any] = {
+        "benchmark": "tuning_efficiency",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": ps.machine(),
+        "versions": ps.versions(),
+        "mode": "quick" if args.quick else "full",
+        "plan": asdict(plan),
+        "space": plan.space(),
+        "methods": [],
+    }
+    work = tempfile.mkdtemp(prefix="tuning-efficiency-")
+    try:
+        files = write_splits(work, plan)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ps.model_path())
+        once: dict[str, float] = {}  # config -> trial-seconds of one training
+        for method in methods:
+            row = (
+                run_peer(os.path.join(work, "peer"), files, plan, tokenizer)
+                if method == "peer"
+                else run_method(method, work, files, plan, tokenizer)
+            )
+            key = json.dumps(row["chosen"]["config"], sort_keys=True)
+            if key not in once:
+                once[key] = one_training(row["chosen"]["config"], work, files, plan)
+            row["one_training_trial_seconds"] = once[key]
+            row["tuning_cost_x_one_training"] = round(row["trial_seconds"] / once[key], 2)
+            report["methods"].append(row)
+            print(json.dumps({k: row[k] for k in row if k != "chosen"}), flush=True)
+        accuracy = max(r["chosen"]["test_accuracy"] for r in report["methods"])
+        report["test_standard_error_points"] = round(
+            100 * math.sqrt(accuracy * (1 - accuracy) / plan.test_rows), 2
+        )
+        print_table(report)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(f"\nwritten: {out}")
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
