@@ -19,8 +19,8 @@ invocation (this machine's speed drifts from day to day: only figures of one run
 - for each: the best validation accuracy any trial reported, the chosen model's
   validation and test accuracy (every chosen model scored by one function, on the same
   rows), trial-seconds, wall time, and the cost of training the chosen config once from
-  scratch (its trial-seconds, measured by running it alone): tuning cost as a multiple
-  of one training.
+  scratch (the chosen trial's own seconds where it trained from scratch to the end,
+  else the config run alone): tuning cost as a multiple of one training.
 
     .venv/bin/python benchmarks/tuning_efficiency.py [--quick] [--only M,M] [--keep] [--out FILE]
 
@@ -66,7 +66,7 @@ class Plan:
         return {**SPACE, "num_train_epochs": {"choice": epochs}}
 
 
-FULL = Plan(1000, 1000, 4000, trials=8, max_epochs=3, grid_lrs=(1.5e-5, 3e-5, 6e-5, 1e-4))
+FULL = Plan(800, 1000, 4000, trials=8, max_epochs=3, grid_lrs=(1.5e-5, 3e-5, 6e-5, 1e-4))
 QUICK = Plan(200, 100, 400, trials=2, max_epochs=1, grid_lrs=(3e-5,), timeout_s=900)
 
 
@@ -185,8 +185,14 @@ def run_method(method: str, work: str, files: dict[str, str], plan: Plan, tokeni
     trials = _trials(run_dir, summary)
     best = summary["best"]
     config = {**_fixed(spec), **best["config"]}
+    chosen = next(t for t in trials if t["trial"] == best["trial"])
     return {
         "method": method,
+        # the chosen trial trained its config from scratch to the end: that is one training
+        # (not under PBT, whose chosen config is the end of a lineage)
+        "chosen_trial_seconds": None
+        if method == "pbt" or chosen["stopped_early"]
+        else chosen["time_total_s"],
         **_kept(out),
         **_figures(trials),
         "chosen": {
@@ -257,8 +263,10 @@ def run_peer(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> di
     )
     os.makedirs(work, exist_ok=True)
     got = ps.run_peer(work, files, base_plan, tokenizer, bf16=True)
+    picked = next(t for t in got["trial_list"] if t["trial"] == got["chosen"]["trial"])
     return {
         "method": "peer",
+        "chosen_trial_seconds": None if picked["stopped_early"] else picked["time_total_s"],
         **_kept(got),
         "trials": got["trials"],
         "stopped_early": got["stopped_early"],
@@ -352,7 +360,9 @@ def main() -> None:
                 else run_method(method, work, files, plan, tokenizer)
             )
             key = json.dumps(row["chosen"]["config"], sort_keys=True)
-            if key not in once:
+            if row.get("chosen_trial_seconds"):
+                once.setdefault(key, row["chosen_trial_seconds"])
+            if key not in once:  # a PBT lineage's end, or a trial stopped early: run it alone
                 once[key] = one_training(row["chosen"]["config"], work, files, plan)
             row["one_training_trial_seconds"] = once[key]
             row["tuning_cost_x_one_training"] = round(row["trial_seconds"] / once[key], 2)
