@@ -63,11 +63,21 @@ def exploits_of(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def trains_fewer_than_full_depth(rows: dict[str, list[dict]], report: dict[str, Any]) -> bool:
-    """Whether ``report`` trained fewer parameters than the population's full-depth trials
-    (the population starts at the full depth, so theirs is the largest count reported)."""
-    full = max(r["trainable_params"] for reports in rows.values() for r in reports)
-    return report["trainable_params"] < full
+def trains_at_depth(rows: dict[str, list[dict]], report: dict[str, Any], depth: int) -> bool:
+    """Whether ``report`` trained at unfreeze depth ``depth``: it says so, and its trainable
+    parameter count is the one every report at that depth has, fewer than at any greater
+    depth and more than at any smaller one. (Not against "the full depth": PBT draws a
+    member's first depth from the mutation list, so a population may never have run at
+    the full depth; seen in CI, both members drawn at depth 1.)"""
+    reports = [r for trial in rows.values() for r in trial]
+    count = report["trainable_params"]
+    same = {r["trainable_params"] for r in reports if r["unfreeze_depth"] == depth}
+    return (
+        report["unfreeze_depth"] == depth
+        and same == {count}
+        and all(count < r["trainable_params"] for r in reports if r["unfreeze_depth"] > depth)
+        and all(count > r["trainable_params"] for r in reports if r["unfreeze_depth"] < depth)
+    )
 
 
 def after_exploit(rows: dict[str, list[dict]], exploit: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from tests.e2e.pbt_checks import (
     donor_report,
     exploits_of,
     run_population,
-    trains_fewer_than_full_depth,
+    trains_at_depth,
 )
 from tune_jobs.report_log import read_reports
 
@@ -120,7 +120,7 @@ def test_mutated_schedule_and_depth_take_effect(pbt_run):
         )
         assert first["lr"] == pytest.approx(expected, rel=1e-6)
         assert first["unfreeze_depth"] == config["unfreeze_depth"]
-        assert trains_fewer_than_full_depth(rows, first) == (config["unfreeze_depth"] == 1)
+        assert trains_at_depth(rows, first, config["unfreeze_depth"])
 
 
 def test_exploits_are_logged_with_the_step_cloned(pbt_run):

@@ -16,7 +16,7 @@ from tests.e2e.pbt_checks import (
     TWO_WORKER_POPULATION,
     check_exploit,
     run_population,
-    trains_fewer_than_full_depth,
+    trains_at_depth,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -42,8 +42,7 @@ def test_exploits_restore_the_donors_weights_on_the_warm_group(pbt_run):
         before = [r for r in rows[exploit["recipient"]] if r["step"] <= exploit["step"]]
         # a new start of the recipient (restored from the donor) ...
         assert first["trial_start"] != before[-1]["trial_start"]
-        depth_one = exploit["new_config"]["unfreeze_depth"] == 1
-        assert trains_fewer_than_full_depth(rows, first) == depth_one
+        assert trains_at_depth(rows, first, exploit["new_config"]["unfreeze_depth"])
     # ... on the groups the population started with: no worker group was started for an
     # exploit or a resumed member (two trials at a time: the sweep's pool holds two groups)
     groups = {r["train_run"] for reports in rows.values() for r in reports}
