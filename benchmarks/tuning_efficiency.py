@@ -65,6 +65,18 @@ class Plan:
         epochs = list(range(1, self.max_epochs + 1))
         return {**SPACE, "num_train_epochs": {"choice": epochs}}
 
+    def as_peer_plan(self) -> ps.Plan:
+        """The same sweep in peer_sweep's terms (its spec builder and its peer job)."""
+        return ps.Plan(
+            self.train_rows,
+            self.validation_rows,
+            self.test_rows,
+            self.trials,
+            self.space(),
+            grace_period=1.0 if self.max_epochs > 1 else 0.5,
+            timeout_s=self.timeout_s,
+        )
+
 
 FULL = Plan(800, 1000, 4000, trials=8, max_epochs=3, grid_lrs=(1.5e-5, 3e-5, 6e-5, 1e-4))
 QUICK = Plan(200, 100, 400, trials=2, max_epochs=1, grid_lrs=(3e-5,), timeout_s=900)
@@ -102,15 +114,7 @@ def write_splits(folder: str, plan: Plan) -> dict[str, str]:
 
 def method_spec(method: str, files: dict[str, str], plan: Plan, storage: str) -> dict[str, Any]:
     """tunefleet's job spec for one method (the peer's sweep, re-aimed)."""
-    base_plan = ps.Plan(
-        plan.train_rows,
-        plan.validation_rows,
-        plan.test_rows,
-        plan.trials,
-        plan.space(),
-        grace_period=1.0 if plan.max_epochs > 1 else 0.5,
-    )
-    spec = ps.tunefleet_spec(files, base_plan, "single_process", storage)
+    spec = ps.tunefleet_spec(files, plan.as_peer_plan(), "single_process", storage)
     spec["run"]["name"] = method
     search, scheduler = spec["search"], spec["scheduler"]
     if method == "grid":
@@ -252,17 +256,8 @@ def _figures(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_peer(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> dict[str, Any]:
     """The peer's sweep (bf16, ASHA), through peer_sweep's own job."""
-    base_plan = ps.Plan(
-        plan.train_rows,
-        plan.validation_rows,
-        plan.test_rows,
-        plan.trials,
-        plan.space(),
-        grace_period=1.0 if plan.max_epochs > 1 else 0.5,
-        timeout_s=plan.timeout_s,
-    )
     os.makedirs(work, exist_ok=True)
-    got = ps.run_peer(work, files, base_plan, tokenizer, bf16=True)
+    got = ps.run_peer(work, files, plan.as_peer_plan(), tokenizer, bf16=True)
     picked = next(t for t in got["trial_list"] if t["trial"] == got["chosen"]["trial"])
     return {
         "method": "peer",
