@@ -36,6 +36,7 @@ from ray import tune
 
 from cluster import storage
 from trainers import metrics as M
+from tune_jobs import layout
 from tune_jobs.tables import fmt
 
 #: Console width the lines are written for (a wider terminal shows them as they are).
@@ -97,7 +98,6 @@ class DriverLog:
         """From now on the log belongs to ``run_dir`` (``logs/driver.log``): a local folder
         gets the file itself; a bucket gets it at the next ``attach`` or at ``close``. What
         was written before any run folder was known goes to the first one."""
-        from tune_jobs import layout
 
         before = self.path if self.target is None else None
         self._finish()
@@ -313,11 +313,8 @@ class SweepConsole(DriverCallback):
         else:
             self.out.echo(stamped)
 
-    def _name(self, trial: Any) -> str:
-        return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
-
     def _view_of(self, trial: Any) -> TrialView:
-        name = self._name(trial)
+        name = layout.trial_name(trial)
         if name not in self.trials:
             self.trials[name] = TrialView(name, dict(trial.config))
         return self.trials[name]
@@ -379,7 +376,7 @@ class SweepConsole(DriverCallback):
                 line = f"{view.name} stopped early at step {view.step} (no better for patience): {best}"
             elif view.total and view.step < view.total:
                 view.state = "stopped early"
-                line = f"{view.name} stopped early at step {view.step}/{view.total} by {self.scheduler}: {best}"
+                line = f"{view.name} stopped early at step {view.step}/{view.total} by {self.scheduler.upper()}: {best}"
             else:
                 view.state = "done"
                 line = f"{view.name} finished ({view.step} steps, {took}): {best}"

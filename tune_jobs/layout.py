@@ -57,6 +57,12 @@ def leader_file(run_dir: str) -> str:
     return storage.join(train_runs(run_dir), LEADER_FILE)
 
 
+def trial_name(trial: object) -> str:
+    """A Tune trial's folder and report name, ``trial_<n>``: Tune's per-run counter, not its
+    random experiment id (deterministic, so a restarted driver finds its own)."""
+    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"  # type: ignore[attr-defined]
+
+
 def trial_of(uri: str) -> str | None:
     """The trial a checkpoint belongs to (the ``trial_<n>`` folder on its path), or None."""
     parts = [p for p in uri.split("?")[0].split("/") if p.startswith("trial_")]

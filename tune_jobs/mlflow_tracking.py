@@ -339,20 +339,18 @@ class MlflowCallback(DriverCallback):
         self.runs = runs
         self.hparams = hparams  # config -> the trial's full hyperparameters
 
-    @staticmethod
-    def _name(trial: Any) -> str:
-        return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
-
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.runs.trial_started(self._name(trial), self.hparams(trial.config), dict(trial.config))
+        self.runs.trial_started(
+            layout.trial_name(trial), self.hparams(trial.config), dict(trial.config)
+        )
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        self.runs.trial_result(self._name(trial), result)
+        self.runs.trial_result(layout.trial_name(trial), result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.runs.trial_ended(self._name(trial), failed=False)
+        self.runs.trial_ended(layout.trial_name(trial), failed=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.runs.trial_ended(self._name(trial), failed=True)
+        self.runs.trial_ended(layout.trial_name(trial), failed=True)

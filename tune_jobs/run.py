@@ -157,11 +157,6 @@ def set_trial_environment() -> None:
     ray_private.set_propagated_env_vars(propagated | {API_SERVER_ENV})
 
 
-def _trial_name(trial: Any) -> str:
-    # Deterministic: Tune's per-run counter, not its random experiment id.
-    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
-
-
 def build_tuner(
     spec: JobSpec,
     splits_ref: Any,
@@ -235,7 +230,7 @@ def build_tuner(
             # what a trial's config holds: the searched keys, and PBT's mutated ones
             searched=list(dict.fromkeys([*spec.search.space, *spec.scheduler.mutations])),
             planned=spec.search.num_samples,
-            scheduler={"fifo": "fifo"}.get(spec.scheduler.type, spec.scheduler.type.upper()),
+            scheduler=spec.scheduler.type,
             board=plan.leaderboard,
             failures_dir=plan.failures_dir,
         )
@@ -273,8 +268,8 @@ def build_tuner(
             search_alg=build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
             num_samples=spec.search.num_samples,
             reuse_actors=True,
-            trial_name_creator=_trial_name,
-            trial_dirname_creator=_trial_name,
+            trial_name_creator=layout.trial_name,
+            trial_dirname_creator=layout.trial_name,
         ),
         run_config=tune.RunConfig(
             name=run_name,

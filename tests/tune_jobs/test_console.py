@@ -46,7 +46,7 @@ def drive(out: Output, tmp_path) -> SweepConsole:
         "max",
         SEARCHED,
         planned=4,
-        scheduler="ASHA",
+        scheduler="asha",
         failures_dir=str(failures),
     )
     a, b, c = trial(0), trial(1, learning_rate=1e-4), trial(2)
@@ -101,7 +101,7 @@ def test_plain_lines_name_each_event_once_without_control_codes(tmp_path):
 def test_the_live_view_fits_80_columns_and_shows_progress(tmp_path):
     stream = io.StringIO()
     out = Output(stream, live=True)
-    con = SweepConsole(out, "eval_accuracy", "max", SEARCHED, planned=8, scheduler="ASHA")
+    con = SweepConsole(out, "eval_accuracy", "max", SEARCHED, planned=8, scheduler="asha")
     long = trial(0, lr_scheduler_type="cosine_with_restarts", learning_rate=1.23456e-5)
     con.on_trial_start(0, [], long)
     con.on_trial_result(0, [], long, result(30, 0.7123456))
@@ -183,7 +183,7 @@ def test_the_end_says_what_was_found_how_sure_and_where_to_look():
 def test_a_console_pickles_to_nothing_for_tunes_saved_state():
     import pickle
 
-    con = SweepConsole(Output(io.StringIO()), "eval_accuracy", "max", SEARCHED, 2, "ASHA")
+    con = SweepConsole(Output(io.StringIO()), "eval_accuracy", "max", SEARCHED, 2, "asha")
     assert isinstance(pickle.loads(pickle.dumps(con)), console.NotCarried)
 
 
