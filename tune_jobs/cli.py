@@ -308,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "smoke":
                 run_smoke(spec, echo=out.echo)
                 return 0
+            smoked = None
             if not args.no_smoke and smoke_enabled(spec):
-                run_smoke(spec, echo=out.echo, keep_ray=True)
-            run_job(spec, echo=out.echo)
+                smoked = run_smoke(spec, echo=out.echo, keep_ray=True)
+            # the smoke pass measured what a trial costs: search.budget is checked against it
+            run_job(spec, echo=out.echo, trial_cost=smoked.cost if smoked else None)
         return 0
     except (SpecError, DataError, ResourceError, ModelError) as exc:
         print(f"tunefleet: error: {exc}", file=sys.stderr)

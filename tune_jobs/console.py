@@ -278,6 +278,7 @@ class SweepConsole(DriverCallback):
         self.scheduler = scheduler
         self.board = board  # ExportLeader: single-process trials' steps between evaluations
         self.failures_dir = failures_dir  # tune_jobs.faults: trials whose own code failed
+        self.budget: Any = None  # tune_jobs.budget.Budget: which trials it stopped
         self.trials: dict[str, TrialView] = {}
         self.best: tuple[float, str, dict[str, Any]] | None = None
         self.started = time.monotonic()
@@ -371,7 +372,10 @@ class SweepConsole(DriverCallback):
             view = self._view_of(trial)
             took = clock(time.monotonic() - view.started)
             best = f"best {self.metric} {fmt(view.best)} at step {view.best_step}"
-            if view.early_stopped:
+            if self.budget is not None and view.name in self.budget.stopped:
+                view.state = "stopped early"
+                line = f"{view.name} stopped at the budget's limit at step {view.step}: {best}"
+            elif view.early_stopped:
                 view.state = "stopped early"
                 line = f"{view.name} stopped early at step {view.step} (no better for patience): {best}"
             elif view.total and view.step < view.total:
@@ -413,6 +417,13 @@ class SweepConsole(DriverCallback):
                 self.say(self.status_line())
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # a sweep ended by its budget: Tune says nothing more of the trials it stopped
+        for name in self.budget.stopped if self.budget is not None else []:
+            view = self.trials.get(name)
+            if view is not None and view.state == "running":
+                view.state = "stopped early"
+                best = f"best {self.metric} {fmt(view.best)} at step {view.best_step}"
+                self.say(f"{name} stopped at the budget's limit at step {view.step}: {best}")
         self.close()
 
     def close(self) -> None:

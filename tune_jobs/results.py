@@ -380,8 +380,9 @@ def build_summary(
     defaults: TrialSummary | None = None,
     reports: Mapping[str, list[dict[str, Any]]] | None = None,
     zero_shot: dict[str, float] | None = None,
+    budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of summary.json."""
+    """The content of summary.json (``budget``: what ``search.budget`` bought)."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
     versus = None
     if defaults is not None and best is not None and defaults.best.get(metric) is not None:
@@ -453,6 +454,7 @@ def build_summary(
             }
         ),
         "failed_trials": {t.trial: t.error for t in trials if t.status == "ERROR"},
+        "budget": budget,
         "wall_time_s": round(wall_time_s, 1),
     }
 

@@ -198,7 +198,7 @@ def _interrupted(outcome: RunOutcome) -> list[str]:
 def retrain(
     spec: JobSpec,
     echo: Callable[[str], None] = print,
-    before_sweep: Callable[[JobSpec], None] | None = None,
+    before_sweep: Callable[[JobSpec], Any] | None = None,
 ) -> RetrainOutcome:
     """One retrain (see the module docstring); ``before_sweep`` runs under the lock, before
     the sweep (the smoke pass)."""
@@ -238,9 +238,15 @@ def retrain(
             + (f"{champion['run']} ({champion['trial']})" if champion else "none yet")
             + (f"; warm start: {len(warm)} config(s) first" if warm else "")
         )
-        if before_sweep is not None:
-            before_sweep(run_spec)
-        outcome = run_job(run_spec, echo=echo, warm_points=warm, splits=splits, report=False)
+        smoked = before_sweep(run_spec) if before_sweep is not None else None
+        outcome = run_job(
+            run_spec,
+            echo=echo,
+            warm_points=warm,
+            splits=splits,
+            report=False,
+            trial_cost=getattr(smoked, "cost", None),  # search.budget is checked against it
+        )
         stopped = _interrupted(outcome)
         if stopped:
             raise RunFailed(

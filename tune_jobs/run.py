@@ -22,6 +22,8 @@ from cluster.resources import (
 from trainers.checkpoint import CorruptCheckpoint
 from trainers.data import Splits
 from tune_jobs import console, layout, results
+from tune_jobs.budget import Budget, budget_of, check_affordable, describe_limits, gpus_per_trial
+from tune_jobs.budget import describe as describe_budget
 from tune_jobs.console import Output, SweepConsole
 from tune_jobs.defaults import defaults_point, family_of, model_type_of
 from tune_jobs.leader import read_leader
@@ -168,6 +170,7 @@ def build_tuner(
     hp_schedule: tuple[tuple[int, dict[str, Any]], ...] = (),
     output: Output | None = None,
     tracker: Any = None,
+    budget: Any = None,
 ) -> tuple[Any, Any, SweepConsole | None]:
     """The ``ray.tune.Tuner`` for this run (new or restored), the pool of warm worker
     groups its trials lease (``tune_jobs.groups.GroupPool``; None for single-process
@@ -175,13 +178,17 @@ def build_tuner(
     ``--verbose``: Tune's own reporter). ``points`` are tried first.
 
     ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay);
-    ``tracker``: the sweep's MLflow runs (``tune_jobs.mlflow_tracking.MlflowRuns``).
+    ``tracker``: the sweep's MLflow runs (``tune_jobs.mlflow_tracking.MlflowRuns``);
+    ``budget``: a ``tune_jobs.budget.Budget`` gating new trials and stopping the sweep at
+    its limits (a restored run keeps the one it began with, given the spec's limits).
     """
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    from ray.tune.stopper import CombinedStopper
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from tune_jobs.budget import gate
     from tune_jobs.faults import PopulationGuard
     from tune_jobs.groups import GroupPool
     from tune_jobs.leader import ExportLeader
@@ -234,6 +241,7 @@ def build_tuner(
             board=plan.leaderboard,
             failures_dir=plan.failures_dir,
         )
+    say = live.say if live else output.echo
     # this driver's own callbacks (not carried in Tune's saved state: a resume adds its own)
     mine: list[Any] = [live] if live else []
     if tracker is not None:
@@ -255,9 +263,19 @@ def build_tuner(
             c for c in config.callbacks or [] if not isinstance(c, console.NotCarried)
         ] + mine
         config.verbose = verbose
+        for kept in config.callbacks:
+            if isinstance(kept, Budget):  # the run's own, its count restored by Tune
+                kept.limits, kept.say = spec.search.budget, say
+                if live is not None:
+                    live.budget = kept
         return restored, pool, live
     synch = spec.scheduler.type in ("pbt", "pb2") and spec.scheduler.synch
     guard = PopulationGuard() if synch else None
+    if budget is not None:
+        budget.say = say
+        if live is not None:
+            live.budget = budget
+    stoppers = [s for s in (guard, budget) if s is not None]
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(spec),
@@ -265,7 +283,10 @@ def build_tuner(
             metric=metric,
             mode=mode,
             scheduler=build_scheduler(spec),
-            search_alg=build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
+            search_alg=gate(
+                build_search_alg(spec, points or [], generator_limit(spec, max_concurrent)),
+                budget,
+            ),
             num_samples=spec.search.num_samples,
             reuse_actors=True,
             trial_name_creator=layout.trial_name,
@@ -278,10 +299,10 @@ def build_tuner(
             # a failed trial restarts from its last checkpoint (tune_jobs.faults: not when
             # its own code raised); a synch population stops once a member is past retries
             failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-            stop=guard,
+            stop=CombinedStopper(*stoppers) if len(stoppers) > 1 else next(iter(stoppers), None),
             callbacks=[
                 ReportLog(run_dir),
-                *([guard] if guard else []),
+                *stoppers,
                 # Tune's own loggers, chosen here (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS):
                 # result.json and progress.csv always, TensorBoard unless turned off
                 JsonLoggerCallback(),
@@ -465,12 +486,15 @@ def run_job(
     warm_points: list[dict[str, Any]] | None = None,
     splits: Splits | None = None,
     report: bool = True,
+    trial_cost: Any = None,
 ) -> RunOutcome:
     """Run the whole job; raises ``DataError``/``ResourceError`` before Ray starts when it can.
 
     ``warm_points`` are tried first, before the defaults trial (a retrain's champion and
     previous best configs); ``splits`` are the data already loaded by the caller;
-    ``report``: write the run's report at the end (a retrain writes it after deciding).
+    ``report``: write the run's report at the end (a retrain writes it after deciding);
+    ``trial_cost``: one trial's cost as the smoke pass measured it (``budget.TrialCost``):
+    a ``search.budget`` that cannot buy one trial is refused with it.
     """
     import ray
 
@@ -479,6 +503,7 @@ def run_job(
     if splits is None:
         splits = load_data(spec)  # bad data fails here
     preflight(spec, splits)  # the model, the storage folder, the batch sizes: before Ray
+    one_trial_s = check_affordable(spec, len(splits.train), trial_cost)
     dropped = {k: v for k, v in splits.dropped.items() if v}
     echo(
         f"data: {splits.source_rows} rows -> train {len(splits.train)} / validation "
@@ -538,6 +563,10 @@ def run_job(
         # Tune runs every point even past num_samples: the budget is the user's, so cut
         # the list (warm-start points first, then the defaults trial).
         points = unique_points([*(warm_points or []), *defaults])[: spec.search.num_samples]
+        budget = None
+        if spec.search.budget.limited and not restore:
+            budget = Budget(spec.search.budget, gpus_per_trial(spec), one_trial_s)
+            echo(describe_limits(spec.search.budget, one_trial_s))
         data_ref = ray.put(splits)
         tuner, pool, live = build_tuner(
             spec,
@@ -550,7 +579,9 @@ def run_job(
             hp_schedule,
             output,
             tracker,
+            budget,
         )
+        budget = budget_of(tuner)  # a restored run's: its count goes on
         try:
             grid = tuner.fit()
         finally:
@@ -604,6 +635,7 @@ def run_job(
                 if defaults_trial or export
                 else None
             ),
+            budget=budget.bought() if budget is not None else None,
         )
         path = results.write_summary(run_dir, summary)
         picture = write_lineage(
@@ -621,6 +653,9 @@ def run_job(
             disconnect()
     echo("")
     echo(leaderboard(summary))
+    if summary.get("budget"):
+        for line in describe_budget(summary["budget"]):
+            echo(line)
     if picture:
         echo(f"lineage: {picture}")
     written = None

@@ -10,12 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster import storage
 from cluster.connect import disconnect
 from tune_jobs import layout
 from tune_jobs.spec import JobSpec, parse_spec
+
+if TYPE_CHECKING:
+    from tune_jobs.budget import TrialCost
 
 
 class SmokeError(RuntimeError):
@@ -31,6 +34,8 @@ class SmokeOutcome:
     report_steps: list[int]
     resumed_steps: list[int]
     run_dir: str
+    #: one trial's cost as measured here (what ``search.budget`` is checked against)
+    cost: TrialCost | None = None
 
 
 def smoke_spec(spec: JobSpec) -> JobSpec:
@@ -99,10 +104,35 @@ def run_smoke(
         if not keep_ray:
             disconnect()
     seconds = time.monotonic() - started
+    cost = measured_cost(small, outcome.run_dir, summary)
     echo(
         f"smoke pass ok in {seconds:.0f} s: reports at steps {steps}, restore continued at steps {resumed}"
+        + (
+            f"; a trial starts in {cost.startup_s:.1f} s and trains at "
+            f"{cost.per_example_s * 1000:.2f} ms per example"
+            if cost
+            else ""
+        )
     )
-    return SmokeOutcome(seconds, len(summary["trials"]), steps, resumed, outcome.run_dir)
+    return SmokeOutcome(seconds, len(summary["trials"]), steps, resumed, outcome.run_dir, cost)
+
+
+def measured_cost(small: JobSpec, run_dir: str, summary: dict[str, Any]) -> TrialCost | None:
+    """A trial's start-up seconds and seconds per training example, from the smoke trials'
+    reports (each trial's clock at its two reports, and the examples its steps took)."""
+    from tune_jobs.budget import TrialCost
+    from tune_jobs.report_log import read_all_reports
+    from tune_jobs.space import trial_hparams
+
+    per_step = {}
+    for trial in summary["trials"]:
+        hp = trial_hparams(small, trial["config"])
+        per_step[trial["trial"]] = (
+            hp["per_device_train_batch_size"]
+            * hp["gradient_accumulation_steps"]
+            * small.resources.num_workers
+        )
+    return TrialCost.of_reports(read_all_reports(run_dir), per_step)
 
 
 def _restore_check(

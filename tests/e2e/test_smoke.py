@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -11,10 +12,34 @@ from tests.e2e.conftest import tunefleet
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_smoke_pass_runs_defaults_first_and_restores(tmp_path):
-    proc = tunefleet("smoke", "debug-local", f"run.storage_path={tmp_path}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_smoke_pass_runs_defaults_first_and_restores_and_prices_a_trial(tmp_path):
+    """The smoke pass before a run, then the run refused: its budget (2 s of trial time)
+    cannot buy one trial as the smoke pass measured it (exit 2, nothing of the run written)."""
+    proc = tunefleet(
+        "run",
+        "debug-local",
+        "smoke.enabled=true",
+        "search.budget.trial_hours=0.0005",
+        f"run.storage_path={tmp_path}",
+    )
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "restore continued at steps [6]" in proc.stdout
+    priced = re.search(
+        r"a trial starts in ([\d.]+) s and trains at ([\d.]+) ms per example", proc.stdout
+    )
+    assert priced, proc.stdout[-3000:]
+    startup_s, per_example_ms = float(priced[1]), float(priced[2])
+    assert 0 < startup_s < 120 and 0 < per_example_ms < 1000
+    # the shortest trial of debug-local: 2 epochs of 800 rows
+    one = startup_s + 1600 * per_example_ms / 1000
+    refused = re.search(
+        r"search.budget.trial_hours: cannot buy one trial: one trial costs about (\d+) s",
+        proc.stderr,
+    )
+    assert refused, proc.stderr[-3000:]
+    assert abs(int(refused[1]) - one) <= 1 + 0.01 * one  # the printed figures, rounded
+    assert "1600 examples" in proc.stderr and "(got 0.0005)" in proc.stderr
+    assert not (tmp_path / "debug-local").exists()  # the run itself: nothing written
     summary = json.loads((tmp_path / "debug-local-smoke" / "summary.json").read_text())
     assert [t["last"]["step"] for t in summary["trials"]] == [4, 4]
     # the first trial ran the BERT-family defaults for the searched keys

@@ -479,6 +479,17 @@ def cross_checks(s: Mapping[str, Section]) -> list[Problem]:
                 "single_process trials run one worker; use 1 or trial_mode: train",
             )
         )
+    if isinstance(search, SearchSpec) and isinstance(res, ResourcesSpec):
+        gpus = res.num_workers * res.gpus_per_worker
+        if search.budget.accelerator_hours is not None and not gpus:
+            problems.append(
+                Problem(
+                    "search.budget.accelerator_hours",
+                    search.budget.accelerator_hours,
+                    "the trials reserve no GPU (resources.gpus_per_worker: 0): limit "
+                    f"trial_hours instead (e.g. trial_hours: {search.budget.accelerator_hours:g})",
+                )
+            )
     if isinstance(sched, SchedulerSpec) and sched.type in ("pbt", "pb2"):
         problems += _check_population(sched, search, training)
     run = s.get("run")

@@ -391,6 +391,37 @@ DISTRIBUTIONS: dict[str, str] = {
 }
 
 
+class BudgetSpec(Section):
+    """What the sweep may spend (``tune_jobs.budget``); the first limit reached ends it.
+    No limit set: the sweep runs its trials to the end."""
+
+    trial_hours: float | None = Field(
+        None,
+        gt=0,
+        description="Trial time summed over trials, in hours (each trial's own clock, "
+        "restores included).",
+    )
+    accelerator_hours: float | None = Field(
+        None,
+        gt=0,
+        description="GPU hours: trial time x the GPUs a trial reserves "
+        "(resources.num_workers x resources.gpus_per_worker).",
+    )
+    wall_hours: float | None = Field(
+        None,
+        gt=0,
+        description="The sweep's wall-clock time, in hours (a resumed run counts what was "
+        "spent before).",
+    )
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is set."""
+        return any(
+            v is not None for v in (self.trial_hours, self.accelerator_hours, self.wall_hours)
+        )
+
+
 class SearchSpec(Section):
     """What is searched, for which metric, how many trials."""
 
@@ -415,6 +446,11 @@ class SearchSpec(Section):
         default_factory=dict,
         description="Training key -> fixed value or {choice|grid: [...]} / "
         "{uniform|loguniform|randint: [low, high]}.",
+    )
+
+    budget: BudgetSpec = Field(
+        default_factory=BudgetSpec,
+        description="Limits on what the sweep spends: trial_hours, accelerator_hours, wall_hours.",
     )
 
     @property

