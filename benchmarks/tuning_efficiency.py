@@ -47,6 +47,8 @@ import peer_sweep as ps  # noqa: E402 - the shared task, tool runner and scorer
 
 REPO = ps.REPO
 METHODS = ("grid", "random", "asha", "tpe_asha", "pbt", "recipe", "peer")
+#: studies run besides the methods (``--only fidelity``); in every full run
+STUDIES = ("fidelity",)
 #: the space every non-grid method searches (the peer's, so the peer can run it)
 SPACE = ps.SPACE
 
@@ -273,6 +275,80 @@ def run_peer(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> di
     }
 
 
+#: rung points (epochs) the fidelity study scores, and ASHA's reduction factor there
+RUNGS = (0.25, 0.5, 1.0, 1.5)
+STUDY_ETA = 3
+
+
+def run_fidelity(work: str, files: dict[str, str], plan: Plan) -> dict[str, Any]:
+    """Start small, measured: ``plan.trials`` configs of the space, each trained for
+    ``plan.max_epochs`` with FIFO and scored on the whole validation set every quarter
+    epoch. At each cheap rung, which configs would ASHA (1/STUDY_ETA kept) have kept, by
+    the rung's accuracy and by its loss, against the configs the full budget keeps (best
+    validation accuracy over the whole training)? Not a method: its seconds are the
+    study's, not a sweep's."""
+    storage = os.path.join(work, "fidelity")
+    spec = method_spec("random", files, plan, storage)
+    spec["run"]["name"] = "fidelity"
+    spec["search"]["space"] = {k: v for k, v in plan.space().items() if k != "num_train_epochs"}
+    spec["training"].update(
+        num_train_epochs=plan.max_epochs,
+        eval_strategy="steps",
+        eval_steps=1 / (4 * plan.max_epochs),  # every quarter epoch
+    )
+    import yaml
+
+    path = os.path.join(work, "fidelity.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(spec, fh, sort_keys=False)
+    cmd = [sys.executable, "-m", "tune_jobs", "run", path, "--no-smoke"]
+    out = ps.run_tool("fidelity", cmd, storage, os.path.join(work, "fidelity.log"), plan.timeout_s)
+    from tune_jobs.report_log import read_all_reports
+
+    curves = {
+        trial: [r for r in rows if ps.METRIC in r]
+        for trial, rows in read_all_reports(os.path.join(storage, "fidelity")).items()
+    }
+    return {"wall_s": out["wall_s"], **rung_agreement(curves, plan.max_epochs)}
+
+
+def rung_agreement(curves: dict[str, list[dict[str, Any]]], max_epochs: float) -> dict[str, Any]:
+    """For each rung in RUNGS: how often the configs kept there (top 1/STUDY_ETA by the
+    rung's eval_accuracy, ties broken by eval_loss; or by eval_loss alone) are the ones
+    the full budget keeps, and whether the full budget's winner survives the rung."""
+    final = {t: max(r[ps.METRIC] for r in rows) for t, rows in curves.items() if rows}
+    trials = sorted(final)
+    keep = max(1, math.ceil(len(trials) / STUDY_ETA))
+    full_top = set(sorted(trials, key=lambda t: -final[t])[:keep])
+    winner = max(trials, key=lambda t: final[t])
+    rows_out = []
+    for rung in RUNGS:
+        if rung >= max_epochs:
+            continue
+        at = {t: _at_epoch(curves[t], rung) for t in trials}
+        if any(v is None for v in at.values()):
+            continue
+        by = {
+            "accuracy": sorted(trials, key=lambda t: (-at[t][ps.METRIC], at[t]["eval_loss"])),
+            "loss": sorted(trials, key=lambda t: at[t]["eval_loss"]),
+        }
+        row = {"rung_epochs": rung, "kept": keep, "of": len(trials)}
+        for name, order in by.items():
+            kept = set(order[:keep])
+            row[f"{name}_overlap"] = round(len(kept & full_top) / keep, 2)
+            row[f"{name}_keeps_winner"] = winner in kept
+            row[f"{name}_tied_at_rung"] = len({round(at[t][ps.METRIC], 4) for t in trials}) < len(
+                trials
+            )
+        rows_out.append(row)
+    return {"keep_fraction": f"1/{STUDY_ETA}", "winner": winner, "rungs": rows_out}
+
+
+def _at_epoch(rows: list[dict[str, Any]], epoch: float) -> dict[str, Any] | None:
+    """The report at ``epoch`` (within a hundredth), or None."""
+    return next((r for r in rows if abs(float(r.get("epoch", -1)) - epoch) < 0.01), None)
+
+
 def one_training(config: dict[str, Any], work: str, files: dict[str, str], plan: Plan) -> float:
     """Trial-seconds of training ``config`` once from scratch, alone (the denominator)."""
     import yaml
@@ -316,6 +392,22 @@ def print_table(report: dict[str, Any]) -> None:
         )
 
 
+def print_fidelity(study: dict[str, Any]) -> None:
+    print(
+        f"\nstart small: the configs kept at each cheap rung ({study['keep_fraction']}) vs "
+        f"those the full budget keeps (winner {study['winner']})"
+    )
+    head = f"{'rung (epochs)':<14}{'by accuracy':>22}{'by loss':>22}"
+    print(head)
+    print("-" * len(head))
+    for row in study["rungs"]:
+        cells = [
+            f"{row[f'{m}_overlap']:.2f} kept, winner {'in' if row[f'{m}_keeps_winner'] else 'OUT'}"
+            for m in ("accuracy", "loss")
+        ]
+        print(f"{row['rung_epochs']:<14}{cells[0]:>22}{cells[1]:>22}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data, 2 trials of 1 epoch")
@@ -324,8 +416,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
-    methods = args.only.split(",") if args.only else list(METHODS)
-    unknown = set(methods) - set(METHODS)
+    methods = args.only.split(",") if args.only else [*STUDIES, *METHODS]
+    unknown = set(methods) - set(METHODS) - set(STUDIES)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     out = args.out or os.path.join(
@@ -348,6 +440,10 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(ps.model_path())
         once: dict[str, float] = {}  # config -> trial-seconds of one training
+        if "fidelity" in methods:
+            report["fidelity"] = run_fidelity(work, files, plan)
+            print(json.dumps(report["fidelity"]), flush=True)
+            methods = [m for m in methods if m != "fidelity"]
         for method in methods:
             row = (
                 run_peer(os.path.join(work, "peer"), files, plan, tokenizer)
@@ -363,11 +459,14 @@ def main() -> None:
             row["tuning_cost_x_one_training"] = round(row["trial_seconds"] / once[key], 2)
             report["methods"].append(row)
             print(json.dumps({k: row[k] for k in row if k != "chosen"}), flush=True)
-        accuracy = max(r["chosen"]["test_accuracy"] for r in report["methods"])
-        report["test_standard_error_points"] = round(
-            100 * math.sqrt(accuracy * (1 - accuracy) / plan.test_rows), 2
-        )
-        print_table(report)
+        if report["methods"]:
+            accuracy = max(r["chosen"]["test_accuracy"] for r in report["methods"])
+            report["test_standard_error_points"] = round(
+                100 * math.sqrt(accuracy * (1 - accuracy) / plan.test_rows), 2
+            )
+            print_table(report)
+        if "fidelity" in report:
+            print_fidelity(report["fidelity"])
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as fh:
             json.dump(report, fh, indent=1)
