@@ -162,12 +162,12 @@ def method_spec(method: str, files: dict[str, str], plan: Plan, storage: str) ->
             },
         }
     elif method == "recipe":
-        # tunefleet's advice as built today: the family's defaults first, TPE, and ASHA
-        # deciding at half epochs (the fidelity work of issue 22 will change this)
-        search.update(algorithm="optuna", start_with_defaults=True)
-        # an evaluation every half epoch of the longest trial (a share of each trial's steps)
-        spec["training"].update(eval_strategy="steps", eval_steps=1 / (2 * plan.max_epochs))
-        scheduler.update(grace_period=0.5, reduction_factor=3)
+        # tunefleet's advice: the family's defaults first, a probe of the task's similarity
+        # that sets the unfreeze depth and the learning-rate range, TPE, and ASHA deciding on
+        # the loss at rungs sized from the data (a quarter epoch here), evaluating there only
+        search.update(algorithm="optuna", start_with_defaults=True, probe=True)
+        spec["training"].update(eval_strategy="rungs")
+        scheduler.update(grace_period="auto", reduction_factor=3, rung_metric="auto")
     return spec
 
 
@@ -345,8 +345,8 @@ def rung_agreement(curves: dict[str, list[dict[str, Any]]], max_epochs: float) -
 
 
 def _at_epoch(rows: list[dict[str, Any]], epoch: float) -> dict[str, Any] | None:
-    """The report at ``epoch`` (within a hundredth), or None."""
-    return next((r for r in rows if abs(float(r.get("epoch", -1)) - epoch) < 0.01), None)
+    """The first report at or past ``epoch`` (where ASHA would decide), or None."""
+    return next((r for r in rows if float(r.get("epoch", -1)) >= epoch - 1e-9), None)
 
 
 def one_training(config: dict[str, Any], work: str, files: dict[str, str], plan: Plan) -> float:

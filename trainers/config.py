@@ -68,7 +68,7 @@ class HParams:
     adam_beta1: float
     adam_beta2: float
     adam_epsilon: float
-    eval_strategy: Literal["steps", "epoch"]
+    eval_strategy: Literal["steps", "epoch", "rungs"]
     eval_steps: float  # steps between evaluations, or a share of the budget below 1
     hidden_dropout: float | None  # None = the model's own
     attention_dropout: float | None
@@ -84,6 +84,9 @@ class HParams:
     group_by_length: bool
     #: the ``adapter`` section as this trial has it (searched keys sampled); None: no adapter
     adapter: Mapping[str, Any] | None = None
+    #: eval_strategy=rungs: where the evaluations fall (the scheduler's rungs), in eval_at_unit
+    eval_at: tuple[float, ...] = ()
+    eval_at_unit: Literal["epoch", "step"] = "epoch"
 
     @classmethod
     def from_dict(cls, hp: Mapping[str, Any]) -> HParams:

@@ -107,12 +107,28 @@ def eval_interval(steps_in_epoch: int, last_step: int, hp: HParams) -> int:
     """Optimizer steps between evaluations: an epoch, ``eval_steps``, or that share of the budget."""
     if hp.eval_strategy == "epoch":
         return steps_in_epoch
+    if hp.eval_strategy == "rungs":  # at the rungs (evaluation_points), else only at the end
+        return last_step
     every = hp.eval_steps
     return max(1, math.ceil(every * last_step)) if every < 1 else int(every)
 
 
-def next_evaluation(step: int, interval: int, last_step: int) -> int:
-    """The step of the next evaluation after ``step``: every ``interval`` steps, and the end."""
+def evaluation_points(steps_in_epoch: int, last_step: int, hp: HParams) -> tuple[int, ...]:
+    """``eval_strategy: rungs``: the steps of the evaluations before the end (each rung of
+    ``eval_at``, in epochs or steps); empty otherwise."""
+    if hp.eval_strategy != "rungs":
+        return ()
+    per = steps_in_epoch if hp.eval_at_unit == "epoch" else 1
+    return tuple(
+        sorted({s for s in (math.ceil(v * per - 1e-9) for v in hp.eval_at) if 0 < s < last_step})
+    )
+
+
+def next_evaluation(step: int, interval: int, last_step: int, at: tuple[int, ...] = ()) -> int:
+    """The step of the next evaluation after ``step``: the next of ``at`` (rungs) when
+    given, else every ``interval`` steps; and the end."""
+    if at:
+        return min([s for s in at if s > step] + [last_step])
     return min(last_step, (step // interval + 1) * interval)
 
 
@@ -362,6 +378,7 @@ class TrainState:
     last_step: int
     eval_interval: int
     trained: set[str]  # parameters that differ from the base model
+    eval_at: tuple[int, ...] = ()  # eval_strategy=rungs: the evaluations' steps
     segment: int = 0  # index into the replay schedule
 
     @property
@@ -490,6 +507,7 @@ def build_state(
         steps_per_epoch=spe,
         last_step=last_step,
         eval_interval=eval_interval(spe, last_step, hp),
+        eval_at=evaluation_points(spe, last_step, hp),
         trained=trained | {n for n, p in model.named_parameters() if p.requires_grad},
         segment=segment,
     )
@@ -636,7 +654,7 @@ class TrialRun:
         while self._switch_due():
             self._switch()
         s = self.state
-        stop_at = next_evaluation(s.step, s.eval_interval, s.last_step)
+        stop_at = next_evaluation(s.step, s.eval_interval, s.last_step, s.eval_at)
         device, world_size = self.worker.ctx.device, self.worker.ctx.world_size
         while not self._report_at_end and self.state.step < stop_at:
             s = self.state

@@ -381,8 +381,10 @@ def build_summary(
     reports: Mapping[str, list[dict[str, Any]]] | None = None,
     zero_shot: dict[str, float] | None = None,
     budget: dict[str, Any] | None = None,
+    similarity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of summary.json (``budget``: what ``search.budget`` bought)."""
+    """The content of summary.json (``budget``: what ``search.budget`` bought;
+    ``similarity``: the task-similarity probe's figures and choices)."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
     versus = None
     if defaults is not None and best is not None and defaults.best.get(metric) is not None:
@@ -455,6 +457,7 @@ def build_summary(
         ),
         "failed_trials": {t.trial: t.error for t in trials if t.status == "ERROR"},
         "budget": budget,
+        "similarity": similarity,
         "wall_time_s": round(wall_time_s, 1),
     }
 

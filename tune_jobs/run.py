@@ -21,7 +21,7 @@ from cluster.resources import (
 )
 from trainers.checkpoint import CorruptCheckpoint
 from trainers.data import Splits
-from tune_jobs import console, layout, results
+from tune_jobs import console, fidelity, layout, results
 from tune_jobs.budget import Budget, budget_of, check_affordable, describe_limits, gpus_per_trial
 from tune_jobs.budget import describe as describe_budget
 from tune_jobs.console import Output, SweepConsole
@@ -504,6 +504,7 @@ def run_job(
         splits = load_data(spec)  # bad data fails here
     preflight(spec, splits)  # the model, the storage folder, the batch sizes: before Ray
     one_trial_s = check_affordable(spec, len(splits.train), trial_cost)
+    similarity = None
     dropped = {k: v for k, v in splits.dropped.items() if v}
     echo(
         f"data: {splits.source_rows} rows -> train {len(splits.train)} / validation "
@@ -525,6 +526,13 @@ def run_job(
     restore = spec.run.if_exists == "resume" and storage.exists(run_dir)
     if restore:
         check_same_training(spec, run_dir)
+    elif spec.search.probe:  # before Ray: the spec written below is the one the sweep runs
+        from tune_jobs import probe
+
+        similarity = probe.measure(spec, splits)
+        spec = probe.adapt(spec, similarity)
+        echo(similarity.line())
+    spec = fidelity.resolve(spec, len(splits.train))  # grace_period: auto, eval at rungs
 
     conn = connect(spec.run.address, spec.resources.local_num_cpus)
     tracker = None
@@ -555,6 +563,20 @@ def run_job(
 
             tracker = MlflowRuns(spec, run_dir, echo)
         defaults = defaults_points(spec)
+        if defaults and similarity is not None:  # the probe's depth and rate, where searched
+            from tune_jobs.probe import defaults_overrides
+
+            chosen = defaults_overrides(similarity)
+            defaults = [
+                {
+                    **defaults[0],
+                    **{
+                        k: v
+                        for k, v in chosen.items()
+                        if isinstance(spec.search.space.get(k), dict)
+                    },
+                }
+            ]
         if defaults:
             echo(
                 f"defaults trial {'next' if warm_points else 'first'} "
@@ -636,6 +658,7 @@ def run_job(
                 else None
             ),
             budget=budget.bought() if budget is not None else None,
+            similarity=similarity.as_dict() if similarity is not None else None,
         )
         path = results.write_summary(run_dir, summary)
         picture = write_lineage(

@@ -13,6 +13,7 @@ from ray.tune.schedulers import (
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from tune_jobs.fidelity import first_rung, rung_metric
 from tune_jobs.space import to_tune
 from tune_jobs.spec import JobSpec, budget_in
 
@@ -46,16 +47,42 @@ def build_scheduler(spec: JobSpec) -> Any:
             log_config=True,
         )
     max_t = sched.max_t or budget_in(sched.time_attr, spec.training, spec.search.space)
+    metric, mode = rung_metric(spec)
     if sched.type == "hyperband":
-        return HyperBandScheduler(
-            time_attr=sched.time_attr, max_t=max_t, reduction_factor=sched.reduction_factor
+        return RungHyperBand(
+            time_attr=sched.time_attr,
+            max_t=max_t,
+            reduction_factor=sched.reduction_factor,
+            metric=metric,
+            mode=mode,
         )
-    return ASHAScheduler(
+    grace = sched.grace_period
+    if grace == "auto":  # not resolved with the data (tune_jobs.fidelity.resolve): a default
+        grace = first_rung(spec, 0, max_t)
+    return RungASHA(
         time_attr=sched.time_attr,
         max_t=max_t,
-        grace_period=sched.grace_period,
+        grace_period=grace,
         reduction_factor=sched.reduction_factor,
+        metric=metric,
+        mode=mode,
     )
+
+
+class RungASHA(ASHAScheduler):
+    """ASHA deciding on its own metric (``scheduler.rung_metric``). Tune hands every
+    scheduler the run's metric and refuses one that has its own; this one keeps its own,
+    and the search, the leaderboard and the export keep the run's."""
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True
+
+
+class RungHyperBand(HyperBandScheduler):
+    """HyperBand deciding on its own metric (see ``RungASHA``)."""
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True
 
 
 def _mutation(entry: Any) -> Any:

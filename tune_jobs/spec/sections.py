@@ -247,8 +247,18 @@ class TrainingSpec(Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, lt=1, description="AdamW epsilon.")
-    eval_strategy: Literal["steps", "epoch"] = Field(
-        "steps", description="Evaluate every eval_steps or each epoch."
+    eval_strategy: Literal["steps", "epoch", "rungs"] = Field(
+        "steps",
+        description="Evaluate every eval_steps, each epoch, or at the ASHA scheduler's rungs and "
+        "the end (rungs: the evaluations its decisions need, none between; fills eval_at).",
+    )
+    eval_at: list[float] = Field(
+        default_factory=list,
+        description="eval_strategy=rungs: where the evaluations fall, in eval_at_unit (the driver "
+        "writes the scheduler's rungs here); the end of training is always evaluated.",
+    )
+    eval_at_unit: Literal["epoch", "step"] = Field(
+        "epoch", description="The unit of eval_at: epochs or optimizer steps."
     )
     eval_steps: float = Field(
         50,
@@ -448,6 +458,13 @@ class SearchSpec(Section):
         "{uniform|loguniform|randint: [low, high]}.",
     )
 
+    probe: bool = Field(
+        False,
+        description="Before the sweep, a linear probe on the frozen model's features measures "
+        "how close the task is to what the model knows and sets search.space.unfreeze_depth and "
+        "learning_rate (a part of the searched range) and the defaults trial's values "
+        "(sequence_classification).",
+    )
     budget: BudgetSpec = Field(
         default_factory=BudgetSpec,
         description="Limits on what the sweep spends: trial_hours, accelerator_hours, wall_hours.",
@@ -485,8 +502,17 @@ class SchedulerSpec(Section):
         gt=0,
         description="Longest a trial may run, in time_attr units; default: the training budget.",
     )
-    grace_period: float = Field(
-        0.5, gt=0, description="Time (time_attr units) before a trial can be stopped."
+    grace_period: float | Literal["auto"] = Field(
+        "auto",
+        description="Time (time_attr units) before a trial can be stopped: ASHA's first rung. auto: "
+        "from the data size (tune_jobs.fidelity: about 256 training examples, a power-of-two "
+        "share of an epoch, leaving room for three rungs).",
+    )
+    rung_metric: str = Field(
+        "auto",
+        description="The metric ASHA/HyperBand compare trials on at a rung. auto: eval_loss when "
+        "search.metric is eval_accuracy or eval_f1 (early in training they tie at the majority "
+        "baseline; the loss already ranks the configs), else search.metric.",
     )
     perturbation_interval: float | None = Field(
         None, gt=0, description="pbt/pb2: time_attr units between exploit/explore steps."

@@ -1,0 +1,140 @@
+"""Start small as a fidelity: the first rung from the data size, the rung metric, the
+evaluations at the rungs only (the loop's steps on a tiny BERT), and ASHA deciding on
+the loss while the run's metric is accuracy (on a real local Ray Tune)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from ray import tune
+
+from tests.conftest import worker_config
+from trainers import metrics as M
+from trainers.config import HParams
+from trainers.loop import evaluation_points, next_evaluation, run_local
+from tune_jobs import fidelity
+from tune_jobs.schedulers import RungASHA, build_scheduler
+from tune_jobs.spec import SpecError, parse_spec
+
+
+def _spec(**sections):
+    base = {
+        "training": {"num_train_epochs": 3},
+        "search": {"metric": "eval_accuracy"},
+        "scheduler": {"type": "asha", "reduction_factor": 3},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return parse_spec(base)
+
+
+@pytest.mark.parametrize(
+    ("rows", "rung"),
+    [
+        (800, 0.25),  # 256 / 800 = 0.32 epochs -> the nearest power of two
+        (100_000, 1 / 64),  # 0.0026 epochs: the smallest first rung
+        (4_000, 1 / 16),
+        (100, 0.25),  # a whole epoch would leave no room for rungs below max_t = 3
+    ],
+)
+def test_the_first_rung_holds_about_256_examples_and_leaves_three_rungs(rows, rung):
+    spec = _spec()
+    assert fidelity.first_rung(spec, rows, max_t=3.0) == rung
+    points = fidelity.rungs(rung, 3, 3.0)
+    assert len(points) >= 3 or points[-1] * 3 >= 3.0 / 3
+
+
+def test_rungs_in_steps_from_the_examples_a_step_takes():
+    spec = _spec(
+        training={"max_steps": 900, "per_device_train_batch_size": 16},
+        scheduler={"time_attr": "step"},
+    )
+    assert fidelity.first_rung(spec, 10_000, max_t=900) == 16  # 256 examples / 16
+    assert fidelity.rungs(16, 3, 900) == [16, 48, 144, 432]
+
+
+def test_accuracy_is_decided_on_the_loss_unless_told_otherwise():
+    assert fidelity.rung_metric(_spec()) == ("eval_loss", "min")
+    assert fidelity.rung_metric(_spec(scheduler={"rung_metric": "eval_f1"})) == ("eval_f1", "max")
+    assert fidelity.rung_metric(_spec(search={"metric": "eval_loss"})) == ("eval_loss", "min")
+    with pytest.raises(SpecError, match="scheduler.rung_metric"):
+        _spec(scheduler={"rung_metric": "eval_perplexity"})
+
+
+def test_resolve_fills_the_first_rung_and_the_evaluation_points():
+    spec = fidelity.resolve(_spec(training={"eval_strategy": "rungs"}), 800)
+    assert spec.scheduler.grace_period == 0.25
+    assert spec.training.eval_at == [0.25, 0.75, 2.25]
+    assert spec.training.eval_at_unit == "epoch"
+    assert fidelity.resolve(spec, 800) is spec  # nothing left to resolve
+    with pytest.raises(SpecError, match="training.eval_strategy"):
+        _spec(training={"eval_strategy": "rungs"}, scheduler={"type": "fifo"})
+
+
+def test_the_evaluations_fall_on_the_rungs_and_the_end():
+    hp = HParams.from_dict(
+        {
+            **parse_spec({}).training.model_dump(),
+            "eval_strategy": "rungs",
+            "eval_at": [0.25, 0.75, 2.25],
+        }
+    )
+    at = evaluation_points(25, 75, hp)  # 25 steps an epoch, 3 epochs
+    assert at == (7, 19, 57)  # the first step at or past each rung
+    steps, step = [], 0
+    while step < 75:
+        step = next_evaluation(step, 75, 75, at)
+        steps.append(step)
+    assert steps == [7, 19, 57, 75]
+
+
+def test_the_loop_evaluates_only_at_the_rungs(rt_small, tiny_bert, tmp_path):
+    cfg = worker_config(
+        rt_small, model=tiny_bert, per_device_train_batch_size=16, num_train_epochs=2
+    )
+    cfg["hp"].update(eval_strategy="rungs", eval_at=[0.25, 0.75], eval_at_unit="epoch")
+    ctx = run_local(cfg, checkpoint_root=str(tmp_path))
+    # rt_small: 10 steps an epoch at batch 16 -> rungs at steps 3 and 8, the end at 20
+    assert [r[M.STEP] for r in ctx.reports] == [3, 8, 20]
+
+
+def test_the_scheduler_keeps_its_own_metric():
+    sched = build_scheduler(_spec())
+    assert isinstance(sched, RungASHA)
+    assert sched.set_search_properties("eval_accuracy", "max")
+    assert (sched._metric, sched._mode) == ("eval_loss", "min")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _tied(config):
+    # every trial ties on accuracy (the majority baseline) while its loss differs
+    for epoch in (0.25, 0.5, 0.75, 1.0):
+        tune.report({"epoch": epoch, "eval_accuracy": 0.5, "eval_loss": config["loss"] + 1 - epoch})
+
+
+def test_asha_stops_the_trials_whose_loss_is_worse_when_accuracy_ties(local_ray, tmp_path):
+    spec = _spec(
+        training={"num_train_epochs": 1}, scheduler={"grace_period": 0.25, "reduction_factor": 2}
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(_tied, {"CPU": 1}),
+        param_space={"loss": tune.grid_search([0.1, 0.9, 0.2, 0.8])},
+        tune_config=tune.TuneConfig(
+            metric="eval_accuracy",
+            mode="max",
+            scheduler=build_scheduler(spec),
+            max_concurrent_trials=1,
+        ),
+        run_config=tune.RunConfig(name="tied", storage_path=str(tmp_path), verbose=0),
+    )
+    ran = {r.config["loss"]: r.metrics["epoch"] for r in tuner.fit()}
+    # on accuracy alone every trial ties and none would stop; on the loss the worst two stop
+    # at the first rung, the second best at the second (worse than the best there), and the
+    # best trains to the end
+    assert ran == {0.1: 1.0, 0.9: 0.25, 0.2: 0.5, 0.8: 0.25}
