@@ -209,6 +209,9 @@ class ToolWatch:
         self.folder, self.tag = folder, tag
         self.sizes: dict[str, int] = {}
         self.max_processes = 0
+        #: pid -> (role, CPU-seconds at the last look): the tool's driver (the tagged
+        #: process whose parent is not tagged), its trials' processes, Ray's own
+        self.cpu: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -230,11 +233,46 @@ class ToolWatch:
         for path, size in walk_sizes(self.folder).items():
             if size > self.sizes.get(path, -1):
                 self.sizes[path] = size
-        self.max_processes = max(self.max_processes, len(tagged_processes(self.tag)))
+        procs = tagged_processes(self.tag)
+        self.max_processes = max(self.max_processes, len(procs))
+        pids = {p.pid for p in procs}
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                role = self.cpu.get(proc.pid, (None, 0.0))[0] or process_role(proc, pids)
+                self.cpu[proc.pid] = (role, times.user + times.system)
+            except (OSError, Exception):  # gone meanwhile: its last look stands
+                continue
+
+    def cpu_seconds(self) -> dict[str, Any]:
+        """CPU-seconds by role, and how many processes each role had."""
+        out: dict[str, Any] = {}
+        for role, seconds in self.cpu.values():
+            out[f"{role}_cpu_s"] = round(out.get(f"{role}_cpu_s", 0.0) + seconds, 1)
+            out[f"{role}_processes"] = out.get(f"{role}_processes", 0) + 1
+        return out
 
     def written(self, checkpoints_only: bool) -> int:
         """Bytes of every file seen (or of checkpoint files only)."""
         return sum(s for p, s in self.sizes.items() if not checkpoints_only or is_checkpoint(p))
+
+
+#: process names of the code that trains (Tune's trial actors, Train's workers)
+TRIAL_PROCESSES = (
+    "ray::WarmTrial",
+    "ray::ImplicitFunc",
+    "ray::_Inner",
+    "ray::RayTrainWorker",
+    "ray::TrainTrainable",
+)
+
+
+def process_role(proc: Any, tagged: set[int]) -> str:
+    """driver (the tool's own process), trials (what trains) or ray (its helpers)."""
+    if proc.ppid() not in tagged:
+        return "driver"
+    title = " ".join(proc.cmdline()[:1]) or proc.name()
+    return "trials" if title.startswith(TRIAL_PROCESSES) else "ray"
 
 
 def walk_sizes(folder: str) -> dict[str, int]:
@@ -384,6 +422,7 @@ def run_tool(name: str, cmd: list[str], storage: str, log: str, timeout_s: int) 
         "checkpoint_bytes_left": sum(s for p, s in walk_sizes(storage).items() if is_checkpoint(p)),
         "bytes_written": watch.written(checkpoints_only=False),
         "processes_at_once": watch.max_processes,
+        **watch.cpu_seconds(),
         "leftover_processes_stopped": leftovers,
     }
 

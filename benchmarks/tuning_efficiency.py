@@ -218,7 +218,10 @@ def _fixed(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _kept(out: dict[str, Any]) -> dict[str, Any]:
-    return {k: out[k] for k in ("wall_s", "checkpoint_bytes_written")}
+    """Wall time, checkpoint bytes, and CPU-seconds by process role (the tool's driver,
+    its trials' processes, Ray's helpers) with how many processes each had."""
+    roles = [f"{r}_{k}" for r in ("driver", "trials", "ray") for k in ("cpu_s", "processes")]
+    return {k: out.get(k) for k in ("wall_s", "checkpoint_bytes_written", *roles)}
 
 
 def _trials(run_dir: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -378,7 +381,10 @@ _TRAINING_KEYS = ("lr_scheduler_type", "unfreeze_depth", "num_train_epochs")
 def print_table(report: dict[str, Any]) -> None:
     se = report["test_standard_error_points"]
     print(f"\ntest rows {report['plan']['test_rows']}: one standard error about {se:.2f} points")
-    head = f"{'method':<10}{'best val':>9}{'chosen val':>11}{'test':>7}{'trial-s':>9}{'wall s':>8}{'x one':>7}"
+    head = (
+        f"{'method':<10}{'best val':>9}{'chosen val':>11}{'test':>7}{'trial-s':>9}{'wall s':>8}"
+        f"{'x one':>7}{'driver cpu-s':>13}"
+    )
     print(head)
     print("-" * len(head))
     for row in report["methods"]:
@@ -389,6 +395,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{chosen['validation_accuracy']:>11.4f}{chosen['test_accuracy']:>7.4f}"
             f"{row['trial_seconds']:>9.0f}{row['wall_s']:>8.0f}"
             f"{times if times is not None else float('nan'):>7.1f}"
+            f"{row.get('driver_cpu_s') or float('nan'):>13.1f}"
         )
 
 

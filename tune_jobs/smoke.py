@@ -63,7 +63,10 @@ def smoke_spec(spec: JobSpec) -> JobSpec:
         for k, v in spec.search.space.items()
         if k not in ("num_train_epochs", "max_steps", "gradual_unfreeze_every")
     }
-    raw["search"].update(space=space, num_samples=sm.trials, algorithm="random")
+    # no budget (the pass is what prices a trial for it) and no probe (the sweep runs it)
+    raw["search"].update(
+        space=space, num_samples=sm.trials, algorithm="random", budget={}, probe=False
+    )
     raw["scheduler"] = {"type": "fifo"}
     raw["run"].update(name=f"{spec.run.name}-smoke", if_exists="overwrite")
     raw["smoke"]["enabled"] = False
