@@ -239,7 +239,10 @@ class ToolWatch:
         for proc in procs:
             try:
                 times = proc.cpu_times()
-                role = self.cpu.get(proc.pid, (None, 0.0))[0] or process_role(proc, pids)
+                # a pooled Ray worker starts idle and becomes a trial's: once a trial's, so
+                role = self.cpu.get(proc.pid, (None, 0.0))[0]
+                if role != "trials":
+                    role = process_role(proc, pids)
                 self.cpu[proc.pid] = (role, times.user + times.system)
             except (OSError, Exception):  # gone meanwhile: its last look stands
                 continue

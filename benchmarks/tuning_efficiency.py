@@ -167,7 +167,8 @@ def method_spec(method: str, files: dict[str, str], plan: Plan, storage: str) ->
         # the loss at rungs sized from the data (a quarter epoch here), evaluating there only
         search.update(algorithm="optuna", start_with_defaults=True, probe=True)
         spec["training"].update(eval_strategy="rungs")
-        scheduler.update(grace_period="auto", reduction_factor=3, rung_metric="auto")
+        # ... where no trial passes a rung before two others have reported there
+        scheduler.update(grace_period="auto", reduction_factor=3, rung_metric="auto", rung_peers=2)
     return spec
 
 
@@ -340,9 +341,9 @@ def rung_agreement(curves: dict[str, list[dict[str, Any]]], max_epochs: float) -
             kept = set(order[:keep])
             row[f"{name}_overlap"] = round(len(kept & full_top) / keep, 2)
             row[f"{name}_keeps_winner"] = winner in kept
-            row[f"{name}_tied_at_rung"] = len({round(at[t][ps.METRIC], 4) for t in trials}) < len(
-                trials
-            )
+        # configs whose accuracy at the rung equals another's (the majority baseline, mostly)
+        values = [round(at[t][ps.METRIC], 4) for t in trials]
+        row["accuracy_ties"] = sum(values.count(v) > 1 for v in values)
         rows_out.append(row)
     return {"keep_fraction": f"1/{STUDY_ETA}", "winner": winner, "rungs": rows_out}
 

@@ -33,7 +33,7 @@ from ray.tune.stopper import Stopper
 
 from cluster import ray_private
 from tune_jobs import layout
-from tune_jobs.spec import BudgetSpec, JobSpec, Problem, SpecError
+from tune_jobs.spec import BudgetSpec, JobSpec, Problem, SpecError, extreme
 
 HOUR = 3600.0
 #: the spec's keys, the unit each counts, in the order they are checked
@@ -85,24 +85,16 @@ def cheapest_examples(spec: JobSpec, n_train: int) -> int:
     """Training examples of the shortest trial the search can make (fewest epochs, or
     fewest ``max_steps`` at the smallest batch)."""
     space, training = spec.search.space, spec.training
-    steps = _smallest("max_steps", training.max_steps, space)
+    steps = extreme("max_steps", training.max_steps, space, min)
     if steps:
-        batch = _smallest(
-            "per_device_train_batch_size", training.per_device_train_batch_size, space
+        batch = extreme(
+            "per_device_train_batch_size", training.per_device_train_batch_size, space, min
         )
         accumulate = training.gradient_accumulation_steps
         return int(steps) * int(batch) * accumulate * spec.resources.num_workers
     return math.ceil(
-        n_train * float(_smallest("num_train_epochs", training.num_train_epochs, space))
+        n_train * float(extreme("num_train_epochs", training.num_train_epochs, space, min))
     )
-
-
-def _smallest(key: str, fixed: Any, space: Mapping[str, Any]) -> Any:
-    entry = space.get(key, fixed)
-    if not isinstance(entry, Mapping):
-        return entry
-    ((_, values),) = entry.items()
-    return min(values)
 
 
 def check_affordable(spec: JobSpec, n_train: int, cost: TrialCost | None) -> float | None:

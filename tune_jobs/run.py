@@ -113,6 +113,11 @@ def generator_limit(spec: JobSpec, max_concurrent: int) -> int | None:
     population = spec.scheduler.type in ("pbt", "pb2")
     if spec.resources.trial_mode == "single_process" and population:
         return None
+    if spec.resources.trial_mode == "single_process" and spec.scheduler.type == "asha":
+        # trials waiting at a rung (scheduler.rung_peers) are paused but count as live:
+        # room for that many more, so that the peers they wait for can start (Tune's own
+        # resource accounting still runs no more than fit)
+        return max_concurrent + spec.scheduler.rung_peers
     return max_concurrent
 
 

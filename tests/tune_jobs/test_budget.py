@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import ray
 from ray import tune
 
 from tune_jobs.budget import HOUR, Budget, TrialCost, check_affordable, gate
@@ -68,13 +67,6 @@ def test_gpu_hours_need_a_trial_that_reserves_a_gpu():
         _spec(accelerator_hours=2)
     assert "search.budget.accelerator_hours" in str(err.value)
     assert "trial_hours" in str(err.value)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _trial(config):

@@ -5,7 +5,6 @@ the loss while the run's metric is accuracy (on a real local Ray Tune)."""
 from __future__ import annotations
 
 import pytest
-import ray
 from ray import tune
 
 from tests.conftest import worker_config
@@ -105,13 +104,6 @@ def test_the_scheduler_keeps_its_own_metric():
     assert (sched._metric, sched._mode) == ("eval_loss", "min")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _tied(config):
     # every trial ties on accuracy (the majority baseline) while its loss differs
     for epoch in (0.25, 0.5, 0.75, 1.0):
@@ -138,3 +130,40 @@ def test_asha_stops_the_trials_whose_loss_is_worse_when_accuracy_ties(local_ray,
     # at the first rung, the second best at the second (worse than the best there), and the
     # best trains to the end
     assert ran == {0.1: 1.0, 0.9: 0.25, 0.2: 0.5, 0.8: 0.25}
+
+
+def _slow_tied(config):
+    import time
+
+    for epoch in (0.25, 0.5, 0.75, 1.0):
+        time.sleep(0.3)
+        tune.report({"epoch": epoch, "eval_accuracy": 0.5, "eval_loss": config["loss"] + 1 - epoch})
+
+
+def test_no_trial_passes_a_rung_alone(local_ray, tmp_path):
+    """The first two trials are the worst. Plain ASHA lets the first to reach a rung pass
+    it; with rung_peers 2 they wait (paused) until a third has reported there, and stop."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    spec = _spec(
+        training={"num_train_epochs": 1},
+        scheduler={"grace_period": 0.25, "reduction_factor": 3, "rung_peers": 2},
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(_slow_tied, {"CPU": 1}),
+        param_space={"loss": tune.grid_search([0.9, 0.8, 0.1, 0.2, 0.3, 0.7])},
+        tune_config=tune.TuneConfig(
+            metric="eval_accuracy",
+            mode="max",
+            scheduler=build_scheduler(spec),
+            # 2 run at once (2 CPUs); the generator leaves room for the 2 that wait
+            search_alg=BasicVariantGenerator(max_concurrent=4),
+        ),
+        run_config=tune.RunConfig(name="peers", storage_path=str(tmp_path), verbose=0),
+    )
+    results = tuner.fit()
+    ran = {r.config["loss"]: r.metrics["epoch"] for r in results}
+    assert all(r.error is None for r in results)
+    assert ran[0.9] == 0.25 and ran[0.8] == 0.25, ran  # waited, then stopped at the rung
+    assert ran[0.1] == 1.0, ran  # the best trains to the end
+    assert sum(epoch == 1.0 for epoch in ran.values()) <= 2, ran

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import ray
 from ray import tune
 
 from tune_jobs.defaults import FAMILY_DEFAULTS, defaults_point, family_of
@@ -22,13 +21,6 @@ SPACE = {
     "per_device_train_batch_size": {"choice": [8, 16, 32]},
     "weight_decay": {"uniform": [0.0, 0.2]},
 }
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _score(config):

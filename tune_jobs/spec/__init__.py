@@ -12,7 +12,7 @@ YAML and ``key=value`` overrides only fill these models. Every problem in a spec
 Import from here; the modules are how the package is kept, not its interface.
 """
 
-from tune_jobs.spec.checks import budget_in
+from tune_jobs.spec.checks import budget_in, extreme
 from tune_jobs.spec.errors import MISSING, Problem, SpecError
 from tune_jobs.spec.loading import (
     apply_overrides,
@@ -74,6 +74,7 @@ __all__ = [
     "adapter_overrides",
     "apply_overrides",
     "budget_in",
+    "extreme",
     "load_spec",
     "load_spec_text",
     "parse_override",

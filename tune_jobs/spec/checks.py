@@ -123,13 +123,18 @@ def _check_space(
     return problems
 
 
-def _largest(key: str, fixed: Any, space: Mapping[str, Any]) -> Any:
-    """The largest value ``key`` can take: its searched values, else the fixed one."""
+def extreme(key: str, fixed: Any, space: Mapping[str, Any], pick: Any = max) -> Any:
+    """The largest (``pick=min``: smallest) value ``key`` can take: of its searched values,
+    else the fixed one."""
     entry = space.get(key, fixed)
     if not isinstance(entry, Mapping):
         return entry
     ((_, values),) = entry.items()
-    return max(values)
+    return pick(values)
+
+
+def _largest(key: str, fixed: Any, space: Mapping[str, Any]) -> Any:
+    return extreme(key, fixed, space, max)
 
 
 def _check_population(sched: SchedulerSpec, search: Any, training: Any) -> list[Problem]:

@@ -508,6 +508,15 @@ class SchedulerSpec(Section):
         "from the data size (tune_jobs.fidelity: about 256 training examples, a power-of-two "
         "share of an epoch, leaving room for three rungs).",
     )
+    rung_peers: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="asha: results a rung needs before it decides a trial there (0: ASHA's own "
+        "way, the first trial to reach a rung always passes it). A trial arriving earlier waits, "
+        "paused with its checkpoint, until that many others have arrived or none can; then the "
+        "top 1/reduction_factor go on. reduction_factor - 1 is a good value.",
+    )
     rung_metric: str = Field(
         "auto",
         description="The metric ASHA/HyperBand compare trials on at a rung. auto: eval_loss when "
