@@ -16,7 +16,7 @@ the trial summaries. Checked and measured:
 - the scheduler's time per decision (its ``on_trial_result``, timed around the call);
 - the driver's memory (RSS) after the first tenth of the results and at the end.
 
-    .venv/bin/python benchmarks/scale_sim.py [--trials 300] [--nodes 4] [--out FILE]
+    .venv/bin/python benchmarks/scale_sim.py [--trials 300] [--pbt-trials 48] [--nodes 4] [--out FILE]
 
 ``simulate`` is also what ``tests/tune_jobs/test_scale_sim.py`` runs, at a smaller size.
 """
@@ -242,7 +242,15 @@ def start_cluster(nodes: int) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=300)
+    parser.add_argument("--trials", type=int, default=300, help="ASHA's trials")
+    parser.add_argument(
+        "--pbt-trials",
+        type=int,
+        default=48,
+        help="PBT's population (members beyond what runs at once are paused and resumed "
+        "at every interval: a second or two each here)",
+    )
+    parser.add_argument("--timeout-s", type=int, default=1800, help="per sweep")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument(
         "--out", default=os.path.join(REPO, "benchmarks", "results", "scale_sim.json")
@@ -259,9 +267,9 @@ def main() -> None:
         "runs": [],
     }
     try:
-        for scheduler in ("asha", "pbt"):
+        for scheduler, trials in (("asha", args.trials), ("pbt", args.pbt_trials)):
             with tempfile.TemporaryDirectory() as storage:
-                row = simulate(scheduler, args.trials, storage)
+                row = simulate(scheduler, trials, storage, timeout_s=args.timeout_s)
             report["runs"].append(row)
             print(json.dumps(row), flush=True)
     finally:
