@@ -32,7 +32,9 @@ from ray.tune.search import SearchAlgorithm
 from ray.tune.stopper import Stopper
 
 from cluster import ray_private
+from trainers import metrics as M
 from tune_jobs import layout
+from tune_jobs.fidelity import examples_per_step
 from tune_jobs.spec import BudgetSpec, JobSpec, Problem, SpecError, extreme
 
 HOUR = 3600.0
@@ -52,24 +54,25 @@ class TrialCost:
         return self.startup_s + examples * self.per_example_s
 
     @staticmethod
-    def of_reports(
-        reports: Mapping[str, list[dict[str, Any]]], examples_per_step: Mapping[str, int]
-    ) -> TrialCost | None:
-        """From the smoke trials' reports (each with ``step`` and ``time_total_s``) and the
-        examples each trial's optimizer step took: the cheapest trial's figures."""
+    def of_reports(reports: Mapping[str, list[dict[str, Any]]]) -> TrialCost | None:
+        """From the smoke trials' reports (each with ``step``, ``time_total_s`` and the
+        examples a step took, ``effective_batch_size``): the cheapest trial's figures."""
+        keys = (M.STEP, "time_total_s", M.EFFECTIVE_BATCH_SIZE)
         costs = []
-        for trial, rows in reports.items():
-            points = [
-                (r["step"], r["time_total_s"]) for r in rows if "step" in r and "time_total_s" in r
-            ]
-            if len(points) < 2 or trial not in examples_per_step:
+        for rows in reports.values():
+            points = [r for r in rows if all(k in r for k in keys)]
+            if len(points) < 2:
                 continue
-            (s1, t1), (s2, t2) = points[0], points[-1]
+            first, last = points[0], points[-1]
+            (s1, t1), (s2, t2) = (
+                (first[M.STEP], first["time_total_s"]),
+                (last[M.STEP], last["time_total_s"]),
+            )
             if s2 <= s1:
                 continue
             per_step = (t2 - t1) / (s2 - s1)
             costs.append(
-                TrialCost(max(0.0, t1 - s1 * per_step), per_step / examples_per_step[trial])
+                TrialCost(max(0.0, t1 - s1 * per_step), per_step / last[M.EFFECTIVE_BATCH_SIZE])
             )
         if not costs:
             return None
@@ -90,8 +93,7 @@ def cheapest_examples(spec: JobSpec, n_train: int) -> int:
         batch = extreme(
             "per_device_train_batch_size", training.per_device_train_batch_size, space, min
         )
-        accumulate = training.gradient_accumulation_steps
-        return int(steps) * int(batch) * accumulate * spec.resources.num_workers
+        return int(steps) * examples_per_step(spec, int(batch))
     return math.ceil(
         n_train * float(extreme("num_train_epochs", training.num_train_epochs, space, min))
     )
@@ -103,17 +105,13 @@ def check_affordable(spec: JobSpec, n_train: int, cost: TrialCost | None) -> flo
     budget = spec.search.budget
     if not budget.limited or cost is None:
         return None
-    one = cost.seconds(cheapest_examples(spec, n_train))
-    gpus = gpus_per_trial(spec)
-    need = {
-        "trial_hours": one / HOUR,
-        "accelerator_hours": one * gpus / HOUR,
-        "wall_hours": one / HOUR,
-    }
+    examples = cheapest_examples(spec, n_train)
+    one = cost.seconds(examples)
+    need = in_hours(one, one, gpus_per_trial(spec))  # a trial alone takes its time in wall
     how = (
         f"one trial costs about {one:.0f} s, measured by the smoke pass: {cost.startup_s:.1f} s "
         f"to start + {cost.per_example_s * 1000:.2f} ms per training example x "
-        f"{cheapest_examples(spec, n_train)} examples (the shortest trial of the space)"
+        f"{examples} examples (the shortest trial of the space)"
     )
     problems = [
         Problem(
@@ -127,6 +125,15 @@ def check_affordable(spec: JobSpec, n_train: int, cost: TrialCost | None) -> flo
     if problems:
         raise SpecError(problems)
     return one
+
+
+def in_hours(trial_s: float, wall_s: float, gpus: float) -> dict[str, float]:
+    """Trial and wall seconds as each limit counts them, in hours."""
+    return {
+        "trial_hours": trial_s / HOUR,
+        "accelerator_hours": trial_s * gpus / HOUR,
+        "wall_hours": wall_s / HOUR,
+    }
 
 
 def _round_up(hours: float) -> str:
@@ -184,12 +191,7 @@ class Budget(Callback, Stopper):
 
     def spent(self, now: float | None = None) -> dict[str, float]:
         """Every limit's measure, in hours."""
-        trial = self.trial_seconds(now)
-        return {
-            "trial_hours": trial / HOUR,
-            "accelerator_hours": trial * self.gpus / HOUR,
-            "wall_hours": self.wall_seconds(now) / HOUR,
-        }
+        return in_hours(self.trial_seconds(now), self.wall_seconds(now), self.gpus)
 
     def expected_trial_s(self) -> float | None:
         """What the next trial is expected to cost: the mean of the ended ones, else the
@@ -207,11 +209,7 @@ class Budget(Callback, Stopper):
         spent = self.trial_seconds(now)
         # what the running trials are still expected to spend, then the new one
         committed = spent + sum(max(0.0, expected - s.seconds - (now - s.mark)) for s in running)
-        projected = {
-            "trial_hours": (committed + expected) / HOUR,
-            "accelerator_hours": (committed + expected) * self.gpus / HOUR,
-            "wall_hours": (self.wall_seconds(now) + expected) / HOUR,
-        }
+        projected = in_hours(committed + expected, self.wall_seconds(now) + expected, self.gpus)
         for key in LIMITS:
             limit = getattr(self.limits, key)
             if limit is not None and projected[key] > limit:

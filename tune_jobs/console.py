@@ -373,8 +373,7 @@ class SweepConsole(DriverCallback):
             took = clock(time.monotonic() - view.started)
             best = f"best {self.metric} {fmt(view.best)} at step {view.best_step}"
             if self.budget is not None and view.name in self.budget.stopped:
-                view.state = "stopped early"
-                line = f"{view.name} stopped at the budget's limit at step {view.step}: {best}"
+                line = self._stopped_by_budget(view)
             elif view.early_stopped:
                 view.state = "stopped early"
                 line = f"{view.name} stopped early at step {view.step} (no better for patience): {best}"
@@ -421,10 +420,13 @@ class SweepConsole(DriverCallback):
         for name in self.budget.stopped if self.budget is not None else []:
             view = self.trials.get(name)
             if view is not None and view.state == "running":
-                view.state = "stopped early"
-                best = f"best {self.metric} {fmt(view.best)} at step {view.best_step}"
-                self.say(f"{name} stopped at the budget's limit at step {view.step}: {best}")
+                self.say(self._stopped_by_budget(view))
         self.close()
+
+    def _stopped_by_budget(self, view: TrialView) -> str:
+        view.state = "stopped early"
+        best = f"best {self.metric} {fmt(view.best)} at step {view.best_step}"
+        return f"{view.name} stopped at the budget's limit at step {view.step}: {best}"
 
     def close(self) -> None:
         if self._live is not None:

@@ -44,16 +44,18 @@ def first_rung(spec: JobSpec, n_train: int, max_t: float | None) -> float:
                 rung /= 2
         return rung
     if sched.time_attr == M.STEP:
-        examples_per_step = (
-            spec.training.per_device_train_batch_size
-            * spec.training.gradient_accumulation_steps
-            * spec.resources.num_workers
-        )
-        rung = max(1, math.ceil(RUNG_EXAMPLES / examples_per_step))
+        rung = max(1, math.ceil(RUNG_EXAMPLES / examples_per_step(spec)))
         if max_t:
             rung = max(1, min(rung, math.floor(max_t / (eta * eta))))
         return float(rung)
     return 1.0  # training_iteration: the first report
+
+
+def examples_per_step(spec: JobSpec, batch: int | None = None) -> int:
+    """Training examples one optimizer step takes (``M.EFFECTIVE_BATCH_SIZE``, as the loop
+    reports it): the micro-batch (``batch``, default the spec's) x accumulation x workers."""
+    batch = batch or spec.training.per_device_train_batch_size
+    return batch * spec.training.gradient_accumulation_steps * spec.resources.num_workers
 
 
 def rungs(grace: float, eta: float, max_t: float) -> list[float]:

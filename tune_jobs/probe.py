@@ -157,9 +157,11 @@ def adapt(spec: JobSpec, similarity: Similarity) -> JobSpec:
     return parse_spec(raw, source="the task-similarity probe")
 
 
-def defaults_overrides(similarity: Similarity) -> dict[str, Any]:
-    """What the defaults trial takes from the probe."""
-    return {
+def defaults_overrides(similarity: Similarity, space: dict[str, Any]) -> dict[str, Any]:
+    """What the defaults trial takes from the probe: its depth and rate, for the keys
+    ``space`` searches (a single depth is a fixed value, not the defaults trial's)."""
+    chosen = {
         "unfreeze_depth": similarity.unfreeze_depth[0],
         "learning_rate": similarity.default_learning_rate,
     }
+    return {k: v for k, v in chosen.items() if isinstance(space.get(k), dict)}

@@ -270,16 +270,13 @@ def build_tuner(
         config.verbose = verbose
         for kept in config.callbacks:
             if isinstance(kept, Budget):  # the run's own, its count restored by Tune
-                kept.limits, kept.say = spec.search.budget, say
-                if live is not None:
-                    live.budget = kept
+                kept.limits = spec.search.budget
+                attach_budget(kept, live, say)
         return restored, pool, live
     synch = spec.scheduler.type in ("pbt", "pb2") and spec.scheduler.synch
     guard = PopulationGuard() if synch else None
     if budget is not None:
-        budget.say = say
-        if live is not None:
-            live.budget = budget
+        attach_budget(budget, live, say)
     stoppers = [s for s in (guard, budget) if s is not None]
     tuner = tune.Tuner(
         trainable,
@@ -319,6 +316,13 @@ def build_tuner(
         ),
     )
     return tuner, pool, live
+
+
+def attach_budget(budget: Budget, live: SweepConsole | None, say: Callable[[str], None]) -> None:
+    """This driver's lines for the budget's decisions, and the console told what it stops."""
+    budget.say = say
+    if live is not None:
+        live.budget = budget
 
 
 class RunFailed(RuntimeError):
@@ -571,17 +575,7 @@ def run_job(
         if defaults and similarity is not None:  # the probe's depth and rate, where searched
             from tune_jobs.probe import defaults_overrides
 
-            chosen = defaults_overrides(similarity)
-            defaults = [
-                {
-                    **defaults[0],
-                    **{
-                        k: v
-                        for k, v in chosen.items()
-                        if isinstance(spec.search.space.get(k), dict)
-                    },
-                }
-            ]
+            defaults = [{**defaults[0], **defaults_overrides(similarity, spec.search.space)}]
         if defaults:
             echo(
                 f"defaults trial {'next' if warm_points else 'first'} "

@@ -107,7 +107,7 @@ def run_smoke(
         if not keep_ray:
             disconnect()
     seconds = time.monotonic() - started
-    cost = measured_cost(small, outcome.run_dir, summary)
+    cost = measured_cost(outcome.run_dir)
     echo(
         f"smoke pass ok in {seconds:.0f} s: reports at steps {steps}, restore continued at steps {resumed}"
         + (
@@ -120,22 +120,13 @@ def run_smoke(
     return SmokeOutcome(seconds, len(summary["trials"]), steps, resumed, outcome.run_dir, cost)
 
 
-def measured_cost(small: JobSpec, run_dir: str, summary: dict[str, Any]) -> TrialCost | None:
+def measured_cost(run_dir: str) -> TrialCost | None:
     """A trial's start-up seconds and seconds per training example, from the smoke trials'
     reports (each trial's clock at its two reports, and the examples its steps took)."""
     from tune_jobs.budget import TrialCost
     from tune_jobs.report_log import read_all_reports
-    from tune_jobs.space import trial_hparams
 
-    per_step = {}
-    for trial in summary["trials"]:
-        hp = trial_hparams(small, trial["config"])
-        per_step[trial["trial"]] = (
-            hp["per_device_train_batch_size"]
-            * hp["gradient_accumulation_steps"]
-            * small.resources.num_workers
-        )
-    return TrialCost.of_reports(read_all_reports(run_dir), per_step)
+    return TrialCost.of_reports(read_all_reports(run_dir))
 
 
 def _restore_check(

@@ -24,15 +24,18 @@ REPORT_EVERY_S = 0.3
 def test_the_smoke_reports_give_startup_and_seconds_per_example():
     # trial A: 8 examples a step, reports at steps 2 and 4 at 5.0 s and 6.0 s
     # -> 0.5 s a step, 1/16 s an example, 4.0 s to start; trial B is slower
+    def row(step, clock):
+        return {"step": step, "time_total_s": clock, "effective_batch_size": 8}
+
     reports = {
-        "trial_0": [{"step": 2, "time_total_s": 5.0}, {"step": 4, "time_total_s": 6.0}],
-        "trial_1": [{"step": 2, "time_total_s": 9.0}, {"step": 4, "time_total_s": 11.0}],
-        "trial_2": [{"step": 2, "time_total_s": 1.0}],  # one report: no rate
+        "trial_0": [row(2, 5.0), row(4, 6.0)],
+        "trial_1": [row(2, 9.0), row(4, 11.0)],
+        "trial_2": [row(2, 1.0)],  # one report: no rate
     }
-    cost = TrialCost.of_reports(reports, {"trial_0": 8, "trial_1": 8, "trial_2": 8})
+    cost = TrialCost.of_reports(reports)
     assert cost == TrialCost(startup_s=4.0, per_example_s=1 / 16)
     assert cost.seconds(160) == pytest.approx(14.0)
-    assert TrialCost.of_reports({"trial_2": reports["trial_2"]}, {"trial_2": 8}) is None
+    assert TrialCost.of_reports({"trial_2": reports["trial_2"]}) is None
 
 
 def _spec(**budget):

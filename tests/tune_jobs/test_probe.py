@@ -51,7 +51,7 @@ def test_the_shipped_task_is_related(tmp_path):
     assert adapted.search.space["unfreeze_depth"] == {"choice": [3, 6]}
     assert adapted.search.space["weight_decay"] == SPACE["weight_decay"]  # the rest: the user's
     # the defaults trial: the probe's depth, the family's rate (BERT: 3e-5, inside the range)
-    point = {**defaults_points(adapted)[0], **probe.defaults_overrides(sim)}
+    point = {**defaults_points(adapted)[0], **probe.defaults_overrides(sim, adapted.search.space)}
     assert point["unfreeze_depth"] == 3 and point["learning_rate"] == 3e-5
     assert "a related task -> unfreeze_depth [3, 6] of 6" in sim.line()
 
