@@ -221,8 +221,10 @@ class BaseModels:
     - under LoRA: one base, never trained, kept in ``base_dtype``; a trial attaches a
       fresh adapter and the next one drops it (``trainers.adapters``): no copy at all.
 
-    ``rng_after_load`` is the RNG state right after the first load, which every trial
-    starts from, so a trial on a warm worker trains exactly as on a fresh one.
+    ``rng_after_load[seed]`` is the RNG state right after the first load under that seed,
+    which every trial of the seed starts from, so a trial on a warm worker trains exactly
+    as on a fresh one. A trial's seed is the run's, or its own (a reevaluation,
+    ``tune_jobs.reevaluate``): a pristine model per seed (its head drawn under it).
     """
 
     KEEP = 2  # dropout settings held in memory (PBT may mutate dropout)
@@ -243,39 +245,41 @@ class BaseModels:
         #: module's parameters in place, so each trial's engine needs a base of its own
         self.share_base = share_base
         self._models: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-        self.rng_after_load: torch.Tensor | None = None
+        self.rng_after_load: dict[int, torch.Tensor] = {}
 
-    def fresh(self, hp: HParams) -> Any:
+    def fresh(self, hp: HParams, seed: int | None = None) -> Any:
         """A trainable model for ``hp`` (its adapter's A matrices drawn from the RNG)."""
         if adapters.enabled(hp.adapter) and not self.share_base:
-            self.load(hp)  # records the RNG state a trial starts from
+            self.load(hp, seed)  # records the RNG state a trial starts from
             base = self._build(hp, self.lora_dtype).requires_grad_(False)
             return adapters.attach(base, hp.adapter)
         if adapters.enabled(hp.adapter):
-            key = self._key(hp)
-            base = adapters.detach(self.load(hp))  # the last trial's adapter dropped
+            key = self._key(hp, seed)
+            base = adapters.detach(self.load(hp, seed))  # the last trial's adapter dropped
             self._models[key] = base
             return adapters.attach(base, hp.adapter)
         if self.task != "sequence_classification":
-            self.load(hp)  # records the RNG state a trial starts from
+            self.load(hp, seed)  # records the RNG state a trial starts from
             return self._build(hp, torch.float32)
-        return copy.deepcopy(self.load(hp))
+        return copy.deepcopy(self.load(hp, seed))
 
-    def _key(self, hp: HParams) -> tuple[Any, ...]:
-        return (*(getattr(hp, f) for f in DROPOUT_KEYS), adapters.enabled(hp.adapter))
+    def _key(self, hp: HParams, seed: int | None) -> tuple[Any, ...]:
+        seed = self.seed if seed is None else seed
+        return (*(getattr(hp, f) for f in DROPOUT_KEYS), adapters.enabled(hp.adapter), seed)
 
     def _build(self, hp: HParams, dtype: torch.dtype) -> Any:
         return build_model(
             self.path, self.label_names, hp.to_dict(), self.trust_remote_code, self.task, dtype
         )
 
-    def load(self, hp: HParams) -> Any:
-        """The pristine model for ``hp``'s dropout (never trained: copy it to train). A
-        fully fine-tuned causal LM keeps none (``None``): it is read again per trial."""
-        key = self._key(hp)
+    def load(self, hp: HParams, seed: int | None = None) -> Any:
+        """The pristine model for ``hp``'s dropout and ``seed`` (never trained: copy it to
+        train). A fully fine-tuned causal LM keeps none (``None``): it is read again per trial."""
+        seed = self.seed if seed is None else seed
+        key = self._key(hp, seed)
         if key not in self._models:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+                torch.manual_seed(seed)
                 lora = adapters.enabled(hp.adapter)
                 model = None  # a causal LM draws nothing when it loads: nothing to keep
                 if (lora and self.share_base) or self.task == "sequence_classification":
@@ -283,8 +287,8 @@ class BaseModels:
                 if lora and model is not None:
                     model.requires_grad_(False)  # the base never trains
                 self._models[key] = model
-                if self.rng_after_load is None:
-                    self.rng_after_load = torch.get_rng_state()
+                if seed not in self.rng_after_load:
+                    self.rng_after_load[seed] = torch.get_rng_state()
             while len(self._models) > self.KEEP:
                 self._models.popitem(last=False)
         self._models.move_to_end(key)
@@ -329,9 +333,9 @@ class Worker:
         """A trial's first state: the base model at step 0, or a checkpoint's step."""
         if cfg.deepspeed and cfg.hp_schedule:
             raise ValueError("hp_schedule (a PBT replay) needs distributed.strategy: ddp")
-        torch.manual_seed(cfg.seed)  # every trial starts from the same RNG state
-        self.models.load(cfg.hp)
-        torch.set_rng_state(self.models.rng_after_load)
+        torch.manual_seed(cfg.seed)  # every trial of a seed starts from the same RNG state
+        self.models.load(cfg.hp, cfg.seed)
+        torch.set_rng_state(self.models.rng_after_load[cfg.seed])
         manifest: dict[str, Any] = {"step": 0, "hparams": {}}
         if restore:
             try:
@@ -456,10 +460,10 @@ def build_state(
             model = live.model
         else:  # rebuilt (new dropout or adapter settings): what trained carries over
             carried = trained_state(live.model, live.trained)
-            model = worker.models.fresh(hp)
+            model = worker.models.fresh(hp, cfg.seed)
             model.load_state_dict(carried, strict=False)
     else:
-        model = worker.models.fresh(hp)
+        model = worker.models.fresh(hp, cfg.seed)
     if cfg.distributed.activation_checkpointing:  # non-reentrant: works with frozen lower blocks
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
@@ -812,7 +816,7 @@ def save_held(folder: str, run: TrialRun, held: Any) -> dict[str, float]:
     checkpoint: the base model with the trial's dropout, the copy loaded over it."""
     started = time.perf_counter()
     worker, state = run.worker, run.state
-    model = worker.models.fresh(state.hp)
+    model = worker.models.fresh(state.hp, run.cfg.seed)
     model.load_state_dict(held.state, strict=False)  # the trained tensors, over the base
     lora = adapters.enabled(state.hp.adapter)
     layout = "trained" if run.cfg.checkpoint_weights == "trained" or lora else "full"

@@ -319,8 +319,10 @@ def _running(run: TrialRun | None) -> TrialRun:
 
 
 def _same_group(base: WorkerConfig, cfg: WorkerConfig) -> None:
-    """A trial must fit the group it is sent to: same model, data, seed, threads, strategy."""
-    for key in ("model", "max_length", "seed", "threads", "distributed"):
+    """A trial must fit the group it is sent to: same model, data, threads, strategy. Not
+    the seed: a trial may carry its own (a reevaluation's), and the worker keeps a
+    pristine model per seed (``trainers.loop.BaseModels``)."""
+    for key in ("model", "max_length", "threads", "distributed"):
         if getattr(base, key) != getattr(cfg, key):
             raise ValueError(
                 f"warm group: trial {cfg.name} has {key}={getattr(cfg, key)!r}, the group "

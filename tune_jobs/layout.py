@@ -37,6 +37,8 @@ from trainers.checkpoint import MANIFEST
 SPEC_FILE = "job_spec.yaml"
 SUMMARY_FILE = "summary.json"
 LEADER_FILE = "leader.json"
+#: a reevaluation's own Tune experiment (``tune_jobs.reevaluate``), inside the run folder
+REEVALUATE_DIR = "reevaluate"
 EXPORT_DIR = "best_model"
 REPORTS_DIR = "reports"
 FAILURES_DIR = "failures"
@@ -53,8 +55,10 @@ def train_runs(run_dir: str) -> str:
     return storage.join(run_dir, TRAIN_RUNS)
 
 
-def leader_file(run_dir: str) -> str:
-    return storage.join(train_runs(run_dir), LEADER_FILE)
+def leader_file(run_dir: str, key: str | None = None) -> str:
+    """The export's leader (``tune_jobs.leader``); a reevaluated config's, by ``key``."""
+    name = LEADER_FILE if key is None else LEADER_FILE.replace(".json", f"-{key}.json")
+    return storage.join(train_runs(run_dir), name)
 
 
 def trial_name(trial: object) -> str:
@@ -64,9 +68,15 @@ def trial_name(trial: object) -> str:
 
 
 def trial_of(uri: str) -> str | None:
-    """The trial a checkpoint belongs to (the ``trial_<n>`` folder on its path), or None."""
-    parts = [p for p in uri.split("?")[0].split("/") if p.startswith("trial_")]
-    return parts[-1] if parts else None
+    """The trial a checkpoint belongs to (the ``trial_<n>`` folder on its path; a
+    reevaluation's as ``reevaluate/trial_<n>``), or None."""
+    parts = uri.split("?")[0].split("/")
+    at = [i for i, p in enumerate(parts) if p.startswith("trial_")]
+    if not at:
+        return None
+    i = at[-1]
+    seeded = parts[i - 2 : i] == [REEVALUATE_DIR, TRAIN_RUNS]  # <run>/reevaluate/train_runs/
+    return f"{REEVALUATE_DIR}/{parts[i]}" if seeded else parts[i]
 
 
 def failures_dir(run_dir: str) -> str:

@@ -2,7 +2,9 @@
 
 One ``ExportLeader`` actor per run, shared by the warm trials, records it in
 ``train_runs/leader.json`` (``tune_jobs.layout``); ``read_leader`` reads it back. Only
-checkpoints whose manifest is still there count.
+checkpoints whose manifest is still there count. A reevaluation keeps one leader per
+config (``key``: the sweep trial it retrains; ``train_runs/leader-<key>.json``), so the
+chosen config's best seed has its checkpoint whichever config led overall.
 """
 
 from __future__ import annotations
@@ -33,30 +35,41 @@ class ExportLeader:
 
     def __init__(self, mode: str, run_dir: str | None = None) -> None:
         self.mode = mode
-        self.path = layout.leader_file(run_dir) if run_dir else None
-        self.best = None  # best value reported
-        # best checkpoint written; a resumed run's earlier one still counts
-        self.leader: dict[str, Any] | None = read_leader(run_dir) if run_dir else None
+        self.run_dir = run_dir
+        self.best: dict[str | None, float] = {}  # key -> best value reported
+        # key -> best checkpoint written; a resumed run's earlier ones still count
+        self.leaders: dict[str | None, dict[str, Any] | None] = {}
         self.progress: dict[str, tuple[int, int]] = {}  # trial -> (step, total steps)
 
-    def offer(self, value: float) -> bool:
-        """Record ``value`` if it beats every value reported so far; did it?"""
-        if M.better(value, self.best, self.mode):
-            self.best = value
+    def _leader(self, key: str | None) -> dict[str, Any] | None:
+        if key not in self.leaders:
+            self.leaders[key] = read_leader(self.run_dir, key) if self.run_dir else None
+        return self.leaders[key]
+
+    def offer(self, value: float, key: str | None = None) -> bool:
+        """Record ``value`` if it beats every value reported so far (for ``key``); did it?"""
+        if M.better(value, self.best.get(key), self.mode):
+            self.best[key] = value
             return True
         return False
 
-    def improves(self, value: float) -> bool:
-        """Would a checkpoint with ``value`` beat every checkpoint written so far?"""
-        return M.better(value, self.leader["value"] if self.leader else None, self.mode)
+    def improves(self, value: float, key: str | None = None) -> bool:
+        """Would a checkpoint with ``value`` beat every checkpoint written so far (for ``key``)?"""
+        leader = self._leader(key)
+        return M.better(value, leader["value"] if leader else None, self.mode)
 
-    def written(self, trial: str, uri: str, value: float, metrics: dict[str, Any]) -> None:
-        """A checkpoint was written; the best one is the export's."""
-        if not self.improves(value):
+    def written(
+        self, trial: str, uri: str, value: float, metrics: dict[str, Any], key: str | None = None
+    ) -> None:
+        """A checkpoint was written; the best one (for ``key``) is the export's."""
+        if not self.improves(value, key):
             return
-        self.leader = {"trial": trial, "uri": uri, "value": value, "metrics": metrics}
-        if self.path:
-            storage.write_text(self.path, json.dumps(self.leader, indent=2, default=str))
+        self.leaders[key] = {"trial": trial, "uri": uri, "value": value, "metrics": metrics}
+        if self.run_dir:
+            storage.write_text(
+                layout.leader_file(self.run_dir, key),
+                json.dumps(self.leaders[key], indent=2, default=str),
+            )
 
     def step(self, trial: str, step: int, total: int) -> None:
         """``trial`` has trained ``step`` of its ``total`` optimizer steps."""
@@ -66,9 +79,9 @@ class ExportLeader:
         return self.progress
 
 
-def read_leader(run_dir: str) -> dict[str, Any] | None:
-    """The best checkpoint warm-group trials wrote (``ExportLeader``), if any."""
-    path = layout.leader_file(run_dir)
+def read_leader(run_dir: str, key: str | None = None) -> dict[str, Any] | None:
+    """The best checkpoint warm-group trials wrote (``ExportLeader``; for ``key``), if any."""
+    path = layout.leader_file(run_dir, key)
     if not storage.exists(path):
         return None
     leader = json.loads(storage.read_text(path))

@@ -382,9 +382,11 @@ def build_summary(
     zero_shot: dict[str, float] | None = None,
     budget: dict[str, Any] | None = None,
     similarity: dict[str, Any] | None = None,
+    reevaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of summary.json (``budget``: what ``search.budget`` bought;
-    ``similarity``: the task-similarity probe's figures and choices)."""
+    ``similarity``: the task-similarity probe's figures and choices; ``reevaluation``:
+    the top configs retrained on new seeds, ``tune_jobs.reevaluate``)."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
     versus = None
     if defaults is not None and best is not None and defaults.best.get(metric) is not None:
@@ -425,6 +427,11 @@ def build_summary(
             # below are that model's (another trial's when the best one's was never written)
             "exported_trial": export.get("trial") if export else None,
             "exported_metrics": export.get("reported") if export else None,
+            # search.reevaluate: chosen by its mean over new seeds; the export, its best seed
+            "chosen_by": "reevaluation" if (reevaluation or {}).get("chosen") else "sweep",
+            "exported_seed": ((reevaluation or {}).get("export") or {}).get("seed", spec.run.seed)
+            if export
+            else None,
             "reloaded_validation": export["reloaded_validation"] if export else None,
             "test": export["test"] if export else None,
             **{
@@ -458,6 +465,7 @@ def build_summary(
         "failed_trials": {t.trial: t.error for t in trials if t.status == "ERROR"},
         "budget": budget,
         "similarity": similarity,
+        "reevaluation": reevaluation,
         "wall_time_s": round(wall_time_s, 1),
     }
 

@@ -176,6 +176,8 @@ def build_tuner(
     output: Output | None = None,
     tracker: Any = None,
     budget: Any = None,
+    space: dict[str, Any] | None = None,
+    pool: Any = None,
 ) -> tuple[Any, Any, SweepConsole | None]:
     """The ``ray.tune.Tuner`` for this run (new or restored), the pool of warm worker
     groups its trials lease (``tune_jobs.groups.GroupPool``; None for single-process
@@ -185,7 +187,9 @@ def build_tuner(
     ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay);
     ``tracker``: the sweep's MLflow runs (``tune_jobs.mlflow_tracking.MlflowRuns``);
     ``budget``: a ``tune_jobs.budget.Budget`` gating new trials and stopping the sweep at
-    its limits (a restored run keeps the one it began with, given the spec's limits).
+    its limits (a restored run keeps the one it began with, given the spec's limits);
+    ``space``: Tune's param space in place of the spec's (a reevaluation's points);
+    ``pool``: warm groups to lease from, an earlier sweep's (its owner closes it).
     """
     import ray
     from ray import tune
@@ -221,14 +225,14 @@ def build_tuner(
         leaderboard=ExportLeader.remote(spec.search.resolved_mode, run_dir),
         failures_dir=layout.failures_dir(run_dir),
     )
-    pool = None
-    if warm:
+    if warm and pool is None:
         pool = GroupPool.options(
             # on the driver's node: it lives and dies with the driver (ray job submit: the head)
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=True
             )
         ).remote(plan, max_concurrent)
+    if warm:
         plan = replace(plan, groups=pool)
     trainable = tune.with_resources(tune.with_parameters(WarmTrial, plan=plan), res.trial_bundle())
     metric, mode = spec.search.metric, spec.search.resolved_mode
@@ -240,7 +244,9 @@ def build_tuner(
             metric,
             mode,
             # what a trial's config holds: the searched keys, and PBT's mutated ones
-            searched=list(dict.fromkeys([*spec.search.space, *spec.scheduler.mutations])),
+            searched=list(space)
+            if space is not None
+            else list(dict.fromkeys([*spec.search.space, *spec.scheduler.mutations])),
             planned=spec.search.num_samples,
             scheduler=spec.scheduler.type,
             board=plan.leaderboard,
@@ -280,7 +286,7 @@ def build_tuner(
     stoppers = [s for s in (guard, budget) if s is not None]
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space(spec),
+        param_space=param_space(spec) if space is None else space,
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
@@ -397,9 +403,11 @@ def export_verified(
     metrics: dict[str, Any],
     splits: Splits,
     echo: Callable[[str], None],
+    source_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Export ``uri``; if its files fail their checksums, the best other checkpoint written
-    that passes (the log says which and why). A corrupt checkpoint is never exported."""
+    """Export ``uri`` into the run's export folder; if its files fail their checksums, the
+    best other checkpoint written in ``source_dir`` (default: the run) that passes (the log
+    says which and why). A corrupt checkpoint is never exported."""
     dest = storage.join(run_dir, layout.EXPORT_DIR)
     try:
         return results.export_best(uri, dest, spec, metrics, splits)
@@ -407,7 +415,7 @@ def export_verified(
         echo(f"export: {exc}: not exported")
         failure = exc
     metric, mode = spec.search.metric, spec.search.resolved_mode
-    for other, other_metrics in results.written_checkpoints(run_dir, metric, mode):
+    for other, other_metrics in results.written_checkpoints(source_dir or run_dir, metric, mode):
         if other == uri:
             continue
         try:
@@ -603,25 +611,51 @@ def run_job(
             budget,
         )
         budget = budget_of(tuner)  # a restored run's: its count goes on
+        metric, mode = spec.search.metric, spec.search.resolved_mode
+        reevaluation = None
         try:
-            grid = tuner.fit()
+            try:
+                grid = tuner.fit()
+            finally:
+                if live is not None:
+                    live.close()
+            reports = read_all_reports(run_dir)  # once: the summary and the lineage read them
+            trials = [
+                results.summarize_trial(r, metric, mode, reports.get(results.trial_dir(r), []))
+                for r in grid
+            ]
+            finished = [t for t in trials if t.best.get(metric) is not None]
+            if spec.search.reevaluate.enabled and finished:
+                from tune_jobs import reevaluate
+
+                reevaluation = reevaluate.run(
+                    spec, data_ref, run_dir, trials, concurrent, restore, pool, budget, echo
+                )
+                for line in reevaluate.describe(reevaluation, metric):
+                    echo(line)
         finally:
-            if live is not None:
-                live.close()
             if pool is not None:  # the groups' workers go before the export needs the CPUs
                 ray.get(pool.close_all.remote())
                 ray.kill(pool)
-        metric, mode = spec.search.metric, spec.search.resolved_mode
-        reports = read_all_reports(run_dir)  # once: the summary and the lineage read them
-        trials = [
-            results.summarize_trial(r, metric, mode, reports.get(results.trial_dir(r), []))
-            for r in grid
-        ]
-        finished = [t for t in trials if t.best.get(metric) is not None]
         best = None
         export = None
         leader = read_leader(run_dir) if spec.training.save_checkpoints else None
-        if finished:
+        chosen = (reevaluation or {}).get("chosen")
+        if chosen:  # the config with the best mean over new seeds, its best seed exported
+            best = next(t for t in trials if t.trial == chosen)
+            seeded = reevaluation.get("export")
+            if seeded is not None:
+                export = export_verified(
+                    spec,
+                    run_dir,
+                    seeded["uri"],
+                    seeded["metrics"],
+                    splits,
+                    echo,
+                    source_dir=storage.join(run_dir, reevaluate.FOLDER),
+                )
+            reevaluate.prune(run_dir, reevaluation)
+        elif finished:
             best = results.best_trial(finished, metric, mode, leader and leader["trial"])
             best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
             if leader is not None:
@@ -658,6 +692,7 @@ def run_job(
             ),
             budget=budget.bought() if budget is not None else None,
             similarity=similarity.as_dict() if similarity is not None else None,
+            reevaluation=reevaluation,
         )
         path = results.write_summary(run_dir, summary)
         picture = write_lineage(

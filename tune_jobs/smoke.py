@@ -63,9 +63,15 @@ def smoke_spec(spec: JobSpec) -> JobSpec:
         for k, v in spec.search.space.items()
         if k not in ("num_train_epochs", "max_steps", "gradual_unfreeze_every")
     }
-    # no budget (the pass is what prices a trial for it) and no probe (the sweep runs it)
+    # no budget (the pass is what prices a trial for it), no probe (the sweep runs it), no
+    # retraining on seeds
     raw["search"].update(
-        space=space, num_samples=sm.trials, algorithm="random", budget={}, probe=False
+        space=space,
+        num_samples=sm.trials,
+        algorithm="random",
+        budget={},
+        probe=False,
+        reevaluate={"top_k": 0},
     )
     raw["scheduler"] = {"type": "fifo"}
     raw["run"].update(name=f"{spec.run.name}-smoke", if_exists="overwrite")

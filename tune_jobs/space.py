@@ -8,6 +8,12 @@ from ray import tune
 
 from tune_jobs.spec import JobSpec, adapter_overrides
 
+#: Keys a trial's config may carry besides the searched ones (a reevaluation's trials,
+#: ``tune_jobs.reevaluate``): the trial's seed (else ``run.seed``), and the sweep trial
+#: whose config it retrains. Neither is a training key: ``trial_hparams`` leaves them out.
+SEED = "seed"
+REEVALUATES = "reevaluates"
+
 
 def to_tune(entry: Any) -> Any:
     """One search-space entry of the spec as a Tune domain (or a fixed value)."""

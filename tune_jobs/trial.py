@@ -77,8 +77,10 @@ def loop_config(
     name: str = "trial",
     hp_schedule: list[tuple[int, dict[str, Any]]] | None = None,
     resume_from: str | None = None,
+    seed: int | None = None,
 ) -> WorkerConfig:
-    """What every worker of a trial is told (see ``trainers.config``)."""
+    """What every worker of a trial is told (see ``trainers.config``); ``seed``: the
+    trial's own (a reevaluation's), else ``run.seed``."""
     return WorkerConfig(
         model=spec.model.name_or_path,
         max_length=spec.model.max_length,
@@ -86,7 +88,7 @@ def loop_config(
         hp=HParams.from_dict(hp),
         metric=spec.search.metric,
         mode=spec.search.resolved_mode,
-        seed=spec.run.seed,
+        seed=spec.run.seed if seed is None else seed,
         threads=resources.worker_threads,
         checkpoint_weights=checkpoint_layout(spec),
         distributed=Distributed.from_dict(spec.distributed.model_dump()),

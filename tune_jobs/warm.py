@@ -35,7 +35,7 @@ from trainers.serve import End, Hold, Interval, Save, SaveHeld, Start
 from tune_jobs import faults, layout
 from tune_jobs.groups import GroupLink, LeasedGroup, ProcessGroup, WorkerGroupError
 from tune_jobs.layout import latest_resumable, next_numbered
-from tune_jobs.space import trial_hparams
+from tune_jobs.space import REEVALUATES, SEED, trial_hparams
 from tune_jobs.trial import (
     PBT_KEEP_CHECKPOINTS,
     POINTER_FILE,
@@ -125,6 +125,9 @@ class WarmTrial(tune.Trainable):
         from ray.train import CheckpointConfig
 
         self.hp = trial_hparams(self.plan.spec, config)
+        # a reevaluation's trial: its own seed, and the config it retrains (its leader's key)
+        self.seed = int(config.get(SEED, self.plan.spec.run.seed))
+        self.leader_key: str | None = config.get(REEVALUATES)
         self.resume: str | None = None  # a checkpoint to start from (load_checkpoint)
         self.started = False
         self.step_now = -1  # the step of the last report
@@ -175,6 +178,7 @@ class WarmTrial(tune.Trainable):
                 self.trial_name,
                 plan.schedule_hparams(),
                 group.path_of(self.resume),
+                seed=self.seed,
             )
             self.worker_pid = group.call(Start(cfg))["pid"]
             self.started = True
@@ -210,13 +214,15 @@ class WarmTrial(tune.Trainable):
             every_s=spec.training.checkpoint_every_s,
             sharded=spec.distributed.strategy == "deepspeed",
             mode=spec.search.resolved_mode,
-            leads_sweep=lambda: leader is None or ray.get(leader.offer.remote(value)),
+            leads_sweep=lambda: (
+                leader is None or ray.get(leader.offer.remote(value, self.leader_key))
+            ),
         )
         uri = None
         if writes.full or writes.lead_now:
             uri = self._save(metrics, full=writes.full, record=writes.best or writes.lead_now)
         if writes.lead_now and leader is not None:
-            ray.get(leader.written.remote(self.trial_name, uri, value, metrics))
+            ray.get(leader.written.remote(self.trial_name, uri, value, metrics, self.leader_key))
         if writes.hold:
             self.group.call(Hold())  # kept in memory, written at the end if it leads
         if writes.best:
@@ -231,12 +237,13 @@ class WarmTrial(tune.Trainable):
         leaderboard = self.plan.leaderboard
         if held is None or leaderboard is None or self.group is None or not self.group.alive:
             return
-        if not self.started or not ray.get(leaderboard.improves.remote(held["value"])):
+        key = self.leader_key
+        if not self.started or not ray.get(leaderboard.improves.remote(held["value"], key)):
             return
         if held["uri"]:  # written in full when it was evaluated
             ray.get(
                 leaderboard.written.remote(
-                    self.ckpt.trial, held["uri"], held["value"], held["metrics"]
+                    self.ckpt.trial, held["uri"], held["value"], held["metrics"], key
                 )
             )
             return
@@ -246,7 +253,7 @@ class WarmTrial(tune.Trainable):
             self.group.filesystem, reply["checkpoint"], like=self.plan.train_storage
         )
         metrics = {**held["metrics"], **{k: v for k, v in reply.items() if k != "checkpoint"}}
-        ray.get(leaderboard.written.remote(self.ckpt.trial, uri, held["value"], metrics))
+        ray.get(leaderboard.written.remote(self.ckpt.trial, uri, held["value"], metrics, key))
 
     def _save(self, metrics: dict[str, Any], full: bool, record: bool = False) -> str:
         """Have the workers write the state as it is now; keep what is still needed."""

@@ -513,3 +513,32 @@ def test_running_out_of_memory_stops_the_trial_naming_the_batch():
     assert "training step 1" in message and "160x" in message
     assert "training.per_device_train_batch_size" in message
     assert "can't allocate memory" in message  # the allocator's own words, kept
+
+
+def test_a_trials_own_seed_on_a_warm_worker_trains_as_a_fresh_worker_on_that_seed(tiny, tmp_path):
+    """A reevaluation's trial carries its own seed (``tune_jobs.reevaluate``). On a worker
+    that was built, and already ran a trial, on the run's seed, it must draw its head and
+    data order from its own seed exactly as a fresh worker on that seed does; a third
+    seed trains to other weights."""
+    from trainers.context import LocalContext
+    from trainers.loop import Worker
+
+    base = {**tiny(per_device_train_batch_size=16, max_steps=6), "fingerprint_weights": True}
+
+    def trained(worker: Worker, seed: int) -> list[str]:
+        cfg = WorkerConfig.from_dict({**base, "seed": seed})
+        run = worker.start(cfg, None)
+        while not run.done:
+            run.train_to_next_evaluation()
+            run.evaluate_and_report()
+        return [r[M.WEIGHTS] for r in worker.ctx.reports[-2:]]
+
+    warm = Worker(WorkerConfig.from_dict(base), LocalContext(checkpoint_root=str(tmp_path / "w")))
+    trained(warm, 0)  # the run's own seed first, as a sweep's trial leaves the worker
+    on_seven = trained(warm, 7)
+    cold = Worker(
+        WorkerConfig.from_dict({**base, "seed": 7}),
+        LocalContext(checkpoint_root=str(tmp_path / "c")),
+    )
+    assert on_seven == trained(cold, 7)
+    assert trained(cold, 8) != on_seven

@@ -72,6 +72,7 @@ def model_card(spec: JobSpec, summary: dict[str, Any]) -> str:
     baseline = (summary.get("majority_baseline") or {}).get("test_accuracy")
     versus = summary.get("best_vs_defaults")
     seconds = sum(t["last"].get("time_total_s") or 0.0 for t in summary.get("trials", []))
+    seconds += (summary.get("reevaluation") or {}).get("trial_seconds") or 0.0
     spec_file = storage.join(best["export_dir"], "job_spec.yaml")
     lines = [
         "---",
@@ -126,13 +127,28 @@ def model_card(spec: JobSpec, summary: dict[str, Any]) -> str:
             f"- the family's default hyperparameters: {metric} {fmt(versus['defaults'])} "
             f"against the best's {fmt(versus['best'])} (validation)"
         )
+    again = summary.get("reevaluation") or {}
+    if again.get("chosen"):
+        chosen = next(c for c in again["configs"] if c["trial"] == again["chosen"])
+        spread = "" if chosen["sd"] is None else f" ± {fmt(chosen['sd'])}"
+        lines.append(
+            f"- chosen by its mean over {len(chosen['seeds'])} new seeds "
+            f"({metric} {fmt(chosen['mean'])}{spread}; the sweep's one seed: "
+            f"{fmt(chosen['sweep'])}); this model is its best seed, "
+            f"{(again.get('export') or {}).get('seed', '-')}"
+        )
     lines += [
         "",
         "## The sweep",
         "",
         f"- {len(summary.get('trials', []))} trials ({spec.search.algorithm} search, "
         f"{spec.scheduler.type} scheduler), searched on validation {metric}",
-        f"- cost: {seconds:.0f} trial-seconds, {summary.get('wall_time_s', 0):.0f} s wall time",
+        f"- cost: {seconds:.0f} trial-seconds, {summary.get('wall_time_s', 0):.0f} s wall time"
+        + (
+            f" (the retraining on new seeds: {again['trial_seconds']:.0f} trial-seconds of them)"
+            if again.get("trial_seconds")
+            else ""
+        ),
         f"- report: `{storage.join(summary['run_dir'], 'report.html')}`",
         "",
         "## Reproduce",

@@ -223,6 +223,44 @@ def state_note(view: RunView) -> Para | None:
     )
 
 
+def seeds_section(again: dict[str, Any], metric: str) -> list[Any]:
+    """search.reevaluate: the top configs trained again on new seeds (``tune_jobs.reevaluate``)."""
+    from tune_jobs.reevaluate import describe
+
+    blocks: list[Any] = [Heading("A choice that survives seeds")]
+    if again.get("skipped"):
+        return [*blocks, Para(f"Not run: {again['skipped']}.")]
+    seeds = again.get("seeds") or []
+    blocks.append(
+        Table(
+            [
+                "config (sweep trial)",
+                "searched values",
+                "sweep",
+                *(f"seed {s}" for s in seeds),
+                "mean ± sd",
+                "chosen",
+            ],
+            [
+                [
+                    c["trial"],
+                    ", ".join(f"{k}={fmt(v)}" for k, v in c["config"].items()),
+                    fmt(c["sweep"]),
+                    *(fmt(c["seeds"].get(str(s), "-")) for s in seeds),
+                    "-"
+                    if c["mean"] is None
+                    else fmt(c["mean"]) + ("" if c["sd"] is None else f" ± {fmt(c['sd'])}"),
+                    "yes" if c["trial"] == again.get("chosen") else "",
+                ]
+                for c in again.get("configs") or []
+            ],
+        )
+    )
+    verdict = describe(again, metric)[1 + len(again.get("configs") or []) :]  # past the rows
+    blocks += [Para(line.strip()) for line in verdict]
+    return blocks
+
+
 def build_page(view: RunView) -> Page:
     """Everything the report says about ``view``, in order."""
     page = Page(f"tunefleet report: {view.name}")
@@ -246,6 +284,9 @@ def build_page(view: RunView) -> Page:
         found = fanova(view)
         page.picture("importance", plots.importance(found.scores, found.trials), found.note)
         page.add(Para(found.note + "."))
+    again = (view.summary or {}).get("reevaluation")
+    if again:
+        page.add(*seeds_section(again, view.metric))
     if view.exploits:
         page.add(Heading(f"PBT: {len(view.exploits)} exploit(s)"))
         page.picture("lineage", plots.lineage(view), "PBT lineage")

@@ -317,6 +317,31 @@ def _check_rungs(sched: SchedulerSpec, training: Any, task: str) -> list[Problem
     return problems
 
 
+def _check_reevaluate(search: SearchSpec, sched: Any) -> list[Problem]:
+    """A config must be something a new seed can retrain, and there must be k of them."""
+    problems = []
+    top_k = search.reevaluate.top_k
+    if isinstance(sched, SchedulerSpec) and sched.type in ("pbt", "pb2"):
+        problems.append(
+            Problem(
+                "search.reevaluate.top_k",
+                top_k,
+                f"a {sched.type} member's hyperparameters change as it trains, so its config "
+                "alone does not retrain it: use 0 (export the best member, or `tunefleet "
+                "replay` its schedule), or scheduler.type asha/hyperband/fifo",
+            )
+        )
+    if top_k > search.num_trials:
+        problems.append(
+            Problem(
+                "search.reevaluate.top_k",
+                top_k,
+                f"the sweep makes {search.num_trials} trial(s): at most {search.num_trials}",
+            )
+        )
+    return problems
+
+
 def budget_in(
     time_attr: str, training: TrainingSpec, space: Mapping[str, Any] | None = None
 ) -> float | None:
@@ -538,6 +563,8 @@ def cross_checks(s: Mapping[str, Section]) -> list[Problem]:
             )
     if isinstance(sched, SchedulerSpec) and sched.type in ("pbt", "pb2"):
         problems += _check_population(sched, search, training)
+    if isinstance(search, SearchSpec) and search.reevaluate.enabled:
+        problems += _check_reevaluate(search, sched)
     run = s.get("run")
     if isinstance(run, RunSpec):
         problems += _check_no_credentials(run.storage_path, "run.storage_path")

@@ -432,6 +432,29 @@ class BudgetSpec(Section):
         )
 
 
+class ReevaluateSpec(Section):
+    """After the sweep, retrain its best configs on new seeds and choose by the mean
+    (``tune_jobs.reevaluate``): a choice on one seed can pick a lucky config."""
+
+    top_k: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="How many of the sweep's best configs (distinct) to retrain; 0: off.",
+    )
+    seeds: int = Field(
+        3,
+        ge=2,
+        le=20,
+        description="New seeds per config (run.seed + 1, + 2, ...; the sweep's own is not "
+        "counted: its score was selected, so it is biased up).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k > 0
+
+
 class SearchSpec(Section):
     """What is searched, for which metric, how many trials."""
 
@@ -468,6 +491,11 @@ class SearchSpec(Section):
     budget: BudgetSpec = Field(
         default_factory=BudgetSpec,
         description="Limits on what the sweep spends: trial_hours, accelerator_hours, wall_hours.",
+    )
+    reevaluate: ReevaluateSpec = Field(
+        default_factory=ReevaluateSpec,
+        description="Retrain the top_k configs on `seeds` new seeds each, choose by the mean, "
+        "export the chosen config's best seed.",
     )
 
     @property
