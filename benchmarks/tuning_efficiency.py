@@ -48,7 +48,9 @@ import peer_sweep as ps  # noqa: E402 - the shared task, tool runner and scorer
 REPO = ps.REPO
 METHODS = ("grid", "random", "asha", "tpe_asha", "pbt", "recipe", "peer")
 #: studies run besides the methods (``--only fidelity``); in every full run
-STUDIES = ("fidelity",)
+STUDIES = ("fidelity", "depth")
+#: the depth study: unfreeze depths x learning rates, each trained max_epochs
+DEPTHS, DEPTH_LRS = (3, 6), (5e-5, 1e-4)
 #: the space every non-grid method searches (the peer's, so the peer can run it)
 SPACE = ps.SPACE
 
@@ -316,6 +318,40 @@ def run_fidelity(work: str, files: dict[str, str], plan: Plan) -> dict[str, Any]
     return {"wall_s": out["wall_s"], **rung_agreement(curves, plan.max_epochs)}
 
 
+def run_depth(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> dict[str, Any]:
+    """What the probe's depth choice costs on this task: every depth in DEPTHS at every
+    rate in DEPTH_LRS (the upper part of the space, where the good configs are), batch 16,
+    ``plan.max_epochs``, FIFO; each trial's best validation accuracy and its seconds."""
+    storage = os.path.join(work, "depth")
+    spec = method_spec("grid", files, plan, storage)
+    spec["run"]["name"] = "depth"
+    spec["search"]["space"] = {
+        "learning_rate": {"grid": list(DEPTH_LRS)},
+        "unfreeze_depth": {"grid": list(DEPTHS)},
+    }
+    spec["training"]["per_device_train_batch_size"] = 16
+    import yaml
+
+    path = os.path.join(work, "depth.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(spec, fh, sort_keys=False)
+    cmd = [sys.executable, "-m", "tune_jobs", "run", path, "--no-smoke"]
+    out = ps.run_tool("depth", cmd, storage, os.path.join(work, "depth.log"), plan.timeout_s)
+    run_dir = os.path.join(storage, "depth")
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        summary = json.load(fh)
+    rows = []
+    for trial, timed in zip(summary["trials"], _trials(run_dir, summary), strict=True):
+        rows.append(
+            {
+                **{k: trial["config"][k] for k in ("learning_rate", "unfreeze_depth")},
+                "best_validation_accuracy": timed["best_validation_accuracy"],
+                "trial_seconds": round(timed["time_total_s"], 1),
+            }
+        )
+    return {"wall_s": out["wall_s"], "epochs": plan.max_epochs, "trials": rows}
+
+
 def rung_agreement(curves: dict[str, list[dict[str, Any]]], max_epochs: float) -> dict[str, Any]:
     """For each rung in RUNGS: how often the configs kept there (top 1/STUDY_ETA by the
     rung's eval_accuracy, ties broken by eval_loss; or by eval_loss alone) are the ones
@@ -451,7 +487,10 @@ def main() -> None:
         if "fidelity" in methods:
             report["fidelity"] = run_fidelity(work, files, plan)
             print(json.dumps(report["fidelity"]), flush=True)
-            methods = [m for m in methods if m != "fidelity"]
+        if "depth" in methods:
+            report["depth"] = run_depth(work, files, plan, tokenizer)
+            print(json.dumps(report["depth"]), flush=True)
+        methods = [m for m in methods if m not in STUDIES]
         for method in methods:
             row = (
                 run_peer(os.path.join(work, "peer"), files, plan, tokenizer)
