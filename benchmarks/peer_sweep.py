@@ -70,6 +70,8 @@ EVAL_BATCH = 64
 METRIC = "eval_accuracy"
 MARKER = "PEER_SWEEP_TAG"  # set in each tool's environment: finds every process it started
 POLL_S = 2.0  # storage and process polling while a tool runs
+#: set to a folder: each tool's driver runs under ``py-spy record`` (raw stacks there)
+PROFILE_ENV = "TUNEFLEET_PROFILE_DRIVERS"
 
 #: The search space, written once: tunefleet's spec takes it as is, the peer through
 #: tunefleet's ``to_tune`` (the same Tune domains, so the same seeded draws).
@@ -405,6 +407,13 @@ def run_tool(name: str, cmd: list[str], storage: str, log: str, timeout_s: int) 
     env = {**os.environ, MARKER: tag, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)  # each tool starts a local Ray of its own
     os.makedirs(storage, exist_ok=True)
+    profiles = os.environ.get(PROFILE_ENV)
+    if profiles:  # where the driver's CPU goes: py-spy's stacks (its figures then carry
+        # py-spy's overhead, and py-spy counts as the driver: profile, do not compare)
+        os.makedirs(profiles, exist_ok=True)
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        out_file = os.path.join(profiles, f"{name}.txt")
+        cmd = [spy, "record", "--nonblocking", "-r", "100", "-f", "raw", "-o", out_file, "--", *cmd]
     print(f"{name}: {' '.join(cmd[1:])}  (log: {log})", flush=True)
     with ToolWatch(storage, tag) as watch, open(log, "w") as out:
         started = time.monotonic()

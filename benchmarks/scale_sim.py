@@ -41,8 +41,8 @@ GPUS_PER_TRIAL = 4  # four one-GPU workers, as resources.num_workers: 4, gpus_pe
 BEST_LR = 6e-5  # the synthetic optimum
 
 
-def job_spec(scheduler: str, trials: int, storage: str) -> Any:
-    """A tunefleet job spec for the simulated sweep."""
+def job_spec(scheduler: str, trials: int, storage: str, epochs: float = 3.0) -> Any:
+    """A tunefleet job spec for the simulated sweep (trials of ``epochs``)."""
     from tune_jobs.spec import parse_spec
 
     sched: dict[str, Any] = {"type": "asha", "reduction_factor": 3}
@@ -57,7 +57,7 @@ def job_spec(scheduler: str, trials: int, storage: str) -> Any:
         }
     return parse_spec(
         {
-            "training": {"num_train_epochs": 3},
+            "training": {"num_train_epochs": epochs},
             "search": {
                 "num_samples": trials,
                 "space": {"learning_rate": {"loguniform": [1e-5, 3e-4]}},
@@ -75,8 +75,9 @@ def job_spec(scheduler: str, trials: int, storage: str) -> Any:
 
 
 def synthetic_trial(config: dict[str, Any]) -> None:
-    """A training curve without training: reports every eighth of an epoch for 3 epochs,
-    checkpointing (a tiny JSON) every half epoch so PBT can exploit and a restore continue."""
+    """A training curve without training: reports every eighth of an epoch for
+    ``config["ticks"]`` eighths (3 epochs unless told), checkpointing (a tiny JSON) every
+    half epoch so PBT can exploit and a restore continue."""
     from ray import tune
 
     start = 0
@@ -86,7 +87,8 @@ def synthetic_trial(config: dict[str, Any]) -> None:
             start = json.load(fh)["tick"]
     quality = math.exp(-abs(math.log(config["learning_rate"] / BEST_LR)))  # 1 at the optimum
     noise = random.Random(hash(config["learning_rate"]))
-    for tick in range(start + 1, 25):
+    ticks = int(config.get("ticks", 24))
+    for tick in range(start + 1, ticks + 1):
         time.sleep(config.get("tick_s", 0.02))
         epoch = tick / 8
         accuracy = 0.5 + 0.4 * quality * (1 - math.exp(-epoch)) + noise.gauss(0, 0.005)
@@ -95,7 +97,7 @@ def synthetic_trial(config: dict[str, Any]) -> None:
             "eval_loss": 0.7 - 0.5 * quality * (1 - math.exp(-epoch)) + noise.gauss(0, 0.005),
             "epoch": epoch,
             "step": tick * 10,
-            "total_steps": 240,  # what a tunefleet trial reports: its budget in steps
+            "total_steps": ticks * 10,  # what a tunefleet trial reports: its budget in steps
         }
         if tick % 4:  # a checkpoint every half epoch (PBT's interval), as a trial writes
             tune.report(metrics)
@@ -146,9 +148,15 @@ class Timed:
 
 
 def simulate(
-    scheduler: str, trials: int, storage: str, timeout_s: float = 1800, tick_s: float = 0.02
+    scheduler: str,
+    trials: int,
+    storage: str,
+    timeout_s: float = 1800,
+    tick_s: float = 0.02,
+    epochs: float = 3.0,
 ) -> dict[str, Any]:
-    """One simulated sweep on the Ray this process is connected to; its figures."""
+    """One simulated sweep on the Ray this process is connected to (trials of ``epochs``);
+    its figures."""
     import psutil
     from ray import tune
 
@@ -159,7 +167,7 @@ def simulate(
     from tune_jobs.schedulers import build_scheduler, build_search_alg
     from tune_jobs.space import param_space
 
-    spec = job_spec(scheduler, trials, storage)
+    spec = job_spec(scheduler, trials, storage, epochs)
     res = trial_resources(spec)
     sched = build_scheduler(spec)
     timed = Timed(sched)
@@ -168,7 +176,7 @@ def simulate(
 
     tuner = tune.Tuner(
         tune.with_resources(synthetic_trial, tune.PlacementGroupFactory(res.bundles())),
-        param_space={**param_space(spec), "tick_s": tick_s},
+        param_space={**param_space(spec), "tick_s": tick_s, "ticks": round(8 * epochs)},
         tune_config=tune.TuneConfig(
             metric=spec.search.metric,
             mode=spec.search.resolved_mode,

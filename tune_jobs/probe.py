@@ -9,7 +9,9 @@ between chance and a perfect score that the untouched features close.
 - near (closeness >= NEAR): the features already carry the task. Adapt little: only the
   top third to half of the blocks train, at the lower half of the searched learning
   rates, so the pretrained knowledge is not washed out.
-- related (between): the top half or every block, the whole searched range.
+- related (between): every block, the whole searched range (measured on the shipped
+  task, 800 rows, 3 epochs: the top half trailed every block by 1.4 points of
+  validation accuracy at both 5e-5 and 1e-4, DECISIONS 83).
 - far (closeness < FAR, a 180-degree turn): the features must change. Every block
   trains, at the upper half of the range.
 
@@ -88,8 +90,8 @@ def choose(
 
     if closeness >= NEAR:  # adapt little: the top third to half, the lower learning rates
         return "near", sorted({third, half}), (low, middle), inside(family_lr, low, middle)
-    if closeness >= FAR:  # the top half or every block, the whole range
-        return "related", sorted({half, blocks}), (low, high), inside(family_lr, low, high)
+    if closeness >= FAR:  # every block, the whole range
+        return "related", [blocks], (low, high), inside(family_lr, low, high)
     # a turn away from what the model knows: every block, the higher learning rates
     return "far", [blocks], (middle, high), inside(max(family_lr, middle), middle, high)
 

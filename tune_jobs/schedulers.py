@@ -14,7 +14,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tune_jobs.fidelity import first_rung, rung_metric
-from tune_jobs.space import to_tune
+from tune_jobs.space import qmc_points, to_tune
 from tune_jobs.spec import JobSpec, budget_in
 
 
@@ -194,6 +194,9 @@ def build_search_alg(
     ``TuneConfig.max_concurrent_trials`` when a search-generator instance is
     given (measured: every trial started at once).
     """
+    if spec.search.algorithm == "qmc":  # the given points, then a Sobol sequence's
+        more = qmc_points(spec.search.space, spec.search.num_samples - len(points), spec.run.seed)
+        points = [*points, *more]
     if spec.search.algorithm == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch

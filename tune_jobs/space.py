@@ -45,3 +45,40 @@ def trial_hparams(spec: JobSpec, sampled: dict[str, Any]) -> dict[str, Any]:
     hp.update({k: v for k, v in sampled.items() if k in hp})
     hp["adapter"] = {**spec.adapter.model_dump(), **adapter_overrides(sampled)}
     return hp
+
+
+def qmc_points(space: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` configs of ``space`` from a scrambled Sobol sequence (``search.algorithm:
+    qmc``): each searched key is one dimension, mapped through its distribution (a log
+    scale for loguniform; a choice's values in equal shares), so a handful of trials
+    covers every key's range evenly, where random draws (and TPE's, which are random for
+    its first ten) leave parts of it empty. The first 2^m points of the sequence are
+    balanced: n of them fill n of the 2^m equal slices of each range. Fixed keys are left
+    to the param space; grids are refused by the spec."""
+    import math
+
+    from scipy.stats import qmc
+
+    keys = [k for k, v in space.items() if isinstance(v, dict) and "grid" not in v]
+    if n <= 0 or not keys:
+        return []
+    sobol = qmc.Sobol(d=len(keys), scramble=True, seed=seed)
+    rows = sobol.random_base2(max(0, math.ceil(math.log2(n))))[:n]
+    points = []
+    for row in rows:
+        point = {}
+        for key, u in zip(keys, row, strict=True):
+            ((kind, values),) = space[key].items()
+            if kind == "choice":
+                point[key] = values[min(int(u * len(values)), len(values) - 1)]
+            elif kind == "randint":
+                low, high = int(values[0]), int(values[1])
+                point[key] = min(low + int(u * (high - low + 1)), high)
+            elif kind == "loguniform":
+                low, high = math.log(float(values[0])), math.log(float(values[1]))
+                point[key] = math.exp(low + u * (high - low))
+            else:  # uniform
+                low, high = float(values[0]), float(values[1])
+                point[key] = low + u * (high - low)
+        points.append(point)
+    return points

@@ -36,9 +36,10 @@ def sim():
         cluster.shutdown()  # the nodes this test started, by their processes
 
 
-@pytest.mark.parametrize(("scheduler", "trials"), [("asha", 20), ("pbt", 5)])
-def test_every_trial_runs_and_is_accounted_for(sim, tmp_path, scheduler, trials):
-    row = sim.simulate(scheduler, trials, str(tmp_path), timeout_s=300, tick_s=0.01)
+# PBT: 5 members on 4 slots, so one waits, paused, at each of its 2 exploit points
+@pytest.mark.parametrize(("scheduler", "trials", "epochs"), [("asha", 20, 3.0), ("pbt", 5, 1.5)])
+def test_every_trial_runs_and_is_accounted_for(sim, tmp_path, scheduler, trials, epochs):
+    row = sim.simulate(scheduler, trials, str(tmp_path), timeout_s=300, tick_s=0.01, epochs=epochs)
     assert not row["timed_out"], row  # no deadlock: the sweep ended by itself
     assert row["trials_made"] == row["trials_summarized"] == trials, row
     assert row["statuses"] == {"TERMINATED": trials}, row

@@ -44,16 +44,16 @@ def test_the_shipped_task_is_related(tmp_path):
     spec, sim = _measure({"source": "rotten_tomatoes", "max_train_samples": 800})
     assert 0.15 <= sim.closeness < 0.55 and sim.verdict == "related", sim
     assert sim.chance == 0.5 and 0.6 < sim.balanced_accuracy < 0.8
-    assert sim.unfreeze_depth == [3, 6] and sim.blocks == 6
+    assert sim.unfreeze_depth == [6] and sim.blocks == 6  # every block
     assert sim.learning_rate == (1e-5, 1e-4)  # the whole searched range
     assert sim.rows == (384, 256) and sim.seconds < 60
     adapted = probe.adapt(spec, sim)
-    assert adapted.search.space["unfreeze_depth"] == {"choice": [3, 6]}
+    assert adapted.search.space["unfreeze_depth"] == 6  # one depth: fixed, not searched
     assert adapted.search.space["weight_decay"] == SPACE["weight_decay"]  # the rest: the user's
-    # the defaults trial: the probe's depth, the family's rate (BERT: 3e-5, inside the range)
+    # the defaults trial: the family's rate (BERT: 3e-5, inside the range); the depth is fixed
     point = {**defaults_points(adapted)[0], **probe.defaults_overrides(sim, adapted.search.space)}
-    assert point["unfreeze_depth"] == 3 and point["learning_rate"] == 3e-5
-    assert "a related task -> unfreeze_depth [3, 6] of 6" in sim.line()
+    assert point["learning_rate"] == 3e-5 and "unfreeze_depth" not in point
+    assert "a related task -> unfreeze_depth [6] of 6" in sim.line()
 
 
 def test_a_task_the_features_already_carry_is_near(tmp_path):

@@ -62,6 +62,16 @@ def test_points_carry_the_seed_and_the_config_they_retrain_and_nothing_else():
     assert again.scheduler.type == "fifo" and again.search.num_samples == 2
     assert not again.search.start_with_defaults and not again.search.reevaluate.enabled
     assert again.training == spec.training and again.run.seed == 10
+    # a sweep that evaluated at ASHA's rungs: its retraining evaluates at the same points
+    rungs = parse_spec(
+        {
+            "training": {"eval_strategy": "rungs", "eval_at": [0.25, 0.75]},
+            "search": {"space": {"learning_rate": {"grid": [1e-5, 3e-5]}}},
+            "scheduler": {"type": "asha", "grace_period": 0.25, "reduction_factor": 3},
+        },
+        source="test",
+    )
+    assert reevaluate.reevaluation_spec(rungs, 4).training.eval_at == [0.25, 0.75]
 
 
 def test_the_choice_is_the_best_mean_and_its_lead_is_weighed_against_seed_noise():

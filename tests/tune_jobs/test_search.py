@@ -29,10 +29,10 @@ def _score(config):
     tune.report({"eval_accuracy": value - 0.01 * abs(config["per_device_train_batch_size"] - 16)})
 
 
-def _proposals(algorithm: str, tmp_path, name: str, points):
+def _proposals(algorithm: str, tmp_path, name: str, points, n: int = 4):
     spec = parse_spec(
         {
-            "search": {"algorithm": algorithm, "num_samples": 4, "space": SPACE},
+            "search": {"algorithm": algorithm, "num_samples": n, "space": SPACE},
             "run": {"seed": 7},
             "scheduler": {"type": "fifo"},
         }
@@ -43,7 +43,7 @@ def _proposals(algorithm: str, tmp_path, name: str, points):
         tune_config=tune.TuneConfig(
             metric="eval_accuracy",
             mode="max",
-            num_samples=4,
+            num_samples=n,
             search_alg=build_search_alg(spec, points, max_concurrent=1),
             scheduler=build_scheduler(spec),
             reuse_actors=True,  # one process for the 4 trials: seconds saved, same proposals
@@ -55,7 +55,7 @@ def _proposals(algorithm: str, tmp_path, name: str, points):
     return [{k: r.config[k] for k in SPACE} for r in grid]
 
 
-@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+@pytest.mark.parametrize("algorithm", ["random", "optuna", "qmc"])
 def test_seeded_search_proposes_the_same_configs_twice(local_ray, tmp_path, algorithm):
     first = _proposals(algorithm, tmp_path, "a", [])
     second = _proposals(algorithm, tmp_path, "b", [])
@@ -63,7 +63,16 @@ def test_seeded_search_proposes_the_same_configs_twice(local_ray, tmp_path, algo
     assert len({c["learning_rate"] for c in first}) == 4  # actually sampled, not constant
 
 
-@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_qmc_covers_the_learning_rate_range_evenly(local_ray, tmp_path):
+    """Eight trials: TPE's first ten are random draws, which leave parts of the range empty
+    (the benchmark's recipe drew 7 of 8 rates in the lower half); a scrambled Sobol
+    sequence puts one rate in each eighth of the range (log scale)."""
+    rates = [c["learning_rate"] for c in _proposals("qmc", tmp_path, "q", [], n=8)]
+    bins = sorted(int(8 * (math.log10(lr) + 5) / 2) for lr in rates)  # [1e-5, 1e-3] in 8
+    assert bins == list(range(8)), rates
+
+
+@pytest.mark.parametrize("algorithm", ["random", "optuna", "qmc"])
 def test_sweep_starts_with_the_defaults_trial(local_ray, tmp_path, algorithm):
     point = defaults_point(SPACE, "bert", in_domain=algorithm != "random")
     assert point == {"learning_rate": 3e-5, "per_device_train_batch_size": 32, "weight_decay": 0.01}

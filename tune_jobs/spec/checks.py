@@ -304,7 +304,12 @@ def _check_rungs(sched: SchedulerSpec, training: Any, task: str) -> list[Problem
                 f"not reported by model.task {task}; one of {sorted(valid)}, or auto",
             )
         )
-    rungs = isinstance(training, TrainingSpec) and training.eval_strategy == "rungs"
+    # eval_at already written (by the driver: a retraining keeps its sweep's points) stands
+    rungs = (
+        isinstance(training, TrainingSpec)
+        and training.eval_strategy == "rungs"
+        and not training.eval_at
+    )
     if rungs and (sched.type != "asha" or sched.time_attr not in (M.EPOCH, M.STEP)):
         problems.append(
             Problem(
@@ -586,14 +591,15 @@ def cross_checks(s: Mapping[str, Section]) -> list[Problem]:
     dist = s.get("distributed")
     if isinstance(dist, DistributedSpec) and dist.strategy == "deepspeed":
         problems += _check_deepspeed(dist, training, search, sched, res)
-    if isinstance(search, SearchSpec) and search.algorithm == "optuna":
+    if isinstance(search, SearchSpec) and search.algorithm in ("optuna", "qmc"):
         for key, entry in search.space.items():
             if isinstance(entry, Mapping) and "grid" in entry:
                 problems.append(
                     Problem(
                         f"search.space.{key}",
                         dict(entry),
-                        "optuna cannot search a grid; use {choice: [...]} or search.algorithm: random",
+                        f"{search.algorithm} cannot search a grid; use {{choice: [...]}} or "
+                        "search.algorithm: random",
                     )
                 )
     if (

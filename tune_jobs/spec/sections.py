@@ -458,9 +458,12 @@ class ReevaluateSpec(Section):
 class SearchSpec(Section):
     """What is searched, for which metric, how many trials."""
 
-    algorithm: Literal["random", "optuna"] = Field(
+    algorithm: Literal["random", "optuna", "qmc"] = Field(
         "random",
-        description="random (plus any grid entries) or optuna (TPE, seeded by run.seed; no grid entries).",
+        description="random (plus any grid entries), optuna (TPE, seeded by run.seed; no grid "
+        "entries) or qmc (a scrambled Sobol sequence over the numeric keys, seeded: even "
+        "coverage for a few trials, where TPE would still be sampling at random; no grid "
+        "entries).",
     )
     start_with_defaults: bool = Field(
         True,
