@@ -263,6 +263,17 @@ class Budget(Callback, Stopper):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial)
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """The sweep is over: nothing runs any more (a trial stopped at the limit gets no
+        completion callback), so what comes after (the export) is not counted."""
+        now = time.monotonic()
+        for seen in self.trials.values():
+            if seen.running:
+                seen.seconds += now - seen.mark
+                seen.running = False
+        if self.started is not None:
+            self.wall_before_s, self.started = self.wall_seconds(now), None
+
     def _ended(self, trial: Any) -> None:
         seen = self.trials.setdefault(layout.trial_name(trial), _Seen())
         clock = float((trial.last_result or {}).get("time_total_s") or 0.0)

@@ -138,3 +138,6 @@ def test_running_trials_stop_at_the_limit(local_ray, tmp_path):
     )
     # stopped at its next report: at most a report's time past the limit
     assert bought["spent"]["trial_hours"] * HOUR < 2 + 2 * REPORT_EVERY_S + 1.0
+    # the sweep is over: what comes after it (the export) is not counted
+    time.sleep(1.0)
+    assert budget.bought()["spent"] == bought["spent"]
