@@ -269,6 +269,10 @@ TRIAL_PROCESSES = (
     "ray::_Inner",
     "ray::RayTrainWorker",
     "ray::TrainTrainable",
+    "ray::ResourceTrainable",  # a trainable under tune.with_resources (tunefleet's trials)
+    # the model work tunefleet runs on a worker around the sweep (its probe, its export)
+    "ray::measure",
+    "ray::export_best",
 )
 
 
