@@ -219,7 +219,7 @@ def simulate(
         "trials_summarized": len(summaries),
         "statuses": statuses,
         "stopped_early": sum(s.stopped_early for s in summaries),
-        "ran_to_the_end": sum(float(s.last.get("epoch") or 0) >= 3 for s in summaries),
+        "ran_to_the_end": sum(float(s.last.get("epoch") or 0) >= epochs for s in summaries),
         "reports": sum(len(rows) for rows in reports.values()),
         "wall_s": round(wall, 1),
         "timed_out": wall >= timeout_s,
