@@ -276,6 +276,8 @@ def main() -> None:
     }
     try:
         for scheduler, trials in (("asha", args.trials), ("pbt", args.pbt_trials)):
+            if trials <= 0:  # 0: that scheduler not run
+                continue
             with tempfile.TemporaryDirectory() as storage:
                 row = simulate(scheduler, trials, storage, timeout_s=args.timeout_s)
             report["runs"].append(row)
