@@ -31,7 +31,7 @@ from cluster import storage
 from trainers import metrics as M
 from tune_jobs import layout
 from tune_jobs.budget import HOUR, LIMITS, Budget, in_hours
-from tune_jobs.results import TrialSummary
+from tune_jobs.results import TrialSummary, prune_train_runs
 from tune_jobs.space import REEVALUATES, SEED
 from tune_jobs.spec import BudgetSpec, JobSpec, parse_spec
 
@@ -360,9 +360,7 @@ def run(
 
 def prune(run_dir: str, reeval: Mapping[str, Any]) -> None:
     """Once exported, the retrainings' checkpoints serve nothing but the exported one's
-    (one that errored keeps its own: a resumed run retries it from there)."""
-    runs = layout.train_runs(storage.join(run_dir, FOLDER))
-    keep = (reeval.get("export") or {}).get("trial")
-    for name, trial in (reeval.get("trials") or {}).items():
-        if trial["status"] != "ERROR" and name != keep:
-            storage.delete_dir(storage.join(runs, name))
+    (``results.prune_train_runs``: one that errored keeps its own)."""
+    keep = {(reeval.get("export") or {}).get("trial")} - {None}
+    statuses = {name: t["status"] for name, t in (reeval.get("trials") or {}).items()}
+    prune_train_runs(layout.train_runs(storage.join(run_dir, FOLDER)), statuses, keep)

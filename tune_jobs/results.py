@@ -143,13 +143,14 @@ def written_checkpoints(run_dir: str, metric: str, mode: str) -> list[tuple[str,
     return sorted(found, key=lambda c: M.rank(c[1][metric], mode))
 
 
-def prune_train_runs(train_storage: str, trials: list[TrialSummary], keep: set[str]) -> None:
+def prune_train_runs(train_storage: str, statuses: Mapping[str, str], keep: set[str]) -> None:
     """Once the sweep is over and exported, a finished trial's checkpoints serve nothing:
-    delete them, except those of the trials in ``keep`` (the best, the exported). A trial
-    that errored keeps its own (a resumed run retries it from there)."""
-    for trial in trials:
-        if trial.status != "ERROR" and trial.trial not in keep:
-            storage.delete_dir(storage.join(train_storage, trial.trial))
+    delete them, except those of the trials in ``keep`` (the best, the exported).
+    ``statuses``: trial -> Tune status; a trial that errored keeps its own (a resumed run
+    retries it from there)."""
+    for trial, status in statuses.items():
+        if status != "ERROR" and trial not in keep:
+            storage.delete_dir(storage.join(train_storage, trial))
 
 
 def reload_export(

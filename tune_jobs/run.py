@@ -690,7 +690,8 @@ def run_job(
             if spec.training.save_checkpoints:
                 export = export_verified(spec, run_dir, uri, ckpt_metrics, splits, echo)
         keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
-        results.prune_train_runs(layout.train_runs(run_dir), trials, keep)
+        statuses = {t.trial: t.status for t in trials}
+        results.prune_train_runs(layout.train_runs(run_dir), statuses, keep)
         defaults_trial = results.find_defaults_trial(trials, defaults)
         summary = results.build_summary(
             spec,
