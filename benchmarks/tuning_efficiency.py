@@ -12,8 +12,10 @@ invocation (this machine's speed drifts from day to day: only figures of one run
 - methods: ``grid`` (learning rate x batch size, every trial to the end), ``random``
   (FIFO), ``asha`` (random + ASHA), ``tpe_asha`` (Optuna TPE + ASHA), ``pbt`` (a
   population mutating the learning rate, the schedule and the unfreeze depth),
-  ``recipe`` (tunefleet's recommended recipe as it stands: the family defaults first,
-  TPE, ASHA with half-epoch rungs), and ``peer``
+  ``recipe`` (tunefleet's recommended recipe as it stands: the family defaults first, a
+  probe of the task's similarity, a Sobol sequence over the space but the epochs, which
+  ASHA decides, rungs sized from the data, decided on the loss, on a sample of the
+  validation rows but the last), and ``peer``
   (``transformers.Trainer.hyperparameter_search(backend="ray")``, ASHA, ``bf16=True``,
   through ``benchmarks/peer_sweep.py``'s peer job);
 - for each: the best validation accuracy any trial reported, the chosen model's
@@ -173,7 +175,12 @@ def method_spec(method: str, files: dict[str, str], plan: Plan, storage: str) ->
         # space (8 trials: TPE would still be drawing at random), and ASHA deciding on the
         # loss at rungs sized from the data (a quarter epoch here), evaluating there only
         search.update(algorithm="qmc", start_with_defaults=True, probe=True)
-        spec["training"].update(eval_strategy="rungs")
+        # ... the epochs ASHA's to decide (its resource, max_t), not a searched key: a trial
+        # searched to 1 epoch has annealed its rate by then and looks better at the early
+        # rungs than one that will train 3 (DECISIONS 87); the rungs score a sample of the
+        # validation rows but the last (scheduler.rung_rows: auto)
+        search["space"] = {k: v for k, v in search["space"].items() if k != "num_train_epochs"}
+        spec["training"].update(eval_strategy="rungs", num_train_epochs=plan.max_epochs)
         # ... where no trial passes a rung before two others have reported there
         scheduler.update(grace_period="auto", reduction_factor=3, rung_metric="auto", rung_peers=2)
         if method == "recipe_seeds":
@@ -305,36 +312,119 @@ RUNGS = (0.25, 0.5, 1.0, 1.5)
 STUDY_ETA = 3
 
 
+#: the fidelity study's screening sample (tune_jobs.fidelity.SCREEN_ROWS, rung_rows: auto)
+STUDY_SCREEN_ROWS = 256
+
+
 def run_fidelity(work: str, files: dict[str, str], plan: Plan) -> dict[str, Any]:
     """Start small, measured: ``plan.trials`` configs of the space, each trained for
     ``plan.max_epochs`` with FIFO and scored on the whole validation set every quarter
     epoch. At each cheap rung, which configs would ASHA (1/STUDY_ETA kept) have kept, by
     the rung's accuracy and by its loss, against the configs the full budget keeps (best
-    validation accuracy over the whole training)? Not a method: its seconds are the
-    study's, not a sweep's."""
-    storage = os.path.join(work, "fidelity")
+    validation accuracy over the whole training)? Then the same trials again (same seed,
+    same configs, the same weights at every step), every evaluation but the last on a
+    sample of STUDY_SCREEN_ROWS validation rows (``training.screen_rows``, what
+    ``scheduler.rung_rows`` sets): does the sample's loss keep what the full rows' keeps?
+    Not a method: its seconds are the study's, not a sweep's."""
+    full = _fidelity_curves(work, files, plan, "fidelity", screen_rows=0)
+    sample = _fidelity_curves(work, files, plan, "fidelity-screened", STUDY_SCREEN_ROWS)
+    return {
+        "wall_s": full["wall_s"],
+        **rung_agreement(full["curves"], plan.max_epochs),
+        "screened": {
+            "rows": STUDY_SCREEN_ROWS,
+            "of": plan.validation_rows,
+            "wall_s": sample["wall_s"],
+            **screening_agreement(full["curves"], sample["curves"], plan.max_epochs),
+        },
+    }
+
+
+def _fidelity_curves(
+    work: str, files: dict[str, str], plan: Plan, name: str, screen_rows: int
+) -> dict[str, Any]:
+    """The study's trials (every quarter epoch; the evaluations before the end on
+    ``screen_rows`` rows where given): each trial's reports, and the wall time."""
+    storage = os.path.join(work, name)
     spec = method_spec("random", files, plan, storage)
-    spec["run"]["name"] = "fidelity"
+    spec["run"]["name"] = name
     spec["search"]["space"] = {k: v for k, v in plan.space().items() if k != "num_train_epochs"}
     spec["training"].update(
         num_train_epochs=plan.max_epochs,
         eval_strategy="steps",
         eval_steps=1 / (4 * plan.max_epochs),  # every quarter epoch
     )
+    if screen_rows:  # every evaluation before the end (the last is at max_epochs)
+        spec["training"].update(screen_rows=screen_rows, screen_until=plan.max_epochs - 0.125)
     import yaml
 
-    path = os.path.join(work, "fidelity.yaml")
+    path = os.path.join(work, f"{name}.yaml")
     with open(path, "w") as fh:
         yaml.safe_dump(spec, fh, sort_keys=False)
     cmd = [sys.executable, "-m", "tune_jobs", "run", path, "--no-smoke"]
-    out = ps.run_tool("fidelity", cmd, storage, os.path.join(work, "fidelity.log"), plan.timeout_s)
+    out = ps.run_tool(name, cmd, storage, os.path.join(work, f"{name}.log"), plan.timeout_s)
     from tune_jobs.report_log import read_all_reports
 
     curves = {
         trial: [r for r in rows if ps.METRIC in r]
-        for trial, rows in read_all_reports(os.path.join(storage, "fidelity")).items()
+        for trial, rows in read_all_reports(os.path.join(storage, name)).items()
     }
-    return {"wall_s": out["wall_s"], **rung_agreement(curves, plan.max_epochs)}
+    return {"wall_s": out["wall_s"], "curves": curves}
+
+
+def screening_agreement(
+    full: dict[str, list[dict[str, Any]]],
+    sample: dict[str, list[dict[str, Any]]],
+    max_epochs: float,
+) -> dict[str, Any]:
+    """The same trials scored on every row and on the sample: at each rung, do the configs
+    the sample's loss keeps (top 1/STUDY_ETA) equal those the full rows' loss keeps there,
+    and those the full budget keeps; did both runs train the same (the training loss at
+    every report); what does an evaluation cost on each?"""
+    final = {t: max(r[ps.METRIC] for r in rows) for t, rows in full.items() if rows}
+    trials = sorted(final)
+    keep = max(1, math.ceil(len(trials) / STUDY_ETA))
+    full_top = set(sorted(trials, key=lambda t: -final[t])[:keep])
+    winner = max(trials, key=lambda t: final[t])
+    same_training = all(
+        [r["train_loss"] for r in full[t]] == [r["train_loss"] for r in sample.get(t, [])]
+        for t in trials
+    )
+    rows_out = []
+    for rung in RUNGS:
+        if rung >= max_epochs:
+            continue
+        at_full = {t: _at_epoch(full[t], rung) for t in trials}
+        at_sample = {t: _at_epoch(sample.get(t, []), rung) for t in trials}
+        if any(v is None for v in (*at_full.values(), *at_sample.values())):
+            continue
+        by_full = set(sorted(trials, key=lambda t: at_full[t]["eval_loss"])[:keep])
+        by_sample = set(sorted(trials, key=lambda t: at_sample[t]["eval_loss"])[:keep])
+        rows_out.append(
+            {
+                "rung_epochs": rung,
+                "screened": all(r.get("screened") for r in at_sample.values()),
+                "same_as_full_rows": by_sample == by_full,
+                "loss_overlap": round(len(by_sample & full_top) / keep, 2),
+                "loss_keeps_winner": winner in by_sample,
+            }
+        )
+
+    def mean_eval_s(curves: dict[str, list[dict[str, Any]]], screened: bool) -> float | None:
+        values = [
+            r["eval_s"]
+            for rows in curves.values()
+            for r in rows
+            if "eval_s" in r and bool(r.get("screened")) == screened
+        ]
+        return round(sum(values) / len(values), 3) if values else None
+
+    return {
+        "same_training": same_training,
+        "eval_s_every_row": mean_eval_s(full, False),
+        "eval_s_sample": mean_eval_s(sample, True),
+        "rungs": rows_out,
+    }
 
 
 def run_depth(work: str, files: dict[str, str], plan: Plan, tokenizer: Any) -> dict[str, Any]:
@@ -469,6 +559,21 @@ def print_fidelity(study: dict[str, Any]) -> None:
             for m in ("accuracy", "loss")
         ]
         print(f"{row['rung_epochs']:<14}{cells[0]:>22}{cells[1]:>22}")
+    screened = study.get("screened")
+    if screened:
+        print(
+            f"\nthe same trials, each evaluation before the end on {screened['rows']} of "
+            f"{screened['of']} validation rows (same training: {screened['same_training']}; "
+            f"an evaluation {screened['eval_s_sample']} s vs {screened['eval_s_every_row']} s)"
+        )
+        head = f"{'rung (epochs)':<14}{'same kept as all rows':>24}{'by loss':>22}"
+        print(head)
+        print("-" * len(head))
+        for row in screened["rungs"]:
+            kept = f"{row['loss_overlap']:.2f} kept, winner {'in' if row['loss_keeps_winner'] else 'OUT'}"
+            print(
+                f"{row['rung_epochs']:<14}{'yes' if row['same_as_full_rows'] else 'NO':>24}{kept:>22}"
+            )
 
 
 def main() -> None:

@@ -87,6 +87,10 @@ class HParams:
     #: eval_strategy=rungs: where the evaluations fall (the scheduler's rungs), in eval_at_unit
     eval_at: tuple[float, ...] = ()
     eval_at_unit: Literal["epoch", "step"] = "epoch"
+    #: evaluations up to screen_until (in eval_at_unit; not the last) score this many
+    #: validation rows, a fixed sample (``trainers.data.screen_rows``); 0: every row
+    screen_rows: int = 0
+    screen_until: float = 0.0
 
     @classmethod
     def from_dict(cls, hp: Mapping[str, Any]) -> HParams:

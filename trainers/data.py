@@ -389,6 +389,21 @@ def split_indices(
     return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
 
 
+#: the seed of the screening sample: a fixed one, so every trial (and every run on the same
+#: validation rows) screens on the same rows
+SCREEN_SEED = 0
+
+
+def screen_sample(n_validation: int, rows: int) -> list[int]:
+    """The validation rows early evaluations score (``training.screen_rows``): a fixed
+    random sample (a validation file sorted by label must not screen on one class), in
+    the split's order; every row when ``rows`` covers them all."""
+    if rows >= n_validation:
+        return list(range(n_validation))
+    picked = np.random.default_rng(SCREEN_SEED).permutation(n_validation)[:rows]
+    return sorted(int(i) for i in picked)
+
+
 def example_id(text: str) -> str:
     """A stable id of one example: its text's SHA-256 (hex, 16 digits). The same row
     has the same id in every version of the data, whatever was added around it."""

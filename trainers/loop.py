@@ -51,7 +51,7 @@ from trainers.checkpoint import (
 )
 from trainers.config import DROPOUT_KEYS, HParams, WorkerConfig
 from trainers.context import LocalContext, WorkerContext
-from trainers.data import Splits, shard
+from trainers.data import Splits, screen_sample, shard
 from trainers.engine import (
     CheckpointMeta,
     DeepSpeedEngine,
@@ -122,6 +122,17 @@ def evaluation_points(steps_in_epoch: int, last_step: int, hp: HParams) -> tuple
     return tuple(
         sorted({s for s in (math.ceil(v * per - 1e-9) for v in hp.eval_at) if 0 < s < last_step})
     )
+
+
+def screening_through(steps_in_epoch: int, last_step: int, hp: HParams) -> int:
+    """The last step whose evaluation scores the screening sample (``hp.screen_rows`` rows,
+    up to ``hp.screen_until`` in ``eval_at_unit``); 0: none does. Never the last step: a
+    trial's final evaluation always scores every validation row."""
+    if hp.screen_rows <= 0 or hp.screen_until <= 0:
+        return 0
+    per = steps_in_epoch if hp.eval_at_unit == "epoch" else 1
+    # the step an evaluation at screen_until falls on (as evaluation_points rounds it)
+    return min(last_step - 1, math.ceil(hp.screen_until * per - 1e-9))
 
 
 def next_evaluation(step: int, interval: int, last_step: int, at: tuple[int, ...] = ()) -> int:
@@ -305,9 +316,10 @@ class Worker:
         self.model_path = resolve_model_path(cfg.model)
         self.tokenizer = build_tokenizer(self.model_path, cfg.trust_remote_code)
         self.task = get_task(cfg.task)
-        self.data = build_data(
-            resolve_data(cfg.data), self.tokenizer, cfg.max_length, ctx, self.task
-        )
+        self.splits = resolve_data(cfg.data)
+        self.max_length = cfg.max_length
+        self.data = build_data(self.splits, self.tokenizer, cfg.max_length, ctx, self.task)
+        self._screens: dict[int, Any] = {}
         if cfg.deepspeed:
             ds_engine.use_cpu_accelerator(ctx.device)
         # DDP's arithmetic, resolved on this worker's own device (auto: bf16 where native)
@@ -363,6 +375,17 @@ class Worker:
             )
         return TrialRun(self, cfg, state, restored)
 
+    def screen_data(self, rows: int) -> Any:
+        """This rank's part of the screening sample of ``rows`` validation rows
+        (``trainers.data.screen_sample``: the same rows on every worker), encoded once."""
+        if rows not in self._screens:
+            sample = screen_sample(len(self.splits.validation), rows)
+            mine = shard(sample, self.ctx.rank, self.ctx.world_size, equal=False)
+            self._screens[rows] = self.task.encode_eval(
+                self.tokenizer, self.splits.validation, mine, self.max_length, self.splits
+            )
+        return self._screens[rows]
+
 
 # --- the training state --------------------------------------------------------
 
@@ -383,6 +406,7 @@ class TrainState:
     eval_interval: int
     trained: set[str]  # parameters that differ from the base model
     eval_at: tuple[int, ...] = ()  # eval_strategy=rungs: the evaluations' steps
+    screen_through: int = 0  # evaluations up to this step score the screening sample
     segment: int = 0  # index into the replay schedule
 
     @property
@@ -512,6 +536,7 @@ def build_state(
         last_step=last_step,
         eval_interval=eval_interval(spe, last_step, hp),
         eval_at=evaluation_points(spe, last_step, hp),
+        screen_through=screening_through(spe, last_step, hp),
         trained=trained | {n for n, p in model.named_parameters() if p.requires_grad},
         segment=segment,
     )
@@ -711,6 +736,8 @@ class TrialRun:
         s, cfg, ctx, data = self.state, self.cfg, self.worker.ctx, self.worker.data
         train_loss, rate = self.progress.take_interval()
         started = time.perf_counter()
+        n_val = len(self.worker.splits.validation)
+        screened = 0 < s.step <= s.screen_through and s.hp.screen_rows < n_val
         with out_of_memory_as_error(
             f"the evaluation at step {s.step}",
             ctx.device,
@@ -719,7 +746,7 @@ class TrialRun:
         ):
             scores = self.worker.task.score(
                 s.engine.model,
-                data.val,
+                self.worker.screen_data(s.hp.screen_rows) if screened else data.val,
                 len(data.label_names),
                 s.hp.per_device_eval_batch_size,
                 data.pad_id,
@@ -730,6 +757,8 @@ class TrialRun:
             M.TRAIN_LOSS: train_loss,
             **scores,
             M.EVAL_SECONDS: time.perf_counter() - started,
+            M.EVAL_ROWS: s.hp.screen_rows if screened else n_val,
+            M.SCREENED: int(screened),
             M.EPOCH: s.step / s.steps_per_epoch,
             M.STEP: s.step,
             M.LR: lr_at(s.hp, s.step, s.last_step),  # the LR of the next step
@@ -750,8 +779,11 @@ class TrialRun:
         history.append((report[M.EPOCH], report[M.EVAL_LOSS] - report[M.TRAIN_LOSS]))
         report[M.LOSS_GAP] = history[-1][1]
         report[M.LOSS_GAP_TREND] = loss_gap_trend(history)
+        # a screened score is not evidence against the full ones patience compares
         self.stopped = (
-            early_stop(self.progress, report[cfg.metric], s.hp, cfg.mode) and s.step < s.last_step
+            not screened
+            and early_stop(self.progress, report[cfg.metric], s.hp, cfg.mode)
+            and s.step < s.last_step
         )
         report[M.EARLY_STOPPED] = int(self.stopped)
         _log(
@@ -759,7 +791,8 @@ class TrialRun:
             cfg,
             f"step {s.step}/{s.last_step} epoch {report[M.EPOCH]:.2f} train_loss {report[M.TRAIN_LOSS]:.4f} "
             f"{self.worker.task.headline(report)} "
-            f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
+            + (f"(on {s.hp.screen_rows} rows) " if screened else "")
+            + f"lr {report[M.LR]:.3g} {report[M.SAMPLES_PER_SECOND]:.1f} samples/s"
             + (
                 f" | early stop: no {cfg.metric} gain > {s.hp.early_stopping_min_delta:g} "
                 f"in {s.hp.early_stopping_patience} evaluations"

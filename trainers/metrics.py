@@ -7,7 +7,8 @@ a metric that nobody reports (the spec validates against ``REPORTED``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 TRAIN_LOSS = "train_loss"  # mean training loss since the previous report
 EVAL_LOSS = "eval_loss"  # mean cross-entropy on the validation split
@@ -35,6 +36,11 @@ CHECKPOINT_MB = "checkpoint_mb"  # size of this report's checkpoint (MiB)
 WORKER_NODES = "worker_nodes"  # Ray node ids of the trial's workers, by rank (comma-separated)
 HP_SEGMENT = "hp_segment"  # which stretch of a replayed hyperparameter schedule is in force
 EVAL_SECONDS = "eval_s"  # wall seconds of this report's evaluation
+EVAL_ROWS = "eval_rows"  # validation rows this report's evaluation scored
+#: 1 on an early evaluation of a fixed sample of the validation rows (training.screen_rows):
+#: it decides the scheduler's early rungs, and is never a trial's best, a checkpoint's claim
+#: to the export, or early stopping's evidence
+SCREENED = "screened"
 CHECKPOINT_SECONDS = "checkpoint_s"  # wall seconds writing this report's checkpoint (and upload)
 # added by the driver to a warm-group trial's reports (tune_jobs.warm)
 TRAIN_RUN = "train_run"  # the warm group (its Train run) that served this report
@@ -77,12 +83,20 @@ REPORTED: frozenset[str] = frozenset(
         LOSS_GAP_TREND,
         EARLY_STOPPED,
         EVAL_SECONDS,
+        EVAL_ROWS,
+        SCREENED,
     }
 )
 
 #: What the tracking sinks (TensorBoard, MLflow) record of each report, by step: the
 #: readable metrics, not the clock or the bookkeeping (pids, restore steps, fingerprints).
-TRACKED: frozenset[str] = (REPORTED | frozenset(OBJECTIVES)) - {STEP, TOTAL_STEPS, EARLY_STOPPED}
+TRACKED: frozenset[str] = (REPORTED | frozenset(OBJECTIVES)) - {
+    STEP,
+    TOTAL_STEPS,
+    EARLY_STOPPED,
+    EVAL_ROWS,
+    SCREENED,
+}
 
 #: Values a scheduler may use as its clock.
 TIME_ATTRS: frozenset[str] = frozenset({STEP, EPOCH, "training_iteration"})
@@ -138,3 +152,24 @@ def classification_metrics(
         EVAL_F1: sum(f1s) / n_labels if n_labels else math.nan,
         EVAL_LOSS: loss_sum / count if count else math.nan,
     }
+
+
+def screened(report: Mapping[str, Any]) -> bool:
+    """Was ``report`` an early evaluation on a sample of the validation rows (``SCREENED``)?"""
+    return bool(report.get(SCREENED))
+
+
+def beats(
+    report: Mapping[str, Any], best: Mapping[str, Any] | None, metric: str, mode: str
+) -> bool:
+    """Is ``report`` a better best than ``best`` on ``metric``? A score of every validation
+    row beats a screened one (a sample's) whatever the values, and never the reverse;
+    within a kind, ``better``."""
+    value = report.get(metric)
+    if _missing(value):
+        return False
+    if not best or _missing(best.get(metric)):
+        return True
+    if screened(report) != screened(best):
+        return not screened(report)
+    return better(value, best[metric], mode)

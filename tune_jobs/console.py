@@ -196,6 +196,7 @@ class TrialView:
     total: int | None = None
     best: float | None = None
     best_step: int | None = None
+    best_rows: int | None = None  # a screened best's sample size (None: every row)
     started: float = field(default_factory=time.monotonic)
     first_step: int | None = None  # where this process first saw it (a resume starts later)
     early_stopped: bool = False  # its own patience stopped it (the last report says)
@@ -355,9 +356,14 @@ class SweepConsole(DriverCallback):
             view.step, view.total = step, result.get(M.TOTAL_STEPS) or view.total
             view.early_stopped = bool(result.get(M.EARLY_STOPPED))
             value = result.get(self.metric)
-            if value is not None and M.better(value, view.best, self.mode):
+            screened = M.screened(result)
+            mine = (
+                None if view.best is None else {self.metric: view.best, M.SCREENED: view.best_rows}
+            )
+            if M.beats(result, mine, self.metric, self.mode):
                 view.best, view.best_step = value, step
-            if value is not None and M.better(
+                view.best_rows = result.get(M.EVAL_ROWS) if screened else None
+            if not screened and M.better(  # a sample's score leads nothing
                 value, self.best[0] if self.best else None, self.mode
             ):
                 first = self.best is None
@@ -371,7 +377,9 @@ class SweepConsole(DriverCallback):
         with self.lock:
             view = self._view_of(trial)
             took = clock(time.monotonic() - view.started)
-            best = f"best {self.metric} {fmt(view.best)} at step {view.best_step}"
+            best = f"best {self.metric} {fmt(view.best)} at step {view.best_step}" + (
+                f" (on {view.best_rows} validation rows)" if view.best_rows else ""
+            )
             if self.budget is not None and view.name in self.budget.stopped:
                 line = self._stopped_by_budget(view)
             elif view.early_stopped:

@@ -83,8 +83,8 @@ def summarize_trial(
         )
     rows = [r for r in rows if metric in r]
     best: dict[str, Any] = {}
-    for row in rows:
-        if row.get(metric) is not None and M.better(row[metric], best.get(metric), mode):
+    for row in rows:  # a trial stopped at a screened rung: its best is a sample's score
+        if M.beats(row, best, metric, mode):
             best = row
     last = rows[-1] if rows else {}
     step, total = last.get(M.STEP), last.get(M.TOTAL_STEPS)
@@ -116,8 +116,12 @@ def best_trial(
 ) -> TrialSummary:
     """The trial with the best ``metric``; of trials that tie, ``leader`` (the trial whose
     checkpoint the export takes): a tie is not better, so only the first of them to end
-    wrote its best, and the others' were never written."""
-    return min(finished, key=lambda t: (M.rank(t.best[metric], mode), t.trial != leader))
+    wrote its best, and the others' were never written. A best scored on every validation
+    row before any screened one (a sample's: ``trainers.metrics.SCREENED``)."""
+    return min(
+        finished,
+        key=lambda t: (M.screened(t.best), M.rank(t.best[metric], mode), t.trial != leader),
+    )
 
 
 def best_checkpoint_uri(result: Any, metric: str, mode: str) -> tuple[str, dict[str, Any]]:

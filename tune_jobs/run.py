@@ -584,7 +584,8 @@ def run_job(
             similarity = on_a_worker(spec, probe.measure, spec, splits)
             spec = probe.adapt(spec, similarity)
             echo(similarity.line())
-        spec = fidelity.resolve(spec, len(splits.train))  # grace_period: auto, eval at rungs
+        # grace_period: auto, evaluations at the rungs, their screening sample
+        spec = fidelity.resolve(spec, len(splits.train), len(splits.validation))
         # Written only once every check has passed: a refused run leaves nothing behind.
         if spec.run.if_exists == "overwrite":
             storage.delete_dir(run_dir)

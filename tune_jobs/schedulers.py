@@ -195,7 +195,9 @@ def build_search_alg(
     given (measured: every trial started at once).
     """
     if spec.search.algorithm == "qmc":  # the given points, then a Sobol sequence's
-        more = qmc_points(spec.search.space, spec.search.num_samples - len(points), spec.run.seed)
+        more = qmc_points(
+            spec.search.space, spec.search.num_samples - len(points), spec.run.seed, points
+        )
         points = [*points, *more]
     if spec.search.algorithm == "optuna":
         import optuna

@@ -47,14 +47,21 @@ def trial_hparams(spec: JobSpec, sampled: dict[str, Any]) -> dict[str, Any]:
     return hp
 
 
-def qmc_points(space: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
+def qmc_points(
+    space: dict[str, Any], n: int, seed: int, taken: list[dict[str, Any]] | tuple = ()
+) -> list[dict[str, Any]]:
     """``n`` configs of ``space`` from a scrambled Sobol sequence (``search.algorithm:
     qmc``): each searched key is one dimension, mapped through its distribution (a log
     scale for loguniform; a choice's values in equal shares), so a handful of trials
     covers every key's range evenly, where random draws (and TPE's, which are random for
     its first ten) leave parts of it empty. The first 2^m points of the sequence are
     balanced: n of them fill n of the 2^m equal slices of each range. Fixed keys are left
-    to the param space; grids are refused by the spec."""
+    to the param space; grids are refused by the spec.
+
+    ``taken``: the points the sweep tries first (the defaults trial, a retrain's champion):
+    the sequence is drawn for them too, and each takes the place of the point in its slice
+    of the learning rate (else of the first key), the nearest in every key it sets, so the
+    slices stay filled: 8 trials with the defaults first still put one rate in each eighth."""
     import math
 
     from scipy.stats import qmc
@@ -62,10 +69,31 @@ def qmc_points(space: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]
     keys = [k for k, v in space.items() if isinstance(v, dict) and "grid" not in v]
     if n <= 0 or not keys:
         return []
+    total = n + len(taken)
+    m = max(0, math.ceil(math.log2(total)))
     sobol = qmc.Sobol(d=len(keys), scramble=True, seed=seed)
-    rows = sobol.random_base2(max(0, math.ceil(math.log2(n))))[:n]
+    rows = [list(r) for r in sobol.random_base2(m)[:total]]
+    first = keys.index("learning_rate") if "learning_rate" in keys else 0
+
+    def slice_of(u: float) -> int:  # which of the 2^m equal slices of the first key
+        return min(int(u * 2**m), 2**m - 1)
+
+    for point in taken:
+        at = {i: _unit(space[k], point[k]) for i, k in enumerate(keys) if k in point}
+        if not at or len(rows) <= n:
+            continue
+        rows.remove(
+            min(
+                rows,
+                key=lambda r: (
+                    first in at and slice_of(r[first]) != slice_of(at[first]),
+                    abs(r[first] - at[first]) if first in at else 0.0,
+                    sum((r[i] - u) ** 2 for i, u in at.items()),
+                ),
+            )
+        )
     points = []
-    for row in rows:
+    for row in rows[:n]:
         point = {}
         for key, u in zip(keys, row, strict=True):
             ((kind, values),) = space[key].items()
@@ -82,3 +110,20 @@ def qmc_points(space: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]
                 point[key] = low + u * (high - low)
         points.append(point)
     return points
+
+
+def _unit(entry: dict[str, Any], value: Any) -> float:
+    """Where ``value`` sits in ``entry``'s range, as ``qmc_points`` maps [0, 1) onto it
+    (the middle of a choice's share; a value outside the range at its edge)."""
+    import math
+
+    ((kind, values),) = entry.items()
+    if kind == "choice":
+        index = values.index(value) if value in values else 0
+        return (index + 0.5) / len(values)
+    low, high = float(values[0]), float(values[1])
+    if kind == "randint":  # the middle of the value's share, as for a choice
+        low, high, value = low, high + 1, float(value) + 0.5
+    elif kind == "loguniform":
+        low, high, value = math.log(low), math.log(high), math.log(float(value))
+    return min(max((float(value) - low) / (high - low), 0.0), 1.0)

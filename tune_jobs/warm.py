@@ -92,10 +92,14 @@ def checkpoint_writes(
       before (``tune_jobs.leader``: the export's one source).
     - A sharded engine's weights (DeepSpeed) cannot be held: an evaluation that leads the
       sweep (``leads_sweep``, asked only then) is written at once instead.
+    - ``value`` None (no score, or a screened one: ``trainers.metrics.SCREENED``): only the
+      resume's full state, when due.
     """
     full = population or every_s == 0 or since_full_s >= every_s
     if population:
         return Writes(full=True, best=False, hold=False, lead_now=False)
+    if value is None:  # no score, or a screened one (a sample's): no claim to the export
+        return Writes(full=full, best=False, hold=False, lead_now=False)
     if sharded:
         return Writes(full=full, best=False, hold=False, lead_now=leads_sweep())
     best = M.better(value, held, mode)
@@ -204,7 +208,7 @@ class WarmTrial(tune.Trainable):
         """Carry out ``checkpoint_writes`` for this evaluation; written now?"""
         spec = self.plan.spec
         leader = self.plan.leaderboard
-        value = metrics.get(spec.search.metric)
+        value = None if M.screened(metrics) else metrics.get(spec.search.metric)
         ckpt = self.ckpt
         writes = checkpoint_writes(
             value,

@@ -64,6 +64,38 @@ def drive(out: Output, tmp_path) -> SweepConsole:
     return con
 
 
+def test_a_screened_score_leads_nothing_and_is_said_to_be_a_samples(tmp_path):
+    """Rung evaluations on a sample of the validation rows (``training.screen_rows``): the
+    sample's 0.90 leads nothing (the full 0.75 leads the sweep) and is no trial's best
+    once a full score is in; a trial stopped on a sample says so."""
+    stream = io.StringIO()
+    con = SweepConsole(
+        Output(stream, live=False), "eval_accuracy", "max", SEARCHED, planned=2, scheduler="asha"
+    )
+    a, b = trial(0), trial(1)
+    for t in (a, b):
+        con.on_trial_start(0, [], t)
+    sample = {"screened": 1, "eval_rows": 256}
+    con.on_trial_result(0, [], a, result(10, 0.60, **sample))
+    con.on_trial_result(0, [], b, result(10, 0.90, **sample))
+    con.on_trial_complete(0, [], b)  # stopped at the rung
+    con.on_trial_result(0, [], a, result(30, 0.70, **sample))
+    con.on_trial_result(0, [], a, result(60, 0.75))
+    con.on_trial_complete(0, [], a)
+    lines = [re.sub(r"^ *\d+:\d\d(:\d\d)?  ", "", x) for x in stream.getvalue().splitlines()]
+    assert not any("leads" in x for x in lines)  # the first full score is no one's lead over
+    assert (
+        "trial_00001 stopped early at step 10/60 by ASHA: best eval_accuracy 0.9 at step 10 "
+        "(on 256 validation rows)" in lines
+    )
+    assert any(
+        x.startswith("trial_00000 finished (60 steps")
+        and x.endswith("best eval_accuracy 0.75 at step 60")
+        for x in lines
+    ), lines
+    assert con.best_line().startswith("best: trial_00000 eval_accuracy 0.75")
+
+
 def test_plain_lines_name_each_event_once_without_control_codes(tmp_path):
     stream = io.StringIO()
     con = drive(Output(stream, live=False), tmp_path)

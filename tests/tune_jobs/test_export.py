@@ -91,3 +91,34 @@ def test_of_trials_that_tie_the_best_is_the_one_whose_checkpoint_leads():
     assert best_trial(tied[::-1], "m", "max", "trial_00000").trial == "trial_00000"
     assert best_trial(tied, "m", "max", None).trial == "trial_00000"
     assert best_trial(tied, "m", "min", "trial_00001").trial == "trial_00002"
+
+
+def test_a_resumed_runs_written_leader_still_beats_worse_trials(tmp_path):
+    """A driver killed after the best checkpoint was written: the resumed driver's new
+    leader reads it back, so a worse trial that runs after the resume cannot take the
+    export, and a better one still does (what tests/e2e/test_local_run.py's resume
+    checks for a kill before the best is written)."""
+    from trainers.checkpoint import MANIFEST
+    from tune_jobs import layout
+    from tune_jobs.leader import ExportLeader, read_leader
+
+    Leader = ExportLeader.__ray_actor_class__  # the actor's class, in this process
+    run_dir = str(tmp_path / "run")
+
+    def checkpoint(trial: str) -> str:
+        uri = tmp_path / "run" / "train_runs" / trial / "checkpoint_000010"
+        uri.mkdir(parents=True)
+        (uri / MANIFEST).write_text(json.dumps({"step": 10}))
+        return str(uri)
+
+    before = Leader("min", run_dir)  # the killed driver's
+    before.written("trial_00001", checkpoint("trial_00001"), 0.61, {"eval_loss": 0.61})
+    assert read_leader(run_dir)["trial"] == "trial_00001"
+
+    resumed = Leader("min", run_dir)  # the resumed driver's: nothing in memory
+    assert not resumed.improves(0.69)
+    resumed.written("trial_00002", checkpoint("trial_00002"), 0.69, {"eval_loss": 0.69})
+    assert read_leader(run_dir)["trial"] == "trial_00001"
+    resumed.written("trial_00003", checkpoint("trial_00003"), 0.55, {"eval_loss": 0.55})
+    assert read_leader(run_dir)["trial"] == "trial_00003"
+    assert json.loads(Path(layout.leader_file(run_dir)).read_text())["value"] == 0.55

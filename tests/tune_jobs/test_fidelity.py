@@ -10,7 +10,8 @@ from ray import tune
 from tests.conftest import worker_config
 from trainers import metrics as M
 from trainers.config import HParams
-from trainers.loop import evaluation_points, next_evaluation, run_local
+from trainers.data import screen_sample as sample_of
+from trainers.loop import evaluation_points, next_evaluation, run_local, screening_through
 from tune_jobs import fidelity
 from tune_jobs.schedulers import RungASHA, build_scheduler
 from tune_jobs.spec import SpecError, parse_spec
@@ -95,6 +96,84 @@ def test_the_loop_evaluates_only_at_the_rungs(rt_small, tiny_bert, tmp_path):
     ctx = run_local(cfg, checkpoint_root=str(tmp_path))
     # rt_small: 10 steps an epoch at batch 16 -> rungs at steps 3 and 8, the end at 20
     assert [r[M.STEP] for r in ctx.reports] == [3, 8, 20]
+
+
+@pytest.mark.parametrize(
+    ("rung_rows", "n_validation", "screened"),
+    [
+        ("auto", 400, 0),  # below 512 validation rows: every rung scores every row
+        ("auto", 1000, 256),
+        (100, 300, 100),
+        (300, 300, 0),  # a sample of every row is every row
+        (0, 4000, 0),
+    ],
+)
+def test_every_rung_but_the_last_scores_a_sample_of_the_validation_rows(
+    rung_rows, n_validation, screened
+):
+    spec = _spec(training={"eval_strategy": "rungs"}, scheduler={"rung_rows": rung_rows})
+    resolved = fidelity.resolve(spec, 800, n_validation)
+    assert resolved.training.eval_at == [0.25, 0.75, 2.25]
+    assert resolved.training.screen_rows == screened
+    assert resolved.training.screen_until == (0.75 if screened else 0)
+    # the loop's side: 25 steps an epoch, 3 epochs; rungs at steps 7, 19, 57
+    hp = HParams.from_dict(resolved.training.model_dump())
+    assert screening_through(25, 75, hp) == (19 if screened else 0)
+    # without evaluations at the rungs nothing is screened
+    assert fidelity.resolve(_spec(scheduler={"rung_rows": 100}), 800, 300).training.screen_rows == 0
+
+
+def test_a_screened_evaluation_scores_the_sample_and_changes_no_training(
+    rt_small, tiny_bert, tmp_path
+):
+    """The same trial with and without screening: the same weights at every evaluation
+    (fingerprints), the rung before the last on 24 of the 80 validation rows (another
+    score), the last rung and the end on every row (the same scores)."""
+    cfg = worker_config(
+        rt_small, model=tiny_bert, per_device_train_batch_size=16, num_train_epochs=2
+    )
+    cfg["hp"].update(eval_strategy="rungs", eval_at=[0.25, 0.75], eval_at_unit="epoch")
+    cfg["fingerprint_weights"] = True
+    plain = run_local(cfg, checkpoint_root=str(tmp_path / "plain")).reports
+    cfg["hp"].update(screen_rows=24, screen_until=0.25)
+    screened = run_local(cfg, checkpoint_root=str(tmp_path / "screened")).reports
+    assert [r[M.STEP] for r in screened] == [r[M.STEP] for r in plain] == [3, 8, 20]
+    assert [r[M.WEIGHTS] for r in screened] == [r[M.WEIGHTS] for r in plain]
+    assert [(r[M.EVAL_ROWS], r[M.SCREENED]) for r in screened] == [(24, 1), (80, 0), (80, 0)]
+    assert [(r[M.EVAL_ROWS], r[M.SCREENED]) for r in plain] == [(80, 0)] * 3
+    assert screened[0][M.EVAL_LOSS] != plain[0][M.EVAL_LOSS]
+    for a, b in zip(screened[1:], plain[1:], strict=True):
+        assert (a[M.EVAL_LOSS], a[M.EVAL_ACCURACY]) == (b[M.EVAL_LOSS], b[M.EVAL_ACCURACY])
+    assert sample_of(80, 24) == sample_of(80, 24) != list(range(24))  # fixed, not a prefix
+
+
+def test_a_screened_score_is_never_a_trials_best_nor_the_export_candidate():
+    from tune_jobs.results import TrialSummary, best_trial, summarize_trial
+    from tune_jobs.warm import checkpoint_writes
+
+    class Result:
+        config, error, path = {}, None, "/x/trial_00000"
+
+    rows = [
+        {M.STEP: 3, M.EVAL_LOSS: 0.40, M.SCREENED: 1, M.EVAL_ROWS: 24, M.TOTAL_STEPS: 20},
+        {M.STEP: 8, M.EVAL_LOSS: 0.55, M.SCREENED: 0, M.EVAL_ROWS: 80, M.TOTAL_STEPS: 20},
+    ]
+    assert summarize_trial(Result(), M.EVAL_LOSS, "min", rows).best[M.STEP] == 8
+    stopped = summarize_trial(Result(), M.EVAL_LOSS, "min", rows[:1])  # stopped at the rung
+    assert stopped.best[M.STEP] == 3 and stopped.stopped_early
+
+    def trial(name: str, best: dict) -> TrialSummary:
+        return TrialSummary(name, "TERMINATED", {}, best, best, 1, False)
+
+    # a sample's 0.40 beats nobody whose score is on every row
+    finished = [trial("trial_00000", rows[0]), trial("trial_00001", rows[1])]
+    assert best_trial(finished, M.EVAL_LOSS, "min", None).trial == "trial_00001"
+    kwargs = dict(held=None, since_full_s=0, population=False, every_s=60, sharded=False)
+    assert checkpoint_writes(0.40, mode="min", leads_sweep=lambda: True, **kwargs).best
+    writes = checkpoint_writes(None, mode="min", leads_sweep=lambda: True, **kwargs)
+    assert not (writes.best or writes.hold or writes.lead_now)
+    sharded = {**kwargs, "sharded": True}
+    assert not checkpoint_writes(None, mode="min", leads_sweep=lambda: True, **sharded).lead_now
 
 
 def test_the_scheduler_keeps_its_own_metric():

@@ -72,6 +72,17 @@ def test_qmc_covers_the_learning_rate_range_evenly(local_ray, tmp_path):
     assert bins == list(range(8)), rates
 
 
+def test_qmc_with_the_defaults_first_still_fills_every_eighth(local_ray, tmp_path):
+    """The defaults trial takes the place of the Sobol point nearest its rate: the 7
+    points after it and it fill the 8 eighths (the first 7 of the sequence alone left the
+    top eighth empty on the benchmark's recipe)."""
+    point = defaults_point(SPACE, "bert", in_domain=True)
+    configs = _proposals("qmc", tmp_path, "qd", [point], n=8)
+    assert configs[0] == point
+    bins = sorted(int(8 * (math.log10(c["learning_rate"]) + 5) / 2) for c in configs)
+    assert bins == list(range(8)), configs
+
+
 @pytest.mark.parametrize("algorithm", ["random", "optuna", "qmc"])
 def test_sweep_starts_with_the_defaults_trial(local_ray, tmp_path, algorithm):
     point = defaults_point(SPACE, "bert", in_domain=algorithm != "random")

@@ -50,6 +50,41 @@ def problems_from_validation(
             out.append(Problem(loc, MISSING, f"unknown key; valid keys in '{section}': {valid}"))
             continue
         out.append(Problem(loc, err.get("input", MISSING), err["msg"]))
+    return _merge_union_branches(out, section, cls)
+
+
+def _merge_union_branches(
+    problems: list[Problem], section: str, cls: type[Section]
+) -> list[Problem]:
+    """One problem per key of a union type (``int | "auto"``): pydantic reports each branch
+    apart (``key.constrained-int``, ``key.literal['auto']``); the user wrote one key."""
+    import types
+    import typing
+
+    def is_union(field: str) -> bool:
+        info = cls.model_fields.get(field)
+        origin = typing.get_origin(info.annotation) if info else None
+        return origin is typing.Union or origin is types.UnionType
+
+    merged: dict[str, Problem] = {}
+    out: list[Problem] = []
+    for problem in problems:
+        head, _, branch = problem.key.rpartition(".")
+        field = head.removeprefix(f"{section}.")
+        if branch and "." not in field and is_union(field):
+            if head in merged:
+                prior = merged[head]
+                merged[head] = Problem(
+                    head,
+                    prior.value,
+                    f"{prior.message}, or {problem.message.removeprefix('Input should be ')}",
+                )
+                out[out.index(prior)] = merged[head]
+                continue
+            merged[head] = Problem(head, problem.value, problem.message)
+            out.append(merged[head])
+            continue
+        out.append(problem)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -259,6 +259,20 @@ class TrainingSpec(Section):
     )
     eval_at_unit: Literal["epoch", "step"] = Field(
         "epoch", description="The unit of eval_at: epochs or optimizer steps."
+    )
+    screen_rows: int = Field(
+        0,
+        ge=0,
+        description="Validation rows the early evaluations (up to screen_until) score: a fixed "
+        "random sample, the same for every trial; 0 = every row. A screened score decides a "
+        "scheduler's rungs only: it is never a trial's best, the export's, or early stopping's "
+        "(the driver sets it from scheduler.rung_rows).",
+    )
+    screen_until: float = Field(
+        0,
+        ge=0,
+        description="The last point (in eval_at_unit) whose evaluation is screened; the end of "
+        "training always scores every validation row.",
     )
     eval_steps: float = Field(
         50,
@@ -553,6 +567,13 @@ class SchedulerSpec(Section):
         description="The metric ASHA/HyperBand compare trials on at a rung. auto: eval_loss when "
         "search.metric is eval_accuracy or eval_f1 (early in training they tie at the majority "
         "baseline; the loss already ranks the configs), else search.metric.",
+    )
+    rung_rows: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="asha with training.eval_strategy rungs: validation rows the evaluations at "
+        "every rung but the last score (a fixed sample, the same for every trial); the last "
+        "rung and the end score every row. auto: 256 where the validation split has at least "
+        "512 rows (measured: tune_jobs.fidelity), else every row; 0 = every row.",
     )
     perturbation_interval: float | None = Field(
         None, gt=0, description="pbt/pb2: time_attr units between exploit/explore steps."
