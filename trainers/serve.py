@@ -78,6 +78,22 @@ class End:
     pass
 
 
+@dataclass(frozen=True)
+class Call:
+    """``fn(*args)`` on rank 0 (the other ranks wait for the next command): the model work
+    after a sweep (the export's reload and scoring) in a process that has torch and the
+    model's libraries loaded, not a new one. Object refs among ``args`` arrive resolved.
+    What ``fn`` raises comes back as ``Raised``: the caller's to handle, the group lives."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Raised:
+    error: BaseException
+
+
 @dataclass
 class Held:
     """A trial's best evaluation so far, kept in memory until the driver decides it is worth
@@ -283,6 +299,14 @@ class Server:
         elif isinstance(command, End):
             self.run, self.held = None, None
             gc.collect()
+        elif isinstance(command, Call) and ctx.rank == 0:
+            import ray
+
+            args = [ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in command.args]
+            try:
+                result = command.fn(*args)
+            except Exception as exc:  # noqa: BLE001 - the caller's (a corrupt checkpoint...)
+                result = Raised(exc)
         if self.run is not None:  # serving and awaiting commands is not training time
             self.run.progress.since = time.perf_counter()
         return result

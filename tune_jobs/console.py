@@ -588,7 +588,8 @@ def ending(summary: dict[str, Any], report: str | None) -> list[str]:
     if versus:
         gain = versus["improvement"]
         said = f"{gain * 100:+.1f} points" if "accuracy" in metric else f"{gain:+.4g}"
-        sure.append(f"{said} over the family defaults ({metric} {fmt(versus['defaults'])})")
+        on = f" on {versus['defaults_rows']} rows" if versus.get("defaults_rows") else ""
+        sure.append(f"{said} over the family defaults ({metric} {fmt(versus['defaults'])}{on})")
     name, accuracy = _accuracy_of(metric, best)
     base = summary["majority_baseline"]["validation_accuracy"]
     if accuracy is not None and base is not None and base == base:

@@ -315,10 +315,15 @@ class GroupPool:
         """Every group, and the idle ones (what the tests look at)."""
         return {"all": sorted(self.groups), "idle": sorted(self.idle)}
 
-    def close_all(self) -> None:
-        """The sweep is over: every group's run ends (in parallel; each waits for its workers)."""
+    def close_all(self, keep: int = 0) -> list[tuple[str, Any, Any]]:
+        """The sweep is over: every group's run ends (in parallel; each waits for its
+        workers) but ``keep`` idle ones, returned as leases for the driver's own model work
+        (the export: ``trainers.serve.Call``); a later ``close_all()`` ends those too."""
         with self.changed:
-            groups, self.groups, self.idle = list(self.groups.values()), {}, []
+            self._drop_dead_idle()
+            kept = {n: self.groups[n] for n in self.idle[:keep]}
+            groups = [g for n, g in self.groups.items() if n not in kept]
+            self.groups, self.idle = dict(kept), list(kept)
             self.lessees.clear()
             self.probes.clear()
         closers = [threading.Thread(target=g.close, daemon=True) for g in groups]
@@ -326,6 +331,7 @@ class GroupPool:
             closer.start()
         for closer in closers:
             closer.join()
+        return [(n, g.mailbox, g.filesystem) for n, g in kept.items()]
 
     def _build(self) -> str:
         # under self.changed: names are taken one at a time (group<k>, k over the run)

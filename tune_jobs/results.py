@@ -196,6 +196,7 @@ def score_model(
 
     from trainers import precision
     from trainers.tasks import get_task
+    from trainers.tasks.classification import this_process_only
 
     hf_logging.disable_progress_bar()
     tasks = get_task(task)
@@ -209,15 +210,16 @@ def score_model(
     meta = splits if splits is not None else Splits(split, split, split, label_names)
     rows = tasks.encode_eval(tokenizer, split, range(len(split)), max_length, meta)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return tasks.score(
-        model,
-        rows,
-        len(label_names),
-        batch_size,
-        pad,
-        "cpu",
-        lambda: precision.autocast(arithmetic, "cpu"),  # type: ignore[arg-type]
-    )
+    with this_process_only():  # every row here: on a warm group's rank 0, no all-reduce
+        return tasks.score(
+            model,
+            rows,
+            len(label_names),
+            batch_size,
+            pad,
+            "cpu",
+            lambda: precision.autocast(arithmetic, "cpu"),  # type: ignore[arg-type]
+        )
 
 
 def generated_answers(
@@ -401,6 +403,8 @@ def build_summary(
             "defaults": defaults.best[metric],
             "improvement": M.gain(best.best[metric], defaults.best[metric], mode),
             "defaults_stopped_early": defaults.stopped_early,
+            # the defaults' best on a rung's sample of the validation rows (else None)
+            "defaults_rows": defaults.best.get(M.EVAL_ROWS) if M.screened(defaults.best) else None,
         }
     return {
         "run": run_name,

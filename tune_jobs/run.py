@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -396,15 +397,37 @@ def check_storage_reachable(spec: JobSpec, storage_root: str, capacity: ClusterC
         )
 
 
-def on_a_worker(spec: JobSpec, fn: Callable[..., Any], *args: Any) -> Any:
+def close_pool(pool: Any) -> None:
+    """End the sweep's warm groups (their workers) and the pool; None: nothing to end."""
+    import ray
+
+    if pool is not None:
+        ray.get(pool.close_all.remote())
+        ray.kill(pool)
+
+
+def on_a_worker(spec: JobSpec, fn: Callable[..., Any], *args: Any, worker: Any = None) -> Any:
     """``fn(*args)`` in a Ray task with one trial worker's CPUs, not in the driver: the
     model work around a sweep (the probe's features, the export's reload and scoring) runs
     where the trials' compute is, and the driver keeps to coordinating (on a cluster it is
     the head node's process; measured on the benchmark's recipe, these two were 12.5 of
     its 20 busy CPU-seconds: DECISIONS 85). Object refs among ``args`` arrive resolved.
-    Without a connected Ray (a unit test), in this process."""
+    Without a connected Ray (a unit test), in this process. ``worker``: a warm group of
+    the sweep (``tune_jobs.groups.LeasedGroup``) whose rank 0 runs it instead
+    (``trainers.serve.Call``: its process has torch and the model's libraries loaded; a
+    task's new process imports them first, seconds on a small model); a group that has
+    died meanwhile leaves it to a task."""
     import ray
 
+    if worker is not None and worker.alive:
+        from trainers.serve import Call, Raised
+        from tune_jobs.groups import WorkerGroupError
+
+        with contextlib.suppress(WorkerGroupError):
+            reply = worker.call(Call(fn, args))
+            if isinstance(reply, Raised):
+                raise reply.error
+            return reply
     if not ray.is_initialized():
         return fn(*(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args))
     res = trial_resources(spec)
@@ -420,13 +443,16 @@ def export_verified(
     splits: Splits,
     echo: Callable[[str], None],
     source_dir: str | None = None,
+    worker: Any = None,
 ) -> dict[str, Any]:
     """Export ``uri`` into the run's export folder; if its files fail their checksums, the
     best other checkpoint written in ``source_dir`` (default: the run) that passes (the log
     says which and why). A corrupt checkpoint is never exported."""
     dest = storage.join(run_dir, layout.EXPORT_DIR)
     try:
-        return on_a_worker(spec, results.export_best, uri, dest, spec, metrics, splits)
+        return on_a_worker(
+            spec, results.export_best, uri, dest, spec, metrics, splits, worker=worker
+        )
     except CorruptCheckpoint as exc:
         echo(f"export: {exc}: not exported")
         failure = exc
@@ -436,7 +462,7 @@ def export_verified(
             continue
         try:
             record = on_a_worker(
-                spec, results.export_best, other, dest, spec, other_metrics, splits
+                spec, results.export_best, other, dest, spec, other_metrics, splits, worker=worker
             )
         except CorruptCheckpoint as exc:
             echo(f"export: {exc}: not exported")
@@ -444,6 +470,60 @@ def export_verified(
         echo(f"export: exported {other} instead ({metric} {other_metrics[metric]:.4f})")
         return record
     raise RunFailed(f"no checkpoint that passes its checksums is left to export ({failure})")
+
+
+def _choose_and_export(
+    spec: JobSpec,
+    run_dir: str,
+    grid: Any,
+    trials: list[Any],
+    finished: list[Any],
+    reevaluation: dict[str, Any] | None,
+    splits: Splits,
+    worker: Any,
+    echo: Callable[[str], None],
+) -> tuple[Any, dict[str, Any] | None]:
+    """The sweep's best trial (the reevaluation's choice, where one ran) and its export
+    (``worker``: a warm group to run the model work on, or None)."""
+    metric, mode = spec.search.metric, spec.search.resolved_mode
+    best = None
+    export = None
+    leader = read_leader(run_dir) if spec.training.save_checkpoints else None
+    chosen = (reevaluation or {}).get("chosen")
+    if chosen:  # the config with the best mean over new seeds, its best seed exported
+        from tune_jobs import reevaluate
+
+        best = next(t for t in trials if t.trial == chosen)
+        seeded = reevaluation.get("export")
+        if seeded is not None:
+            export = export_verified(
+                spec,
+                run_dir,
+                seeded["uri"],
+                seeded["metrics"],
+                splits,
+                echo,
+                source_dir=storage.join(run_dir, reevaluate.FOLDER),
+                worker=worker,
+            )
+        reevaluate.prune(run_dir, reevaluation)
+    elif finished:
+        best = results.best_trial(finished, metric, mode, leader and leader["trial"])
+        best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
+        if leader is not None:
+            # the best checkpoint written (tune_jobs.leader; none under pbt/pb2)
+            uri, ckpt_metrics = leader["uri"], leader["metrics"]
+            if leader["trial"] != best.trial:
+                echo(
+                    f"note: {best.trial} reported the best {metric} but its checkpoint "
+                    f"was never written (it failed?); exporting {leader['trial']}'s "
+                    f"({metric} {leader['value']:.4f})"
+                )
+        elif spec.training.save_checkpoints:
+            uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
+        if spec.training.save_checkpoints:
+            export = export_verified(spec, run_dir, uri, ckpt_metrics, splits, echo, worker=worker)
+    return best, export
 
 
 def run_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -652,44 +732,24 @@ def run_job(
                 )
                 for line in reevaluate.describe(reevaluation, metric):
                     echo(line)
+        except BaseException:
+            close_pool(pool)
+            raise
+        # the groups' workers go but one, which does the export's model work (warm: torch,
+        # the model's libraries, the tokenizer loaded; a new task's process loads them all)
+        worker = None
+        if pool is not None:
+            from tune_jobs.groups import LeasedGroup
+
+            kept = ray.get(pool.close_all.remote(keep=1))
+            worker = LeasedGroup(pool, kept[0]) if kept else None
+        try:
+            best, export = _choose_and_export(
+                spec, run_dir, grid, trials, finished, reevaluation, splits, worker, echo
+            )
         finally:
-            if pool is not None:  # the groups' workers go before the export needs the CPUs
-                ray.get(pool.close_all.remote())
-                ray.kill(pool)
-        best = None
-        export = None
+            close_pool(pool)
         leader = read_leader(run_dir) if spec.training.save_checkpoints else None
-        chosen = (reevaluation or {}).get("chosen")
-        if chosen:  # the config with the best mean over new seeds, its best seed exported
-            best = next(t for t in trials if t.trial == chosen)
-            seeded = reevaluation.get("export")
-            if seeded is not None:
-                export = export_verified(
-                    spec,
-                    run_dir,
-                    seeded["uri"],
-                    seeded["metrics"],
-                    splits,
-                    echo,
-                    source_dir=storage.join(run_dir, reevaluate.FOLDER),
-                )
-            reevaluate.prune(run_dir, reevaluation)
-        elif finished:
-            best = results.best_trial(finished, metric, mode, leader and leader["trial"])
-            best_result = next(r for r in grid if results.trial_dir(r) == best.trial)
-            if leader is not None:
-                # the best checkpoint written (tune_jobs.leader; none under pbt/pb2)
-                uri, ckpt_metrics = leader["uri"], leader["metrics"]
-                if leader["trial"] != best.trial:
-                    echo(
-                        f"note: {best.trial} reported the best {metric} but its checkpoint "
-                        f"was never written (it failed?); exporting {leader['trial']}'s "
-                        f"({metric} {leader['value']:.4f})"
-                    )
-            elif spec.training.save_checkpoints:
-                uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
-            if spec.training.save_checkpoints:
-                export = export_verified(spec, run_dir, uri, ckpt_metrics, splits, echo)
         keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
         statuses = {t.trial: t.status for t in trials}
         results.prune_train_runs(layout.train_runs(run_dir), statuses, keep)

@@ -87,11 +87,17 @@ def leaderboard(summary: dict[str, Any]) -> str:
     task = get_task(summary.get("task") or "sequence_classification")
     columns = [c for c in task.columns if c != metric]
 
-    def rank_key(t: dict[str, Any]) -> float:
-        return M.rank(t["best"].get(metric), mode)
+    def rank_key(t: dict[str, Any]) -> tuple[bool, float]:  # a sample's score after all rows'
+        return M.screened(t["best"]), M.rank(t["best"].get(metric), mode)
+
+    def shown(best: dict[str, Any], key: str) -> str:
+        return fmt(best.get(key, "-")) + ("*" if M.screened(best) else "")
 
     header = ["trial", metric, *columns, "steps", "status"]
     rows = []
+    sampled = sorted(
+        {t["best"].get(M.EVAL_ROWS) for t in summary["trials"] if M.screened(t["best"])}
+    )
     for t in sorted(summary["trials"], key=rank_key):
         best, last = t["best"], t["last"]
         steps = f"{last.get(M.STEP, '-')}/{last.get(M.TOTAL_STEPS, '-')}"
@@ -100,13 +106,20 @@ def leaderboard(summary: dict[str, Any]) -> str:
         rows.append(
             [
                 t["trial"] + (" (defaults)" if is_defaults else ""),
-                fmt(best.get(metric, "-")),
-                *(fmt(best.get(c, "-")) for c in columns),
+                shown(best, metric),
+                *(shown(best, c) for c in columns),
                 steps,
                 "stopped early" if t["stopped_early"] else status,
             ]
         )
     out = table(header, rows)
+    if sampled:
+        rows_of = summary.get("data", {}).get("validation")
+        out.append(
+            f"* on a sample of {', '.join(map(str, sampled))}"
+            + (f" of the {rows_of}" if rows_of else "")
+            + " validation rows: the rung the trial stopped at (scheduler.rung_rows)"
+        )
     base = summary["majority_baseline"]["validation_accuracy"]
     out.append("")
     kind = "answer" if task.NAME == "causal_lm" else "class"
@@ -139,6 +152,8 @@ def leaderboard(summary: dict[str, Any]) -> str:
     versus = summary.get("best_vs_defaults")
     if versus:
         note = " (the defaults trial was stopped early)" if versus["defaults_stopped_early"] else ""
+        if versus.get("defaults_rows"):
+            note = f" (the defaults trial was stopped early, on {versus['defaults_rows']} validation rows)"
         out.append(
             f"best vs the family defaults: {metric} {fmt(versus['best'])} vs {fmt(versus['defaults'])} "
             f"({versus['improvement']:+.4f}){note}"

@@ -258,3 +258,46 @@ def test_rays_output_goes_to_the_run_folders_log_and_tunefleets_to_the_terminal(
         "core_worker.cc: noise from C++",
         "a child process",
     ]
+
+
+def test_the_leaderboard_marks_a_samples_score_and_ranks_it_after_every_rows():
+    """A trial stopped at a screened rung: its 0.90 (on 256 rows) is starred, explained,
+    and ranked after the 0.75 scored on all 1,000 rows; the defaults' comparison says it."""
+    from tune_jobs.tables import leaderboard
+
+    def trial(name: str, acc: float, step: int, **best) -> dict:
+        scores = {"eval_accuracy": acc, "eval_f1": acc, "step": step, "total_steps": 60, **best}
+        return {
+            "trial": name,
+            "status": "TERMINATED",
+            "best": scores,
+            "last": scores,
+            "stopped_early": step < 60,
+        }
+
+    sample = {"screened": 1, "eval_rows": 256}
+    summary = {
+        "metric": "eval_accuracy",
+        "mode": "max",
+        "trials": [trial("trial_00000", 0.90, 7, **sample), trial("trial_00001", 0.75, 60)],
+        "majority_baseline": {"validation_accuracy": 0.59},
+        "data": {"validation": 1000},
+        "defaults_trial": {"trial": "trial_00000"},
+        "best_vs_defaults": {
+            "best": 0.75,
+            "defaults": 0.90,
+            "improvement": -0.15,
+            "defaults_stopped_early": True,
+            "defaults_rows": 256,
+        },
+    }
+    lines = leaderboard(summary)
+    lines = lines.splitlines() if isinstance(lines, str) else lines
+    ranked = [x.split()[0] for x in lines if x.startswith("trial_")]
+    assert ranked == ["trial_00001", "trial_00000"]
+    assert any(x.startswith("trial_00000 (defaults)") and "0.9*" in x for x in lines)
+    assert (
+        "* on a sample of 256 of the 1000 validation rows: the rung the trial stopped at "
+        "(scheduler.rung_rows)" in lines
+    )
+    assert any("stopped early, on 256 validation rows" in x for x in lines)

@@ -88,3 +88,36 @@ def test_a_renewed_group_replaces_the_dead_one_under_the_same_lease(lessees):
     # still one group, still a's: another lease waits (nothing was leaked or freed)
     ready, _ = ray.wait([b.lease.remote(pool)], timeout=2)
     assert not ready
+
+
+def test_the_sweeps_end_keeps_one_idle_group_for_the_export(lessees):
+    """``close_all(keep=1)``: every group ends but one idle one, leased to the driver (the
+    export's model work runs there); the next ``close_all()`` ends it too."""
+    pool = GroupPool.remote(None, 3, LightGroup)
+    a, b = Lessee.remote(), Lessee.remote()  # the module's may still wait in another pool
+    names = ray.get([a.lease.remote(pool), b.lease.remote(pool)])
+    for name in names:
+        ray.get(pool.give_back.remote(name))
+    kept = ray.get(pool.close_all.remote(keep=1))
+    assert len(kept) == 1 and kept[0][0] in names
+    assert ray.get(pool.names.remote()) == {"all": [kept[0][0]], "idle": [kept[0][0]]}
+    assert LeasedGroup(pool, kept[0]).alive
+    assert ray.get(pool.close_all.remote()) == []
+    assert ray.get(pool.names.remote()) == {"all": [], "idle": []}
+    assert not LeasedGroup(pool, kept[0]).alive
+
+
+def test_a_call_runs_on_rank_0_and_hands_back_what_it_raised():
+    """``trainers.serve.Call``: rank 0 runs the function (its exception comes back as a
+    value: the group lives on); the other ranks do nothing."""
+    from types import SimpleNamespace
+
+    from trainers.serve import Call, Raised, Server
+
+    server = Server.__new__(Server)  # the protocol only: no model, no data
+    server.ctx, server.run = SimpleNamespace(rank=0), None
+    assert server.handle(Call(pow, (2, 10))) == 1024
+    raised = server.handle(Call(int, ("x",)))
+    assert isinstance(raised, Raised) and isinstance(raised.error, ValueError)
+    server.ctx.rank = 1
+    assert server.handle(Call(pow, (2, 10))) is None

@@ -8,6 +8,7 @@ baseline is the majority class of the training split.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -103,9 +104,29 @@ def score(
     return M.classification_metrics(confusion.tolist(), float(loss_sum), float(confusion.sum()))
 
 
+#: set while a score is this process's alone (``this_process_only``)
+_ALONE = threading.local()
+
+
+@contextlib.contextmanager
+def this_process_only() -> Iterator[None]:
+    """Scores summed in this process alone, even inside a distributed worker: the export's
+    re-scoring of a whole split on rank 0 of a warm group (``tune_jobs.results.score_model``),
+    whose other ranks are not scoring and would never join an all-reduce."""
+    before = getattr(_ALONE, "on", False)
+    _ALONE.on = True
+    try:
+        yield
+    finally:
+        _ALONE.on = before
+
+
 def all_reduce_sum(totals: torch.Tensor, device: Any) -> torch.Tensor:
-    """``totals`` summed over every rank (itself when not distributed), on the CPU.
-    One all-reduce; NCCL reduces only device tensors, gloo CPU ones."""
+    """``totals`` summed over every rank (itself when not distributed, or inside
+    ``this_process_only``), on the CPU. One all-reduce; NCCL reduces only device tensors,
+    gloo CPU ones."""
+    if getattr(_ALONE, "on", False):
+        return totals.cpu()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         on = device if torch.distributed.get_backend() == "nccl" else "cpu"
         totals = totals.to(on)
