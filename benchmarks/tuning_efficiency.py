@@ -500,6 +500,40 @@ def _at_epoch(rows: list[dict[str, Any]], epoch: float) -> dict[str, Any] | None
 
 def one_training(config: dict[str, Any], work: str, files: dict[str, str], plan: Plan) -> float:
     """Trial-seconds of training ``config`` once from scratch, alone (the denominator)."""
+    return train_once(config, work, files, plan)[1]
+
+
+def seed_check(
+    config: dict[str, Any], work: str, files: dict[str, str], plan: Plan, tokenizer: Any, n: int
+) -> dict[str, Any]:
+    """The chosen config trained from scratch on ``n`` new seeds (1..n; the sweeps ran seed
+    0), each export scored on the validation and test rows: how good the config is, apart
+    from the luck of the one training a sweep exports."""
+    import statistics
+
+    scores: dict[str, list[float]] = {"validation": [], "test": []}
+    for seed in range(1, n + 1):
+        run_dir = train_once(config, work, files, plan, seed)[0]
+        with open(os.path.join(run_dir, "summary.json")) as fh:
+            export = json.load(fh)["best"]["export_dir"]
+        for split in scores:
+            scores[split].append(ps.score(export, files[split], tokenizer))
+    return {
+        "seeds": list(range(1, n + 1)),
+        **{f"{k}_accuracy": v for k, v in scores.items()},
+        **{f"{k}_mean": round(statistics.mean(v), 4) for k, v in scores.items()},
+        **{
+            f"{k}_sd": round(statistics.stdev(v), 4) if len(v) > 1 else None
+            for k, v in scores.items()
+        },
+    }
+
+
+def train_once(
+    config: dict[str, Any], work: str, files: dict[str, str], plan: Plan, seed: int = 0
+) -> tuple[str, float]:
+    """``config`` trained once from scratch, alone, on ``seed``: its run folder and
+    trial-seconds."""
     import yaml
 
     storage = os.path.join(work, "once")
@@ -507,6 +541,7 @@ def one_training(config: dict[str, Any], work: str, files: dict[str, str], plan:
     base_plan = ps.Plan(plan.train_rows, plan.validation_rows, plan.test_rows, 1, {}, 1.0)
     spec = ps.tunefleet_spec(files, base_plan, "single_process", storage)
     spec["run"]["name"] = "once"
+    spec["run"]["seed"] = seed
     spec["search"].update(num_samples=1, space={}, start_with_defaults=False)
     spec["scheduler"] = {"type": "fifo"}
     spec["training"].update({k: v for k, v in config.items() if k in SPACE or k in _TRAINING_KEYS})
@@ -518,7 +553,7 @@ def one_training(config: dict[str, Any], work: str, files: dict[str, str], plan:
     run_dir = os.path.join(storage, "once")
     with open(os.path.join(run_dir, "summary.json")) as fh:
         summary = json.load(fh)
-    return round(sum(t["time_total_s"] for t in _trials(run_dir, summary)), 1)
+    return run_dir, round(sum(t["time_total_s"] for t in _trials(run_dir, summary)), 1)
 
 
 _TRAINING_KEYS = ("lr_scheduler_type", "unfreeze_depth", "num_train_epochs")
@@ -543,6 +578,16 @@ def print_table(report: dict[str, Any]) -> None:
             f"{times if times is not None else float('nan'):>7.1f}"
             f"{row.get('driver_cpu_s') or float('nan'):>13.1f}"
         )
+    checked = [r for r in report["methods"] if r.get("seed_check")]
+    if checked:
+        n = len(checked[0]["seed_check"]["seeds"])
+        print(f"\nthe chosen config trained again on {n} new seeds (mean +- sd)")
+        for row in checked:
+            c = row["seed_check"]
+            print(
+                f"{row['method']:<13}validation {c['validation_mean']:.4f} +- "
+                f"{c['validation_sd'] or 0:.4f}   test {c['test_mean']:.4f} +- {c['test_sd'] or 0:.4f}"
+            )
 
 
 def print_fidelity(study: dict[str, Any]) -> None:
@@ -576,13 +621,59 @@ def print_fidelity(study: dict[str, Any]) -> None:
             )
 
 
+def seed_check_only(path: str, n: int, only: str | None, keep: bool) -> None:
+    """``--seed-check N --from FILE``: the seed check of the chosen configs an earlier run
+    wrote (same plan, same split), added to that report and printed."""
+    with open(path) as fh:
+        report = json.load(fh)
+    plan = QUICK if report["mode"] == "quick" else FULL
+    wanted = set(only.split(",")) if only else None
+    work = tempfile.mkdtemp(prefix="tuning-efficiency-seeds-")
+    try:
+        files = write_splits(work, plan)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ps.model_path())
+        for row in report["methods"]:
+            if wanted is None or row["method"] in wanted:
+                row["seed_check"] = seed_check(
+                    row["chosen"]["config"], work, files, plan, tokenizer, n
+                )
+                print(json.dumps({row["method"]: row["seed_check"]}), flush=True)
+        report["seed_check_date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print_table(report)
+        print(f"\nwritten: {path}")
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data, 2 trials of 1 epoch")
     parser.add_argument("--only", help=f"comma-separated methods (of {', '.join(METHODS)})")
     parser.add_argument("--out", help="JSON file (default: benchmarks/results/...)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--seed-check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train each method's chosen config again on N new seeds (validation, test)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_file",
+        help="with --seed-check: the methods' chosen configs from this earlier report "
+        "(the seed check is added to it)",
+    )
     args = parser.parse_args()
+    if args.from_file:
+        return seed_check_only(args.from_file, args.seed_check, args.only, args.keep)
     plan = QUICK if args.quick else FULL
     methods = args.only.split(",") if args.only else [*STUDIES, *METHODS]
     if args.quick and not args.only:  # under 5 minutes: the extra study and variant on ask
@@ -633,6 +724,10 @@ def main() -> None:
             row["tuning_cost_x_one_training"] = (
                 round(row["trial_seconds"] / once[key], 2) if key in once else None
             )
+            if args.seed_check:
+                row["seed_check"] = seed_check(
+                    row["chosen"]["config"], work, files, plan, tokenizer, args.seed_check
+                )
             report["methods"].append(row)
             print(json.dumps({k: row[k] for k in row if k != "chosen"}), flush=True)
         if report["methods"]:

@@ -99,6 +99,24 @@ def screen_rows(spec: JobSpec, n_validation: int) -> int:
     return 0 if rows >= n_validation else int(rows)
 
 
+def budget_searched_note(spec: JobSpec) -> str | None:
+    """A note where the space searches the training length under ASHA/HyperBand, which
+    already decide how long each trial trains (DECISIONS 87), else None."""
+    sched = spec.scheduler
+    searched = [k for k in ("num_train_epochs", "max_steps") if k in spec.search.space]
+    if sched.type not in ("asha", "hyperband") or sched.time_attr not in (M.EPOCH, M.STEP):
+        return None
+    if not searched:
+        return None
+    return (
+        f"note: search.space.{searched[0]} under {sched.type.upper()}: the scheduler already "
+        "decides how long each trial trains, and a trial searched to fewer epochs anneals its "
+        "learning rate sooner, so it looks better at the early rungs than one that will train "
+        f"longer; fixing training.{searched[0]} at the most you would train lets the rungs "
+        "decide"
+    )
+
+
 def resolve(spec: JobSpec, n_train: int, n_validation: int = 0) -> JobSpec:
     """The spec with ``grace_period: auto``, ``eval_strategy: rungs`` and the rungs'
     screening sample (``rung_rows``) made concrete."""

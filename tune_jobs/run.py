@@ -666,6 +666,9 @@ def run_job(
             echo(similarity.line())
         # grace_period: auto, evaluations at the rungs, their screening sample
         spec = fidelity.resolve(spec, len(splits.train), len(splits.validation))
+        note = fidelity.budget_searched_note(spec)
+        if note and not restore:
+            echo(note)
         # Written only once every check has passed: a refused run leaves nothing behind.
         if spec.run.if_exists == "overwrite":
             storage.delete_dir(run_dir)

@@ -176,6 +176,15 @@ def test_a_screened_score_is_never_a_trials_best_nor_the_export_candidate():
     assert not checkpoint_writes(None, mode="min", leads_sweep=lambda: True, **sharded).lead_now
 
 
+def test_searching_the_epochs_under_asha_is_noted():
+    searched = {"search": {"space": {"num_train_epochs": {"choice": [1, 2, 3]}}}}
+    note = fidelity.budget_searched_note(_spec(**searched))
+    assert note and note.startswith("note: search.space.num_train_epochs under ASHA")
+    assert "fixing training.num_train_epochs" in note
+    assert fidelity.budget_searched_note(_spec()) is None  # the epochs fixed
+    assert fidelity.budget_searched_note(_spec(**searched, scheduler={"type": "fifo"})) is None
+
+
 def test_the_scheduler_keeps_its_own_metric():
     sched = build_scheduler(_spec())
     assert isinstance(sched, RungASHA)
