@@ -16,7 +16,8 @@ the trial summaries. Checked and measured:
 - the scheduler's time per decision (its ``on_trial_result``, timed around the call);
 - the driver's memory (RSS) after the first tenth of the results and at the end.
 
-    .venv/bin/python benchmarks/scale_sim.py [--trials 300] [--pbt-trials 48] [--nodes 4] [--out FILE]
+    .venv/bin/python benchmarks/scale_sim.py [--trials 300] [--pbt-trials 48] [--pbt-epochs 3]
+        [--nodes 4] [--out FILE]
 
 ``simulate`` is also what ``tests/tune_jobs/test_scale_sim.py`` runs, at a smaller size.
 """
@@ -214,6 +215,7 @@ def simulate(
     tenth = next((rss for seen, rss in memory.rows if seen >= len(decisions) / 10), None)
     return {
         "scheduler": scheduler,
+        "epochs": epochs,
         "trials_planned": trials,
         "trials_made": len(grid),
         "trials_summarized": len(summaries),
@@ -258,6 +260,12 @@ def main() -> None:
         help="PBT's population (members beyond what runs at once are paused and resumed "
         "at every interval: a second or two each here)",
     )
+    parser.add_argument(
+        "--pbt-epochs",
+        type=float,
+        default=3.0,
+        help="each PBT member's epochs (an exploit every half epoch)",
+    )
     parser.add_argument("--timeout-s", type=int, default=1800, help="per sweep")
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument(
@@ -279,7 +287,8 @@ def main() -> None:
             if trials <= 0:  # 0: that scheduler not run
                 continue
             with tempfile.TemporaryDirectory() as storage:
-                row = simulate(scheduler, trials, storage, timeout_s=args.timeout_s)
+                epochs = args.pbt_epochs if scheduler == "pbt" else 3.0
+                row = simulate(scheduler, trials, storage, timeout_s=args.timeout_s, epochs=epochs)
             report["runs"].append(row)
             print(json.dumps(row), flush=True)
     finally:

@@ -25,6 +25,7 @@ invocation (this machine's speed drifts from day to day: only figures of one run
   else the config run alone): tuning cost as a multiple of one training.
 
     .venv/bin/python benchmarks/tuning_efficiency.py [--quick] [--only M,M] [--keep] [--out FILE]
+        [--seed-check N [--from FILE]]
 
 The full run is sized for under 45 minutes on 2 cores; ``--quick`` (small data, 2
 trials of 1 epoch) a few minutes. Writes ``benchmarks/results/tuning_efficiency*.json``.
@@ -327,10 +328,12 @@ def run_fidelity(work: str, files: dict[str, str], plan: Plan) -> dict[str, Any]
     ``scheduler.rung_rows`` sets): does the sample's loss keep what the full rows' keeps?
     Not a method: its seconds are the study's, not a sweep's."""
     full = _fidelity_curves(work, files, plan, "fidelity", screen_rows=0)
+    study = {"wall_s": full["wall_s"], **rung_agreement(full["curves"], plan.max_epochs)}
+    if plan.validation_rows <= STUDY_SCREEN_ROWS:  # --quick: a sample would be every row
+        return study
     sample = _fidelity_curves(work, files, plan, "fidelity-screened", STUDY_SCREEN_ROWS)
     return {
-        "wall_s": full["wall_s"],
-        **rung_agreement(full["curves"], plan.max_epochs),
+        **study,
         "screened": {
             "rows": STUDY_SCREEN_ROWS,
             "of": plan.validation_rows,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from trainers.model import LayerMap
+from trainers.model import LayerMap, save_pretrained
 
 NONE, LORA = "none", "lora"
 ALL_LINEAR = "all-linear"
@@ -106,4 +106,4 @@ def export(model: Any, dest: str, adapter_dir: str) -> None:
     one set of plain weights in the base's layout) to ``dest``."""
     model.save_pretrained(adapter_dir)
     merged = model.merge_and_unload()
-    merged.save_pretrained(dest)
+    save_pretrained(merged, dest)

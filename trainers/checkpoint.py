@@ -138,7 +138,9 @@ def save_checkpoint(
     if layout == "deepspeed":
         pass  # the engine has written deepspeed/ (every rank); this is rank 0's part
     elif layout == "full":
-        model.save_pretrained(os.path.join(path, MODEL_DIR))
+        from trainers.model import save_pretrained
+
+        save_pretrained(model, os.path.join(path, MODEL_DIR))
         tokenizer.save_pretrained(os.path.join(path, MODEL_DIR))
     else:
         from safetensors.torch import save_file
@@ -337,7 +339,7 @@ def materialize(path: str, dest: str, trust_remote_code: bool = False) -> None:
         shutil.copytree(os.path.join(path, MODEL_DIR), dest, dirs_exist_ok=True)
         return
     from trainers import adapters
-    from trainers.model import build_model, build_tokenizer, resolve_model_path
+    from trainers.model import build_model, build_tokenizer, resolve_model_path, save_pretrained
 
     base = resolve_model_path(manifest["base_model"])
     hparams = manifest["hparams"]
@@ -349,7 +351,7 @@ def materialize(path: str, dest: str, trust_remote_code: bool = False) -> None:
         adapters.export(model, dest, os.path.join(dest, ADAPTER_DIR))
     else:
         load_weights(path, model)
-        model.save_pretrained(dest)
+        save_pretrained(model, dest)
     build_tokenizer(base, trust_remote_code).save_pretrained(dest)
 
 

@@ -30,6 +30,32 @@ class ModelError(ValueError):
     """A model that cannot be found or built; the message names the spec key."""
 
 
+def save_pretrained(model: Any, folder: str) -> None:
+    """``model.save_pretrained(folder)`` without importing DeepSpeed to do it.
+
+    transformers unwraps the model through accelerate, which imports ``deepspeed``
+    whenever it is installed (2.5 s of CPU here, once per process) only to ask whether the
+    model is a ``DeepSpeedEngine``; every DDP worker paid it at its first checkpoint. No
+    model is one in a process that has not imported deepspeed, so there the question is
+    answered no without the import; a DeepSpeed trial (deepspeed imported) asks as before.
+    """
+    import sys
+
+    try:
+        from accelerate.utils import other
+    except ImportError:  # no accelerate: transformers does not unwrap through it
+        other = None
+    if other is None or "deepspeed" in sys.modules:
+        model.save_pretrained(folder)
+        return
+    probe = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        model.save_pretrained(folder)
+    finally:
+        other.is_deepspeed_available = probe
+
+
 def is_local_path(name_or_path: str, cwd: str | None = None) -> bool:
     """A path on this machine, not a hub name or a ``package:``: absolute, relative with
     ``./`` or ``../``, ``~``, or present on disk under ``cwd`` (default: here), as
@@ -194,7 +220,7 @@ def gguf_folder(path: str) -> str:
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            model.save_pretrained(tmp)
+            save_pretrained(model, tmp)
             AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
             os.rename(tmp, dest)  # whole or not at all
         finally:

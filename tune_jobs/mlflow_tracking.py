@@ -333,24 +333,28 @@ def set_champion(spec: JobSpec, result: dict[str, Any] | None, say: Any) -> bool
 
 
 class MlflowCallback(DriverCallback):
-    """The Tune side: trial runs as Tune starts, reports and ends trials."""
+    """The Tune side: trial runs as Tune starts, reports and ends trials. ``prefix``: a
+    second experiment's (the reevaluation's ``reevaluate/``), so its trial runs are named
+    apart from the sweep's, as its report folders are (``layout.trial_of``)."""
 
-    def __init__(self, runs: MlflowRuns, hparams: Any) -> None:
+    def __init__(self, runs: MlflowRuns, hparams: Any, prefix: str = "") -> None:
         self.runs = runs
         self.hparams = hparams  # config -> the trial's full hyperparameters
+        self.prefix = prefix
+
+    def _name(self, trial: Any) -> str:
+        return self.prefix + layout.trial_name(trial)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.runs.trial_started(
-            layout.trial_name(trial), self.hparams(trial.config), dict(trial.config)
-        )
+        self.runs.trial_started(self._name(trial), self.hparams(trial.config), dict(trial.config))
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        self.runs.trial_result(layout.trial_name(trial), result)
+        self.runs.trial_result(self._name(trial), result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.runs.trial_ended(layout.trial_name(trial), failed=False)
+        self.runs.trial_ended(self._name(trial), failed=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.runs.trial_ended(layout.trial_name(trial), failed=True)
+        self.runs.trial_ended(self._name(trial), failed=True)

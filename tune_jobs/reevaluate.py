@@ -272,10 +272,12 @@ def run(
     pool: Any,
     sweep_budget: Budget | None,
     echo: Callable[[str], None],
+    tracker: Any = None,
 ) -> dict[str, Any]:
     """Retrain the sweep's best configs on new seeds (a second Tune experiment, on the
     sweep's warm groups ``pool`` when it has them); summary.json's ``reevaluation``.
-    ``restore``: go on with an interrupted one."""
+    ``restore``: go on with an interrupted one. ``tracker``: the sweep's MLflow runs,
+    which get a nested run per retraining (``reevaluate/trial_<n>``)."""
     from tune_jobs.budget import budget_of, gpus_per_trial
     from tune_jobs.report_log import read_all_reports
     from tune_jobs.results import summarize_trial, trial_dir
@@ -322,6 +324,8 @@ def run(
         budget=budget,
         space=space_of(pts),
         pool=pool,
+        tracker=tracker,
+        trial_prefix=f"{FOLDER}/",
     )
     budget = budget_of(tuner)
     try:

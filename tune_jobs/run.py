@@ -179,6 +179,7 @@ def build_tuner(
     budget: Any = None,
     space: dict[str, Any] | None = None,
     pool: Any = None,
+    trial_prefix: str = "",
 ) -> tuple[Any, Any, SweepConsole | None]:
     """The ``ray.tune.Tuner`` for this run (new or restored), the pool of warm worker
     groups its trials lease (``tune_jobs.groups.GroupPool``; None for single-process
@@ -186,7 +187,8 @@ def build_tuner(
     ``--verbose``: Tune's own reporter). ``points`` are tried first.
 
     ``hp_schedule`` switches every trial's hyperparameters at those steps (a PBT replay);
-    ``tracker``: the sweep's MLflow runs (``tune_jobs.mlflow_tracking.MlflowRuns``);
+    ``tracker``: the sweep's MLflow runs (``tune_jobs.mlflow_tracking.MlflowRuns``), its
+    trial runs named ``trial_prefix`` + the trial (a reevaluation's ``reevaluate/``);
     ``budget``: a ``tune_jobs.budget.Budget`` gating new trials and stopping the sweep at
     its limits (a restored run keeps the one it began with, given the spec's limits);
     ``space``: Tune's param space in place of the spec's (a reevaluation's points);
@@ -259,7 +261,9 @@ def build_tuner(
     if tracker is not None:
         from tune_jobs.mlflow_tracking import MlflowCallback
 
-        mine.append(MlflowCallback(tracker, lambda config: trial_hparams(spec, config)))
+        mine.append(
+            MlflowCallback(tracker, lambda config: trial_hparams(spec, config), trial_prefix)
+        )
     verbose = 1 if output.verbose else 0  # 1: Tune's own reporter; 0: the console alone
     if restore:
         fs = storage.ray_storage(run_dir)
@@ -440,14 +444,15 @@ def export_verified(
     run_dir: str,
     uri: str,
     metrics: dict[str, Any],
-    splits: Splits,
+    splits: Any,
     echo: Callable[[str], None],
     source_dir: str | None = None,
     worker: Any = None,
 ) -> dict[str, Any]:
     """Export ``uri`` into the run's export folder; if its files fail their checksums, the
     best other checkpoint written in ``source_dir`` (default: the run) that passes (the log
-    says which and why). A corrupt checkpoint is never exported."""
+    says which and why). A corrupt checkpoint is never exported. ``splits``: the data, or
+    its object ref (what the worker resolves: the sweep's, not another copy)."""
     dest = storage.join(run_dir, layout.EXPORT_DIR)
     try:
         return on_a_worker(
@@ -479,12 +484,13 @@ def _choose_and_export(
     trials: list[Any],
     finished: list[Any],
     reevaluation: dict[str, Any] | None,
-    splits: Splits,
+    splits: Any,
     worker: Any,
     echo: Callable[[str], None],
 ) -> tuple[Any, dict[str, Any] | None]:
     """The sweep's best trial (the reevaluation's choice, where one ran) and its export
-    (``worker``: a warm group to run the model work on, or None)."""
+    (``splits``: the data or its object ref; ``worker``: a warm group to run the model work
+    on, or None)."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
     best = None
     export = None
@@ -658,10 +664,11 @@ def run_job(
             + f"{concurrent} trial(s) at once; run folder {run_dir}"
         )
         check_population_fits(spec, concurrent)
+        data_ref = ray.put(splits)  # once: the probe, the trials and the export read it
         if spec.search.probe and not restore:  # the spec written below is the one it sets
             from tune_jobs import probe
 
-            similarity = on_a_worker(spec, probe.measure, spec, splits)
+            similarity = on_a_worker(spec, probe.measure, spec, data_ref)
             spec = probe.adapt(spec, similarity)
             echo(similarity.line())
         # grace_period: auto, evaluations at the rungs, their screening sample
@@ -698,7 +705,6 @@ def run_job(
         if spec.search.budget.limited and not restore:
             budget = Budget(spec.search.budget, gpus_per_trial(spec), one_trial_s)
             echo(describe_limits(spec.search.budget, one_trial_s))
-        data_ref = ray.put(splits)
         tuner, pool, live = build_tuner(
             spec,
             data_ref,
@@ -731,7 +737,16 @@ def run_job(
                 from tune_jobs import reevaluate
 
                 reevaluation = reevaluate.run(
-                    spec, data_ref, run_dir, trials, concurrent, restore, pool, budget, echo
+                    spec,
+                    data_ref,
+                    run_dir,
+                    trials,
+                    concurrent,
+                    restore,
+                    pool,
+                    budget,
+                    echo,
+                    tracker=tracker,
                 )
                 for line in reevaluate.describe(reevaluation, metric):
                     echo(line)
@@ -748,7 +763,7 @@ def run_job(
             worker = LeasedGroup(pool, kept[0]) if kept else None
         try:
             best, export = _choose_and_export(
-                spec, run_dir, grid, trials, finished, reevaluation, splits, worker, echo
+                spec, run_dir, grid, trials, finished, reevaluation, data_ref, worker, echo
             )
         finally:
             close_pool(pool)

@@ -145,3 +145,29 @@ def test_a_missing_dropout_knob_is_an_error():
     with pytest.raises(ModelError, match="no dropout mapping"):
         dropout_overrides("mamba", "MambaForCausalLM", {"attention_dropout": 0.1})
     assert dropout_overrides("llama", "LlamaForCausalLM", {"hidden_dropout": None}) == {}
+
+
+def test_saving_a_model_does_not_import_deepspeed(tiny_bert, tmp_path):
+    """transformers' save_pretrained unwraps through accelerate, which imported deepspeed
+    (2.5 s of CPU per process) to ask whether the model is a DeepSpeedEngine: every DDP
+    worker paid it at its first checkpoint. In a fresh process: the model saved, reloads,
+    and deepspeed was never imported."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        "from trainers.model import save_pretrained\n"
+        f"model = A.from_pretrained({tiny_bert!r}, num_labels=2)\n"
+        f"save_pretrained(model, {str(tmp_path / 'saved')!r})\n"
+        "A.from_pretrained(" + repr(str(tmp_path / "saved")) + ")\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout

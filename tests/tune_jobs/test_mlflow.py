@@ -109,6 +109,13 @@ def swept(server, tmp_path_factory):
         callback.on_trial_result(0, [], b, report(20, 0.65, 1.2e-4))  # mutated at step 20
         callback.on_trial_complete(0, [], a)
         callback.on_trial_error(0, [], b)
+        # the reevaluation's experiment: its trial_00000 retrains the sweep's on seed 1
+        again = MlflowCallback(runs, lambda config: trial_hparams(spec, config), "reevaluate/")
+        seeded = trial(0, 3e-5)
+        seeded.config = {**seeded.config, "seed": 1, "reevaluates": "trial_00000"}
+        again.on_trial_start(0, [], seeded)
+        again.on_trial_result(0, [], seeded, report(20, 0.78, 3e-5))
+        again.on_trial_complete(0, [], seeded)
         result = runs.finish(summary_of(run_dir, "trial_00000"), None)
         set_champion(spec, result, said.append)
     return spec, run_dir, export, result, said
@@ -133,7 +140,13 @@ def test_a_sweep_is_a_parent_run_with_a_nested_run_per_trial(server, swept):
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     by_name = {r.info.run_name: r for r in children}
-    assert set(by_name) == {"trial_00000", "trial_00001"}
+    # the reevaluation's retraining is a run of its own beside the sweep's same-numbered trial
+    assert set(by_name) == {"trial_00000", "trial_00001", "reevaluate/trial_00000"}
+    again = by_name["reevaluate/trial_00000"]
+    assert again.info.status == "FINISHED"
+    assert again.data.params["searched.seed"] == "1"
+    history = c.get_metric_history(again.info.run_id, "eval_accuracy")
+    assert [(m.step, m.value) for m in history] == [(20, pytest.approx(0.78))]
     assert by_name["trial_00000"].info.status == "FINISHED"
     assert by_name["trial_00001"].info.status == "FAILED"
     first = by_name["trial_00000"]
