@@ -384,11 +384,7 @@ def screening_agreement(
     the sample's loss keeps (top 1/STUDY_ETA) equal those the full rows' loss keeps there,
     and those the full budget keeps; did both runs train the same (the training loss at
     every report); what does an evaluation cost on each?"""
-    final = {t: max(r[ps.METRIC] for r in rows) for t, rows in full.items() if rows}
-    trials = sorted(final)
-    keep = max(1, math.ceil(len(trials) / STUDY_ETA))
-    full_top = set(sorted(trials, key=lambda t: -final[t])[:keep])
-    winner = max(trials, key=lambda t: final[t])
+    trials, keep, full_top, winner = _full_budget(full)
     same_training = all(
         [r["train_loss"] for r in full[t]] == [r["train_loss"] for r in sample.get(t, [])]
         for t in trials
@@ -468,11 +464,7 @@ def rung_agreement(curves: dict[str, list[dict[str, Any]]], max_epochs: float) -
     """For each rung in RUNGS: how often the configs kept there (top 1/STUDY_ETA by the
     rung's eval_accuracy, ties broken by eval_loss; or by eval_loss alone) are the ones
     the full budget keeps, and whether the full budget's winner survives the rung."""
-    final = {t: max(r[ps.METRIC] for r in rows) for t, rows in curves.items() if rows}
-    trials = sorted(final)
-    keep = max(1, math.ceil(len(trials) / STUDY_ETA))
-    full_top = set(sorted(trials, key=lambda t: -final[t])[:keep])
-    winner = max(trials, key=lambda t: final[t])
+    trials, keep, full_top, winner = _full_budget(curves)
     rows_out = []
     for rung in RUNGS:
         if rung >= max_epochs:
@@ -494,6 +486,20 @@ def rung_agreement(curves: dict[str, list[dict[str, Any]]], max_epochs: float) -
         row["accuracy_ties"] = sum(values.count(v) > 1 for v in values)
         rows_out.append(row)
     return {"keep_fraction": f"1/{STUDY_ETA}", "winner": winner, "rungs": rows_out}
+
+
+def _full_budget(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[str], int, set[str], str]:
+    """The trials, how many ASHA keeps (1/STUDY_ETA), the ones the full budget keeps (best
+    validation accuracy over the whole training) and its winner."""
+    final = {t: max(r[ps.METRIC] for r in rows) for t, rows in curves.items() if rows}
+    trials = sorted(final)
+    keep = max(1, math.ceil(len(trials) / STUDY_ETA))
+    return (
+        trials,
+        keep,
+        set(sorted(trials, key=lambda t: -final[t])[:keep]),
+        max(trials, key=lambda t: final[t]),
+    )
 
 
 def _at_epoch(rows: list[dict[str, Any]], epoch: float) -> dict[str, Any] | None:
@@ -594,19 +600,22 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def print_fidelity(study: dict[str, Any]) -> None:
+    def kept(row: dict[str, Any], by: str) -> str:
+        return (
+            f"{row[f'{by}overlap']:.2f} kept, winner {'in' if row[f'{by}keeps_winner'] else 'OUT'}"
+        )
+
+    def header(text: str) -> None:
+        print(text)
+        print("-" * len(text))
+
     print(
         f"\nstart small: the configs kept at each cheap rung ({study['keep_fraction']}) vs "
         f"those the full budget keeps (winner {study['winner']})"
     )
-    head = f"{'rung (epochs)':<14}{'by accuracy':>22}{'by loss':>22}"
-    print(head)
-    print("-" * len(head))
+    header(f"{'rung (epochs)':<14}{'by accuracy':>22}{'by loss':>22}")
     for row in study["rungs"]:
-        cells = [
-            f"{row[f'{m}_overlap']:.2f} kept, winner {'in' if row[f'{m}_keeps_winner'] else 'OUT'}"
-            for m in ("accuracy", "loss")
-        ]
-        print(f"{row['rung_epochs']:<14}{cells[0]:>22}{cells[1]:>22}")
+        print(f"{row['rung_epochs']:<14}{kept(row, 'accuracy_'):>22}{kept(row, 'loss_'):>22}")
     screened = study.get("screened")
     if screened:
         print(
@@ -614,14 +623,10 @@ def print_fidelity(study: dict[str, Any]) -> None:
             f"{screened['of']} validation rows (same training: {screened['same_training']}; "
             f"an evaluation {screened['eval_s_sample']} s vs {screened['eval_s_every_row']} s)"
         )
-        head = f"{'rung (epochs)':<14}{'same kept as all rows':>24}{'by loss':>22}"
-        print(head)
-        print("-" * len(head))
+        header(f"{'rung (epochs)':<14}{'same kept as all rows':>24}{'by loss':>22}")
         for row in screened["rungs"]:
-            kept = f"{row['loss_overlap']:.2f} kept, winner {'in' if row['loss_keeps_winner'] else 'OUT'}"
-            print(
-                f"{row['rung_epochs']:<14}{'yes' if row['same_as_full_rows'] else 'NO':>24}{kept:>22}"
-            )
+            same = "yes" if row["same_as_full_rows"] else "NO"
+            print(f"{row['rung_epochs']:<14}{same:>24}{kept(row, 'loss_'):>22}")
 
 
 def seed_check_only(path: str, n: int, only: str | None, keep: bool) -> None:
