@@ -487,10 +487,11 @@ def _choose_and_export(
     splits: Any,
     worker: Any,
     echo: Callable[[str], None],
-) -> tuple[Any, dict[str, Any] | None]:
-    """The sweep's best trial (the reevaluation's choice, where one ran) and its export
-    (``splits``: the data or its object ref; ``worker``: a warm group to run the model work
-    on, or None)."""
+) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """The sweep's best trial (the reevaluation's choice, where one ran), its export, and
+    the sweep's leader (the best checkpoint written, ``tune_jobs.leader``; None without
+    checkpoints). ``splits``: the data or its object ref; ``worker``: a warm group to run
+    the model work on, or None."""
     metric, mode = spec.search.metric, spec.search.resolved_mode
     best = None
     export = None
@@ -529,7 +530,7 @@ def _choose_and_export(
             uri, ckpt_metrics = results.best_checkpoint_uri(best_result, metric, mode)
         if spec.training.save_checkpoints:
             export = export_verified(spec, run_dir, uri, ckpt_metrics, splits, echo, worker=worker)
-    return best, export
+    return best, export, leader
 
 
 def run_spec(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -762,12 +763,11 @@ def run_job(
             kept = ray.get(pool.close_all.remote(keep=1))
             worker = LeasedGroup(pool, kept[0]) if kept else None
         try:
-            best, export = _choose_and_export(
+            best, export, leader = _choose_and_export(
                 spec, run_dir, grid, trials, finished, reevaluation, data_ref, worker, echo
             )
         finally:
             close_pool(pool)
-        leader = read_leader(run_dir) if spec.training.save_checkpoints else None
         keep = {t for t in (best.trial if best else None, leader and leader["trial"]) if t}
         statuses = {t.trial: t.status for t in trials}
         results.prune_train_runs(layout.train_runs(run_dir), statuses, keep)
