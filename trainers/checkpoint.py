@@ -37,9 +37,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+# torch is imported where a function needs it: the file names below are read by processes
+# that never touch a tensor (the run's export leader, through tune_jobs.layout).
+if TYPE_CHECKING:
+    import torch
 
 MODEL_DIR = "model"
 TRAINED_WEIGHTS = "trained_weights.safetensors"
@@ -178,6 +181,8 @@ def save_checkpoint(
 
 
 def _save_trainer_state(path: str, optimizer: torch.optim.Optimizer, layout: str) -> None:
+    import torch
+
     torch.save(
         {
             # AdamW state keyed by parameter name, so a restore with another
@@ -203,6 +208,8 @@ def folder_bytes(path: str) -> int:
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
     """Per-parameter optimizer state keyed by the names in each group's ``names`` list."""
+    import torch
+
     out = {}
     for group in optimizer.param_groups:
         for param, name in zip(group["params"], group["names"], strict=True):
@@ -221,6 +228,8 @@ def load_optimizer_state_by_name(
 
     The optimizer's own hyperparameters (LR, weight decay, groups) stay as built.
     """
+    import torch
+
     kept = fresh = 0
     # fused AdamW keeps its step counter on the parameter's device; the others on the CPU
     fused = bool(optimizer.defaults.get("fused"))
@@ -302,6 +311,8 @@ def load_trainer_state(path: str, optimizer: torch.optim.Optimizer) -> tuple[int
 
     Returns (tensors whose state was restored, tensors that start fresh).
     """
+    import torch
+
     state = torch.load(os.path.join(path, STATE_FILE), weights_only=True)  # no pickle
     kept, fresh = load_optimizer_state_by_name(optimizer, state["optimizer_by_name"])
     _set_rng(state)
@@ -310,10 +321,14 @@ def load_trainer_state(path: str, optimizer: torch.optim.Optimizer) -> tuple[int
 
 def restore_rng(path: str) -> None:
     """The RNG state of a checkpoint's ``trainer_state.pt`` (its optimizer state left alone)."""
+    import torch
+
     _set_rng(torch.load(os.path.join(path, STATE_FILE), weights_only=True))
 
 
 def _set_rng(state: Mapping[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
@@ -357,6 +372,8 @@ def materialize(path: str, dest: str, trust_remote_code: bool = False) -> None:
 
 def load_deepspeed_weights(path: str, manifest: Mapping[str, Any], model: Any) -> None:
     """Merge a DeepSpeed checkpoint's shards into ``model`` (fp32)."""
+    import torch
+
     from trainers.ds_engine import DS_DIR, DS_TAG, merged_state_dict, weights_only_loads
 
     if int(manifest.get("zero_stage", 0)) == 0:  # nothing sharded: the module's own states

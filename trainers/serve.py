@@ -36,11 +36,15 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trainers.config import WorkerConfig
 from trainers.context import RayTrainContext
-from trainers.loop import TrialRun, Worker, save_held, save_state, trained_state
+
+# The commands below are read by processes that never train (a warm trial's actor):
+# torch and transformers are imported where a worker starts, not here.
+if TYPE_CHECKING:
+    from trainers.loop import TrialRun
 
 #: Seconds a worker waits for a command in one poll (it polls again; an idle group
 #: costs one small actor call per worker per poll).
@@ -174,6 +178,7 @@ class StorageContext:
         import torch.distributed as dist
 
         from trainers import metrics as M
+        from trainers.loop import save_held, save_state
 
         s = run.state
         step = held.step if held else s.step
@@ -254,6 +259,8 @@ class Server:
     one command and returns its reply (rank 0's is the one the driver reads)."""
 
     def __init__(self, base: WorkerConfig, ctx: StorageContext) -> None:
+        from trainers.loop import Worker
+
         self.base = base
         self.ctx = ctx
         self.worker = Worker(base, ctx)
@@ -287,6 +294,8 @@ class Server:
             result = ctx.save(_running(self.run), self.report, command)
         elif isinstance(command, Hold):
             if ctx.rank == 0:
+                from trainers.loop import trained_state
+
                 # what differs from the base only (an adapter under LoRA), not the whole model
                 state = _running(self.run).state
                 self.held = Held(
@@ -312,6 +321,22 @@ class Server:
         return result
 
 
+def pack(message: Any) -> list[Any]:
+    """A command or reply as a warm group's mailbox holds it: put in the object store, its
+    reference in a list (Ray passes a reference inside a list as it is). The mailbox never
+    deserializes it, and so never imports what it is made of (``tune_jobs.mailbox``)."""
+    import ray
+
+    return [ray.put(message)]
+
+
+def unpack(packed: list[Any]) -> Any:
+    """The message ``pack`` put."""
+    import ray
+
+    return ray.get(packed[0])
+
+
 def serve(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of a warm group: serve commands until ``Exit``."""
     import ray
@@ -320,9 +345,10 @@ def serve(config: dict[str, Any]) -> None:
     ctx = WarmContext(config["filesystem"])
     server = Server(WorkerConfig.from_dict(config["worker"]), ctx)
     for seq in itertools.count():
-        command = None
-        while command is None:
-            command = ray.get(mailbox.command.remote(seq, POLL_S))
+        packed = None
+        while packed is None:
+            packed = ray.get(mailbox.command.remote(seq, POLL_S))
+        command = unpack(packed)
         if isinstance(command, Exit):
             return
         try:
@@ -330,10 +356,10 @@ def serve(config: dict[str, Any]) -> None:
         except BaseException as exc:
             if ctx.rank == 0:
                 failed = Failed(traceback.format_exc(limit=8), error_types(exc))
-                ray.get(mailbox.reply.remote(seq, failed))
+                ray.get(mailbox.reply.remote(seq, pack(failed)))
             raise
         if ctx.rank == 0:
-            ray.get(mailbox.reply.remote(seq, result))
+            ray.get(mailbox.reply.remote(seq, pack(result)))
 
 
 def _running(run: TrialRun | None) -> TrialRun:

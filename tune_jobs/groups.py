@@ -6,8 +6,8 @@ imports torch and transformers, loads the model and tokenizes the data; a PBT
 exploit starts all of that again. Here a trial is a Tune class ``Trainable``
 (``tune_jobs.warm.WarmTrial``) that drives a ``WarmGroup``: one long-lived ``TorchTrainer`` run
 whose workers run ``trainers.serve.serve`` and take commands through a
-``Mailbox`` actor. With ``reuse_actors`` Tune hands the trainable, and so its
-group, to the next trial (``reset_config``) and to exploits (``reset_config``
+``Mailbox`` actor (``tune_jobs.mailbox``). With ``reuse_actors`` Tune hands the trainable,
+and so its group, to the next trial (``reset_config``) and to exploits (``reset_config``
 then ``load_checkpoint``); a new trainable leases a group that another gave
 back: the base model and the tokenized data are loaded once per worker per
 sweep.
@@ -31,22 +31,24 @@ as before.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-from ray import train
-from ray.train import LoggingConfig
-from ray.train.torch import TorchTrainer
+
+# Imported by WarmGroup, in the process that hosts the group (the pool's): a warm trial's
+# actor, which only drives a group, never imports torch.
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
 
 from cluster import storage
 from trainers import metrics as M
-from trainers.serve import End, Exit, Failed, Interval, Save, Start, serve
+from trainers.serve import End, Exit, Failed, Interval, Save, Start, pack, serve, unpack
 from tune_jobs import faults, layout
 from tune_jobs.layout import next_numbered
+from tune_jobs.mailbox import Mailbox
 from tune_jobs.space import trial_hparams
 from tune_jobs.trial import (
     TrialPlan,
@@ -67,47 +69,6 @@ class WorkerGroupError(RuntimeError):
     def __init__(self, message: str, transient: bool = True) -> None:
         super().__init__(message)  # args: the message only (Ray rebuilds it from them)
         self.transient = transient
-
-
-@ray.remote(num_cpus=0)
-class Mailbox:
-    """Commands to a warm group's workers, and rank 0's replies, in order (an async actor)."""
-
-    def __init__(self) -> None:
-        self.commands: list[Any] = []
-        self.replies: dict[int, Any] = {}
-        self.changed = asyncio.Condition()
-
-    async def send(self, command: Any) -> int:
-        async with self.changed:
-            self.commands.append(command)
-            self.changed.notify_all()
-            return len(self.commands) - 1
-
-    async def command(self, seq: int, timeout: float) -> Any:
-        """Command ``seq`` once it is sent, or ``None`` after ``timeout`` seconds."""
-        async with self.changed:
-            try:
-                await asyncio.wait_for(
-                    self.changed.wait_for(lambda: len(self.commands) > seq), timeout
-                )
-            except TimeoutError:
-                return None
-            return self.commands[seq]
-
-    async def reply(self, seq: int, result: Any) -> None:
-        async with self.changed:
-            self.replies[seq] = result
-            self.changed.notify_all()
-
-    async def result(self, seq: int, timeout: float) -> tuple[bool, Any]:
-        """``(True, reply)`` to command ``seq``, or ``(False, None)`` after ``timeout`` seconds."""
-        async with self.changed:
-            try:
-                await asyncio.wait_for(self.changed.wait_for(lambda: seq in self.replies), timeout)
-            except TimeoutError:
-                return False, None
-            return True, self.replies.pop(seq)
 
 
 class GroupLink:
@@ -138,10 +99,11 @@ class GroupLink:
 
     def call(self, command: Any) -> Any:
         """Send ``command`` to every worker; rank 0's reply (raises if the group failed)."""
-        seq = ray.get(self.mailbox.send.remote(command))
+        seq = ray.get(self.mailbox.send.remote(pack(command)))
         while True:
             ready, reply = ray.get(self.mailbox.result.remote(seq, WAIT_POLL_S))
             if ready:
+                reply = unpack(reply)
                 if isinstance(reply, Failed):
                     self.wait_ended(60)  # the run ends: its workers raised
                     raise WorkerGroupError(
@@ -172,6 +134,10 @@ class WarmGroup(GroupLink):
         self, plan: TrialPlan, name: str, taken: set[str] | frozenset[str] = frozenset()
     ) -> None:
         """``name``: a prefix, numbered over the run's groups and the names in ``taken``."""
+        from ray import train
+        from ray.train import LoggingConfig
+        from ray.train.torch import TorchTrainer
+
         spec, res = plan.spec, plan.resources
         self.name = next_numbered(plan.train_storage, name, taken)
         self.filesystem, _ = storage.resolve(plan.train_storage)
@@ -221,7 +187,7 @@ class WarmGroup(GroupLink):
         """Let the workers leave their loop and the run end; then drop the mailbox."""
         with contextlib.suppress(Exception):  # a mailbox already gone: nothing to tell
             if self.alive:
-                ray.get(self.mailbox.send.remote(Exit()))
+                ray.get(self.mailbox.send.remote(pack(Exit())))
                 self.thread.join(timeout=120)
             ray.kill(self.mailbox)
 
