@@ -36,8 +36,12 @@ debug: install
 
 UNIT_TESTS = tests/test_layers.py tests/cluster tests/k8s tests/tune_jobs tests/trainers
 
+# The unit tests on two processes, a module to a process (--dist loadfile: a module's
+# fixtures are built once): one at a time they keep 2 cores 57-65% busy (measured: 591 s
+# one at a time, 518 s on two). The end-to-end tests stay one at a time: each is a sweep
+# sized for the whole machine.
 test: install browser
-	$(PY) -m pytest $(UNIT_TESTS) --durations=10
+	$(PY) -m pytest $(UNIT_TESTS) -n 2 --dist loadfile --durations=10
 	$(PY) -m pytest tests/e2e --durations=30
 
 lint: install
