@@ -321,20 +321,21 @@ class Server:
         return result
 
 
-def pack(message: Any) -> list[Any]:
-    """A command or reply as a warm group's mailbox holds it: put in the object store, its
-    reference in a list (Ray passes a reference inside a list as it is). The mailbox never
-    deserializes it, and so never imports what it is made of (``tune_jobs.mailbox``)."""
-    import ray
+def pack(message: Any) -> bytes:
+    """A command or reply as a warm group's mailbox holds it: pickled here, so the mailbox
+    never deserializes it and never imports what it is made of (``tune_jobs.mailbox``).
+    Bytes, not an object put in the store: a reply must outlive its sender (a worker
+    that replies with its failure and then exits owns nothing a reader can get)."""
+    from ray import cloudpickle
 
-    return [ray.put(message)]
+    return cloudpickle.dumps(message)
 
 
-def unpack(packed: list[Any]) -> Any:
-    """The message ``pack`` put."""
-    import ray
+def unpack(packed: bytes) -> Any:
+    """The message ``pack`` pickled."""
+    from ray import cloudpickle
 
-    return ray.get(packed[0])
+    return cloudpickle.loads(packed)
 
 
 def serve(config: dict[str, Any]) -> None:

@@ -1,12 +1,12 @@
 """A warm group's mailbox: commands to its workers and rank 0's replies, in order.
 
 An async actor, one per warm group (``tune_jobs.groups``). It holds each command and
-reply as a reference to the object its sender put (``trainers.serve.pack``), never
-the object itself: its process deserializes nothing the trials send, so it never
-imports what they are made of (torch, transformers, the trial's code) and starts as a
-bare Ray worker. Measured on the local debug sweep: 6.3 CPU-seconds of start-up when
-it held the commands themselves (``trainers.serve`` and torch imported to read them),
-about 1.5 now. This module imports nothing but Ray, for the same reason.
+reply as the bytes its sender pickled (``trainers.serve.pack``), never the object
+itself: its process deserializes nothing the trials send, so it never imports what they
+are made of (torch, transformers, the trial's code) and starts as a bare Ray worker.
+Measured on the local debug sweep: 6.3 CPU-seconds of start-up when it held the commands
+themselves (``trainers.serve`` and torch imported to read them), 2.4 now. This module
+imports nothing but Ray, for the same reason.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import ray
 
 @ray.remote(num_cpus=0)
 class Mailbox:
-    """Commands and replies by sequence number; each a packed reference, kept as it came."""
+    """Commands and replies by sequence number, each as the bytes it came as."""
 
     def __init__(self) -> None:
         self.commands: list[Any] = []

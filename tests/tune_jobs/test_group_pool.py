@@ -121,3 +121,35 @@ def test_a_call_runs_on_rank_0_and_hands_back_what_it_raised():
     assert isinstance(raised, Raised) and isinstance(raised.error, ValueError)
     server.ctx.rank = 1
     assert server.handle(Call(pow, (2, 10))) is None
+
+
+@ray.remote(num_cpus=0)
+class FailingRank0:
+    """Rank 0's side of a command that raises: it replies with its failure, then exits."""
+
+    def fail(self, mailbox, seq):
+        from trainers.serve import Failed, pack, unpack
+
+        command = unpack(ray.get(mailbox.command.remote(seq, 30)))
+        failed = Failed(f"Traceback ...\nValueError: {command} went wrong", ("ValueError",))
+        ray.get(mailbox.reply.remote(seq, pack(failed)))
+
+
+def test_a_failure_reply_outlives_the_worker_that_sent_it(lessees):
+    """The mailbox holds a reply's bytes, not an object in the store that its sender owns:
+    read after the worker that sent it is gone, the reply is still the trial's error."""
+    from trainers.serve import Failed, pack, unpack
+    from tune_jobs.mailbox import Mailbox
+
+    mailbox = Mailbox.remote()
+    seq = ray.get(mailbox.send.remote(pack("Interval")))
+    worker = FailingRank0.remote()
+    ray.get(worker.fail.remote(mailbox, seq))
+    ray.kill(worker)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(worker.fail.remote(mailbox, seq))  # gone before the reply is read
+    ready, reply = ray.get(mailbox.result.remote(seq, 5))
+    failed = unpack(reply)
+    assert ready and isinstance(failed, Failed)
+    assert failed.error.endswith("ValueError: Interval went wrong")
+    assert failed.types == ("ValueError",)
