@@ -80,9 +80,9 @@ SPEC = {
 }
 
 
-def _saved(run_dir: str, trial: str) -> tuple[str | None, int]:
-    """``trial``'s status and last step in Tune's saved experiment state (what a resume
-    reads): ``(None, -1)`` before it is there."""
+def _saved_entry(run_dir: str, trial: str) -> tuple[dict, str] | None:
+    """``trial``'s state and run metadata (JSON) in Tune's saved experiment state (what a
+    restart or a resume reads); None before it is there."""
     for name in storage.list_names(run_dir):
         if not name.startswith("experiment_state-"):
             continue
@@ -90,10 +90,20 @@ def _saved(run_dir: str, trial: str) -> tuple[str | None, int]:
             for state, meta in json.loads(storage.read_text(storage.join(run_dir, name)))[
                 "trial_data"
             ]:
-                state, meta = json.loads(state), json.loads(meta)
+                state = json.loads(state)
                 if state["trial_id"].endswith(trial[-5:]):
-                    return state["status"], int((meta.get("last_result") or {}).get("step", -1))
-    return None, -1
+                    return state, meta
+    return None
+
+
+def _saved(run_dir: str, trial: str) -> tuple[str | None, int]:
+    """``trial``'s status and last step in Tune's saved experiment state: ``(None, -1)``
+    before it is there."""
+    entry = _saved_entry(run_dir, trial)
+    if entry is None:
+        return None, -1
+    state, meta = entry
+    return state["status"], int((json.loads(meta).get("last_result") or {}).get("step", -1))
 
 
 def _saved_checkpoint(run_dir: str, trial: str) -> int:
@@ -103,18 +113,12 @@ def _saved_checkpoint(run_dir: str, trial: str) -> int:
     report in the log does not yet mean a checkpoint Tune can restore."""
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
-    for name in storage.list_names(run_dir):
-        if not name.startswith("experiment_state-"):
-            continue
-        with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
-            for state, meta in json.loads(storage.read_text(storage.join(run_dir, name)))[
-                "trial_data"
-            ]:
-                if json.loads(state)["trial_id"].endswith(trial[-5:]):
-                    manager = _TrainingRunMetadata.from_json_state(meta).checkpoint_manager
-                    latest = manager.latest_checkpoint_result if manager else None
-                    return int(latest.metrics["step"]) if latest else -1
-    return -1
+    entry = _saved_entry(run_dir, trial)
+    if entry is None:
+        return -1
+    manager = _TrainingRunMetadata.from_json_state(entry[1]).checkpoint_manager
+    latest = manager.latest_checkpoint_result if manager else None
+    return int(latest.metrics["step"]) if latest else -1
 
 
 @pytest.fixture(scope="module")
@@ -367,6 +371,17 @@ SINGLE = {
 LORA_TRIALS = ("trial_00000", "trial_00001")
 
 
+def _restarted_checkpoint_saved(run_dir: str, killed: int) -> bool:
+    """trial_00000 runs again in a new process and Tune's saved state holds a checkpoint of
+    that process's (not one of the killed process's, which may already be step 20)."""
+    restarted = [r for r in read_reports(run_dir, "trial_00000") if r["pid"] != killed]
+    return (
+        bool(restarted)
+        and _saved(run_dir, "trial_00000")[0] == "RUNNING"
+        and _saved_checkpoint(run_dir, "trial_00000") >= restarted[0]["step"]
+    )
+
+
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("single")
@@ -391,10 +406,7 @@ def single_process_run(tmp_path_factory, tiny_llama):
         os.kill(killed, signal.SIGKILL)
         wait_for(
             "a saved checkpoint of the restarted trial_00000",
-            lambda: (
-                _saved(run_dir, "trial_00000")[0] == "RUNNING"
-                and _saved_checkpoint(run_dir, "trial_00000") >= 2 * SINGLE_EVAL
-            ),
+            lambda: _restarted_checkpoint_saved(run_dir, killed),
             proc,
         )
         ray_procs = kill_driver(proc)
