@@ -335,14 +335,18 @@ def test_the_outage_was_waited_out_and_nothing_written_was_lost(faulted_run):
 # --- single-process trials: the trial's own process is the worker ------------------------
 
 # A LoRA causal LM here (the warm-group sweep above is a classifier): a tiny random Llama
-# (about 0.5 s a step here, with SmolLM2's vocabulary), evaluated and checkpointed every 10
-# steps. Two trials of one config, one after the other:
+# (0.1 s a step on an AMX CPU, 0.5 s on an AVX2 one, with SmolLM2's vocabulary), evaluated
+# and checkpointed every 10 steps. Tune saves its experiment state every half second, and
+# the restarted process has at least 30 steps to run after its first checkpoint: a window
+# of seconds for the driver kill (with 40 steps and a save every 2 s, a fast machine
+# finished the restarted trial before its checkpoint was in the saved state). Two trials of
+# one config, one after the other:
 # 1. trial_00000's process is SIGKILLed once Tune's saved state holds its first checkpoint;
 #    Tune restarts it from its latest checkpoint;
 # 2. once Tune's saved state holds a checkpoint of the restarted trial (still running), the
 #    driver is SIGKILLed with its Ray processes, and ``tunefleet resume`` continues it;
 # 3. trial_00001 runs whole after the resume: the undisturbed twin.
-SINGLE_STEPS, SINGLE_EVAL = 40, 10
+SINGLE_STEPS, SINGLE_EVAL = 60, 10
 SINGLE = {
     "model": {"task": "causal_lm", "max_length": 160},
     "data": {
@@ -394,7 +398,7 @@ def single_process_run(tmp_path_factory, tiny_llama):
     ray_tmp = tempfile.mkdtemp(prefix="tf-single-")  # short: Ray's socket paths are limited
     env = {"RAY_TMPDIR": ray_tmp}
     log = open(tmp / "driver.log", "w")  # noqa: SIM115 - read after the driver is gone
-    proc = start_driver(tmp / "job.yaml", str(tmp), log, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "2"})
+    proc = start_driver(tmp / "job.yaml", str(tmp), log, {**env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"})
     ray_procs: list[psutil.Process] = []
     try:
         wait_for(
