@@ -77,8 +77,17 @@ def _repo_files() -> set[str] | None:
     return {p for p in paths if not any(t in p for t in _TOOL_FILES)}
 
 
+def _xdist_worker(config) -> bool:
+    """A pytest-xdist worker: one of the processes the tests run in under ``-n``."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session):
-    session.config._repo_files_before = _repo_files()
+    # Under -n the check is the controlling process's, before the first worker starts and
+    # after the last one ends: a worker that ends first would see the files of the tests
+    # still running in the other.
+    if not _xdist_worker(session.config):
+        session.config._repo_files_before = _repo_files()
 
 
 def pytest_sessionfinish(session, exitstatus):
