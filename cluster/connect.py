@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -103,27 +102,9 @@ def connect(
     return Connection(None, local=True)
 
 
-#: Seconds a local cluster's processes get to end after ``ray.shutdown`` before SIGKILL.
-LOCAL_EXIT_GRACE_S = 3.0
-
-
 def disconnect() -> None:
-    """Shut down this driver's Ray connection, and a local cluster it started: every
-    process of it, stopped by pid (an interrupted run leaves nothing running)."""
-    import psutil
+    """Shut down this driver's Ray connection (and a local cluster it started)."""
     import ray
 
-    from cluster import ray_private
-
-    if not ray.is_initialized():
-        return
-    procs = []
-    for pid in ray_private.local_cluster_pids():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            procs.append(psutil.Process(pid))  # its start time: a reused pid is not it
-    ray.shutdown()
-    _, alive = psutil.wait_procs(procs, timeout=LOCAL_EXIT_GRACE_S)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=LOCAL_EXIT_GRACE_S)
+    if ray.is_initialized():
+        ray.shutdown()

@@ -15,32 +15,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-# --- the processes of a local cluster this driver started ------------------------------
-
-
-def local_cluster_pids() -> list[int]:
-    """The processes of the Ray cluster this process started (``ray.init`` with no cluster
-    to join: GCS, raylet, dashboard, log monitor, and their children: agents, workers);
-    none when it joined one. ``ray.shutdown`` stops the ones it started with SIGTERM and a
-    1-second grace, then SIGKILL; a raylet killed that way leaves its agents to find out
-    on their own and report the death to a GCS that is gone (seen lingering over a minute
-    on a loaded machine). Ray names its own processes only on the node object it keeps."""
-    import psutil
-    from ray._private import worker
-
-    node = getattr(worker, "_global_node", None)
-    pids: set[int] = set()
-    for infos in (getattr(node, "all_processes", None) or {}).values():
-        for info in infos:
-            try:
-                proc = psutil.Process(info.process.pid)
-                pids.add(proc.pid)
-                pids.update(child.pid for child in proc.children(recursive=True))
-            except psutil.NoSuchProcess:
-                continue
-    return sorted(pids)
-
-
 # --- Ray Train's checkpoint retention (warm PBT trials) ---------------------------------
 
 
