@@ -38,9 +38,10 @@ UNIT_TESTS = tests/test_layers.py tests/cluster tests/k8s tests/tune_jobs tests/
 
 # The unit tests on two processes, a module to a process (--dist loadfile: a module's
 # fixtures are built once): one at a time they keep 2 cores 57-65% busy (measured: 591 s
-# one at a time, 518 s on two). The end-to-end tests stay one at a time: two local Ray
-# clusters at once broke Train's placement-group cleaner, which finds "its" dashboard
-# through an address file the other cluster rewrites (docs/DECISIONS.md 91).
+# one at a time, 518 s on two). The end-to-end tests stay one at a time: on two processes
+# two local Ray clusters at once broke Train's placement-group cleaner (it found "its"
+# dashboard through an address file the other cluster rewrote); fixed, not yet run so
+# (docs/DECISIONS.md 91).
 test: install browser
 	$(PY) -m pytest $(UNIT_TESTS) -n 2 --dist loadfile --durations=10
 	$(PY) -m pytest tests/e2e --durations=30

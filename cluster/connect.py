@@ -85,21 +85,34 @@ def connect(
         ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
         return Connection(target, local=False)
     env = {**env, **{k: os.environ.setdefault(k, v) for k, v in LOCAL_ENV_VARS.items()}}
-    context = ray.init(
+    # Ray's state API (Train's placement-group cleaner uses it inside the cluster) finds
+    # "its" cluster through RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else an address file
+    # in Ray's temp folder: with a stale file it asked a dead address and the cleaner died
+    # (DECISIONS 29); with another local cluster's file it asked that cluster, heard that
+    # its controller did not exist and removed a live group's placement group (DECISIONS
+    # 91). So the dashboard's port is chosen here and named in the environment before the
+    # cluster starts: its raylet, and so every worker of it, inherits the name.
+    port = _free_port()
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    ray.init(
         address="local",
         num_cpus=local_num_cpus or os.cpu_count() or 1,
         num_gpus=0,
         runtime_env={"env_vars": env},
         log_to_driver=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
     )
-    # Ray's state API (Train's placement-group cleaner uses it inside the cluster) finds
-    # "its" cluster through RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else the same
-    # address file: with a stale file it asked a dead address, the cleaner died, and an
-    # ASHA-stopped trial's placement group was never freed (the next trial hung at worker
-    # startup). Name this cluster's dashboard; the run hands it to its trials.
-    if context.dashboard_url:
-        os.environ[API_SERVER_ENV] = f"http://{context.dashboard_url}"
     return Connection(None, local=True)
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now (127.0.0.1), for the local dashboard."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def disconnect() -> None:
