@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 #: Environment every Ray worker gets. Offline by default: models and data come
 #: from local folders or installed packages, and a hub call would only hang.
@@ -77,12 +82,14 @@ def connect(
     target = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return Connection(target, local=not target)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if target:
         inherited = job_env_vars()
         own = {k: v for k, v in env.items() if k not in inherited}
         # Inside a job that already sets them (tunefleet submit): the job's runtime env as is.
         runtime_env = {"env_vars": own} if own else None
         ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
+        _unwind_on_sigterm(on_sigterm)
         return Connection(target, local=False)
     env = {**env, **{k: os.environ.setdefault(k, v) for k, v in LOCAL_ENV_VARS.items()}}
     # Ray's state API (Train's placement-group cleaner uses it inside the cluster) finds
@@ -103,7 +110,29 @@ def connect(
         dashboard_host="127.0.0.1",
         dashboard_port=port,
     )
+    _unwind_on_sigterm(on_sigterm)
     return Connection(None, local=True)
+
+
+def _unwind_on_sigterm(previous: Any) -> None:
+    """After ``ray.init``: a SIGTERM (what Kubernetes sends a pod) unwinds this driver with
+    the caller's handler (``ray.init`` replaced it), however long the unwinding takes.
+
+    Ray's C++ failure-signal handler sees the signal first and arms an alarm that aborts
+    the process 3 s later (absl's ``alarm_on_failure_secs``): a retrain whose unwinding
+    (MLflow runs marked KILLED, the local cluster stopped) took longer died of SIGABRT
+    before it released the registry lock. The alarm is cancelled first. Without a handler
+    of the caller's, SIGTERM exits 143 through ``SystemExit`` (``finally`` blocks run)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers; ray.init set none there either
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.alarm(0)
+        if callable(previous):
+            previous(signum, frame)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _free_port() -> int:
@@ -115,9 +144,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: Seconds a local cluster's processes get to end after ``ray.shutdown`` before SIGKILL.
+LOCAL_EXIT_GRACE_S = 3.0
+
+
 def disconnect() -> None:
-    """Shut down this driver's Ray connection (and a local cluster it started)."""
+    """Shut down this driver's Ray connection, and a local cluster it started: every
+    process of it, stopped by pid (an interrupted run leaves nothing running)."""
+    import psutil
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    from cluster import ray_private
+
+    if not ray.is_initialized():
+        return
+    procs = []
+    for pid in ray_private.local_cluster_pids():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs.append(psutil.Process(pid))  # its start time: a reused pid is not it
+    ray.shutdown()
+    _, alive = psutil.wait_procs(procs, timeout=LOCAL_EXIT_GRACE_S)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=LOCAL_EXIT_GRACE_S)

@@ -15,6 +15,55 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+# --- the processes of a local cluster this driver started ------------------------------
+
+
+def local_cluster_pids() -> list[int]:
+    """The processes of the Ray cluster this process started (``ray.init`` with no cluster
+    to join: GCS, raylet, dashboard, log monitor, and their children: agents, workers);
+    none when it joined one. ``ray.shutdown`` stops the ones it started with SIGTERM and a
+    1-second grace, then SIGKILL; a raylet killed that way leaves its agents to find out
+    on their own and report the death to a GCS that is gone (seen lingering over a minute
+    on a loaded machine). Ray names its own processes only on the node object it keeps."""
+    import psutil
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    pids: set[int] = set()
+    for infos in (getattr(node, "all_processes", None) or {}).values():
+        for info in infos:
+            try:
+                proc = psutil.Process(info.process.pid)
+                pids.add(proc.pid)
+                pids.update(child.pid for child in proc.children(recursive=True))
+            except psutil.NoSuchProcess:
+                continue
+    return sorted(pids)
+
+
+# --- a Train run without Ray Datasets ------------------------------------------------
+
+
+def without_dataset_manager(trainer_cls: type) -> type:
+    """``trainer_cls`` (a Train V2 trainer) whose runs start no ``DatasetManager`` actor when
+    given no Ray Datasets. Train adds its datasets callback to every run, and the callback
+    starts that actor (a process: about 3.5 CPU-seconds on a 2-core AVX2 machine, imports
+    mostly) before the workers' train context, datasets or not; tunefleet's workers read
+    their rows from the object store, never from a Ray Dataset. No public option drops a
+    default callback; the workers' shard provider is optional and stays None."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
+
+
 # --- Ray Train's checkpoint retention (warm PBT trials) ---------------------------------
 
 

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command in ("run", "smoke", "retrain", "resume"):
         # Kubernetes stops a pod with SIGTERM: unwind (release the retrain lock, shut the
-        # local Ray down) instead of dying on the spot. ray.init installs the same.
+        # local Ray down) instead of dying on the spot. cluster.connect keeps this handler
+        # across ray.init, and cancels the abort Ray's own C++ handler arms for 3 s later.
         signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     from cluster.resources import ResourceError
     from cluster.submit import SubmitError

@@ -43,7 +43,7 @@ import ray
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
-from cluster import storage
+from cluster import ray_private, storage
 from trainers import metrics as M
 from trainers.serve import End, Exit, Failed, Interval, Save, Start, pack, serve, unpack
 from tune_jobs import faults, layout
@@ -143,7 +143,7 @@ class WarmGroup(GroupLink):
         self.filesystem, _ = storage.resolve(plan.train_storage)
         self.mailbox = Mailbox.remote()
         base = loop_config(spec, trial_hparams(spec, {}), plan.data_ref, res, self.name)
-        trainer = TorchTrainer(
+        trainer = ray_private.without_dataset_manager(TorchTrainer)(
             serve,
             train_loop_config={
                 "worker": base.to_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,3 +58,52 @@ connect.disconnect()
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["seen"] == seen["driver"], seen
     assert seen["state"] == "ALIVE", seen
+
+
+def test_a_sigterm_unwinds_the_driver_with_its_own_handler_however_long_it_takes(tmp_path):
+    """SIGTERM (what Kubernetes sends a pod) to a driver connected to a local cluster: the
+    driver's own handler runs (``ray.init`` had replaced it) and its ``finally`` blocks run
+    to the end although they take 4 s, then the local cluster is stopped. Before, Ray's C++
+    failure handler aborted the process 3 s after the signal (SIGABRT, exit -6) and a
+    retrain that took longer to unwind never released its lock."""
+    code = """
+import os, signal, sys, time
+from cluster import connect
+
+def mine(signum, frame):
+    open(os.path.join(sys.argv[1], "handler"), "w").write(str(signum))
+    sys.exit(99)
+
+signal.signal(signal.SIGTERM, mine)
+connect.connect(local_num_cpus=1)
+print("ready", flush=True)
+try:
+    while True:
+        time.sleep(0.1)
+finally:
+    time.sleep(4)  # MLflow runs marked KILLED, a lock released: unwinding takes a while
+    connect.disconnect()
+    open(os.path.join(sys.argv[1], "unwound"), "w").write("yes")
+"""
+    ray_tmp = tempfile.mkdtemp(prefix="tf-term-")  # short: Ray's socket paths are limited
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 99  # the driver's own handler's exit, not SIGABRT (-6)
+    assert (tmp_path / "handler").read_text() == str(int(signal.SIGTERM))
+    assert (tmp_path / "unwound").read_text() == "yes"

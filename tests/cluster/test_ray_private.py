@@ -3,6 +3,7 @@ relies on. A Ray upgrade that moves or changes one fails here, by name."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,3 +121,53 @@ def test_a_restored_tuners_run_config_is_the_one_it_began_with(tmp_path):
     assert [type(c) for c in config.callbacks] == [NotCarried]
     config.callbacks = [console]
     assert ray_private.restored_run_config(restored).callbacks == [console]
+
+
+def test_a_local_clusters_processes_are_named_and_all_end_with_the_run():
+    """In a process of its own, as a run's driver: the pids named are the cluster's (its
+    GCS, raylet and their children, its workers among them, none outside it), and every
+    one has ended once ``disconnect`` returns; a cluster joined, not started, names none."""
+    code = """
+import json, os, psutil, ray
+from cluster import connect, ray_private
+connect.connect(local_num_cpus=1)
+@ray.remote
+def pid():
+    return os.getpid()
+worker = ray.get(pid.remote())
+pids = ray_private.local_cluster_pids()
+names = {psutil.Process(p).name() for p in pids}
+me = psutil.Process()
+outside = [p for p in pids if psutil.Process(p) not in me.children(recursive=True)]
+connect.disconnect()
+left = [p for p in pids if psutil.pid_exists(p)
+        and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+print(json.dumps({"worker": worker, "pids": pids, "names": sorted(names),
+                  "outside": outside, "left": left, "after": ray_private.local_cluster_pids()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"gcs_server", "raylet"} <= set(seen["names"]), seen["names"]
+    assert seen["worker"] in seen["pids"]
+    assert seen["outside"] == []  # only what the run itself started
+    assert seen["left"] == [], seen["left"]
+    assert seen["after"] == []
+
+
+def test_a_train_run_without_datasets_starts_no_dataset_manager():
+    """Ray Train's default callbacks, less the datasets callback when the trainer has no
+    datasets (it started a DatasetManager actor per run regardless); with datasets it stays.
+    A Ray that renames the callback or the hook fails here. The warm groups' runs (every
+    end-to-end sweep) show the workers start without it."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    trainer_cls = ray_private.without_dataset_manager(TorchTrainer)
+    scaling = train.ScalingConfig(num_workers=1)
+    plain = TorchTrainer(lambda c: None, scaling_config=scaling)._create_default_callbacks()
+    cut = trainer_cls(lambda c: None, scaling_config=scaling)._create_default_callbacks()
+    assert [type(c) for c in plain if not isinstance(c, DatasetsCallback)] == [type(c) for c in cut]
+    assert any(isinstance(c, DatasetsCallback) for c in plain)
+    with_data = trainer_cls(lambda c: None, scaling_config=scaling, datasets={"train": [1]})
+    assert any(isinstance(c, DatasetsCallback) for c in with_data._create_default_callbacks())

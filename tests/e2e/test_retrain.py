@@ -246,7 +246,11 @@ def test_interrupted_retrain_changes_nothing_and_a_concurrent_one_exits_3(nightl
             proc.kill()
         log.close()
     assert proc.returncode != 0
-    _, alive = psutil.wait_procs([p for p in tree if p.is_running()], timeout=60)
+    # the driver stops its local cluster's processes by pid on the way out (cluster.connect.
+    # disconnect); a zombie has ended, waiting for its parent (or init) to reap it
+    deadline = time.monotonic() + 60
+    while (alive := [p for p in tree if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
     for leftover in alive:  # stopped by pid, never by name; then fail
         leftover.kill()
     assert not alive, [p.pid for p in alive]
@@ -254,6 +258,15 @@ def test_interrupted_retrain_changes_nothing_and_a_concurrent_one_exits_3(nightl
     assert LOCK_FILE not in after  # released on the way out
     assert after == {k: v for k, v in before.items() if k != LOCK_FILE}
     assert not os.path.exists(os.path.join(run_dir, RETRAIN_FILE))
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _names(folder: str) -> list[str]:
