@@ -118,16 +118,20 @@ def _unwind_on_sigterm(previous: Any) -> None:
     """After ``ray.init``: a SIGTERM (what Kubernetes sends a pod) unwinds this driver with
     the caller's handler (``ray.init`` replaced it), however long the unwinding takes.
 
-    Ray's C++ failure-signal handler sees the signal first and arms an alarm that aborts
-    the process 3 s later (absl's ``alarm_on_failure_secs``): a retrain whose unwinding
-    (MLflow runs marked KILLED, the local cluster stopped) took longer died of SIGABRT
-    before it released the registry lock. The alarm is cancelled first. Without a handler
-    of the caller's, SIGTERM exits 143 through ``SystemExit`` (``finally`` blocks run)."""
+    Ray's C++ failure-signal handler, installed when the driver connects, took the signal
+    first, logged a stack and armed an alarm that aborts the process 3 s later (absl's
+    ``alarm_on_failure_secs``): a retrain whose unwinding (MLflow runs marked KILLED, the
+    local cluster stopped) took longer died of SIGABRT before it released the registry
+    lock. Setting a Python handler again takes the signal back from it (the alarm is
+    cancelled too, should one be armed). A caller that ignored SIGTERM still does; without
+    a handler of the caller's, SIGTERM exits 143 through ``SystemExit``."""
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers; ray.init set none there either
 
     def handler(signum: int, frame: Any) -> None:
         signal.alarm(0)
+        if previous is signal.SIG_IGN:
+            return
         if callable(previous):
             previous(signum, frame)
         sys.exit(128 + signum)
