@@ -126,7 +126,7 @@ def test_a_restored_tuners_run_config_is_the_one_it_began_with(tmp_path):
 def test_a_local_clusters_processes_are_named_and_all_end_with_the_run():
     """In a process of its own, as a run's driver: the pids named are the cluster's (its
     GCS, raylet and their children, its workers among them, none outside it), and every
-    one has ended once ``disconnect`` returns; a cluster joined, not started, names none."""
+    one has ended once ``disconnect`` returns; with the cluster shut down, none is named."""
     code = """
 import json, os, psutil, ray
 from cluster import connect, ray_private
